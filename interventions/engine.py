@@ -1,0 +1,226 @@
+"""Run a compiled plan as batched counterfactual forward passes.
+
+1. One clean pass per source prompt collects every needed state (pyvene
+   `CollectStates`), computed once and reused by every row as
+   ``source_representations``.
+2. Baseline rows (the corrupted or base run, no restore) give corrupted / base
+   probabilities and, for patching, the base's top-1 token.
+3. Cell rows run chunk by chunk through the site's graph; only the logits at each
+   row's answer position are computed.
+
+>>> result = run(spec, model, tokenizer)          # doctest: +SKIP
+>>> result.grids["hidden"].values.shape           # (prompts, layers, positions)  # doctest: +SKIP
+torch.Size([1, 30, 10])
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import score
+from .plan import Chunk, Plan, compile_spec
+from .result import Grid, Result
+from .spec import TraceSpec
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run in eval mode (no dropout), restoring each module's mode afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def run(spec, model, tokenizer, *, max_batch_rows: int | None = None, progress: bool | None = None) -> Result:
+    """Compile and run `spec` on a model the caller already has."""
+    plan = compile_spec(spec, model, tokenizer, max_batch_rows=max_batch_rows)
+    return run_plan(plan, progress=progress)
+
+
+@torch.inference_mode()
+def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
+    with eval_mode(plan.model):
+        cache, source_logprobs = clean_pass(plan)
+        _resolve_targets(plan, source_logprobs)
+        acc = {name: torch.zeros(len(plan.prompts), len(g.layers), max(len(p.columns) for p in plan.prompts),
+                                 dtype=torch.float64) for name, g in plan.grids.items()}
+        baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
+        base_top1: dict[int, int] = {}
+        bar = tqdm(total=plan.num_rows, desc=f"{plan.spec.kind} rows", unit="row", disable=_quiet(progress, plan))
+        for chunk in plan.chunks:
+            logits = run_chunk(plan, chunk, cache)
+            for row, row_logits in zip(chunk.rows, logits):
+                prompt = plan.prompts[row.prompt]
+                if row.cell is None:
+                    base_top1[row.prompt] = int(row_logits.argmax())
+                    if prompt.counterfactual_id is None and not isinstance(plan.spec, TraceSpec):
+                        prompt.counterfactual_id = base_top1[row.prompt]
+                value = score(_metric(plan), row_logits, prompt, source_logprobs[row.prompt])
+                if row.cell is None:
+                    baseline[row.prompt] += value / plan.variants
+                else:
+                    acc[row.cell.grid][row.prompt, row.cell.layer_index, row.cell.column] += value / plan.variants
+            bar.update(len(chunk.rows))
+        bar.close()
+    return _result(plan, acc, baseline, source_logprobs, base_top1)
+
+
+def _quiet(progress: bool | None, plan: Plan) -> bool:
+    return not progress if progress is not None else plan.num_rows < 200
+
+
+def _metric(plan: Plan) -> str:
+    return "prob" if isinstance(plan.spec, TraceSpec) else plan.spec.metric
+
+
+def _pad_batch(seqs: list[tuple[int, ...]], pad_id: int, device) -> dict:
+    """Right padding: with causal attention, real positions never see the pads."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _pad_id(tokenizer) -> int:
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _last_logits(model, inputs: dict, last: list[int], call) -> torch.Tensor:
+    """(rows, vocab) logits at each row's position in `last`, computing as few positions as the model allows."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        keep = sorted(set(last))
+        inputs = {**inputs, "logits_to_keep": torch.tensor(keep, device=inputs["input_ids"].device)}
+        logits = call(inputs).logits
+        index = [keep.index(p) for p in last]
+    else:
+        logits, index = call(inputs).logits, last
+    return logits[torch.arange(len(last)), torch.tensor(index)].float()
+
+
+def clean_pass(plan: Plan) -> tuple[dict, torch.Tensor]:
+    """Collect the clean states of every graph node and the source's last-position log-probs.
+
+    Returns ``cache[(site, layer)]``: ``Float[Tensor, "prompt pos d"]`` (padded), and
+    ``Float[Tensor, "prompt vocab"]`` log-probs.
+    """
+    device = _device(plan.model)
+    seqs = [p.source.ids for p in plan.prompts]
+    width = max(len(s) for s in seqs)
+    parts: dict = {node: [] for node in plan.collect_nodes}
+    logprobs = []
+    size = plan.spec.max_batch_rows
+    for start in range(0, len(seqs), size):
+        batch = seqs[start:start + size]
+        inputs = _pad_batch(batch, _pad_id(plan.tokenizer), device)
+        every = [list(range(inputs["input_ids"].shape[1]))] * len(batch)
+        locations = {"base": [every] * len(plan.collect_nodes)}
+        last = [len(s) - 1 for s in batch]
+
+        def call(kwargs, locations=locations):
+            (_, collected), out = plan.collect_graph(base=kwargs, unit_locations=locations)
+            for node, states in zip(plan.collect_nodes, collected):
+                parts[node].append(torch.nn.functional.pad(states, (0, 0, 0, width - states.shape[1])))
+            return out
+
+        logprobs.append(_last_logits(plan.model, inputs, last, call).log_softmax(-1))
+    cache = {node: torch.cat(chunks) for node, chunks in parts.items()}
+    return cache, torch.cat(logprobs)
+
+
+def _resolve_targets(plan: Plan, source_logprobs: torch.Tensor) -> None:
+    for i, prompt in enumerate(plan.prompts):
+        if prompt.target_id is None:
+            prompt.target_id = int(source_logprobs[i].argmax())
+
+
+def source_representations(plan: Plan, chunk: Chunk, cache: dict, locations: dict) -> dict:
+    """The per-node source tensors of `chunk`: cached clean states, or scaled noise."""
+    graph = plan.graphs[chunk.graph]
+    prompts = torch.tensor([r.prompt for r in chunk.rows])
+    reps = {}
+    for key, node, locs in zip(graph.sorted_keys, plan.nodes[chunk.graph], locations["base"]):
+        if node[0] == "noise":
+            reps[key] = torch.stack([_noise_row(plan, r, len(locs[0])) for r in chunk.rows])
+        else:
+            reps[key] = cache[node][prompts[:, None], torch.tensor(locs)]
+    device = _device(plan.model)
+    return {k: v.to(device) for k, v in reps.items()}
+
+
+def _noise_row(plan: Plan, row, k: int) -> torch.Tensor:
+    noise = plan.noise[row.prompt][row.variant]
+    return torch.cat([noise, noise[:1].expand(k - noise.shape[0], -1)])
+
+
+def run_chunk(plan: Plan, chunk: Chunk, cache: dict) -> torch.Tensor:
+    """Run one chunk through its graph: ``Float[Tensor, "rows vocab"]`` answer-position logits."""
+    graph = plan.graphs[chunk.graph]
+    inputs = _pad_batch([plan.prompts[r.prompt].base.ids for r in chunk.rows], _pad_id(plan.tokenizer),
+                        _device(plan.model))
+    locations = plan.unit_locations(chunk)
+    reps = source_representations(plan, chunk, cache, locations)
+    subspaces = plan.subspaces(chunk)
+    last = [len(plan.prompts[r.prompt].base) - 1 for r in chunk.rows]
+
+    def call(kwargs):
+        _, out = graph(base=kwargs, unit_locations=locations, source_representations=reps, subspaces=subspaces)
+        return out
+
+    return _last_logits(plan.model, inputs, last, call)
+
+
+def _result(plan: Plan, acc: dict, baseline: torch.Tensor, source_logprobs: torch.Tensor,
+            base_top1: dict) -> Result:
+    records = []
+    for i, p in enumerate(plan.prompts):
+        record = {
+            "prompt": p.base.text if not isinstance(plan.spec, TraceSpec) else p.source.text,
+            "tokens": list(p.base.tokens if not isinstance(plan.spec, TraceSpec) else p.source.tokens),
+            "subject_positions": list(p.base.subject if not isinstance(plan.spec, TraceSpec) else p.source.subject),
+            "columns": [label for label, _ in p.columns],
+            "answer": plan.tokenizer.decode([p.target_id]),
+            "answer_id": p.target_id,
+            "clean_prob": float(source_logprobs[i, p.target_id].exp()),
+        }
+        if isinstance(plan.spec, TraceSpec):
+            record["corrupted_prob"] = float(baseline[i])
+            if plan.spec.corruption == "swap":
+                record["corrupted_prompt"] = p.base.text
+        else:
+            record.update(source=p.source.text, base_metric=float(baseline[i]),
+                          counterfactual_target=plan.tokenizer.decode([p.counterfactual_id]),
+                          counterfactual_id=p.counterfactual_id,
+                          base_top1=plan.tokenizer.decode([base_top1[i]]))
+        records.append(record)
+    lengths = [len(p.columns) for p in plan.prompts]
+    grids = {}
+    for name, axes in plan.grids.items():
+        values = acc[name].float()
+        for i, n in enumerate(lengths):
+            values[i, :, n:] = float("nan")
+        grids[name] = Grid(name=name, site=axes.site, metric=axes.metric, layers=list(axes.layers),
+                           values=values, lengths=lengths)
+    meta = {"sigma": plan.sigma, "rows": plan.num_rows, "variants": plan.variants}
+    return Result(kind=plan.spec.kind, model=plan.spec.model, spec=plan.spec, prompts=records, grids=grids,
+                  meta=meta)

@@ -1,0 +1,91 @@
+"""Tokenize prompts, find the subject's tokens, and resolve position selectors.
+
+>>> enc = encode(tokenizer, "The Eiffel Tower is in", subject="Eiffel Tower",
+...              field="prompts[0]")                                     # doctest: +SKIP
+>>> enc.subject                                                           # doctest: +SKIP
+(1, 2, 3)
+>>> columns(("subject_last", "last"), enc, "positions")                   # doctest: +SKIP
+[('subject_last', (3,)), ('last', (5,))]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import SpecError
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenized prompt: ids, decoded tokens, and the subject's token positions."""
+
+    text: str
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    subject: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode(tokenizer, text: str, *, subject: str | None = None, field: str) -> Encoded:
+    """Tokenize `text` (with the tokenizer's special tokens) and locate `subject` in it.
+
+    The subject is the set of tokens whose characters overlap its first occurrence.
+    """
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = tuple(int(i) for i in enc["input_ids"])
+    tokens = tuple(tokenizer.decode([i]) for i in ids)
+    if subject is None:
+        return Encoded(text, ids, tokens)
+    start = text.find(subject)
+    if start < 0:
+        raise SpecError(f"{field}.subject", subject, f"a substring of the prompt {text!r}")
+    end = start + len(subject)
+    positions = tuple(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start)
+    if not positions:
+        raise SpecError(f"{field}.subject", subject, f"text that covers at least one token of {text!r}")
+    return Encoded(text, ids, tokens, positions)
+
+
+def answer_id(tokenizer, target: str, *, field: str) -> int:
+    """The first token of `target`, as ROME scores multi-token answers."""
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise SpecError(field, target, "text that tokenizes to at least one token")
+    return int(ids[0])
+
+
+def columns(selectors, enc: Encoded, field: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Expand position selectors into grid columns ``(label, positions)``.
+
+    `all` gives one column per token (labelled by the token); `subject` one column
+    holding every subject token; the rest one column of one position each.
+    """
+    n = len(enc)
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for k, sel in enumerate(selectors):
+        where = f"{field}[{k}]"
+        if sel == "all":
+            out.extend((enc.tokens[i], (i,)) for i in range(n))
+        elif sel == "last":
+            out.append(("last", (n - 1,)))
+        elif isinstance(sel, int):
+            if not -n <= sel < n:
+                raise SpecError(where, sel, f"a position in [-{n}, {n - 1}] for {enc.text!r} ({n} tokens)")
+            out.append((str(sel), (sel % n,)))
+        else:
+            if not enc.subject:
+                raise SpecError(where, sel, "a position that needs no subject, or give the prompt a `subject`")
+            pos = {"subject": enc.subject, "subject_first": enc.subject[:1], "subject_last": enc.subject[-1:]}[sel]
+            out.append((sel, pos))
+    return out
+
+
+def check_aligned(base: Encoded, other: Encoded, field: str) -> None:
+    """Patching and swapping copy states position by position: token counts must match."""
+    if len(base) != len(other):
+        raise SpecError(
+            field, other.text,
+            f"a prompt with the same number of tokens as {base.text!r} ({len(base)} tokens: {list(base.tokens)}); "
+            f"it has {len(other)}: {list(other.tokens)}")

@@ -1,0 +1,205 @@
+"""Declarative specs: frozen, typed, validated once, and the same in YAML and Python.
+
+>>> spec = parse_spec({"kind": "trace", "prompts": [
+...     {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower"}]})
+>>> spec.samples, spec.noise, spec.sites
+(10, 3.0, ('hidden', 'mlp', 'attention'))
+>>> parse_spec(load_yaml(dump_spec(spec))) == spec
+True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from .errors import SpecError, one_of
+
+#: Position selectors. An integer (negative counts from the end) or a name.
+POSITION_NAMES = ("last", "subject", "subject_first", "subject_last", "all")
+Position = Union[int, Literal["last", "subject", "subject_first", "subject_last", "all"]]
+
+#: Site names every language-model family table provides.
+SITE_NAMES = ("embed", "block_input", "block_output", "mlp_output", "attention_output", "mlp_key")
+#: The site kinds a causal trace restores, and the site each one means.
+TRACE_SITES = {"hidden": "block_output", "mlp": "mlp_output", "attention": "attention_output"}
+METRICS = ("prob", "logit_diff", "kl")
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class TracePrompt(_Spec):
+    """One fact to trace: `prompt` contains `subject`; `target` defaults to the clean top-1 token."""
+
+    prompt: str = Field(min_length=1)
+    subject: str = Field(min_length=1)
+    target: str | None = Field(default=None, min_length=1)
+    counterfactual_subject: str | None = Field(
+        default=None, min_length=1,
+        description="For `corruption: swap`: replaces `subject` in the corrupted run; must give as many tokens.")
+
+
+class PatchPrompt(_Spec):
+    """A base prompt patched with states from an aligned `source` prompt."""
+
+    base: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    target: str | None = Field(
+        default=None, min_length=1, description="Token whose metric is read; default: the source's top-1.")
+    counterfactual_target: str | None = Field(
+        default=None, min_length=1, description="For `logit_diff`; default: the base's top-1.")
+    subject: str | None = Field(
+        default=None, min_length=1, description="Substring of `base`; needed by `subject*` positions.")
+
+
+def _check_names(values: tuple[str, ...], allowed: tuple[str, ...] | dict) -> tuple[str, ...]:
+    for v in values:
+        if v not in allowed:
+            raise ValueError(f"unknown site {v!r}; expected {one_of(v, allowed)}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"sites must not repeat, got {list(values)}")
+    return values
+
+
+class _Grid(_Spec):
+    model: str = Field(default=DEFAULT_MODEL, min_length=1, description=(
+        "`smollm2-135m`, `gemma3-270m`, a local Hugging Face directory, or a hub id (online only)."))
+    layers: Literal["all"] | tuple[int, ...] = Field(
+        default="all", description="`all`, or layer indices (negative counts from the end).")
+    positions: tuple[Position, ...] = Field(
+        default=("all",), min_length=1,
+        description="Columns of the grid: `all` expands to one column per token; `subject` restores "
+                    "all subject tokens together in one column.")
+    window: int = Field(default=1, ge=1)
+    max_batch_rows: int = Field(default=48, ge=1, description="Rows per forward pass (a memory bound).")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_nonempty(cls, v):
+        if v != "all" and len(v) == 0:
+            raise ValueError("layers must be 'all' or a non-empty list of integers")
+        return v
+
+
+class TraceSpec(_Grid):
+    """Causal tracing (Meng et al. 2022): corrupt the subject, restore one clean state at a time."""
+
+    kind: Literal["trace"] = "trace"
+    prompts: tuple[TracePrompt, ...] = Field(min_length=1)
+    corruption: Literal["noise", "swap"] = "noise"
+    noise: float = Field(default=3.0, gt=0, description="Noise scale in units of `sigma`.")
+    sigma: float | None = Field(
+        default=None, gt=0, description="Embedding std; default: the std of all subject-token embeddings.")
+    samples: int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
+    seed: int = 0
+    sites: tuple[str, ...] = Field(default=("hidden", "mlp", "attention"), min_length=1)
+    window: int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v):
+        return _check_names(v, tuple(TRACE_SITES))
+
+
+class PatchSpec(_Grid):
+    """Activation patching: copy source states into the base run, one cell at a time."""
+
+    kind: Literal["patch"] = "patch"
+    prompts: tuple[PatchPrompt, ...] = Field(min_length=1)
+    sites: tuple[str, ...] = Field(default=("block_output",), min_length=1)
+    metric: Literal["prob", "logit_diff", "kl"] = "prob"
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v):
+        return _check_names(v, SITE_NAMES)
+
+
+Spec = Annotated[Union[TraceSpec, PatchSpec], Field(discriminator="kind")]
+_ADAPTER: TypeAdapter = TypeAdapter(Spec)
+KINDS = ("trace", "patch")
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _problems(err: ValidationError, data: Any) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = e["loc"]
+        if loc and loc[0] in KINDS and isinstance(data, dict) and data.get("kind") == loc[0]:
+            loc = loc[1:]  # the union's tag: the user wrote no such field
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("literal[", "tuple["))))
+        field = _loc(loc) or "spec"
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            field, value = "kind", data.get("kind")
+            msg = f"expected {one_of(value, KINDS)}"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; see `lesion schema` for the fields this kind takes"
+        problems.append(f"`{field}`: got {value!r}; {msg}")
+    return problems
+
+
+def parse_spec(data: Any) -> TraceSpec | PatchSpec:
+    """Validate a plain mapping (as from YAML) into a spec, or raise `SpecError`."""
+    if not isinstance(data, dict):
+        raise SpecError("spec", data, "a mapping with a `kind:` field")
+    if "kind" not in data:
+        raise SpecError("kind", None, one_of("", KINDS))
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise SpecError.many(_problems(err, data)) from None
+
+
+def load_yaml(text: str, *, source: str = "<string>") -> Any:
+    """Parse YAML text, turning syntax errors into a `SpecError` with the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise SpecError(source, f"malformed YAML{where}", f"valid YAML ({problem})") from None
+
+
+def load_spec(path: str | Path) -> TraceSpec | PatchSpec:
+    """Read and validate a YAML spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError("path", str(path), "an existing YAML file")
+    return parse_spec(load_yaml(path.read_text(), source=str(path)))
+
+
+def spec_to_dict(spec: TraceSpec | PatchSpec) -> dict:
+    """All fields, defaults included, as plain JSON-able data (`kind` first)."""
+    data = spec.model_dump(mode="json")
+    return {"kind": data.pop("kind"), **data}
+
+
+def dump_spec(spec: TraceSpec | PatchSpec) -> str:
+    """YAML text that `parse_spec(load_yaml(...))` turns back into an equal spec."""
+    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False, allow_unicode=True)
+
+
+def spec_schema() -> dict:
+    """The JSON Schema of every spec kind (for editors that validate YAML)."""
+    schema = _ADAPTER.json_schema()
+    schema["title"] = "Lesion spec"
+    return schema

@@ -1,0 +1,186 @@
+"""The batched pyvene engine against the plain-hook reference, and its invariances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as ref
+from interventions import compile_spec, parse_spec, run, run_plan
+
+TOL = 1e-5
+EIFFEL = {"prompt": "the eiffel tower is located in the city of", "subject": "eiffel tower"}
+COLOSSEUM = {"prompt": "the colosseum is in the city of", "subject": "colosseum"}
+
+
+def trace_spec(**kw):
+    data = {"kind": "trace", "model": "tiny", "prompts": [EIFFEL, COLOSSEUM], "samples": 3, "seed": 7,
+            "window": 3, "max_batch_rows": 17}
+    data.update(kw)
+    return parse_spec(data)
+
+
+def words(tokenizer, text):
+    return tokenizer(text)["input_ids"]
+
+
+def subject_positions(text, subject):
+    """Independent of the tokenizer's offsets: the word tokenizer gives one token per word."""
+    w, s = text.split(), subject.split()
+    start = next(i for i in range(len(w)) if w[i:i + len(s)] == s)
+    return list(range(start, start + len(s)))
+
+
+def expected_trace(model, family, tokenizer, spec, plan, i, grid, site, window_size):
+    p = spec.prompts[i]
+    ids = words(tokenizer, p.prompt)
+    subj = subject_positions(p.prompt, p.subject)
+    clean = ref.capture(model, family, ids, site)
+    answer = int(ref.last_logits(model, family, torch.tensor([ids]))[0].argmax())
+    if spec.corruption == "noise":
+        noise = plan.noise[i]
+        batch = torch.tensor([ids] * noise.shape[0])
+    else:
+        noise = None
+        batch = torch.tensor([words(tokenizer, p.prompt.replace(p.subject, p.counterfactual_subject))])
+    n = ref.num_layers(model, family)
+
+    def prob(restores):
+        logits = ref.last_logits(model, family, batch, noise=noise, subject=subj, restores=restores)
+        return float(logits.softmax(-1)[:, answer].mean())
+
+    corrupted = prob(())
+    out = torch.zeros(n, len(ids))
+    for layer in range(n):
+        for pos in range(len(ids)):
+            layers = [layer] if grid == "hidden" else ref.window(layer, window_size, n)
+            out[layer, pos] = prob([(site, l, [pos], clean[l]) for l in layers])
+    return out, corrupted, answer
+
+
+@pytest.mark.parametrize("corruption", ["noise", "swap"])
+def test_trace_equals_plain_hook_reference(tiny, corruption):
+    family, model, tokenizer = tiny
+    prompts = [dict(EIFFEL, counterfactual_subject="big ben"), dict(COLOSSEUM, counterfactual_subject="paris")]
+    spec = trace_spec(corruption=corruption, prompts=prompts)
+    plan = compile_spec(spec, model, tokenizer)
+    result = run_plan(plan)
+    sites = {"hidden": "block_output", "mlp": "mlp_output", "attention": "attention_output"}
+    spread = []
+    for i in range(2):
+        for grid, site in sites.items():
+            want, corrupted, answer = expected_trace(model, family, tokenizer, spec, plan, i, grid, site, 3)
+            got = result.grids[grid].values[i, :, :want.shape[1]]
+            assert (got - want).abs().max() <= TOL, (grid, i, got, want)
+            assert result.prompts[i]["corrupted_prob"] == pytest.approx(corrupted, abs=TOL)
+            assert result.prompts[i]["answer_id"] == answer
+            spread.append(float(want.max() - want.min()))
+    # The comparison only means something if the interventions move the metric a lot.
+    assert max(spread) > 0.05
+
+
+def test_noise_is_seeded_scaled_and_independent_of_other_prompts(tiny_llama):
+    model, tokenizer = tiny_llama
+    a = compile_spec(trace_spec(sigma=0.5, samples=200), model, tokenizer)
+    b = compile_spec(trace_spec(sigma=0.5, samples=200, prompts=[COLOSSEUM]), model, tokenizer)
+    c = compile_spec(trace_spec(sigma=0.5, samples=200, seed=8), model, tokenizer)
+    assert torch.equal(a.noise[1], b.noise[0])          # same prompt, same seed -> same noise
+    assert not torch.equal(a.noise[1], c.noise[1])      # another seed -> other noise
+    assert float(a.noise[0].std()) == pytest.approx(3.0 * 0.5, rel=0.05)
+
+
+def test_sigma_is_std_of_subject_embeddings(tiny_llama):
+    model, tokenizer = tiny_llama
+    plan = compile_spec(trace_spec(), model, tokenizer)
+    emb = model.model.embed_tokens.weight
+    rows = [emb[tokenizer.convert_tokens_to_ids(w)] for w in ("eiffel", "tower", "colosseum")]
+    assert plan.sigma == pytest.approx(float(torch.stack(rows).std()), rel=1e-6)
+
+
+def test_subject_column_restores_all_subject_tokens_together(tiny_llama):
+    model, tokenizer = tiny_llama
+    spec = trace_spec(prompts=[EIFFEL], positions=["subject", "subject_last", -1], sites=["hidden"])
+    plan = compile_spec(spec, model, tokenizer)
+    result = run_plan(plan)
+    ids = words(tokenizer, EIFFEL["prompt"])
+    clean = ref.capture(model, "llama", ids, "block_output")
+    answer = result.prompts[0]["answer_id"]
+    batch = torch.tensor([ids] * 3)
+    for li in range(4):
+        for col, pos in enumerate(([1, 2], [2], [len(ids) - 1])):
+            logits = ref.last_logits(model, "llama", batch, noise=plan.noise[0], subject=[1, 2],
+                                     restores=[("block_output", li, pos, clean[li])])
+            want = float(logits.softmax(-1)[:, answer].mean())
+            assert abs(float(result.grids["hidden"].values[0, li, col]) - want) <= TOL
+    assert result.prompts[0]["columns"] == ["subject", "subject_last", "-1"]
+
+
+PATCH_SITES = ["embed", "block_input", "block_output", "mlp_output", "attention_output", "mlp_key"]
+
+
+@pytest.mark.parametrize("metric", ["prob", "logit_diff", "kl"])
+def test_patch_equals_plain_hook_reference(tiny, metric):
+    family, model, tokenizer = tiny
+    prompts = [{"base": "the colosseum is located in the city of", "source": "the eiffel tower is in the city of",
+                "subject": "colosseum"},
+               {"base": "big ben is in london", "source": "the colosseum is in rome", "target": "rome"}]
+    spec = parse_spec({"kind": "patch", "model": "tiny", "prompts": prompts, "sites": PATCH_SITES,
+                       "metric": metric, "positions": ["all"], "max_batch_rows": 13})
+    result = run(spec, model, tokenizer)
+    for i, p in enumerate(prompts):
+        base, source = words(tokenizer, p["base"]), words(tokenizer, p["source"])
+        src_logits = ref.last_logits(model, family, torch.tensor([source]))[0]
+        base_logits = ref.last_logits(model, family, torch.tensor([base]))[0]
+        target = tokenizer.convert_tokens_to_ids(p["target"]) if "target" in p else int(src_logits.argmax())
+        cf = int(base_logits.argmax())
+        assert result.prompts[i]["answer_id"] == target and result.prompts[i]["counterfactual_id"] == cf
+
+        def metric_of(logits):
+            if metric == "prob":
+                return float(logits.softmax(-1)[target])
+            if metric == "logit_diff":
+                return float(logits[target] - logits[cf])
+            ls, lp = src_logits.log_softmax(-1), logits.log_softmax(-1)
+            return float((ls.exp() * (ls - lp)).sum())
+
+        assert result.prompts[i]["base_metric"] == pytest.approx(metric_of(base_logits), abs=TOL)
+        for site in PATCH_SITES:
+            clean = ref.capture(model, family, source, site)
+            layers = [None] if site == "embed" else list(range(ref.num_layers(model, family)))
+            for li, layer in enumerate(layers):
+                for pos in range(len(base)):
+                    logits = ref.last_logits(model, family, torch.tensor([base]),
+                                             restores=[(site, layer, [pos], clean[layer])])[0]
+                    got = float(result.grids[site].values[i, li, pos])
+                    assert abs(got - metric_of(logits)) <= max(TOL, 1e-5 * abs(metric_of(logits))), \
+                        (site, layer, pos)
+
+
+def test_batched_equals_sequential_and_chunk_size_does_not_matter(tiny):
+    family, model, tokenizer = tiny
+    results = [run(trace_spec(max_batch_rows=n), model, tokenizer) for n in (1, 5, 1000)]
+    for other in results[1:]:
+        for name, grid in results[0].grids.items():
+            assert torch.allclose(grid.values, other.grids[name].values, atol=TOL, equal_nan=True)
+
+
+def test_padded_equals_unpadded(tiny):
+    """The short prompt alone (no padding) equals the same prompt batched beside a longer one."""
+    family, model, tokenizer = tiny
+    # sigma is given: by default it is measured over all prompts' subjects, so it would differ
+    both = run(trace_spec(sigma=0.4), model, tokenizer)
+    alone = run(trace_spec(sigma=0.4, prompts=[COLOSSEUM]), model, tokenizer)
+    n = alone.grids["hidden"].lengths[0]
+    for name in both.grids:
+        assert torch.allclose(both.grids[name].values[1, :, :n], alone.grids[name].values[0], atol=TOL)
+    assert both.prompts[1]["corrupted_prob"] == pytest.approx(alone.prompts[0]["corrupted_prob"], abs=TOL)
+
+
+def test_layers_subset_and_window_edges(tiny_llama):
+    model, tokenizer = tiny_llama
+    full = run(trace_spec(), model, tokenizer)
+    part = run(trace_spec(layers=[-1, 0]), model, tokenizer)
+    assert part.grids["mlp"].layers == [0, 3]
+    for name in full.grids:
+        assert torch.allclose(part.grids[name].values[:, 0], full.grids[name].values[:, 0], atol=TOL, equal_nan=True)
+        assert torch.allclose(part.grids[name].values[:, 1], full.grids[name].values[:, 3], atol=TOL, equal_nan=True)
