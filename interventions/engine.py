@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .metrics import score
 from .plan import Chunk, Plan, compile_spec
@@ -42,9 +43,10 @@ def eval_mode(model: torch.nn.Module):
             m.training = mode
 
 
-def run(spec, model, tokenizer, *, max_batch_rows: int | None = None, progress: bool | None = None) -> Result:
+def run(spec, model, tokenizer, *, max_batch_rows: int | None = None, progress: bool | None = None,
+        share_prefix: bool = True) -> Result:
     """Compile and run `spec` on a model the caller already has."""
-    plan = compile_spec(spec, model, tokenizer, max_batch_rows=max_batch_rows)
+    plan = compile_spec(spec, model, tokenizer, max_batch_rows=max_batch_rows, share_prefix=share_prefix)
     return run_plan(plan, progress=progress)
 
 
@@ -57,9 +59,14 @@ def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
                                  dtype=torch.float64) for name, g in plan.grids.items()}
         baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
         base_top1: dict[int, int] = {}
-        bar = tqdm(total=plan.num_rows, desc=f"{plan.spec.kind} rows", unit="row", disable=_quiet(progress, plan))
-        for chunk in plan.chunks:
-            logits = run_chunk(plan, chunk, cache)
+        bar = tqdm(total=plan.num_rows, desc=f"{plan.spec.kind} rows", unit="row", disable=_quiet(progress, plan),
+                   mininterval=1.0)
+        kv: dict = {}            # (prompt, variant) -> baseline key/value states, while still needed
+        last_use = {r.prompt: i for i, c in enumerate(plan.chunks) for r in c.rows}
+        for i, chunk in enumerate(plan.chunks):
+            logits = run_chunk(plan, chunk, cache, kv)
+            for key in [k for k in kv if last_use[k[0]] == i]:
+                del kv[key]
             for row, row_logits in zip(chunk.rows, logits):
                 prompt = plan.prompts[row.prompt]
                 if row.cell is None:
@@ -106,16 +113,17 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _last_logits(model, inputs: dict, last: list[int], call) -> torch.Tensor:
-    """(rows, vocab) logits at each row's position in `last`, computing as few positions as the model allows."""
+def _last_logits(model, inputs: dict, last: list[int], call):
+    """(rows, vocab) logits at each row's position in `last`, computing as few positions as the model
+    allows, and the model's output."""
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         keep = sorted(set(last))
         inputs = {**inputs, "logits_to_keep": torch.tensor(keep, device=inputs["input_ids"].device)}
-        logits = call(inputs).logits
+        out = call(inputs)
         index = [keep.index(p) for p in last]
     else:
-        logits, index = call(inputs).logits, last
-    return logits[torch.arange(len(last)), torch.tensor(index)].float()
+        out, index = call(inputs), last
+    return out.logits[torch.arange(len(last)), torch.tensor(index)].float(), out
 
 
 def clean_pass(plan: Plan) -> tuple[dict, torch.Tensor]:
@@ -143,7 +151,8 @@ def clean_pass(plan: Plan) -> tuple[dict, torch.Tensor]:
                 parts[node].append(torch.nn.functional.pad(states, (0, 0, 0, width - states.shape[1])))
             return out
 
-        logprobs.append(_last_logits(plan.model, inputs, last, call).log_softmax(-1))
+        inputs["use_cache"] = False
+        logprobs.append(_last_logits(plan.model, inputs, last, call)[0].log_softmax(-1))
     cache = {node: torch.cat(chunks) for node, chunks in parts.items()}
     return cache, torch.cat(logprobs)
 
@@ -161,33 +170,66 @@ def source_representations(plan: Plan, chunk: Chunk, cache: dict, locations: dic
     reps = {}
     for key, node, locs in zip(graph.sorted_keys, plan.nodes[chunk.graph], locations["base"]):
         if node[0] == "noise":
-            reps[key] = torch.stack([_noise_row(plan, r, len(locs[0])) for r in chunk.rows])
+            reps[key] = torch.stack([_noise_row(plan, chunk, r, len(locs[0])) for r in chunk.rows])
         else:
-            reps[key] = cache[node][prompts[:, None], torch.tensor(locs)]
+            positions = torch.tensor(locs) + chunk.prefix
+            reps[key] = cache[node][prompts[:, None], positions]
     device = _device(plan.model)
     return {k: v.to(device) for k, v in reps.items()}
 
 
-def _noise_row(plan: Plan, row, k: int) -> torch.Tensor:
+def _noise_row(plan: Plan, chunk: Chunk, row, k: int) -> torch.Tensor:
+    """The row's noise at the subject positions the chunk computes, padded like its locations."""
+    subject = plan.prompts[row.prompt].base.subject
     noise = plan.noise[row.prompt][row.variant]
+    noise = noise[[i for i, pos in enumerate(subject) if pos >= chunk.prefix]]
+    if noise.shape[0] == 0:
+        return torch.zeros(k, plan.noise[row.prompt].shape[-1])
     return torch.cat([noise, noise[:1].expand(k - noise.shape[0], -1)])
 
 
-def run_chunk(plan: Plan, chunk: Chunk, cache: dict) -> torch.Tensor:
-    """Run one chunk through its graph: ``Float[Tensor, "rows vocab"]`` answer-position logits."""
+def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
+    """Run one chunk through its graph: ``Float[Tensor, "rows vocab"]`` answer-position logits.
+
+    Baseline chunks store their key/value states in `kv`; chunks with a prefix read them.
+    """
     graph = plan.graphs[chunk.graph]
-    inputs = _pad_batch([plan.prompts[r.prompt].base.ids for r in chunk.rows], _pad_id(plan.tokenizer),
+    p = chunk.prefix
+    inputs = _pad_batch([plan.prompts[r.prompt].base.ids[p:] for r in chunk.rows], _pad_id(plan.tokenizer),
                         _device(plan.model))
+    keep_kv = chunk.baseline and plan.shares_prefix
+    if p:
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"].new_ones(len(chunk.rows), p),
+                                              inputs["attention_mask"]], dim=1)
+        inputs["past_key_values"] = _stack_kv([kv[(r.prompt, r.variant)] for r in chunk.rows], p)
+    elif keep_kv:
+        inputs["past_key_values"] = DynamicCache()   # full layers: sliding ones must keep every position
+    inputs["use_cache"] = bool(p or keep_kv)
     locations = plan.unit_locations(chunk)
     reps = source_representations(plan, chunk, cache, locations)
     subspaces = plan.subspaces(chunk)
-    last = [len(plan.prompts[r.prompt].base) - 1 for r in chunk.rows]
+    last = [len(plan.prompts[r.prompt].base) - 1 - p for r in chunk.rows]
 
     def call(kwargs):
         _, out = graph(base=kwargs, unit_locations=locations, source_representations=reps, subspaces=subspaces)
         return out
 
-    return _last_logits(plan.model, inputs, last, call)
+    logits, out = _last_logits(plan.model, inputs, last, call)
+    if keep_kv:
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        for b, r in enumerate(chunk.rows):
+            kv[(r.prompt, r.variant)] = [(k[b], v[b]) for k, v in layers]
+    return logits
+
+
+def _stack_kv(states: list[list[tuple[torch.Tensor, torch.Tensor]]], prefix: int) -> DynamicCache:
+    """A batch cache of the first `prefix` positions of each row's baseline states."""
+    cache = DynamicCache()
+    for layer in range(len(states[0])):
+        keys = torch.stack([s[layer][0][:, :prefix] for s in states])
+        values = torch.stack([s[layer][1][:, :prefix] for s in states])
+        cache.update(keys, values, layer)
+    return cache
 
 
 def _result(plan: Plan, acc: dict, baseline: torch.Tensor, source_logprobs: torch.Tensor,

@@ -63,7 +63,6 @@ class Prompt:
     columns: list[tuple[str, tuple[int, ...]]]
     target_id: int | None = None
     counterfactual_id: int | None = None
-    record: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,20 @@ class GridAxes:
 
 @dataclass
 class Chunk:
+    """Rows run in one forward pass through `graph`.
+
+    Positions before `prefix` are not recomputed: a restore at position ``>= prefix``
+    cannot change them (causal attention), so they come from the baseline run's
+    key/value cache and the rows feed only tokens ``prefix:``.
+    """
+
     graph: str
     rows: list[Row]
+    prefix: int = 0
+
+    @property
+    def baseline(self) -> bool:
+        return self.rows[0].cell is None
 
 
 @dataclass
@@ -98,6 +109,7 @@ class Plan:
     variants: int
     noise: list[torch.Tensor] | None = None   # per prompt: (variants, n_subject, d), already scaled
     sigma: float | None = None
+    shares_prefix: bool = False                # some chunk reads the baseline key/value cache
 
     @property
     def num_rows(self) -> int:
@@ -117,13 +129,20 @@ class Plan:
             out.append([[0] if _restores(r.cell, site, layer) else [] for r in chunk.rows])
         return out
 
+    def noised(self, chunk: Chunk, row: Row) -> list[int]:
+        """Subject positions of `row` that `chunk` computes (absolute positions)."""
+        return [p for p in self.prompts[row.prompt].base.subject if p >= chunk.prefix]
+
     def _node_locations(self, chunk: Chunk, node) -> list[list[int]]:
         site, layer = node
+        shift = chunk.prefix
         if site == "noise":
-            k = max(len(p.base.subject) for p in self.prompts)
-            return [_pad(self.prompts[r.prompt].base.subject, k) for r in chunk.rows]
+            # a row whose subject lies wholly in the cached prefix gets zero noise at position 0
+            k = max(1, max(len(self.noised(chunk, r)) for r in chunk.rows))
+            return [_pad([p - shift for p in self.noised(chunk, r)] or [0], k) for r in chunk.rows]
         k = max((len(r.cell.positions) for r in chunk.rows if r.cell), default=1)
-        return [_pad(r.cell.positions, k) if _restores(r.cell, site, layer) else [0] * k for r in chunk.rows]
+        return [_pad([p - shift for p in r.cell.positions], k) if _restores(r.cell, site, layer) else [0] * k
+                for r in chunk.rows]
 
 
 def _restores(cell: Cell | None, site: str, layer: int | None) -> bool:
@@ -154,8 +173,11 @@ def resolve_layers(spec, num_layers: int) -> tuple[int, ...]:
 
 
 def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
-                 *, max_batch_rows: int | None = None) -> Plan:
-    """Compile `spec` for `model` into a `Plan`. Raises `SpecError` for inputs the model cannot take."""
+                 *, max_batch_rows: int | None = None, share_prefix: bool = True) -> Plan:
+    """Compile `spec` for `model` into a `Plan`. Raises `SpecError` for inputs the model cannot take.
+
+    `share_prefix=False` recomputes every row from position 0 (same results, slower).
+    """
     table = site_table(model)
     num_layers = table.num_layers(model)
     layers = resolve_layers(spec, num_layers)
@@ -190,13 +212,17 @@ def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
     collect_nodes = [n for site in nodes for n in nodes[site] if n[0] != "noise"]
     collect_graph = build_graph(model, [(table.component(s, l), CollectStates()) for s, l in collect_nodes])
     size = max_batch_rows or spec.max_batch_rows
-    # Baseline rows (no restore) come first: patch metrics need the base run's top-1.
-    baseline = [Row(pi, v) for pi in range(len(prompts)) for v in range(variants)]
-    chunks = _chunk(next(iter(graphs)), baseline, prompts, size)
-    for name, site in grid_sites.items():
-        chunks += _chunk(site, [Row(c.prompt, v, c) for c in cells[name] for v in range(variants)], prompts, size)
+    chunks = []
+    for block in _blocks(prompts, variants, _cache_bytes_per_token(model)):
+        # Baseline rows (no restore) first: they give the key/value caches, and patch
+        # metrics need the base run's top-1.
+        baseline = [Row(pi, v) for pi in block for v in range(variants)]
+        chunks += [Chunk(next(iter(graphs)), baseline[i:i + size]) for i in range(0, len(baseline), size)]
+        for name, site in grid_sites.items():
+            rows = [Row(c.prompt, v, c) for c in cells[name] if c.prompt in block for v in range(variants)]
+            chunks += _chunk(site, rows, prompts, size, share_prefix)
     return Plan(spec, model, tokenizer, table, prompts, grids, graphs, nodes, collect_graph, collect_nodes,
-                chunks, variants, noise, sigma)
+                chunks, variants, noise, sigma, shares_prefix=any(c.prefix for c in chunks))
 
 
 def _node(table: SiteTable, node):
@@ -206,10 +232,52 @@ def _node(table: SiteTable, node):
     return table.component(site, layer), RestoreIntervention()
 
 
-def _chunk(graph: str, rows: list[Row], prompts: list[Prompt], size: int) -> list[Chunk]:
-    """Chunks of at most `size` rows, rows of similar length together (less padding)."""
-    rows = sorted(rows, key=lambda r: len(prompts[r.prompt].base))
-    return [Chunk(graph, rows[i:i + size]) for i in range(0, len(rows), size)]
+#: Key/value caches of the baseline runs held at once; prompts are run in blocks under it.
+CACHE_BUDGET_BYTES = 512 * 2**20
+
+
+def _cache_bytes_per_token(model) -> int:
+    cfg = model.config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+def _blocks(prompts: list[Prompt], variants: int, per_token: int) -> list[list[int]]:
+    """Consecutive prompts whose baseline caches fit `CACHE_BUDGET_BYTES` together."""
+    blocks, current, used = [], [], 0
+    for i, p in enumerate(prompts):
+        need = variants * len(p.base) * per_token
+        if current and used + need > CACHE_BUDGET_BYTES:
+            blocks.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += need
+    return blocks + [current]
+
+
+def _chunk(graph: str, rows: list[Row], prompts: list[Prompt], size: int, share_prefix: bool) -> list[Chunk]:
+    """Group rows by shared prefix, then fill chunks up to `size` full-length rows' worth of tokens.
+
+    A row computes ``len(prompt) - prefix`` tokens, so short continuations pack more rows
+    into one pass at the same activation memory. Rows of similar length go together.
+    """
+    groups: dict[int, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(min(r.cell.positions) if share_prefix else 0, []).append(r)
+    chunks = []
+    for prefix, group in sorted(groups.items()):
+        group.sort(key=lambda r: len(prompts[r.prompt].base))
+        budget = size * max(len(prompts[r.prompt].base) for r in group)
+        current: list[Row] = []
+        for r in group:
+            width = len(prompts[r.prompt].base) - prefix     # the longest so far: rows are sorted
+            if current and (len(current) + 1) * width > budget:
+                chunks.append(Chunk(graph, current, prefix))
+                current = []
+            current.append(r)
+        chunks.append(Chunk(graph, current, prefix))
+    return chunks
 
 
 def _trace_prompts(spec: TraceSpec, tokenizer) -> list[Prompt]:

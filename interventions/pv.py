@@ -21,14 +21,18 @@ locations left ``use_fast`` on for later calls. pyvene's files are not edited.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 
-import pyvene as pv
 import torch
-from pyvene.models.intervenable_base import IntervenableModel
+
+with contextlib.redirect_stdout(io.StringIO()) as _banner:   # pyvene prints an nnsight notice on import
+    import pyvene as pv
+    from pyvene.models.intervenable_base import IntervenableModel
 from pyvene.models.interventions import CollectIntervention, Intervention, LocalistRepresentationIntervention
 
 log = logging.getLogger(__name__)
+log.debug("pyvene import said: %s", _banner.getvalue().strip())
 
 PYVENE_HOOK_MARK = "IntervenableModel._intervention_"
 

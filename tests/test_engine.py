@@ -94,7 +94,7 @@ def test_sigma_is_std_of_subject_embeddings(tiny_llama):
     plan = compile_spec(trace_spec(), model, tokenizer)
     emb = model.model.embed_tokens.weight
     rows = [emb[tokenizer.convert_tokens_to_ids(w)] for w in ("eiffel", "tower", "colosseum")]
-    assert plan.sigma == pytest.approx(float(torch.stack(rows).std()), rel=1e-6)
+    assert plan.sigma == pytest.approx(float(torch.stack(rows).detach().std()), rel=1e-6)
 
 
 def test_subject_column_restores_all_subject_tokens_together(tiny_llama):
@@ -184,3 +184,21 @@ def test_layers_subset_and_window_edges(tiny_llama):
     for name in full.grids:
         assert torch.allclose(part.grids[name].values[:, 0], full.grids[name].values[:, 0], atol=TOL, equal_nan=True)
         assert torch.allclose(part.grids[name].values[:, 1], full.grids[name].values[:, 3], atol=TOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", ["trace", "patch"])
+def test_shared_prefix_equals_full_recomputation(tiny, kind):
+    """Reusing the baseline key/value cache before the restored position changes nothing."""
+    family, model, tokenizer = tiny
+    if kind == "trace":
+        spec = trace_spec(positions=["all", "subject"])
+    else:
+        spec = parse_spec({"kind": "patch", "model": "tiny", "sites": ["block_output", "mlp_key"],
+                           "metric": "kl", "prompts": [{"base": "big ben is in london",
+                                                         "source": "the colosseum is in rome"}]})
+    plan = compile_spec(spec, model, tokenizer)
+    assert plan.shares_prefix and any(c.prefix > 2 for c in plan.chunks)
+    shared = run_plan(plan)
+    full = run(spec, model, tokenizer, share_prefix=False)
+    for name, grid in shared.grids.items():
+        assert torch.allclose(grid.values, full.grids[name].values, atol=TOL, equal_nan=True)

@@ -1,0 +1,122 @@
+"""Benchmark: Lesion's batched trace against a ROME-style reference loop, in one run.
+
+    lesion --threads 2 bench-trace [--model smollm2-135m] [--device cuda]
+
+The reference does what ROME's ``trace_with_patch`` does: for every cell, one
+forward of an 11-row batch (row 0 clean, rows 1..10 with the subject embeddings
+noised), plain forward hooks copying row 0's state into rows 1..10 at the
+restored layer(s) and position, full logits. Both use the same seeded noise, so
+they must give the same numbers; the benchmark checks that before reporting.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from interventions import compile_spec, load_model, parse_spec, run_plan
+from interventions.plan import window
+from interventions.sites import site_table
+
+SPEC = {
+    "kind": "trace",
+    "prompts": [{"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower"}],
+    "sites": ["hidden", "mlp", "attention"], "window": 10, "seed": 0,
+}
+SITES = {"hidden": "block_output", "mlp": "mlp_output", "attention": "attention_output"}
+
+
+@torch.inference_mode()
+def rome_loop(model, plan, answer: int) -> dict[str, torch.Tensor]:
+    """One 11-row forward per (site, layer, position) cell; returns grids [layers, positions]."""
+    table = site_table(model)
+    prompt = plan.prompts[0]
+    ids, subject = list(prompt.source.ids), list(prompt.source.subject)
+    noise = plan.noise[0].to(next(model.parameters()).device)
+    batch = torch.tensor([ids] * (noise.shape[0] + 1), device=noise.device)
+    n = table.num_layers(model)
+
+    def add_noise(module, args, out):
+        out[1:, subject] += noise
+        return out
+
+    def restore(pos):
+        def hook(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h[1:, pos] = h[0, pos]
+        return hook
+
+    grids = {}
+    embed = table.module(model, "embed")
+    for name, site in SITES.items():
+        grid = torch.zeros(n, len(ids))
+        for layer in range(n):
+            layers = (layer,) if name == "hidden" else window(layer, 10, n)
+            for pos in range(len(ids)):
+                handles = [embed.register_forward_hook(add_noise)]
+                handles += [table.module(model, site, l).register_forward_hook(restore(pos)) for l in layers]
+                try:
+                    probs = model(batch).logits[1:, -1].float().softmax(-1)
+                finally:
+                    for h in handles:
+                        h.remove()
+                grid[layer, pos] = probs[:, answer].mean()
+        grids[name] = grid
+    return grids
+
+
+@torch.inference_mode()
+def plain_forwards(model, plan, rows: int, size: int) -> float:
+    """Seconds for `rows` plain forwards of the prompt in chunks of `size` (the no-intervention bound)."""
+    ids = torch.tensor([plan.prompts[0].source.ids], device=next(model.parameters()).device)
+    start = time.perf_counter()
+    for done in range(0, rows, size):
+        model(ids.expand(min(size, rows - done), -1), logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(args) -> int:
+    model, tokenizer = load_model(args.model, device=args.device)
+    spec = parse_spec({**SPEC, "model": args.model, "samples": args.samples, "max_batch_rows": args.max_batch_rows})
+    plan = compile_spec(spec, model, tokenizer)
+    warm = parse_spec({**SPEC, "model": args.model, "layers": [0], "samples": 2})
+    rome_loop(model, compile_spec(warm, model, tokenizer), 0)   # warm-up
+    _sync(args.device)
+    t0 = time.perf_counter()
+    result = run_plan(compile_spec(spec, model, tokenizer), progress=False)
+    _sync(args.device)
+    t1 = time.perf_counter()
+    reference = rome_loop(model, plan, result.prompts[0]["answer_id"])
+    _sync(args.device)
+    t2 = time.perf_counter()
+    plain = plain_forwards(model, plan, result.meta["rows"], args.max_batch_rows)
+    _sync(args.device)
+    lesion_s, ref_s = t1 - t0, t2 - t1
+    diff = max(float((result.grids[k].values[0] - reference[k]).abs().max()) for k in SITES)
+    cells = sum(g.values[0].numel() for g in result.grids.values())
+    report = {
+        "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
+        "cells": cells, "samples": args.samples, "rows": result.meta["rows"],
+        "max_batch_rows": args.max_batch_rows,
+        "lesion_s": round(lesion_s, 2), "reference_s": round(ref_s, 2), "speedup": round(ref_s / lesion_s, 2),
+        "lesion_cells_per_s": round(cells / lesion_s, 1), "reference_cells_per_s": round(cells / ref_s, 1),
+        "plain_forward_s": round(plain, 2), "lesion_over_plain_forward": round(lesion_s / plain, 2),
+        "max_abs_diff": diff,
+    }
+    print("| what | value |\n|---|---|")
+    for k, v in report.items():
+        print(f"| {k} | {v} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if diff > 1e-4:
+        print(f"error: Lesion and the reference loop disagree (max abs diff {diff:.2e})")
+        return 1
+    return 0

@@ -1,0 +1,131 @@
+"""The `lesion` command line.
+
+    lesion run recipes/trace_eiffel.yaml --out runs/eiffel
+    lesion validate recipes/trace_eiffel.yaml [--compile]
+    lesion schema > lesion.schema.json
+    lesion bench-trace --threads 2
+
+Errors a user can cause print one clear message and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from interventions.errors import LesionError
+
+
+def _load(path: str, model: str | None):
+    from interventions import load_spec
+
+    spec = load_spec(path)
+    if model is not None:
+        spec = spec.model_copy(update={"model": model})
+        from interventions.spec import parse_spec, spec_to_dict
+
+        spec = parse_spec(spec_to_dict(spec))
+    return spec
+
+
+def cmd_run(args) -> int:
+    from interventions import load_model, run
+
+    spec = _load(args.spec, args.model)
+    model, tokenizer = load_model(spec.model)
+    start = time.perf_counter()
+    result = run(spec, model, tokenizer, max_batch_rows=args.max_batch_rows, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    written = result.save(args.out)
+    print(f"{spec.kind} of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['rows']} rows "
+          f"in {seconds:.1f} s")
+    for p in result.prompts:
+        line = f"  {p['prompt']!r} -> {p['answer']!r}: clean p={p['clean_prob']:.3f}"
+        if "corrupted_prob" in p:
+            line += f", corrupted p={p['corrupted_prob']:.3f}"
+        if "base_metric" in p:
+            line += f", base {spec.metric}={p['base_metric']:.3f}"
+        print(line)
+    print(f"wrote {', '.join(written)} to {args.out}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    spec = _load(args.spec, args.model)
+    if args.compile:
+        from interventions import compile_spec, load_model
+
+        model, tokenizer = load_model(spec.model)
+        plan = compile_spec(spec, model, tokenizer)
+        print(f"ok: {spec.kind} spec, {len(spec.prompts)} prompt(s), compiles to {len(plan.graphs)} graph(s) "
+              f"and {plan.num_rows} rows in {len(plan.chunks)} chunk(s)")
+    else:
+        print(f"ok: {spec.kind} spec, {len(spec.prompts)} prompt(s), model {spec.model}")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from interventions import spec_schema
+
+    print(json.dumps(spec_schema(), indent=2))
+    return 0
+
+
+def cmd_bench_trace(args) -> int:
+    from recipes.bench_trace import main as bench
+
+    return bench(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lesion", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a spec and write result.json, result.safetensors, heatmap.png, spec.yaml")
+    r.add_argument("spec")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--model", default=None, help="override the spec's `model`")
+    r.add_argument("--max-batch-rows", type=int, default=None, help="override the spec's `max_batch_rows`")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_run)
+    v = sub.add_parser("validate", help="check a spec")
+    v.add_argument("spec")
+    v.add_argument("--model", default=None)
+    v.add_argument("--compile", action="store_true", help="also load the model and compile (no forward pass)")
+    v.set_defaults(fn=cmd_validate)
+    s = sub.add_parser("schema", help="print the JSON Schema of all specs")
+    s.set_defaults(fn=cmd_schema)
+    b = sub.add_parser("bench-trace", help="benchmark the batched trace against a ROME-style reference loop")
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--samples", type=int, default=10)
+    b.add_argument("--max-batch-rows", type=int, default=48)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--json", default=None, help="also write the numbers to this file")
+    b.set_defaults(fn=cmd_bench_trace)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.fn(args)
+    except LesionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

