@@ -80,6 +80,8 @@ def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
                     acc[row.cell.grid][row.prompt, row.cell.layer_index, row.cell.column] += value / plan.variants
             bar.update(len(chunk.rows))
         bar.close()
+        for cell in plan.noop_cells:
+            acc[cell.grid][cell.prompt, cell.layer_index, cell.column] = baseline[cell.prompt]
     return _result(plan, acc, baseline, source_logprobs, base_top1)
 
 
@@ -263,6 +265,7 @@ def _result(plan: Plan, acc: dict, baseline: torch.Tensor, source_logprobs: torc
             values[i, :, n:] = float("nan")
         grids[name] = Grid(name=name, site=axes.site, metric=axes.metric, layers=list(axes.layers),
                            values=values, lengths=lengths)
-    meta = {"sigma": plan.sigma, "rows": plan.num_rows, "variants": plan.variants}
+    meta = {"sigma": plan.sigma, "rows": plan.num_rows, "variants": plan.variants,
+            "cells_equal_to_baseline": len(plan.noop_cells)}
     return Result(kind=plan.spec.kind, model=plan.spec.model, spec=plan.spec, prompts=records, grids=grids,
                   meta=meta)

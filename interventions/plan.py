@@ -110,6 +110,7 @@ class Plan:
     noise: list[torch.Tensor] | None = None   # per prompt: (variants, n_subject, d), already scaled
     sigma: float | None = None
     shares_prefix: bool = False                # some chunk reads the baseline key/value cache
+    noop_cells: list[Cell] = field(default_factory=list)   # equal to the baseline run; not run
 
     @property
     def num_rows(self) -> int:
@@ -212,6 +213,9 @@ def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
     collect_nodes = [n for site in nodes for n in nodes[site] if n[0] != "noise"]
     collect_graph = build_graph(model, [(table.component(s, l), CollectStates()) for s, l in collect_nodes])
     size = max_batch_rows or spec.max_batch_rows
+    diverge = [first_difference(p, noise is not None) for p in prompts]
+    noop = {name: [c for c in cells[name] if max(c.positions) < diverge[c.prompt]] for name in cells}
+    cells = {name: [c for c in cells[name] if max(c.positions) >= diverge[c.prompt]] for name in cells}
     chunks = []
     for block in _blocks(prompts, variants, _cache_bytes_per_token(model)):
         # Baseline rows (no restore) first: they give the key/value caches, and patch
@@ -222,7 +226,20 @@ def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
             rows = [Row(c.prompt, v, c) for c in cells[name] if c.prompt in block for v in range(variants)]
             chunks += _chunk(site, rows, prompts, size, share_prefix)
     return Plan(spec, model, tokenizer, table, prompts, grids, graphs, nodes, collect_graph, collect_nodes,
-                chunks, variants, noise, sigma, shares_prefix=any(c.prefix for c in chunks))
+                chunks, variants, noise, sigma, shares_prefix=any(c.prefix for c in chunks),
+                noop_cells=[c for name in noop for c in noop[name]])
+
+
+def first_difference(prompt: Prompt, noised: bool) -> int:
+    """The first position where the base run's input differs from the source run's.
+
+    Before it the two runs compute identical states (causal attention), so restoring
+    a source state there changes nothing and the cell equals the baseline run.
+    """
+    if noised:
+        return min(prompt.base.subject)
+    same = [a == b for a, b in zip(prompt.base.ids, prompt.source.ids)]
+    return same.index(False) if False in same else len(same)
 
 
 def _node(table: SiteTable, node):

