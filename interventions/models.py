@@ -121,4 +121,6 @@ def _builtin_folder(b: Builtin) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (cache / "config.json").is_file():
             raise
+    if lesion_home() in gguf.parents:
+        gguf.unlink(missing_ok=True)   # a GGUF we assembled ourselves is not needed once converted
     return cache

@@ -310,8 +310,8 @@ def _trace_prompts(spec: TraceSpec, tokenizer) -> list[Prompt]:
             swapped = p.prompt.replace(p.subject, p.counterfactual_subject, 1)
             base = encode(tokenizer, swapped, subject=p.counterfactual_subject, field=where)
             check_aligned(clean, base, f"{where}.counterfactual_subject")
-        target = answer_id(tokenizer, p.target, field=f"{where}.target") if p.target else None
-        out.append(Prompt(base, clean, columns(spec.positions, clean, "positions"), target_id=target))
+        out.append(Prompt(base, clean, columns(spec.positions, clean, "positions"),
+                          target_id=_answer(tokenizer, p.target, f"{where}.target")))
     return out
 
 
@@ -322,12 +322,16 @@ def _patch_prompts(spec: PatchSpec, tokenizer) -> list[Prompt]:
         base = encode(tokenizer, p.base, subject=p.subject, field=where)
         source = encode(tokenizer, p.source, field=where)
         check_aligned(base, source, f"{where}.source")
-        target = answer_id(tokenizer, p.target, field=f"{where}.target") if p.target else None
-        cf = (answer_id(tokenizer, p.counterfactual_target, field=f"{where}.counterfactual_target")
-              if p.counterfactual_target else None)
         out.append(Prompt(base, source, columns(spec.positions, base, "positions"),
-                          target_id=target, counterfactual_id=cf))
+                          target_id=_answer(tokenizer, p.target, f"{where}.target"),
+                          counterfactual_id=_answer(tokenizer, p.counterfactual_target,
+                                                    f"{where}.counterfactual_target")))
     return out
+
+
+def _answer(tokenizer, text: str | None, field: str) -> int | None:
+    """The scored token of an optional target; None defers to the model's top-1."""
+    return None if text is None else answer_id(tokenizer, text, field=field)
 
 
 def _embed_dim(model, table: SiteTable) -> int:

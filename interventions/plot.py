@@ -43,7 +43,12 @@ def _panel(fig, ax, result, name, i, record, plt):
     low = record.get("corrupted_prob") if result.kind == "trace" else None
     cmap = CMAPS.get(name, "viridis" if grid.metric != "logit_diff" else "RdBu_r")
     vmin = low if low is not None and math.isfinite(low) else None
-    im = ax.imshow(values, aspect="auto", cmap=cmap, vmin=vmin, interpolation="nearest")
+    norm = None
+    if grid.metric == "logit_diff" and values.min() < 0 < values.max():
+        from matplotlib.colors import TwoSlopeNorm
+
+        norm, vmin = TwoSlopeNorm(vcenter=0.0), None     # red: towards the target, blue: away
+    im = ax.imshow(values, aspect="auto", cmap=cmap, vmin=vmin, norm=norm, interpolation="nearest")
     subject = set(record.get("subject_positions", []))
     labels = []
     for k, label in enumerate(record["columns"]):

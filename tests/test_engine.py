@@ -202,3 +202,30 @@ def test_shared_prefix_equals_full_recomputation(tiny, kind):
     full = run(spec, model, tokenizer, share_prefix=False)
     for name, grid in shared.grids.items():
         assert torch.allclose(grid.values, full.grids[name].values, atol=TOL, equal_nan=True)
+
+
+def test_compiling_runs_no_forward_pass(tiny_llama, monkeypatch):
+    """A spec compiles into graphs and unit locations without touching the model's forward."""
+    model, tokenizer = tiny_llama
+    calls = []
+    for module in model.modules():
+        monkeypatch.setattr(module, "forward", lambda *a, _f=module.forward, **k: calls.append(1) or _f(*a, **k))
+    plan = compile_spec(trace_spec(sigma=0.5), model, tokenizer)
+    assert calls == []
+    chunk = next(c for c in plan.chunks if not c.baseline)
+    locations, subspaces = plan.unit_locations(chunk), plan.subspaces(chunk)
+    graph = plan.graphs[chunk.graph]
+    assert len(locations["base"]) == len(subspaces) == len(graph.sorted_keys)
+    assert all(len(rows) == len(chunk.rows) for rows in locations["base"])
+
+
+def test_local_folder_model(tmp_path, tiny_llama, monkeypatch):
+    from interventions import load_model
+
+    model, tokenizer = tiny_llama
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tok = load_model(str(tmp_path))
+    spec = trace_spec(samples=2, sites=["hidden"])
+    a, b = run(spec, model, tokenizer), run(spec, loaded, loaded_tok)
+    assert torch.allclose(a.grids["hidden"].values, b.grids["hidden"].values, atol=TOL, equal_nan=True)

