@@ -265,7 +265,11 @@ def _result(plan: Plan, acc: dict, baseline: torch.Tensor, source_logprobs: torc
             values[i, :, n:] = float("nan")
         grids[name] = Grid(name=name, site=axes.site, metric=axes.metric, layers=list(axes.layers),
                            values=values, lengths=lengths)
+    config = plan.model.config
     meta = {"sigma": plan.sigma, "rows": plan.num_rows, "variants": plan.variants,
-            "cells_equal_to_baseline": len(plan.noop_cells)}
+            "cells_equal_to_baseline": len(plan.noop_cells),
+            # what actually ran: `run()` accepts any model object, whatever the spec's `model` says
+            "model_type": config.model_type, "model_name_or_path": getattr(config, "name_or_path", ""),
+            "num_layers": plan.table.num_layers(plan.model), "family": plan.table.family}
     return Result(kind=plan.spec.kind, model=plan.spec.model, spec=plan.spec, prompts=records, grids=grids,
                   meta=meta)

@@ -229,3 +229,27 @@ def test_local_folder_model(tmp_path, tiny_llama, monkeypatch):
     spec = trace_spec(samples=2, sites=["hidden"])
     a, b = run(spec, model, tokenizer), run(spec, loaded, loaded_tok)
     assert torch.allclose(a.grids["hidden"].values, b.grids["hidden"].values, atol=TOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_llama_table_covers_mistral_and_qwen2(tokenizer, family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=64, initializer_range=0.3)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    base, source = "big ben is in london", "the colosseum is in rome"
+    spec = parse_spec({"kind": "patch", "model": "tiny", "sites": ["attention_output", "mlp_key"], "metric": "kl",
+                       "prompts": [{"base": base, "source": source}]})
+    result = run(spec, model, tokenizer)
+    src = ref.last_logits(model, family, torch.tensor([words(tokenizer, source)]))[0].log_softmax(-1)
+    for site in ("attention_output", "mlp_key"):
+        clean = ref.capture(model, family, words(tokenizer, source), site)
+        for layer in range(2):
+            for pos in range(5):
+                lp = ref.last_logits(model, family, torch.tensor([words(tokenizer, base)]),
+                                     restores=[(site, layer, [pos], clean[layer])])[0].log_softmax(-1)
+                want = float((src.exp() * (src - lp)).sum())
+                assert abs(float(result.grids[site].values[0, layer, pos]) - want) <= 1e-5

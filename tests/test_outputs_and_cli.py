@@ -25,6 +25,7 @@ def test_result_files_follow_the_documented_format(tiny_llama, tmp_path):
     assert sorted(written) == sorted(["result.json", "result.safetensors", "spec.yaml", "heatmap.png"])
     data = json.loads((tmp_path / "result.json").read_text())
     assert data["kind"] == "trace" and data["model"] == "tiny" and data["spec"]["samples"] == 2
+    assert data["meta"]["model_type"] == "llama" and data["meta"]["num_layers"] == 4
     for record, n in zip(data["prompts"], (9, 5)):
         assert {"prompt", "tokens", "subject_positions", "answer", "clean_prob", "corrupted_prob"} <= set(record)
         assert len(record["tokens"]) == n
