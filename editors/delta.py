@@ -1,0 +1,284 @@
+"""The Delta format: an edit's weight changes in one safetensors file, applied and reverted exactly.
+
+>>> delta = Delta.from_factors(model, {"model.layers.5.mlp.down_proj.weight": (u, v)},
+...                            method="rome", base_model="smollm2-135m")      # doctest: +SKIP
+>>> delta.save("checkpoints/eiffel_rome.safetensors")                        # doctest: +SKIP
+>>> delta = load_delta("checkpoints/eiffel_rome.safetensors")                # doctest: +SKIP
+>>> with applied(model, delta):                                              # doctest: +SKIP
+...     model.generate(...)
+>>> # here the weights are back to the base, bit for bit
+
+Format (version 1):
+- one tensor or two per edited parameter, named as in ``model.named_parameters()``:
+  ``<name>::u`` [out, r] and ``<name>::v`` [r, in] (the change is ``u @ v``), or
+  ``<name>::dense`` (the change itself);
+- the safetensors metadata key ``lesion_delta`` holds JSON: ``format_version``,
+  ``method``, ``hyperparameters``, ``spec``, ``base_model``, ``fingerprints``
+  (per parameter: shape, dtype, sha256 of the base value), ``metrics``,
+  ``created``, ``lesion_version``, and ``content_sha256`` (the tensors' hash).
+
+Deltas are relative to the base model. The first apply keeps a copy of each
+touched parameter's base value; every apply or revert then sets the parameter to
+base + the changes of the deltas still applied, in the order they were applied.
+So reverting all of them restores the base bit for bit, and reverting one out of
+order leaves exactly what applying the others alone would give.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+META_KEY = "lesion_delta"
+
+
+class DeltaError(ValueError):
+    """A delta file or a delta/model pair that cannot be used; the model is left untouched."""
+
+
+def fingerprint(tensor: torch.Tensor) -> dict:
+    """Shape, dtype and sha256 of a tensor's bytes."""
+    data = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return {"shape": list(data.shape), "dtype": str(data.dtype).removeprefix("torch."), "sha256": digest}
+
+
+@dataclass(frozen=True, eq=False)
+class Delta:
+    """Changes to named parameters: rank-r factors ``(u [out, r], v [r, in])`` or dense differences."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({*self.factors, *self.dense})
+
+    @property
+    def id(self) -> str:
+        return self.meta["content_sha256"]
+
+    def difference(self, name: str) -> torch.Tensor:
+        """The dense change of parameter `name` (float32)."""
+        if name in self.factors:
+            u, v = self.factors[name]
+            return u.float() @ v.float()
+        return self.dense[name].float()
+
+    @classmethod
+    def from_factors(cls, model: torch.nn.Module, factors: dict | None = None, dense: dict | None = None, *,
+                     method: str, base_model: str, hyperparameters: dict | None = None, spec: dict | None = None,
+                     metrics: dict | None = None) -> "Delta":
+        """A delta against `model`'s current (base) parameters, fingerprinting each touched one."""
+        from interventions import __version__
+
+        factors = {k: (u.detach().cpu().contiguous(), v.detach().cpu().contiguous())
+                   for k, (u, v) in (factors or {}).items()}
+        dense = {k: d.detach().cpu().contiguous() for k, d in (dense or {}).items()}
+        params = dict(model.named_parameters())
+        prints = {}
+        for name in sorted({*factors, *dense}):
+            if name not in params:
+                raise DeltaError(f"`{name}`: no such parameter in the model")
+            prints[name] = fingerprint(_base_value(model, name, params[name]))
+        meta = {"format_version": FORMAT_VERSION, "method": method, "hyperparameters": hyperparameters or {},
+                "spec": spec, "base_model": base_model, "fingerprints": prints, "metrics": metrics or {},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lesion_version": __version__}
+        delta = cls(factors, dense, meta)
+        _check_shapes(delta)
+        meta["content_sha256"] = _content_hash(delta.tensors())
+        return delta
+
+    def with_metrics(self, metrics: dict) -> "Delta":
+        return Delta(self.factors, self.dense, {**self.meta, "metrics": {**self.meta.get("metrics", {}), **metrics}})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (u, v) in self.factors.items():
+            out[f"{name}::u"], out[f"{name}::v"] = u, v
+        for name, d in self.dense.items():
+            out[f"{name}::dense"] = d
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a temporary file in the same folder, then a rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(self.tensors(), tmp, metadata={META_KEY: json.dumps(self.meta, sort_keys=True)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + b"\0" + json.dumps(fingerprint(tensors[name])).encode())
+    return digest.hexdigest()
+
+
+def _check_shapes(delta: Delta) -> None:
+    for name, info in delta.meta["fingerprints"].items():
+        shape = tuple(info["shape"])
+        if name in delta.factors:
+            u, v = delta.factors[name]
+            if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0] or (u.shape[0], v.shape[1]) != shape:
+                raise DeltaError(f"`{name}`: factors {tuple(u.shape)} @ {tuple(v.shape)} do not give the "
+                                 f"parameter's shape {shape}")
+        elif name in delta.dense and tuple(delta.dense[name].shape) != shape:
+            raise DeltaError(f"`{name}`: dense change {tuple(delta.dense[name].shape)} does not match {shape}")
+        elif name not in delta.factors and name not in delta.dense:
+            raise DeltaError(f"`{name}`: fingerprinted but has no tensors")
+    extra = set(delta.names) - set(delta.meta["fingerprints"])
+    if extra:
+        raise DeltaError(f"tensors for {sorted(extra)} have no fingerprint")
+
+
+def load_delta(path: str | Path) -> Delta:
+    """Read and check a delta file; a corrupt, truncated or foreign file raises `DeltaError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaError(f"`delta`: got {str(path)!r}; expected an existing .safetensors delta file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:   # safetensors raises several types for damaged files
+        raise DeltaError(f"`delta`: {path} is not a readable safetensors file (corrupt or truncated?): {err}") from None
+    if raw is None:
+        raise DeltaError(f"`delta`: {path} has no `{META_KEY}` metadata; it is not a Lesion delta")
+    meta = json.loads(raw)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DeltaError(f"`delta`: {path} has format_version {meta.get('format_version')!r}; "
+                         f"this Lesion reads {FORMAT_VERSION}")
+    if _content_hash(tensors) != meta.get("content_sha256"):
+        raise DeltaError(f"`delta`: {path}: its tensors do not match the recorded content hash (corrupt file?)")
+    factors, dense = {}, {}
+    for key in tensors:
+        name, _, part = key.rpartition("::")
+        if part == "dense":
+            dense[name] = tensors[key]
+        elif part == "u":
+            factors[name] = (tensors[key], tensors.get(f"{name}::v"))
+        elif part != "v":
+            raise DeltaError(f"`delta`: {path}: unexpected tensor {key!r}")
+    if any(v is None for _, v in factors.values()):
+        raise DeltaError(f"`delta`: {path}: a `::u` factor has no `::v`")
+    delta = Delta(factors, dense, meta)
+    _check_shapes(delta)
+    return delta
+
+
+@dataclass
+class _Applied:
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    stack: list[Delta] = field(default_factory=list)
+
+
+_STATE: "weakref.WeakKeyDictionary[torch.nn.Module, _Applied]" = weakref.WeakKeyDictionary()
+
+
+def _base_value(model, name: str, param: torch.Tensor) -> torch.Tensor:
+    state = _STATE.get(model)
+    return state.base[name] if state is not None and name in state.base else param
+
+
+def applied_deltas(model: torch.nn.Module) -> list[Delta]:
+    """The deltas currently applied to `model`, in order."""
+    state = _STATE.get(model)
+    return list(state.stack) if state else []
+
+
+def verify(model: torch.nn.Module, delta: Delta) -> None:
+    """Raise `DeltaError` unless every touched parameter's base value matches the delta's fingerprint."""
+    params = dict(model.named_parameters())
+    for name, want in delta.meta["fingerprints"].items():
+        if name not in params:
+            raise DeltaError(f"`{name}`: the delta edits a parameter this model does not have "
+                             f"(delta made for base model {delta.meta.get('base_model')!r})")
+        have = fingerprint(_base_value(model, name, params[name]))
+        for key in ("shape", "dtype", "sha256"):
+            if have[key] != want[key]:
+                raise DeltaError(f"`{name}`: {key} is {have[key]} in this model but {want[key]} in the delta; "
+                                 f"it was made for base model {delta.meta.get('base_model')!r}")
+
+
+@torch.no_grad()
+def _rewrite(model: torch.nn.Module, names, state: _Applied) -> None:
+    params = dict(model.named_parameters())
+    for name in names:
+        value = state.base[name]
+        touching = [d for d in state.stack if name in d.names]
+        if touching:
+            total = value.float()
+            for d in touching:
+                total = total + d.difference(name).to(total.device)
+            value = total.to(value.dtype)
+        params[name].copy_(value)
+
+
+def apply(model: torch.nn.Module, *deltas: Delta) -> None:
+    """Apply deltas after checking all of them; on any error nothing is changed."""
+    state = _STATE.get(model) or _Applied()
+    for delta in deltas:
+        if any(d.id == delta.id for d in state.stack):
+            raise DeltaError(f"delta {delta.id[:12]} ({delta.meta.get('method')}) is already applied")
+        verify(model, delta)
+    params = dict(model.named_parameters())
+    for delta in deltas:
+        for name in delta.names:
+            state.base.setdefault(name, params[name].detach().clone())
+    state.stack.extend(deltas)
+    _STATE[model] = state
+    _rewrite(model, {n for d in deltas for n in d.names}, state)
+
+
+def revert(model: torch.nn.Module, *deltas: Delta) -> None:
+    """Revert some applied deltas (all of them when none is named), in any order."""
+    state = _STATE.get(model)
+    if state is None:
+        if deltas:
+            raise DeltaError("no delta is applied to this model")
+        return
+    targets = list(deltas) or list(state.stack)
+    ids = {d.id for d in state.stack}
+    for delta in targets:
+        if delta.id not in ids:
+            raise DeltaError(f"delta {delta.id[:12]} ({delta.meta.get('method')}) is not applied to this model")
+    gone = {d.id for d in targets}
+    names = {n for d in targets for n in d.names}
+    state.stack = [d for d in state.stack if d.id not in gone]
+    _rewrite(model, names, state)
+    for name in names:
+        if not any(name in d.names for d in state.stack):
+            del state.base[name]
+    if not state.stack:
+        del _STATE[model]
+
+
+@contextmanager
+def applied(model: torch.nn.Module, *deltas: Delta):
+    """Apply for the block, revert afterwards (also on error)."""
+    apply(model, *deltas)
+    try:
+        yield model
+    finally:
+        revert(model, *deltas)
