@@ -40,11 +40,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from interventions.errors import LesionError
+
 FORMAT_VERSION = 1
 META_KEY = "lesion_delta"
 
 
-class DeltaError(ValueError):
+class DeltaError(LesionError, ValueError):
     """A delta file or a delta/model pair that cannot be used; the model is left untouched."""
 
 

@@ -122,9 +122,55 @@ class PatchSpec(_Grid):
         return _check_names(v, SITE_NAMES)
 
 
-Spec = Annotated[Union[TraceSpec, PatchSpec], Field(discriminator="kind")]
+class EditRequestSpec(_Spec):
+    """One fact to rewrite, CounterFact-style: `prompt` holds ``{}`` where `subject` goes."""
+
+    prompt: str = Field(min_length=1)
+    subject: str = Field(min_length=1)
+    target_new: str = Field(min_length=1)
+    target_true: str = Field(min_length=1, description="The current answer (for efficacy and neighbourhood).")
+    paraphrases: tuple[str, ...] = Field(default=(), description="Other prompts (subject included) about the fact.")
+    neighbours: tuple[str, ...] = Field(
+        default=(), description="Prompts about other subjects whose answer is `target_true` and must stay so.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_slot(cls, v):
+        if v.count("{}") != 1:
+            raise ValueError("the prompt must contain exactly one '{}' where the subject goes")
+        return v
+
+
+class EditSpec(_Spec):
+    """A weight edit (ROME) written as a Delta, with CounterFact-style metrics."""
+
+    kind: Literal["edit"] = "edit"
+    model: str = Field(default=DEFAULT_MODEL, min_length=1)
+    method: Literal["rome"] = "rome"
+    layer: int = Field(ge=0, description="The MLP layer whose output projection is edited.")
+    requests: tuple[EditRequestSpec, ...] = Field(min_length=1)
+    hyperparameters: dict[str, float | int] = Field(
+        default_factory=dict, description="Overrides of ROME's defaults, e.g. `v_steps`, `v_lr`, `kl_factor`.")
+    corpus: tuple[str, ...] = Field(
+        default=(), description="Text files for the key statistics; empty: text sampled from the model itself.")
+    mom2_tokens: int = Field(default=20_000, ge=100)
+    fluency_prompts: tuple[str, ...] = Field(default=(), description="Generation prompts for the fluency metric; "
+                                             "default: each request's subject.")
+
+
+class ApplySpec(_Spec):
+    """Load deltas, verify them against the base, and generate with and without them."""
+
+    kind: Literal["apply"] = "apply"
+    model: str = Field(default=DEFAULT_MODEL, min_length=1)
+    deltas: tuple[str, ...] = Field(min_length=1, description="Delta files, applied in this order.")
+    prompts: tuple[str, ...] = Field(min_length=1)
+    max_new_tokens: int = Field(default=20, ge=1)
+
+
+Spec = Annotated[Union[TraceSpec, PatchSpec, EditSpec, ApplySpec], Field(discriminator="kind")]
 _ADAPTER: TypeAdapter = TypeAdapter(Spec)
-KINDS = ("trace", "patch")
+KINDS = ("trace", "patch", "edit", "apply")
 
 
 def _loc(loc: tuple) -> str:
@@ -156,7 +202,7 @@ def _problems(err: ValidationError, data: Any) -> list[str]:
     return problems
 
 
-def parse_spec(data: Any) -> TraceSpec | PatchSpec:
+def parse_spec(data: Any) -> TraceSpec | PatchSpec | EditSpec | ApplySpec:
     """Validate a plain mapping (as from YAML) into a spec, or raise `SpecError`."""
     if not isinstance(data, dict):
         raise SpecError("spec", data, "a mapping with a `kind:` field")
@@ -179,7 +225,7 @@ def load_yaml(text: str, *, source: str = "<string>") -> Any:
         raise SpecError(source, f"malformed YAML{where}", f"valid YAML ({problem})") from None
 
 
-def load_spec(path: str | Path) -> TraceSpec | PatchSpec:
+def load_spec(path: str | Path) -> TraceSpec | PatchSpec | EditSpec | ApplySpec:
     """Read and validate a YAML spec file."""
     path = Path(path)
     if not path.is_file():

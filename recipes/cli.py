@@ -3,6 +3,7 @@
     lesion run recipes/trace_eiffel.yaml --out runs/eiffel
     lesion validate recipes/trace_eiffel.yaml [--compile]
     lesion schema > lesion.schema.json
+    lesion apply --model smollm2-135m --delta runs/edit/delta.safetensors --prompt "The Eiffel Tower is in"
     lesion bench-trace --threads 2
 
 Errors a user can cause print one clear message and exit with status 2, never a traceback.
@@ -16,7 +17,7 @@ import logging
 import sys
 import time
 
-from interventions.errors import LesionError
+from interventions.errors import LesionError, SpecError
 
 
 def _load(path: str, model: str | None):
@@ -35,7 +36,13 @@ def cmd_run(args) -> int:
     from interventions import load_model, run
 
     spec = _load(args.spec, args.model)
+    if args.out is None and spec.kind != "apply":
+        raise SpecError("--out", None, f"an output folder for a `{spec.kind}` spec")
     model, tokenizer = load_model(spec.model)
+    if spec.kind == "edit":
+        return _edit(spec, model, tokenizer, args.out)
+    if spec.kind == "apply":
+        return _apply(spec, model, tokenizer)
     start = time.perf_counter()
     result = run(spec, model, tokenizer, max_batch_rows=args.max_batch_rows, progress=not args.quiet)
     seconds = time.perf_counter() - start
@@ -53,9 +60,45 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _edit(spec, model, tokenizer, out) -> int:
+    from recipes.edit import run_edit
+
+    start = time.perf_counter()
+    report = run_edit(spec, model, tokenizer, out)
+    print(f"{spec.method} edit of {len(spec.requests)} fact(s) at layer {spec.layer} of {spec.model} "
+          f"in {time.perf_counter() - start:.1f} s: {report['delta']} ({report['bytes']} bytes)")
+    print("| metric | unedited | edited |\n|---|---|---|")
+    for key in ("efficacy", "paraphrase", "neighbourhood", "fluency"):
+        b, a = report["before"][key], report["after"][key]
+        print(f"| {key} | {_fmt(b)} | {_fmt(a)} |")
+    return 0
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _apply(spec, model, tokenizer) -> int:
+    from recipes.edit import run_apply
+
+    for row in run_apply(spec, model, tokenizer):
+        print(f"prompt: {row['prompt']!r}\n  base:   {row['base']!r}\n  edited: {row['edited']!r}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from interventions import load_model
+    from interventions.spec import parse_spec
+
+    spec = parse_spec({"kind": "apply", "model": args.model, "deltas": args.delta, "prompts": args.prompt,
+                       "max_new_tokens": args.max_new_tokens})
+    model, tokenizer = load_model(spec.model)
+    return _apply(spec, model, tokenizer)
+
+
 def cmd_validate(args) -> int:
     spec = _load(args.spec, args.model)
-    if args.compile:
+    if args.compile and spec.kind in ("trace", "patch"):
         from interventions import compile_spec, load_model
 
         model, tokenizer = load_model(spec.model)
@@ -85,9 +128,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a spec and write result.json, result.safetensors, heatmap.png, spec.yaml")
+    r = sub.add_parser("run", help="run a spec: trace/patch write result.json, result.safetensors, heatmap.png, "
+                                   "spec.yaml; edit writes delta.safetensors and metrics.json")
     r.add_argument("spec")
-    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--out", default=None, help="output folder (not needed for `kind: apply`)")
     r.add_argument("--model", default=None, help="override the spec's `model`")
     r.add_argument("--max-batch-rows", type=int, default=None, help="override the spec's `max_batch_rows`")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -97,6 +141,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=None)
     v.add_argument("--compile", action="store_true", help="also load the model and compile (no forward pass)")
     v.set_defaults(fn=cmd_validate)
+    a = sub.add_parser("apply", help="apply saved deltas and generate with and without them")
+    a.add_argument("--model", default="smollm2-135m")
+    a.add_argument("--delta", action="append", required=True, help="a delta file (repeat to stack several)")
+    a.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    a.add_argument("--max-new-tokens", type=int, default=20)
+    a.set_defaults(fn=cmd_apply)
     s = sub.add_parser("schema", help="print the JSON Schema of all specs")
     s.set_defaults(fn=cmd_schema)
     b = sub.add_parser("bench-trace", help="benchmark the batched trace against a ROME-style reference loop")

@@ -1,0 +1,104 @@
+"""Run `kind: edit` and `kind: apply` specs: compute a Delta, evaluate it, save it; or apply saved deltas.
+
+    lesion run recipes/edit_eiffel.yaml --out runs/edit          # writes delta.safetensors + metrics.json
+    lesion apply --model smollm2-135m --delta runs/edit/delta.safetensors --prompt "The Eiffel Tower is in"
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from editors.delta import Delta, applied, apply, load_delta, revert
+from editors.evaluate import evaluate
+from editors.rome import EditRequest, RomeHyperParams, compute_rome
+from editors.stats import second_moment
+from interventions.errors import SpecError
+from interventions.spec import ApplySpec, EditSpec, spec_to_dict
+
+
+def rome_hyperparameters(spec: EditSpec) -> RomeHyperParams:
+    allowed = {f.name for f in fields(RomeHyperParams)} - {"layer", "context_templates", "mom2_tokens"}
+    for key in spec.hyperparameters:
+        if key not in allowed:
+            raise SpecError(f"hyperparameters.{key}", spec.hyperparameters[key], f"one of {sorted(allowed)}")
+    try:
+        return RomeHyperParams(layer=spec.layer, mom2_tokens=spec.mom2_tokens, **spec.hyperparameters)
+    except ValueError as err:
+        raise SpecError("hyperparameters", dict(spec.hyperparameters), str(err)) from None
+
+
+def _corpus(spec: EditSpec) -> list[str] | None:
+    if not spec.corpus:
+        return None
+    texts = []
+    for i, path in enumerate(spec.corpus):
+        if not Path(path).is_file():
+            raise SpecError(f"corpus[{i}]", path, "an existing text file")
+        texts += [t for t in Path(path).read_text().split("\n\n") if t.strip()]
+    return texts
+
+
+def compute_edit(spec: EditSpec, model, tokenizer) -> tuple[Delta, list[dict]]:
+    """ROME on each request in turn, each computed on the model with the earlier ones applied,
+    combined into one rank-n Delta. The model is unchanged afterwards."""
+    table_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if spec.layer >= table_layers:
+        raise SpecError("layer", spec.layer, f"a layer in [0, {table_layers - 1}] (the model has {table_layers})")
+    hp = rome_hyperparameters(spec)
+    C = second_moment(model, tokenizer, spec.layer, _corpus(spec), max_tokens=spec.mom2_tokens,
+                      corpus_name="files" if spec.corpus else "model-samples")
+    parts, details = [], []
+    try:
+        for r in spec.requests:
+            request = EditRequest(r.prompt, r.subject, r.target_new, r.target_true)
+            delta, info = compute_rome(model, tokenizer, request, hp, base_model=spec.model, C=C)
+            apply(model, delta)
+            parts.append(delta)
+            details.append({"subject": r.subject, "v_star_nll": delta.meta["metrics"]["v_star_nll"]})
+    finally:
+        revert(model, *parts)
+    (name,) = parts[0].names
+    u = torch.cat([d.factors[name][0] for d in parts], dim=1)
+    v = torch.cat([d.factors[name][1] for d in parts], dim=0)
+    combined = Delta.from_factors(model, {name: (u, v)}, method="rome", base_model=spec.model,
+                                  hyperparameters=parts[0].meta["hyperparameters"], spec=spec_to_dict(spec))
+    return combined, details
+
+
+def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
+    delta, details = compute_edit(spec, model, tokenizer)
+    prompts = list(spec.fluency_prompts) or [r.subject for r in spec.requests]
+    before = evaluate(model, tokenizer, spec.requests, fluency_prompts=prompts)
+    with applied(model, delta):
+        after = evaluate(model, tokenizer, spec.requests, fluency_prompts=prompts)
+    metrics = {k: after[k] for k in ("efficacy", "paraphrase", "neighbourhood", "fluency")}
+    metrics["fluency_unedited"] = before["fluency"]
+    delta = delta.with_metrics(metrics)
+    out = Path(out)
+    path = delta.save(out / "delta.safetensors")
+    report = {"delta": str(path), "bytes": path.stat().st_size, "before": before, "after": after,
+              "optimisation": details}
+    (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run_apply(spec: ApplySpec, model, tokenizer) -> list[dict]:
+    """Greedy generations without and with the deltas (verified against the base first)."""
+    deltas = [load_delta(p) for p in spec.deltas]
+    rows = [{"prompt": p, "base": generate(model, tokenizer, p, spec.max_new_tokens)} for p in spec.prompts]
+    with applied(model, *deltas):
+        for row in rows:
+            row["edited"] = generate(model, tokenizer, row["prompt"], spec.max_new_tokens)
+    return rows

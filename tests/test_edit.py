@@ -1,0 +1,100 @@
+"""`kind: edit` and `kind: apply` end to end on a tiny model saved as a local folder, and the metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_model
+from editors.delta import load_delta
+from editors.evaluate import ngram_entropy, prefers, target_logprobs
+from interventions import SpecError, parse_spec
+from recipes.cli import main
+from recipes.edit import rome_hyperparameters
+
+REQUEST = {"prompt": "{} is located in the city of", "subject": "the eiffel tower", "target_new": "rome",
+           "target_true": "paris", "paraphrases": ["where is the eiffel tower in"],
+           "neighbours": ["the colosseum is located in the city of"]}
+REQUEST2 = dict(REQUEST, subject="big ben", target_new="paris", target_true="london", paraphrases=[],
+                neighbours=[])
+
+
+@pytest.fixture()
+def folder(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
+    model = make_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "corpus.txt").write_text("the eiffel tower is in paris\n\nthe colosseum is in rome\n\n"
+                                         "big ben is in london which is the capital of england\n\n" * 20)
+    return tmp_path
+
+
+def test_edit_then_apply_end_to_end(folder, capsys):
+    spec = folder / "edit.yaml"
+    spec.write_text(json.dumps({"kind": "edit", "model": str(folder / "tiny"), "layer": 1,
+                                "requests": [REQUEST, REQUEST2], "corpus": [str(folder / "corpus.txt")],
+                                "hyperparameters": {"v_steps": 10}, "mom2_tokens": 500}))
+    before = {k: v.clone() for k, v in make_model("llama", 37).state_dict().items()}
+    assert main(["run", str(spec), "--out", str(folder / "out")]) == 0
+    table = capsys.readouterr().out
+    assert "| efficacy |" in table and "| fluency |" in table
+    delta = load_delta(folder / "out" / "delta.safetensors")
+    (name,) = delta.names
+    assert name == "model.layers.1.mlp.down_proj.weight"
+    assert delta.factors[name][0].shape[1] == 2                  # two requests: rank two
+    assert set(delta.meta["metrics"]) >= {"efficacy", "paraphrase", "neighbourhood", "fluency"}
+    assert delta.meta["spec"]["requests"][1]["subject"] == "big ben"
+    report = json.loads((folder / "out" / "metrics.json").read_text())
+    assert report["after"]["per_request"][0]["p_new"] > report["before"]["per_request"][0]["p_new"]
+    assert main(["apply", "--model", str(folder / "tiny"), "--delta", str(folder / "out" / "delta.safetensors"),
+                 "--prompt", "the eiffel tower is located in the city of", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "base:" in out and "edited:" in out
+    assert all(torch.equal(v, before[k]) for k, v in make_model("llama", 37).state_dict().items())
+
+
+def test_apply_refuses_a_delta_for_another_model(folder, capsys, tokenizer):
+    from editors.delta import Delta
+
+    other = make_model("gpt2", len(tokenizer))
+    path = Delta.from_factors(other, {"transformer.h.0.mlp.c_proj.weight": (torch.ones(128, 1), torch.ones(1, 32))},
+                              method="test", base_model="tiny-gpt2").save(folder / "gpt2.safetensors")
+    assert main(["apply", "--model", str(folder / "tiny"), "--delta", str(path), "--prompt", "big ben"]) == 2
+    err = capsys.readouterr().err
+    assert "does not have" in err and "tiny-gpt2" in err and "Traceback" not in err
+
+
+def test_edit_spec_errors():
+    with pytest.raises(SpecError, match=r"`requests\[0\].prompt`"):
+        parse_spec({"kind": "edit", "layer": 1, "requests": [dict(REQUEST, prompt="no slot")]})
+    spec = parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"v_stepz": 3}})
+    with pytest.raises(SpecError, match=r"`hyperparameters.v_stepz`.*'v_steps'"):
+        rome_hyperparameters(spec)
+    spec = parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"v_lr": -1}})
+    with pytest.raises(SpecError, match="`v_lr` must be positive"):
+        rome_hyperparameters(spec)
+
+
+def test_target_logprobs_equal_a_hand_computation(tiny_llama):
+    model, tokenizer = tiny_llama
+    prompts = ["the eiffel tower is in", "big ben is located in the city of"]
+    got = target_logprobs(model, tokenizer, prompts, "new york")
+    for prompt, value in zip(prompts, got):
+        ids = tokenizer(prompt)["input_ids"]
+        a, b = tokenizer.convert_tokens_to_ids(["new", "york"])
+        with torch.no_grad():
+            lp1 = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)[a]
+            lp2 = model(torch.tensor([ids + [a]])).logits[0, -1].log_softmax(-1)[b]
+        assert value == pytest.approx(float(lp1 + lp2) / 2, abs=1e-5)
+    assert prefers(model, tokenizer, prompts, "new york", "new york") == [False, False]
+
+
+def test_ngram_entropy_by_hand():
+    # bigrams: (a,b)×3, (b,a)×2 -> H2 = 0.97095; trigrams: (a,b,a)×2, (b,a,b)×2 -> H3 = 1
+    want = (2 / 3 * -(0.6 * math.log2(0.6) + 0.4 * math.log2(0.4)) + 4 / 3 * 1.0) / 2
+    assert ngram_entropy("a b a b a b") == pytest.approx(want)
+    assert ngram_entropy("x x x x x") == 0.0
