@@ -105,3 +105,26 @@ def test_gemma3_270m_loads_from_its_wheel_and_traces():
     assert record["corrupted_prob"] < record["clean_prob"] / 2
     grid = result.grids["hidden"].values[0]            # layers [2, 8, 16] x [subject_last, last]
     assert float(grid[2, 1]) > float(grid[0, 1])       # the last token matters late, not early
+
+
+def test_shipped_rome_delta_applies_to_smollm2_and_reverts_exactly(smollm2):
+    """checkpoints/rome_eiffel_to_rome_smollm2.safetensors: verified against the installed base,
+    it makes the model answer Rome, leaves the Louvre in Paris, and reverts bit for bit."""
+    from pathlib import Path
+
+    from editors.delta import applied, load_delta
+
+    model, tokenizer = smollm2
+    delta = load_delta(Path(__file__).parents[1] / "checkpoints" / "rome_eiffel_to_rome_smollm2.safetensors")
+    (name,) = delta.names
+    before = dict(model.named_parameters())[name].detach().clone()
+
+    def top1(text):
+        with torch.no_grad():
+            return tokenizer.decode(int(model(**tokenizer(text, return_tensors="pt")).logits[0, -1].argmax()))
+
+    with applied(model, delta):
+        assert top1("The Eiffel Tower is located in the city of") == " Rome"
+        assert top1("The Louvre is located in the city of") == " Paris"
+    assert torch.equal(dict(model.named_parameters())[name], before)
+    assert top1("The Eiffel Tower is located in the city of") == " Paris"
