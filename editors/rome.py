@@ -164,9 +164,10 @@ def compute_k_star(model, tokenizer, layer: int, request: EditRequest, templates
 
 
 def compute_v_star(model, tokenizer, layer: int, request: EditRequest, templates: list[str],
-                   hp: RomeHyperParams) -> tuple[torch.Tensor, dict]:
-    """The MLP output at the subject's last token that makes the model answer `target_new`."""
-    module = site_table(model).module(model, "mlp_output", layer)
+                   hp: RomeHyperParams, site: str = "mlp_output") -> tuple[torch.Tensor, dict]:
+    """The output of `site` (ROME: the MLP; MEMIT: the block) at the subject's last token that makes
+    the model answer `target_new`."""
+    module = site_table(model).module(model, site, layer)
     device = next(model.parameters()).device
     target = tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
     rewrite = [_encode(tokenizer, *request.text(t), len(request.subject)) for t in templates]
@@ -179,7 +180,7 @@ def compute_v_star(model, tokenizer, layer: int, request: EditRequest, templates
     answer_row = [r for r in range(len(rewrite)) for _ in target]
     answer_tok = torch.tensor(target * len(rewrite), device=device)
     rows = torch.arange(len(seqs), device=device)
-    delta = torch.zeros(module_out_dim(model, layer), device=device, requires_grad=True)
+    delta = torch.zeros(model.get_input_embeddings().weight.shape[1], device=device, requires_grad=True)
     state = {}
 
     def add_delta(m, args, out):
@@ -220,11 +221,6 @@ def compute_v_star(model, tokenizer, layer: int, request: EditRequest, templates
     return (state["init"] + delta.detach()).float(), {
         "history": history, "v_init_norm": float(state["init"].norm()), "delta_norm": float(delta.detach().norm()),
         "final_nll_per_template": final.mean(1).tolist()}
-
-
-def module_out_dim(model, layer: int) -> int:
-    weight = site_table(model).module(model, "mlp_key", layer).weight
-    return weight.shape[1] if _is_conv1d(site_table(model).module(model, "mlp_key", layer)) else weight.shape[0]
 
 
 def _is_conv1d(module) -> bool:

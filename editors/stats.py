@@ -97,15 +97,21 @@ def collect_keys_moment(model, tokenizer, layer: int, corpus: list[str], *, max_
 
 def second_moment(model, tokenizer, layer: int, corpus: list[str] | None = None, *, max_tokens: int = 20_000,
                   corpus_name: str = "model-samples", cache_dir: str | Path | None = None) -> torch.Tensor:
-    """C for `layer`, from the disk cache when this exact setting was computed before."""
-    if corpus is None:
-        corpus = model_samples(model, tokenizer, n_texts=max(16, max_tokens // 48))
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), layer, corpus_name, _corpus_hash(corpus),
+    """C for `layer`, from the disk cache when this exact setting was computed before.
+
+    With no `corpus`, the model's own samples are used; they are identified by how they
+    are drawn (seed, count, length) and generated only when the cache misses.
+    """
+    n_texts, length = max(16, max_tokens // 48), 64
+    corpus_id = _corpus_hash(corpus) if corpus is not None else f"model-samples:seed0:{n_texts}x{length}"
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), layer, corpus_name, corpus_id,
                                      max_tokens]).encode()).hexdigest()[:24]
     folder = Path(cache_dir) if cache_dir is not None else lesion_home() / "stats"
     path = folder / f"mom2-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["C"]
+    if corpus is None:
+        corpus = model_samples(model, tokenizer, n_texts=n_texts, length=length, seed=0)
     C, n = collect_keys_moment(model, tokenizer, layer, corpus, max_tokens=max_tokens)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".mom2-", dir=folder)

@@ -117,6 +117,12 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def cmd_eval_edits(args) -> int:
+    from recipes.eval_edits import main as evaluate_edits
+
+    return evaluate_edits(args)
+
+
 def cmd_bench_trace(args) -> int:
     from recipes.bench_trace import main as bench
 
@@ -149,6 +155,11 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_apply)
     s = sub.add_parser("schema", help="print the JSON Schema of all specs")
     s.set_defaults(fn=cmd_schema)
+    e = sub.add_parser("eval-edits", help="ROME one edit at a time over an edit spec's requests, with metrics")
+    e.add_argument("spec")
+    e.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    e.add_argument("--json", default=None, help="also write the numbers to this file")
+    e.set_defaults(fn=cmd_eval_edits)
     b = sub.add_parser("bench-trace", help="benchmark the batched trace against a ROME-style reference loop")
     b.add_argument("--model", default="smollm2-135m")
     b.add_argument("--samples", type=int, default=10)

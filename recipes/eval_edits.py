@@ -1,0 +1,59 @@
+"""Evaluate ROME one edit at a time on a request set, as ROME's paper reports CounterFact.
+
+    lesion --threads 2 eval-edits recipes/counterfact_smollm2.yaml [--limit N] [--json out.json]
+
+For each request: compute its ROME delta on the unedited model, apply it, measure
+efficacy, paraphrase, neighbourhood and fluency for that request, revert. The
+unedited model is measured the same way, so every number has its baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from editors.delta import applied
+from editors.evaluate import evaluate
+from editors.rome import EditRequest, compute_rome
+from editors.stats import second_moment
+from interventions import load_model, load_spec
+from recipes.edit import _corpus, rome_hyperparameters
+
+METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency")
+
+
+def main(args) -> int:
+    spec = load_spec(args.spec)
+    if spec.kind != "edit":
+        from interventions import SpecError
+
+        raise SpecError("kind", spec.kind, "'edit' (a spec whose `requests` are evaluated)")
+    model, tokenizer = load_model(spec.model)
+    hp = rome_hyperparameters(spec)
+    requests = spec.requests[: args.limit] if args.limit else spec.requests
+    C = second_moment(model, tokenizer, spec.layer, _corpus(spec), max_tokens=spec.mom2_tokens,
+                      corpus_name="files" if spec.corpus else "model-samples")
+    rows, seconds = [], []
+    for i, r in enumerate(requests):
+        before = evaluate(model, tokenizer, [r], fluency_prompts=[r.subject])
+        start = time.perf_counter()
+        delta, _ = compute_rome(model, tokenizer, EditRequest(r.prompt, r.subject, r.target_new, r.target_true),
+                                hp, base_model=spec.model, C=C)
+        seconds.append(time.perf_counter() - start)
+        with applied(model, delta):
+            after = evaluate(model, tokenizer, [r], fluency_prompts=[r.subject])
+        rows.append({"subject": r.subject, "before": {k: before[k] for k in METRICS},
+                     "after": {k: after[k] for k in METRICS}, "seconds": seconds[-1]})
+        print(f"[{i + 1}/{len(requests)}] {r.subject}: " + ", ".join(
+            f"{k} {before[k]:.2f}->{after[k]:.2f}" for k in METRICS), flush=True)
+    summary = {when: {k: sum(row[when][k] for row in rows) / len(rows) for k in METRICS}
+               for when in ("before", "after")}
+    print(f"\nROME, one edit at a time, layer {spec.layer}, {len(rows)} facts, "
+          f"{sum(seconds) / len(seconds):.1f} s per edit (statistics cached)")
+    print("| metric | unedited | edited |\n|---|---|---|")
+    for k in METRICS:
+        print(f"| {k} | {summary['before'][k]:.3f} | {summary['after'][k]:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"summary": summary, "rows": rows, "layer": spec.layer, "model": spec.model}, f, indent=1)
+    return 0
