@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .errors import SpecError, one_of
 
@@ -142,12 +142,13 @@ class EditRequestSpec(_Spec):
 
 
 class EditSpec(_Spec):
-    """A weight edit (ROME) written as a Delta, with CounterFact-style metrics."""
+    """A weight edit (ROME or MEMIT) written as a Delta, with CounterFact-style metrics."""
 
     kind: Literal["edit"] = "edit"
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
-    method: Literal["rome"] = "rome"
-    layer: int = Field(ge=0, description="The MLP layer whose output projection is edited.")
+    method: Literal["rome", "memit"] = "rome"
+    layer: int | None = Field(default=None, ge=0, description="ROME: the MLP layer whose output projection is edited.")
+    layers: tuple[int, ...] | None = Field(default=None, description="MEMIT: the increasing range of MLP layers.")
     requests: tuple[EditRequestSpec, ...] = Field(min_length=1)
     hyperparameters: dict[str, float | int] = Field(
         default_factory=dict, description="Overrides of ROME's defaults, e.g. `v_steps`, `v_lr`, `kl_factor`.")
@@ -156,6 +157,17 @@ class EditSpec(_Spec):
     mom2_tokens: int = Field(default=20_000, ge=100)
     fluency_prompts: tuple[str, ...] = Field(default=(), description="Generation prompts for the fluency metric; "
                                              "default: each request's subject.")
+
+    @model_validator(mode="after")
+    def _layers_for_method(self):
+        if self.method == "rome" and (self.layer is None or self.layers is not None):
+            raise ValueError("`method: rome` takes `layer: <int>` (and no `layers`)")
+        if self.method == "memit":
+            if self.layers is None or self.layer is not None:
+                raise ValueError("`method: memit` takes `layers: [<int>, ...]` (and no `layer`)")
+            if not self.layers or list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 0:
+                raise ValueError(f"`layers` must be increasing non-negative integers, got {list(self.layers)}")
+        return self
 
 
 class ApplySpec(_Spec):

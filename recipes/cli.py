@@ -65,7 +65,8 @@ def _edit(spec, model, tokenizer, out) -> int:
 
     start = time.perf_counter()
     report = run_edit(spec, model, tokenizer, out)
-    print(f"{spec.method} edit of {len(spec.requests)} fact(s) at layer {spec.layer} of {spec.model} "
+    where = f"layer {spec.layer}" if spec.method == "rome" else f"layers {list(spec.layers)}"
+    print(f"{spec.method} edit of {len(spec.requests)} fact(s) at {where} of {spec.model} "
           f"in {time.perf_counter() - start:.1f} s: {report['delta']} ({report['bytes']} bytes)")
     print("| metric | unedited | edited |\n|---|---|---|")
     for key in ("efficacy", "paraphrase", "neighbourhood", "fluency"):

@@ -14,21 +14,26 @@ import torch
 
 from editors.delta import Delta, applied, apply, load_delta, revert
 from editors.evaluate import evaluate
+from editors.memit import MemitHyperParams, compute_memit
 from editors.rome import EditRequest, RomeHyperParams, compute_rome
 from editors.stats import second_moment
 from interventions.errors import SpecError
 from interventions.spec import ApplySpec, EditSpec, spec_to_dict
 
 
-def rome_hyperparameters(spec: EditSpec) -> RomeHyperParams:
-    allowed = {f.name for f in fields(RomeHyperParams)} - {"layer", "context_templates", "mom2_tokens"}
+def hyperparameters(spec: EditSpec) -> RomeHyperParams | MemitHyperParams:
+    """The method's hyperparameters: its defaults, the spec's overrides, validated."""
+    cls, where = (RomeHyperParams, {"layer": spec.layer}) if spec.method == "rome" else \
+        (MemitHyperParams, {"layers": spec.layers})
+    allowed = {f.name for f in fields(cls)} - {"layer", "layers", "context_templates", "mom2_tokens"}
     for key in spec.hyperparameters:
         if key not in allowed:
             raise SpecError(f"hyperparameters.{key}", spec.hyperparameters[key], f"one of {sorted(allowed)}")
     try:
-        return RomeHyperParams(layer=spec.layer, mom2_tokens=spec.mom2_tokens, **spec.hyperparameters)
+        return cls(**where, mom2_tokens=spec.mom2_tokens, **spec.hyperparameters)
     except ValueError as err:
         raise SpecError("hyperparameters", dict(spec.hyperparameters), str(err)) from None
+
 
 
 def _corpus(spec: EditSpec) -> list[str] | None:
@@ -42,23 +47,36 @@ def _corpus(spec: EditSpec) -> list[str] | None:
     return texts
 
 
+def _statistics(spec: EditSpec, model, tokenizer, layers) -> dict[int, torch.Tensor]:
+    corpus = _corpus(spec)
+    return {layer: second_moment(model, tokenizer, layer, corpus, max_tokens=spec.mom2_tokens,
+                                 corpus_name="files" if spec.corpus else "model-samples") for layer in layers}
+
+
 def compute_edit(spec: EditSpec, model, tokenizer) -> tuple[Delta, list[dict]]:
-    """ROME on each request in turn, each computed on the model with the earlier ones applied,
-    combined into one rank-n Delta. The model is unchanged afterwards."""
-    table_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    if spec.layer >= table_layers:
-        raise SpecError("layer", spec.layer, f"a layer in [0, {table_layers - 1}] (the model has {table_layers})")
-    hp = rome_hyperparameters(spec)
-    C = second_moment(model, tokenizer, spec.layer, _corpus(spec), max_tokens=spec.mom2_tokens,
-                      corpus_name="files" if spec.corpus else "model-samples")
+    """ROME: each request in turn, each computed with the earlier ones applied, combined into one
+    rank-n Delta. MEMIT: all requests at once. The model is unchanged afterwards."""
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    layers = [spec.layer] if spec.method == "rome" else list(spec.layers)
+    if max(layers) >= n_layers:
+        field = "layer" if spec.method == "rome" else "layers"
+        raise SpecError(field, spec.layer if spec.method == "rome" else list(spec.layers),
+                        f"layers in [0, {n_layers - 1}] (the model has {n_layers})")
+    hp = hyperparameters(spec)
+    C = _statistics(spec, model, tokenizer, layers)
+    requests = [EditRequest(r.prompt, r.subject, r.target_new, r.target_true) for r in spec.requests]
+    if spec.method == "memit":
+        delta, info = compute_memit(model, tokenizer, requests, hp, base_model=spec.model, C=C,
+                                    spec=spec_to_dict(spec))
+        return delta, info["layers"]
+    C = C[spec.layer]
     parts, details = [], []
     try:
-        for r in spec.requests:
-            request = EditRequest(r.prompt, r.subject, r.target_new, r.target_true)
+        for request in requests:
             delta, info = compute_rome(model, tokenizer, request, hp, base_model=spec.model, C=C)
             apply(model, delta)
             parts.append(delta)
-            details.append({"subject": r.subject, "v_star_nll": delta.meta["metrics"]["v_star_nll"]})
+            details.append({"subject": request.subject, "v_star_nll": delta.meta["metrics"]["v_star_nll"]})
     finally:
         revert(model, *parts)
     (name,) = parts[0].names

@@ -17,19 +17,20 @@ from editors.evaluate import evaluate
 from editors.rome import EditRequest, compute_rome
 from editors.stats import second_moment
 from interventions import load_model, load_spec
-from recipes.edit import _corpus, rome_hyperparameters
+from recipes.edit import _corpus, hyperparameters
 
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency")
 
 
 def main(args) -> int:
     spec = load_spec(args.spec)
-    if spec.kind != "edit":
+    if spec.kind != "edit" or spec.method != "rome":
         from interventions import SpecError
 
-        raise SpecError("kind", spec.kind, "'edit' (a spec whose `requests` are evaluated)")
+        raise SpecError("method", getattr(spec, "method", spec.kind),
+                        "'rome' in a `kind: edit` spec (MEMIT edits all requests at once: use `lesion run`)")
     model, tokenizer = load_model(spec.model)
-    hp = rome_hyperparameters(spec)
+    hp = hyperparameters(spec)
     requests = spec.requests[: args.limit] if args.limit else spec.requests
     C = second_moment(model, tokenizer, spec.layer, _corpus(spec), max_tokens=spec.mom2_tokens,
                       corpus_name="files" if spec.corpus else "model-samples")

@@ -13,7 +13,7 @@ from editors.delta import load_delta
 from editors.evaluate import ngram_entropy, prefers, target_logprobs
 from interventions import SpecError, parse_spec
 from recipes.cli import main
-from recipes.edit import rome_hyperparameters
+from recipes.edit import hyperparameters
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "the eiffel tower", "target_new": "rome",
            "target_true": "paris", "paraphrases": ["where is the eiffel tower in"],
@@ -68,15 +68,31 @@ def test_apply_refuses_a_delta_for_another_model(folder, capsys, tokenizer):
     assert "does not have" in err and "tiny-gpt2" in err and "Traceback" not in err
 
 
+def test_memit_spec_end_to_end(folder, capsys):
+    spec = folder / "memit.yaml"
+    spec.write_text(json.dumps({"kind": "edit", "method": "memit", "model": str(folder / "tiny"), "layers": [1, 2],
+                                "requests": [REQUEST, REQUEST2], "corpus": [str(folder / "corpus.txt")],
+                                "hyperparameters": {"v_steps": 8}, "mom2_tokens": 500}))
+    assert main(["run", str(spec), "--out", str(folder / "memit")]) == 0
+    assert "memit edit of 2 fact(s) at layers [1, 2]" in capsys.readouterr().out
+    delta = load_delta(folder / "memit" / "delta.safetensors")
+    assert delta.names == ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+    assert delta.meta["method"] == "memit" and delta.meta["hyperparameters"]["layers"] == [1, 2]
+
+
 def test_edit_spec_errors():
+    with pytest.raises(SpecError, match="`method: memit` takes `layers"):
+        parse_spec({"kind": "edit", "method": "memit", "layer": 1, "requests": [REQUEST]})
+    with pytest.raises(SpecError, match="`method: rome` takes `layer"):
+        parse_spec({"kind": "edit", "requests": [REQUEST]})
     with pytest.raises(SpecError, match=r"`requests\[0\].prompt`"):
         parse_spec({"kind": "edit", "layer": 1, "requests": [dict(REQUEST, prompt="no slot")]})
     spec = parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"v_stepz": 3}})
     with pytest.raises(SpecError, match=r"`hyperparameters.v_stepz`.*'v_steps'"):
-        rome_hyperparameters(spec)
+        hyperparameters(spec)
     spec = parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"v_lr": -1}})
     with pytest.raises(SpecError, match="`v_lr` must be positive"):
-        rome_hyperparameters(spec)
+        hyperparameters(spec)
 
 
 def test_target_logprobs_equal_a_hand_computation(tiny_llama):
