@@ -23,7 +23,7 @@ from interventions.sites import site_table
 from .delta import Delta, apply, revert
 from .rome import (EditRequest, RomeHyperParams, _batch, _encode, _hook, _is_conv1d, _pad_id, compute_k_star,
                    compute_v_star, context_templates, weight_name)
-from .stats import second_moment
+from .stats import second_moments
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,9 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperP
     if hp.layers[0] < 0 or hp.layers[-1] >= n_layers:
         raise ValueError(f"`layers`: got {list(hp.layers)}; expected layers in [0, {n_layers - 1}]")
     C = dict(C or {})
-    for layer in hp.layers:
-        if layer not in C:
-            C[layer] = second_moment(model, tokenizer, layer, corpus, max_tokens=hp.mom2_tokens)
+    missing = [layer for layer in hp.layers if layer not in C]
+    if missing:
+        C.update(second_moments(model, tokenizer, missing, corpus, max_tokens=hp.mom2_tokens))
     was_training = model.training
     model.eval()
     z_hp = hp.z_hyperparameters()

@@ -69,15 +69,16 @@ def _corpus_hash(corpus: list[str]) -> str:
 
 
 @torch.no_grad()
-def collect_keys_moment(model, tokenizer, layer: int, corpus: list[str], *, max_tokens: int,
-                        batch: int = 16, max_length: int = 128) -> tuple[torch.Tensor, int]:
-    """Σ k kᵀ / n over the corpus' non-pad tokens, up to `max_tokens`; returns (C, n)."""
+def collect_keys_moment(model, tokenizer, layers: list[int], corpus: list[str], *, max_tokens: int,
+                        batch: int = 16, max_length: int = 128) -> tuple[dict[int, torch.Tensor], int]:
+    """Σ k kᵀ / n at each of `layers`, over the corpus' non-pad tokens (up to `max_tokens`), in one pass."""
     table = site_table(model)
-    module = table.module(model, "mlp_key", layer)
     device = next(model.parameters()).device
-    total, count = None, 0
+    totals: dict[int, torch.Tensor] = {}
     keep: dict = {}
-    handle = module.register_forward_pre_hook(lambda m, args: keep.__setitem__("k", args[0]))
+    handles = [table.module(model, "mlp_key", layer).register_forward_pre_hook(
+        lambda m, args, layer=layer: keep.__setitem__(layer, args[0])) for layer in layers]
+    count = 0
     try:
         for start in range(0, len(corpus), batch):
             if count >= max_tokens:
@@ -85,38 +86,54 @@ def collect_keys_moment(model, tokenizer, layer: int, corpus: list[str], *, max_
             enc = tokenizer(corpus[start:start + batch], return_tensors="pt", padding=True, truncation=True,
                             max_length=max_length).to(device)
             model(**enc, use_cache=False)
-            keys = keep["k"][enc["attention_mask"].bool()].double()[: max_tokens - count]
-            total = keys.T @ keys if total is None else total + keys.T @ keys
-            count += keys.shape[0]
+            mask = enc["attention_mask"].bool()
+            take = min(int(mask.sum()), max_tokens - count)
+            for layer in layers:
+                keys = keep[layer][mask].double()[:take]
+                totals[layer] = keys.T @ keys + totals.get(layer, 0)
+            count += take
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if count == 0:
         raise ValueError("`corpus`: got no tokens; expected at least one non-empty text")
-    return (total / count).float(), count
+    return {layer: (total / count).float() for layer, total in totals.items()}, count
 
 
-def second_moment(model, tokenizer, layer: int, corpus: list[str] | None = None, *, max_tokens: int = 20_000,
-                  corpus_name: str = "model-samples", cache_dir: str | Path | None = None) -> torch.Tensor:
-    """C for `layer`, from the disk cache when this exact setting was computed before.
+def second_moments(model, tokenizer, layers: list[int], corpus: list[str] | None = None, *,
+                   max_tokens: int = 20_000, corpus_name: str = "model-samples",
+                   cache_dir: str | Path | None = None) -> dict[int, torch.Tensor]:
+    """C for each layer, from the disk cache where this exact setting was computed before.
 
-    With no `corpus`, the model's own samples are used; they are identified by how they
-    are drawn (seed, count, length) and generated only when the cache misses.
+    Missing layers are computed together in one pass. With no `corpus`, the model's own
+    samples are used; they are identified by how they are drawn (seed, count, length)
+    and generated only when some layer misses the cache.
     """
     n_texts, length = max(16, max_tokens // 48), 64
     corpus_id = _corpus_hash(corpus) if corpus is not None else f"model-samples:seed0:{n_texts}x{length}"
-    key = hashlib.sha256(json.dumps([model_fingerprint(model), layer, corpus_name, corpus_id,
-                                     max_tokens]).encode()).hexdigest()[:24]
     folder = Path(cache_dir) if cache_dir is not None else lesion_home() / "stats"
-    path = folder / f"mom2-{key}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["C"]
-    if corpus is None:
-        corpus = model_samples(model, tokenizer, n_texts=n_texts, length=length, seed=0)
-    C, n = collect_keys_moment(model, tokenizer, layer, corpus, max_tokens=max_tokens)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mom2-", dir=folder)
-    os.close(fd)
-    save_file({"C": C.contiguous()}, tmp, metadata={"layer": str(layer), "tokens": str(n), "corpus": corpus_name})
-    os.replace(tmp, path)
-    log.info("second moment of layer %d over %d tokens cached at %s", layer, n, path)
-    return C
+    fingerprint = model_fingerprint(model)
+    paths = {layer: folder / ("mom2-" + hashlib.sha256(json.dumps(
+        [fingerprint, layer, corpus_name, corpus_id, max_tokens]).encode()).hexdigest()[:24] + ".safetensors")
+        for layer in layers}
+    out = {layer: load_file(str(p))["C"] for layer, p in paths.items() if p.is_file()}
+    missing = [layer for layer in layers if layer not in out]
+    if missing:
+        if corpus is None:
+            corpus = model_samples(model, tokenizer, n_texts=n_texts, length=length, seed=0)
+        computed, n = collect_keys_moment(model, tokenizer, missing, corpus, max_tokens=max_tokens)
+        folder.mkdir(parents=True, exist_ok=True)
+        for layer, C in computed.items():
+            fd, tmp = tempfile.mkstemp(prefix=".mom2-", dir=folder)
+            os.close(fd)
+            save_file({"C": C.contiguous()}, tmp,
+                      metadata={"layer": str(layer), "tokens": str(n), "corpus": corpus_name})
+            os.replace(tmp, paths[layer])
+            log.info("second moment of layer %d over %d tokens cached at %s", layer, n, paths[layer])
+        out.update(computed)
+    return out
+
+
+def second_moment(model, tokenizer, layer: int, corpus: list[str] | None = None, **kwargs) -> torch.Tensor:
+    """C for one layer (see `second_moments`)."""
+    return second_moments(model, tokenizer, [layer], corpus, **kwargs)[layer]

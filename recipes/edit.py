@@ -16,7 +16,7 @@ from editors.delta import Delta, applied, apply, load_delta, revert
 from editors.evaluate import evaluate
 from editors.memit import MemitHyperParams, compute_memit
 from editors.rome import EditRequest, RomeHyperParams, compute_rome
-from editors.stats import second_moment
+from editors.stats import second_moments
 from interventions.errors import SpecError
 from interventions.spec import ApplySpec, EditSpec, spec_to_dict
 
@@ -48,9 +48,8 @@ def _corpus(spec: EditSpec) -> list[str] | None:
 
 
 def _statistics(spec: EditSpec, model, tokenizer, layers) -> dict[int, torch.Tensor]:
-    corpus = _corpus(spec)
-    return {layer: second_moment(model, tokenizer, layer, corpus, max_tokens=spec.mom2_tokens,
-                                 corpus_name="files" if spec.corpus else "model-samples") for layer in layers}
+    return second_moments(model, tokenizer, layers, _corpus(spec), max_tokens=spec.mom2_tokens,
+                          corpus_name="files" if spec.corpus else "model-samples")
 
 
 def compute_edit(spec: EditSpec, model, tokenizer) -> tuple[Delta, list[dict]]:

@@ -15,9 +15,8 @@ import time
 from editors.delta import applied
 from editors.evaluate import evaluate
 from editors.rome import EditRequest, compute_rome
-from editors.stats import second_moment
 from interventions import load_model, load_spec
-from recipes.edit import _corpus, hyperparameters
+from recipes.edit import _statistics, hyperparameters
 
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency")
 
@@ -32,8 +31,7 @@ def main(args) -> int:
     model, tokenizer = load_model(spec.model)
     hp = hyperparameters(spec)
     requests = spec.requests[: args.limit] if args.limit else spec.requests
-    C = second_moment(model, tokenizer, spec.layer, _corpus(spec), max_tokens=spec.mom2_tokens,
-                      corpus_name="files" if spec.corpus else "model-samples")
+    C = _statistics(spec, model, tokenizer, [spec.layer])[spec.layer]
     rows, seconds = [], []
     for i, r in enumerate(requests):
         before = evaluate(model, tokenizer, [r], fluency_prompts=[r.subject])

@@ -8,7 +8,7 @@ import torch
 from conftest import make_model
 from editors.delta import applied
 from editors.rome import EditRequest, RomeHyperParams, compute_rome, weight_name
-from editors.stats import collect_keys_moment, second_moment
+from editors.stats import second_moment, second_moments
 
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris")
 CORPUS = ["the eiffel tower is located in paris", "the colosseum is in rome and was built by people",
@@ -94,8 +94,12 @@ def test_second_moment_equals_plain_computation_and_is_cached(tokenizer, tmp_pat
     handle.remove()
     k = torch.cat(keys).double()
     assert torch.allclose(C, (k.T @ k / k.shape[0]).float(), atol=1e-5)
+    together = second_moments(model, tokenizer, [0, 2], CORPUS, max_tokens=10_000, cache_dir=tmp_path / "two")
+    assert torch.allclose(together[2], C, atol=1e-6)          # one pass for several layers: same matrices
     monkeypatch.setattr(stats, "collect_keys_moment", lambda *a, **kw: pytest.fail("recomputed"))
     assert torch.equal(second_moment(model, tokenizer, 2, CORPUS, max_tokens=10_000, cache_dir=tmp_path), C)
+    assert torch.equal(second_moments(model, tokenizer, [0, 2], CORPUS, max_tokens=10_000,
+                                      cache_dir=tmp_path / "two")[0], together[0])
 
 
 def test_bad_requests_and_hyperparameters_are_refused():
