@@ -19,6 +19,8 @@ from collections import Counter
 
 import torch
 
+from interventions.prompts import pad_token_id, right_pad
+
 
 def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
     """ROME's fluency measure: the mean of weighted n-gram entropies (bits) of the words of `text`."""
@@ -38,14 +40,7 @@ def target_logprobs(model, tokenizer, prompts: list[str], target: str) -> list[f
     device = next(model.parameters()).device
     tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
     seqs = [tokenizer(p)["input_ids"] + tgt for p in prompts]
-    width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+    logp = model(**right_pad(seqs, pad_token_id(tokenizer), device)).logits.float().log_softmax(-1)
     out = []
     for i, s in enumerate(seqs):
         start = len(s) - len(tgt)
@@ -66,7 +61,7 @@ def fluency(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 60, s
     """Mean n-gram entropy of top-k (5) sampled continuations, seeded."""
     torch.manual_seed(seed)
     texts = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     for prompt in prompts:
         enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
         out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=max_new_tokens, pad_token_id=pad)

@@ -21,8 +21,10 @@ import torch
 from interventions.sites import site_table
 
 from .delta import Delta, apply, revert
-from .rome import (EditRequest, RomeHyperParams, _batch, _encode, _hook, _is_conv1d, _pad_id, compute_k_star,
-                   compute_v_star, context_templates, weight_name)
+from interventions.prompts import pad_token_id, right_pad
+
+from .rome import (EditRequest, RomeHyperParams, _encode, _hook, _is_conv1d, compute_k_star, compute_v_star,
+                   context_templates, weight_name)
 from .stats import second_moments
 
 
@@ -58,7 +60,7 @@ def block_outputs(model, tokenizer, layer: int, requests: list[EditRequest]) -> 
     """Residual (block output) at each request's subject-last token on the plain prompt: [n, d]."""
     module = site_table(model).module(model, "block_output", layer)
     encoded = [_encode(tokenizer, *r.text(), len(r.subject)) for r in requests]
-    inputs = _batch([ids for ids, _ in encoded], _pad_id(tokenizer), next(model.parameters()).device)
+    inputs = right_pad([ids for ids, _ in encoded], pad_token_id(tokenizer), next(model.parameters()).device)
     keep = {}
     with _hook(module, lambda m, a, out: keep.__setitem__("h", out[0] if isinstance(out, tuple) else out)):
         model(**inputs, use_cache=False)

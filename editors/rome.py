@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from interventions.prompts import pad_token_id, right_pad
 from interventions.sites import site_table
 
 from .delta import Delta
-from .stats import OPENINGS, second_moment
+from .stats import OPENINGS, model_samples, second_moment
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +85,12 @@ class RomeHyperParams:
                 raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)}")
 
 
-@torch.no_grad()
 def context_templates(model, tokenizer, lengths=((5, 10), (10, 10)), seed: int = 0) -> list[str]:
     """``["{}"]`` plus generated prefixes ``"<text>. {}"`` (ROME's random contexts)."""
-    torch.manual_seed(seed)
     out = ["{}"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for length, count in lengths:
-            heads = [OPENINGS[i % 5] for i in range(count)]
-            enc = tokenizer(heads, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-            gen = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length, pad_token_id=pad)
-            for text in tokenizer.batch_decode(gen, skip_special_tokens=True):
-                out.append(text.replace("{", " ").replace("}", " ") + ". {}")
-    finally:
-        tokenizer.padding_side = side
+    for i, (length, count) in enumerate(lengths):
+        texts = model_samples(model, tokenizer, n_texts=count, length=length, seed=seed + i, openings=OPENINGS[:5])
+        out += [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]
     return out
 
 
@@ -112,16 +102,6 @@ def _encode(tokenizer, text: str, start: int, length: int) -> tuple[list[int], i
     if not hits:
         raise ValueError(f"`subject`: no token covers it in {text!r}")
     return list(enc["input_ids"]), hits[-1]
-
-
-def _batch(seqs: list[list[int]], pad: int, device) -> dict:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 @contextmanager
@@ -146,16 +126,12 @@ def _frozen(model):
             p.requires_grad_(flags[n])
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
 @torch.no_grad()
 def compute_k_star(model, tokenizer, layer: int, request: EditRequest, templates: list[str]) -> torch.Tensor:
     """Mean key at the subject's last token over the context templates: ``Float[Tensor, "d_mlp"]``."""
     module = site_table(model).module(model, "mlp_key", layer)
     encoded = [_encode(tokenizer, *request.text(t), len(request.subject)) for t in templates]
-    inputs = _batch([ids for ids, _ in encoded], _pad_id(tokenizer), next(model.parameters()).device)
+    inputs = right_pad([ids for ids, _ in encoded], pad_token_id(tokenizer), next(model.parameters()).device)
     keep = {}
     with _hook(module, lambda m, args: keep.__setitem__("k", args[0]), pre=True):
         model(**inputs, use_cache=False)
@@ -175,7 +151,7 @@ def compute_v_star(model, tokenizer, layer: int, request: EditRequest, templates
     kl_ids, kl_idx = _encode(tokenizer, *kl_req.text(), len(request.subject))
     seqs = [ids + target[:-1] for ids, _ in rewrite] + [kl_ids]
     lookup = torch.tensor([i for _, i in rewrite] + [kl_idx], device=device)
-    inputs = _batch(seqs, _pad_id(tokenizer), device)
+    inputs = right_pad(seqs, pad_token_id(tokenizer), device)
     answer_at = [len(ids) - 1 + j for ids, _ in rewrite for j in range(len(target))]
     answer_row = [r for r in range(len(rewrite)) for _ in target]
     answer_tok = torch.tensor(target * len(rewrite), device=device)

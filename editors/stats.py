@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from interventions.prompts import pad_token_id
 from interventions.models import lesion_home
 from interventions.sites import site_table
 
@@ -41,7 +42,7 @@ def model_samples(model, tokenizer, *, n_texts: int = 64, length: int = 64, seed
     """`n_texts` texts sampled (top-k 5, as ROME's generator) from the model after generic openings."""
     torch.manual_seed(seed)
     texts = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

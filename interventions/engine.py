@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from .metrics import score
 from .plan import Chunk, Plan, compile_spec
+from .prompts import pad_token_id, right_pad
 from .result import Grid, Result
 from .spec import TraceSpec
 
@@ -93,24 +94,6 @@ def _metric(plan: Plan) -> str:
     return "prob" if isinstance(plan.spec, TraceSpec) else plan.spec.metric
 
 
-def _pad_batch(seqs: list[tuple[int, ...]], pad_id: int, device) -> dict:
-    """Right padding: with causal attention, real positions never see the pads."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
-def _pad_id(tokenizer) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -142,7 +125,7 @@ def clean_pass(plan: Plan) -> tuple[dict, torch.Tensor]:
     size = plan.spec.max_batch_rows
     for start in range(0, len(seqs), size):
         batch = seqs[start:start + size]
-        inputs = _pad_batch(batch, _pad_id(plan.tokenizer), device)
+        inputs = right_pad(batch, pad_token_id(plan.tokenizer), device)
         every = [list(range(inputs["input_ids"].shape[1]))] * len(batch)
         locations = {"base": [every] * len(plan.collect_nodes)}
         last = [len(s) - 1 for s in batch]
@@ -197,7 +180,7 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
     """
     graph = plan.graphs[chunk.graph]
     p = chunk.prefix
-    inputs = _pad_batch([plan.prompts[r.prompt].base.ids[p:] for r in chunk.rows], _pad_id(plan.tokenizer),
+    inputs = right_pad([plan.prompts[r.prompt].base.ids[p:] for r in chunk.rows], pad_token_id(plan.tokenizer),
                         _device(plan.model))
     keep_kv = chunk.baseline and plan.shares_prefix
     if p:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import SpecError
 
 
@@ -89,3 +91,26 @@ def check_aligned(base: Encoded, other: Encoded, field: str) -> None:
             field, other.text,
             f"a prompt with the same number of tokens as {base.text!r} ({len(base)} tokens: {list(base.tokens)}); "
             f"it has {len(other)}: {list(other.tokens)}")
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the pad token, else end-of-sequence, else 0."""
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def right_pad(seqs, pad_id: int, device=None) -> dict:
+    """``input_ids`` and ``attention_mask`` with right padding.
+
+    With causal attention the real positions never see the pads, so outputs there do
+    not depend on the padding.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}

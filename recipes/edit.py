@@ -18,6 +18,7 @@ from editors.memit import MemitHyperParams, compute_memit
 from editors.rome import EditRequest, RomeHyperParams, compute_rome
 from editors.stats import second_moments
 from interventions.errors import SpecError
+from interventions.prompts import pad_token_id
 from interventions.spec import ApplySpec, EditSpec, spec_to_dict
 
 
@@ -106,7 +107,7 @@ def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
