@@ -87,13 +87,13 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperP
     if missing:
         C.update(second_moments(model, tokenizer, missing, corpus, max_tokens=hp.mom2_tokens))
     was_training = model.training
-    model.eval()
-    z_hp = hp.z_hyperparameters()
-    templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
-    z = torch.stack([compute_v_star(model, tokenizer, hp.layers[-1], r, templates, z_hp, site="block_output")[0]
-                     for r in requests])
     steps, factors, info = [], {}, []
     try:
+        model.eval()
+        templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
+        z_hp = hp.z_hyperparameters()
+        z = torch.stack([compute_v_star(model, tokenizer, hp.layers[-1], r, templates, z_hp, site="block_output")[0]
+                         for r in requests])
         for i, layer in enumerate(hp.layers):
             K = torch.stack([compute_k_star(model, tokenizer, layer, r, templates) for r in requests], dim=1)
             current = block_outputs(model, tokenizer, hp.layers[-1], requests)
