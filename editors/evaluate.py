@@ -77,16 +77,18 @@ def evaluate(model, tokenizer, requests, *, fluency_prompts: list[str], seed: in
         per.append({
             "subject": r.subject,
             "efficacy": float(prefers(model, tokenizer, [edit], r.target_new, r.target_true)[0]),
-            "paraphrase": _mean(prefers(model, tokenizer, list(r.paraphrases), r.target_new, r.target_true)),
-            "neighbourhood": _mean(prefers(model, tokenizer, list(r.neighbours), r.target_true, r.target_new)),
+            "paraphrase": mean_present(prefers(model, tokenizer, list(r.paraphrases), r.target_new, r.target_true)),
+            "neighbourhood": mean_present(prefers(model, tokenizer, list(r.neighbours), r.target_true,
+                                                  r.target_new)),
             "p_new": math.exp(target_logprobs(model, tokenizer, [edit], r.target_new)[0]),
             "p_true": math.exp(target_logprobs(model, tokenizer, [edit], r.target_true)[0]),
         })
-    summary = {k: _mean([p[k] for p in per if p[k] is not None]) for k in ("efficacy", "paraphrase", "neighbourhood")}
+    summary = {k: mean_present([p[k] for p in per]) for k in ("efficacy", "paraphrase", "neighbourhood")}
     summary["fluency"] = fluency(model, tokenizer, fluency_prompts, seed=seed)
     return {**summary, "per_request": per}
 
 
-def _mean(values: list) -> float | None:
-    values = [float(v) for v in values]
+def mean_present(values: list) -> float | None:
+    """The mean of the values that are not None (a request may have no paraphrases); None if none are."""
+    values = [float(v) for v in values if v is not None]
     return sum(values) / len(values) if values else None

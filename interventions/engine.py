@@ -165,9 +165,8 @@ def source_representations(plan: Plan, chunk: Chunk, cache: dict, locations: dic
 
 def _noise_row(plan: Plan, chunk: Chunk, row, k: int) -> torch.Tensor:
     """The row's noise at the subject positions the chunk computes, padded like its locations."""
-    subject = plan.prompts[row.prompt].base.subject
     noise = plan.noise[row.prompt][row.variant]
-    noise = noise[[i for i, pos in enumerate(subject) if pos >= chunk.prefix]]
+    noise = noise[noise.shape[0] - len(plan.noised(chunk, row)):]    # subject positions ascend
     if noise.shape[0] == 0:
         return torch.zeros(k, plan.noise[row.prompt].shape[-1])
     return torch.cat([noise, noise[:1].expand(k - noise.shape[0], -1)])

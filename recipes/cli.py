@@ -61,7 +61,7 @@ def cmd_run(args) -> int:
 
 
 def _edit(spec, model, tokenizer, out) -> int:
-    from recipes.edit import run_edit
+    from recipes.edit import fmt_metric, run_edit
 
     start = time.perf_counter()
     report = run_edit(spec, model, tokenizer, out)
@@ -71,12 +71,8 @@ def _edit(spec, model, tokenizer, out) -> int:
     print("| metric | unedited | edited |\n|---|---|---|")
     for key in ("efficacy", "paraphrase", "neighbourhood", "fluency"):
         b, a = report["before"][key], report["after"][key]
-        print(f"| {key} | {_fmt(b)} | {_fmt(a)} |")
+        print(f"| {key} | {fmt_metric(b)} | {fmt_metric(a)} |")
     return 0
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _apply(spec, model, tokenizer) -> int:
@@ -107,7 +103,9 @@ def cmd_validate(args) -> int:
         print(f"ok: {spec.kind} spec, {len(spec.prompts)} prompt(s), compiles to {len(plan.graphs)} graph(s) "
               f"and {plan.num_rows} rows in {len(plan.chunks)} chunk(s)")
     else:
-        print(f"ok: {spec.kind} spec, {len(spec.prompts)} prompt(s), model {spec.model}")
+        items = spec.requests if spec.kind == "edit" else spec.prompts
+        noun = "request" if spec.kind == "edit" else "prompt"
+        print(f"ok: {spec.kind} spec, {len(items)} {noun}(s), model {spec.model}")
     return 0
 
 

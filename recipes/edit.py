@@ -36,6 +36,15 @@ def hyperparameters(spec: EditSpec) -> RomeHyperParams | MemitHyperParams:
         raise SpecError("hyperparameters", dict(spec.hyperparameters), str(err)) from None
 
 
+def fmt_metric(x: float | None) -> str:
+    """A metric for a table: three decimals, or n/a where there was nothing to measure."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def edit_request(r) -> EditRequest:
+    """The editor's request for one `requests[i]` entry of an edit spec."""
+    return EditRequest(r.prompt, r.subject, r.target_new, r.target_true)
+
 
 def _corpus(spec: EditSpec) -> list[str] | None:
     if not spec.corpus:
@@ -64,7 +73,7 @@ def compute_edit(spec: EditSpec, model, tokenizer) -> tuple[Delta, list[dict]]:
                         f"layers in [0, {n_layers - 1}] (the model has {n_layers})")
     hp = hyperparameters(spec)
     C = _statistics(spec, model, tokenizer, layers)
-    requests = [EditRequest(r.prompt, r.subject, r.target_new, r.target_true) for r in spec.requests]
+    requests = [edit_request(r) for r in spec.requests]
     if spec.method == "memit":
         delta, info = compute_memit(model, tokenizer, requests, hp, base_model=spec.model, C=C,
                                     spec=spec_to_dict(spec))

@@ -13,10 +13,10 @@ import json
 import time
 
 from editors.delta import applied
-from editors.evaluate import evaluate
-from editors.rome import EditRequest, compute_rome
+from editors.evaluate import evaluate, mean_present
+from editors.rome import compute_rome
 from interventions import load_model, load_spec
-from recipes.edit import _statistics, hyperparameters
+from recipes.edit import _statistics, edit_request, fmt_metric, hyperparameters
 
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency")
 
@@ -36,22 +36,21 @@ def main(args) -> int:
     for i, r in enumerate(requests):
         before = evaluate(model, tokenizer, [r], fluency_prompts=[r.subject])
         start = time.perf_counter()
-        delta, _ = compute_rome(model, tokenizer, EditRequest(r.prompt, r.subject, r.target_new, r.target_true),
-                                hp, base_model=spec.model, C=C)
+        delta, _ = compute_rome(model, tokenizer, edit_request(r), hp, base_model=spec.model, C=C)
         seconds.append(time.perf_counter() - start)
         with applied(model, delta):
             after = evaluate(model, tokenizer, [r], fluency_prompts=[r.subject])
         rows.append({"subject": r.subject, "before": {k: before[k] for k in METRICS},
                      "after": {k: after[k] for k in METRICS}, "seconds": seconds[-1]})
         print(f"[{i + 1}/{len(requests)}] {r.subject}: " + ", ".join(
-            f"{k} {before[k]:.2f}->{after[k]:.2f}" for k in METRICS), flush=True)
-    summary = {when: {k: sum(row[when][k] for row in rows) / len(rows) for k in METRICS}
+            f"{k} {fmt_metric(before[k])}->{fmt_metric(after[k])}" for k in METRICS), flush=True)
+    summary = {when: {k: mean_present([row[when][k] for row in rows]) for k in METRICS}
                for when in ("before", "after")}
     print(f"\nROME, one edit at a time, layer {spec.layer}, {len(rows)} facts, "
           f"{sum(seconds) / len(seconds):.1f} s per edit (statistics cached)")
     print("| metric | unedited | edited |\n|---|---|---|")
     for k in METRICS:
-        print(f"| {k} | {summary['before'][k]:.3f} | {summary['after'][k]:.3f} |")
+        print(f"| {k} | {fmt_metric(summary['before'][k])} | {fmt_metric(summary['after'][k])} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": summary, "rows": rows, "layer": spec.layer, "model": spec.model}, f, indent=1)

@@ -80,6 +80,22 @@ def test_memit_spec_end_to_end(folder, capsys):
     assert delta.meta["method"] == "memit" and delta.meta["hyperparameters"]["layers"] == [1, 2]
 
 
+def test_validate_and_eval_edits_on_edit_specs(folder, capsys):
+    """`validate` counts an edit spec's requests; `eval-edits` reports n/a where a request has no
+    paraphrases or neighbours instead of failing."""
+    spec = folder / "edit.yaml"
+    spec.write_text(json.dumps({"kind": "edit", "model": str(folder / "tiny"), "layer": 1, "requests": [REQUEST2],
+                                "corpus": [str(folder / "corpus.txt")], "hyperparameters": {"v_steps": 5},
+                                "mom2_tokens": 500}))
+    assert main(["validate", str(spec)]) == 0
+    assert "ok: edit spec, 1 request(s)" in capsys.readouterr().out
+    assert main(["eval-edits", str(spec), "--json", str(folder / "eval.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| paraphrase | n/a | n/a |" in out and "| efficacy |" in out
+    summary = json.loads((folder / "eval.json").read_text())["summary"]
+    assert summary["after"]["paraphrase"] is None and summary["after"]["efficacy"] in (0.0, 1.0)
+
+
 def test_edit_spec_errors():
     with pytest.raises(SpecError, match="`method: memit` takes `layers"):
         parse_spec({"kind": "edit", "method": "memit", "layer": 1, "requests": [REQUEST]})
