@@ -141,14 +141,32 @@ class EditRequestSpec(_Spec):
         return v
 
 
+class LocateSpec(_Spec):
+    """How `layer: auto` / `layers: auto` is found: a causal trace of the MLP states of the requests'
+    prompts (answer: `target_true`), averaged over requests, read at `position`."""
+
+    position: Literal["subject_last", "subject_first", "subject"] = Field(
+        default="subject_last", description="Where the MLP is restored: ROME reads its key at `subject_last`.")
+    window: int = Field(default=10, ge=1, description="MLP layers restored together around each layer (ROME: 10).")
+    samples: int = Field(default=10, ge=1)
+    noise: float = Field(default=3.0, gt=0)
+    sigma: float | None = Field(default=None, gt=0, description="As in `kind: trace`; default: the std of "
+                                "the requests' subject-token embeddings.")
+    seed: int = 0
+    span: int = Field(default=5, ge=1, description="MEMIT: how many consecutive layers `layers: auto` takes.")
+
+
 class EditSpec(_Spec):
     """A weight edit (ROME or MEMIT) written as a Delta, with CounterFact-style metrics."""
 
     kind: Literal["edit"] = "edit"
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
     method: Literal["rome", "memit"] = "rome"
-    layer: int | None = Field(default=None, ge=0, description="ROME: the MLP layer whose output projection is edited.")
-    layers: tuple[int, ...] | None = Field(default=None, description="MEMIT: the increasing range of MLP layers.")
+    layer: int | Literal["auto"] | None = Field(
+        default=None, description="ROME: the MLP layer whose output projection is edited, or `auto` (from a trace).")
+    layers: tuple[int, ...] | Literal["auto"] | None = Field(
+        default=None, description="MEMIT: the increasing range of MLP layers, or `auto` (from a trace).")
+    locate: LocateSpec = Field(default_factory=LocateSpec, description="The trace behind `auto`.")
     requests: tuple[EditRequestSpec, ...] = Field(min_length=1)
     hyperparameters: dict[str, float | int] = Field(
         default_factory=dict, description="Overrides of ROME's defaults, e.g. `v_steps`, `v_lr`, `kl_factor`.")
@@ -162,9 +180,13 @@ class EditSpec(_Spec):
     def _layers_for_method(self):
         if self.method == "rome" and (self.layer is None or self.layers is not None):
             raise ValueError("`method: rome` takes `layer: <int>` (and no `layers`)")
+        if self.method == "rome" and self.layer != "auto" and self.layer < 0:
+            raise ValueError(f"`layer` must be a non-negative integer or 'auto', got {self.layer}")
         if self.method == "memit":
             if self.layers is None or self.layer is not None:
-                raise ValueError("`method: memit` takes `layers: [<int>, ...]` (and no `layer`)")
+                raise ValueError("`method: memit` takes `layers: [<int>, ...]` or `layers: auto` (and no `layer`)")
+            if self.layers == "auto":
+                return self
             if not self.layers or list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 0:
                 raise ValueError(f"`layers` must be increasing non-negative integers, got {list(self.layers)}")
         return self

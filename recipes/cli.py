@@ -38,9 +38,16 @@ def cmd_run(args) -> int:
     spec = _load(args.spec, args.model)
     if args.out is None and spec.kind != "apply":
         raise SpecError("--out", None, f"an output folder for a `{spec.kind}` spec")
+    if args.checkpoint:
+        from recipes.manifest import check_name
+
+        if spec.kind != "edit":
+            raise SpecError("--checkpoint", args.checkpoint, "only with a `kind: edit` spec (it ships the delta)")
+        check_name(args.checkpoint)
     model, tokenizer = load_model(spec.model)
     if spec.kind == "edit":
-        return _edit(spec, model, tokenizer, args.out)
+        return _edit(spec, model, tokenizer, args.out, checkpoint=args.checkpoint,
+                     command=" ".join(["lesion"] + (args.argv or [])), source=args.spec)
     if spec.kind == "apply":
         return _apply(spec, model, tokenizer)
     start = time.perf_counter()
@@ -60,18 +67,36 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _edit(spec, model, tokenizer, out) -> int:
+def _edit(spec, model, tokenizer, out, *, checkpoint=None, command="", source="") -> int:
     from recipes.edit import fmt_metric, run_edit
 
     start = time.perf_counter()
     report = run_edit(spec, model, tokenizer, out)
-    where = f"layer {spec.layer}" if spec.method == "rome" else f"layers {list(spec.layers)}"
+    layers = report["layers"]
+    where = f"layer {layers[0]}" if spec.method == "rome" else f"layers {layers}"
+    if report["located"]:
+        where += f" (auto: from the MLP trace at {report['located']['position']}, written to {out}/locate)"
     print(f"{spec.method} edit of {len(spec.requests)} fact(s) at {where} of {spec.model} "
           f"in {time.perf_counter() - start:.1f} s: {report['delta']} ({report['bytes']} bytes)")
     print("| metric | unedited | edited |\n|---|---|---|")
     for key in ("efficacy", "paraphrase", "neighbourhood", "fluency"):
         b, a = report["before"][key], report["after"][key]
         print(f"| {key} | {fmt_metric(b)} | {fmt_metric(a)} |")
+    if checkpoint:
+        from pathlib import Path
+
+        from editors.delta import load_delta
+        from recipes.manifest import register
+
+        delta = load_delta(report["delta"])
+        row = register(Path(report["delta"]), f"{checkpoint}.safetensors", kind="delta", recipe=source,
+                       command=command, base_model=spec.model, method=spec.method, edited=delta.names,
+                       layers=layers, metrics=delta.meta["metrics"], located=report["located"],
+                       lesion_version=delta.meta.get("lesion_version"),
+                       note=f"C from {spec.mom2_tokens:,} tokens of "
+                            + ("the spec's corpus files" if spec.corpus else "text sampled from the model itself"))
+        print(f"shipped checkpoints/{row['path']} ({row['bytes']} bytes, sha256 {row['sha256'][:12]}…) "
+              f"and its manifest entry")
     return 0
 
 
@@ -140,6 +165,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="override the spec's `model`")
     r.add_argument("--max-batch-rows", type=int, default=None, help="override the spec's `max_batch_rows`")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--checkpoint", default=None, metavar="NAME",
+                   help="edit specs: also copy the delta to checkpoints/NAME.safetensors and list it in the manifest")
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("validate", help="check a spec")
     v.add_argument("spec")
@@ -171,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.threads:

@@ -14,6 +14,7 @@ import torch
 
 from editors.delta import Delta, applied, apply, load_delta, revert
 from editors.evaluate import evaluate
+from editors.locate import Located, locate_layers
 from editors.memit import MemitHyperParams, compute_memit
 from editors.rome import EditRequest, RomeHyperParams, compute_rome
 from editors.stats import second_moments
@@ -34,6 +35,10 @@ def hyperparameters(spec: EditSpec) -> RomeHyperParams | MemitHyperParams:
         return cls(**where, mom2_tokens=spec.mom2_tokens, **spec.hyperparameters)
     except ValueError as err:
         raise SpecError("hyperparameters", dict(spec.hyperparameters), str(err)) from None
+
+
+def delta_layers(spec: EditSpec) -> list[int]:
+    return [spec.layer] if spec.method == "rome" else list(spec.layers)
 
 
 def fmt_metric(x: float | None) -> str:
@@ -62,9 +67,22 @@ def _statistics(spec: EditSpec, model, tokenizer, layers) -> dict[int, torch.Ten
                           corpus_name="files" if spec.corpus else "model-samples")
 
 
+def resolve_layers(spec: EditSpec, model, tokenizer) -> tuple[EditSpec, Located | None]:
+    """`layer: auto` / `layers: auto` replaced by the layers a causal trace picks (see editors.locate)."""
+    auto = spec.layer == "auto" if spec.method == "rome" else spec.layers == "auto"
+    if not auto:
+        return spec, None
+    found = locate_layers(model, tokenizer, spec.requests, spec.locate, model_name=spec.model)
+    update = {"layer": found.layer} if spec.method == "rome" else {"layers": found.layers}
+    return spec.model_copy(update=update), found
+
+
 def compute_edit(spec: EditSpec, model, tokenizer) -> tuple[Delta, list[dict]]:
     """ROME: each request in turn, each computed with the earlier ones applied, combined into one
-    rank-n Delta. MEMIT: all requests at once. The model is unchanged afterwards."""
+    rank-n Delta. MEMIT: all requests at once. The model is unchanged afterwards.
+    `spec` must have its layers resolved (`resolve_layers`)."""
+    if spec.layer == "auto" or spec.layers == "auto":
+        raise ValueError("compute_edit needs resolved layers: call resolve_layers(spec, model, tokenizer) first")
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     layers = [spec.layer] if spec.method == "rome" else list(spec.layers)
     if max(layers) >= n_layers:
@@ -97,6 +115,10 @@ def compute_edit(spec: EditSpec, model, tokenizer) -> tuple[Delta, list[dict]]:
 
 
 def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
+    out = Path(out)
+    spec, found = resolve_layers(spec, model, tokenizer)
+    if found is not None:
+        found.result.save(out / "locate")
     delta, details = compute_edit(spec, model, tokenizer)
     prompts = list(spec.fluency_prompts) or [r.subject for r in spec.requests]
     before = evaluate(model, tokenizer, spec.requests, fluency_prompts=prompts)
@@ -105,9 +127,11 @@ def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
     metrics = {k: after[k] for k in ("efficacy", "paraphrase", "neighbourhood", "fluency")}
     metrics["fluency_unedited"] = before["fluency"]
     delta = delta.with_metrics(metrics)
-    out = Path(out)
+    if found is not None:
+        delta.meta["located"] = found.summary()
     path = delta.save(out / "delta.safetensors")
-    report = {"delta": str(path), "bytes": path.stat().st_size, "before": before, "after": after,
+    report = {"delta": str(path), "bytes": path.stat().st_size, "layers": delta_layers(spec),
+              "located": found.summary() if found else None, "before": before, "after": after,
               "optimisation": details}
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
     return report

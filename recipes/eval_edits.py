@@ -16,7 +16,7 @@ from editors.delta import applied
 from editors.evaluate import evaluate, mean_present
 from editors.rome import compute_rome
 from interventions import load_model, load_spec
-from recipes.edit import _statistics, edit_request, fmt_metric, hyperparameters
+from recipes.edit import _statistics, edit_request, fmt_metric, hyperparameters, resolve_layers
 
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency")
 
@@ -29,6 +29,7 @@ def main(args) -> int:
         raise SpecError("method", getattr(spec, "method", spec.kind),
                         "'rome' in a `kind: edit` spec (MEMIT edits all requests at once: use `lesion run`)")
     model, tokenizer = load_model(spec.model)
+    spec, _ = resolve_layers(spec, model, tokenizer)
     hp = hyperparameters(spec)
     requests = spec.requests[: args.limit] if args.limit else spec.requests
     C = _statistics(spec, model, tokenizer, [spec.layer])[spec.layer]

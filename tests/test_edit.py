@@ -130,3 +130,75 @@ def test_ngram_entropy_by_hand():
     want = (2 / 3 * -(0.6 * math.log2(0.6) + 0.4 * math.log2(0.4)) + 4 / 3 * 1.0) / 2
     assert ngram_entropy("a b a b a b") == pytest.approx(want)
     assert ngram_entropy("x x x x x") == 0.0
+
+
+def test_best_span_by_hand():
+    from editors.locate import best_span
+
+    effect = torch.tensor([0.1, 0.5, 0.2, 0.6, 0.0])
+    assert best_span(effect, 1) == (3,)
+    assert best_span(effect, 2) == (2, 3)                # 0.8 beats 0.6, 0.7, 0.6
+    assert best_span(effect, 3) == (1, 2, 3)             # 1.3
+    assert best_span(effect, 9) == (0, 1, 2, 3, 4)       # clipped to the model
+
+
+def test_locate_equals_the_mean_of_per_request_traces(tiny_llama):
+    """The located effect is the mean over requests of each request's own MLP trace at its last
+    subject token (the trace engine itself is checked cell by cell against plain hooks in test_engine)."""
+    from editors.locate import locate_layers, trace_spec
+    from interventions.engine import run
+    from interventions.spec import LocateSpec
+
+    model, tokenizer = tiny_llama
+    spec = parse_spec({"kind": "edit", "layer": "auto", "requests": [REQUEST, REQUEST2]})
+    how = LocateSpec(window=3, samples=3, sigma=0.5)    # the default σ pools all requests' subjects
+    found = locate_layers(model, tokenizer, spec.requests, how, model_name="tiny")
+    per = [run(trace_spec([r], how, model_name="tiny"), model, tokenizer, progress=False).indirect_effect("mlp")[0, :, 0]
+           for r in spec.requests]
+    want = torch.stack(per).mean(0)
+    assert found.effect == pytest.approx(want.tolist(), abs=1e-6)
+    assert found.layer == int(torch.argmax(want)) and len(found.layers) == min(how.span, len(want))
+    assert found.result.prompts[0]["answer"] == "paris"
+
+
+def test_layer_auto_end_to_end(folder, capsys, monkeypatch):
+    """`layer: auto` traces, edits the layer it picked, saves the trace, and records it in the delta;
+    `--checkpoint` ships the delta with a manifest entry whose hash matches."""
+    import recipes.manifest
+
+    monkeypatch.setattr(recipes.manifest, "CHECKPOINTS", folder / "ckpt")
+    spec = folder / "auto.yaml"
+    spec.write_text(json.dumps({"kind": "edit", "model": str(folder / "tiny"), "layer": "auto",
+                                "locate": {"window": 1, "samples": 2}, "requests": [REQUEST],
+                                "corpus": [str(folder / "corpus.txt")], "hyperparameters": {"v_steps": 5},
+                                "mom2_tokens": 500}))
+    assert main(["run", str(spec), "--out", str(folder / "auto"), "--checkpoint", "tiny_auto"]) == 0
+    out = capsys.readouterr().out
+    assert "(auto: from the MLP trace at subject_last" in out and "shipped checkpoints/tiny_auto.safetensors" in out
+    delta = load_delta(folder / "auto" / "delta.safetensors")
+    located = delta.meta["located"]
+    layer = max(range(len(located["effect"])), key=located["effect"].__getitem__)
+    assert located["layer"] == layer and delta.names == [f"model.layers.{layer}.mlp.down_proj.weight"]
+    assert delta.meta["spec"]["layer"] == layer
+    assert (folder / "auto" / "locate" / "heatmap.png").is_file()
+    report = json.loads((folder / "auto" / "metrics.json").read_text())
+    assert report["layers"] == [layer] and report["located"]["position"] == "subject_last"
+    (entry,) = json.loads((folder / "ckpt" / "manifest.json").read_text())["artefacts"]
+    shipped = folder / "ckpt" / "tiny_auto.safetensors"
+    assert entry["sha256"] == recipes.manifest.sha256(shipped) and entry["layers"] == [layer]
+    assert entry["recipe"] == str(spec) and entry["command"].startswith("lesion run")
+    assert shipped.read_bytes() == (folder / "auto" / "delta.safetensors").read_bytes()
+    assert main(["run", str(spec), "--out", str(folder / "x"), "--checkpoint", "../up"]) == 2
+    assert "`checkpoint name`" in capsys.readouterr().err
+
+
+def test_layers_auto_validation():
+    spec = parse_spec({"kind": "edit", "method": "memit", "layers": "auto", "locate": {"span": 2},
+                       "requests": [REQUEST]})
+    assert spec.layers == "auto" and spec.locate.span == 2
+    with pytest.raises(SpecError, match="`layer`"):
+        parse_spec({"kind": "edit", "layer": "top", "requests": [REQUEST]})
+    with pytest.raises(SpecError, match="`locate.position`"):
+        parse_spec({"kind": "edit", "layer": "auto", "locate": {"position": "last"}, "requests": [REQUEST]})
+    with pytest.raises(SpecError, match="non-negative"):
+        parse_spec({"kind": "edit", "layer": -1, "requests": [REQUEST]})

@@ -1,0 +1,61 @@
+"""checkpoints/manifest.json: every shipped artefact with its sha256, size, and the recipe that made it.
+
+>>> register(Path("runs/edit/delta.safetensors"), "rome_eiffel_to_rome_smollm2.safetensors",
+...          kind="delta", recipe="recipes/edit_eiffel.yaml", command="lesion run ...")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from interventions.errors import SpecError
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-.")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def check_name(name: str) -> str:
+    if not name or set(name) - NAME_CHARS or name.startswith("."):
+        raise SpecError("checkpoint name", name, "lower-case letters, digits, '_', '-' and '.' (no folders)")
+    return name
+
+
+def register(source: Path, name: str, *, root: Path | None = None, **entry) -> dict:
+    """Copy `source` to `root/name` and list it in `root/manifest.json` (replacing an entry of that
+    name). The copy and the manifest are each written atomically."""
+    check_name(name)
+    root = CHECKPOINTS if root is None else root
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    tmp = root / f".{name}.tmp"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"format": 1, "artefacts": []}
+    row = {"path": name, "sha256": sha256(target), "bytes": target.stat().st_size, **entry,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest["artefacts"] = [a for a in manifest["artefacts"] if a["path"] != name] + [row]
+    _write_json(manifest_path, manifest)
+    return row
