@@ -101,6 +101,23 @@ def collect_keys_moment(model, tokenizer, layers: list[int], corpus: list[str], 
     return {layer: (total / count).float() for layer, total in totals.items()}, count
 
 
+def _sample_shape(max_tokens: int) -> tuple[int, int]:
+    """How many model samples, of how many tokens, the default corpus draws."""
+    return max(16, max_tokens // 48), 64
+
+
+def stats_paths(model, layers: list[int], corpus: list[str] | None = None, *, max_tokens: int = 20_000,
+                corpus_name: str = "model-samples", cache_dir: str | Path | None = None) -> dict[int, Path]:
+    """Where C of each layer is cached: keyed by model fingerprint, layer, corpus and token count."""
+    n_texts, length = _sample_shape(max_tokens)
+    corpus_id = _corpus_hash(corpus) if corpus is not None else f"model-samples:seed0:{n_texts}x{length}"
+    folder = Path(cache_dir) if cache_dir is not None else lesion_home() / "stats"
+    fingerprint = model_fingerprint(model)
+    return {layer: folder / ("mom2-" + hashlib.sha256(json.dumps(
+        [fingerprint, layer, corpus_name, corpus_id, max_tokens]).encode()).hexdigest()[:24] + ".safetensors")
+        for layer in layers}
+
+
 def second_moments(model, tokenizer, layers: list[int], corpus: list[str] | None = None, *,
                    max_tokens: int = 20_000, corpus_name: str = "model-samples",
                    cache_dir: str | Path | None = None) -> dict[int, torch.Tensor]:
@@ -110,13 +127,9 @@ def second_moments(model, tokenizer, layers: list[int], corpus: list[str] | None
     samples are used; they are identified by how they are drawn (seed, count, length)
     and generated only when some layer misses the cache.
     """
-    n_texts, length = max(16, max_tokens // 48), 64
-    corpus_id = _corpus_hash(corpus) if corpus is not None else f"model-samples:seed0:{n_texts}x{length}"
-    folder = Path(cache_dir) if cache_dir is not None else lesion_home() / "stats"
-    fingerprint = model_fingerprint(model)
-    paths = {layer: folder / ("mom2-" + hashlib.sha256(json.dumps(
-        [fingerprint, layer, corpus_name, corpus_id, max_tokens]).encode()).hexdigest()[:24] + ".safetensors")
-        for layer in layers}
+    n_texts, length = _sample_shape(max_tokens)
+    paths = stats_paths(model, layers, corpus, max_tokens=max_tokens, corpus_name=corpus_name, cache_dir=cache_dir)
+    folder = next(iter(paths.values())).parent
     out = {layer: load_file(str(p))["C"] for layer, p in paths.items() if p.is_file()}
     missing = [layer for layer in layers if layer not in out]
     if missing:

@@ -5,6 +5,7 @@
     lesion schema > lesion.schema.json
     lesion apply --model smollm2-135m --delta runs/edit/delta.safetensors --prompt "The Eiffel Tower is in"
     lesion bench-trace --threads 2
+    lesion bench-edit --threads 2
 
 Errors a user can cause print one clear message and exit with status 2, never a traceback.
 """
@@ -153,6 +154,12 @@ def cmd_bench_trace(args) -> int:
     return bench(args)
 
 
+def cmd_bench_edit(args) -> int:
+    from recipes.bench_edit import main as bench
+
+    return bench(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lesion", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -193,6 +200,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--json", default=None, help="also write the numbers to this file")
     b.set_defaults(fn=cmd_bench_trace)
+    be = sub.add_parser("bench-edit", help="benchmark ROME/MEMIT edit time, delta size, apply time, and "
+                                           "generation speed edited against base")
+    be.add_argument("--spec", default="recipes/counterfact_smollm2.yaml", help="a `method: rome` edit spec")
+    be.add_argument("--rome", type=int, default=5, help="time ROME on the first N requests")
+    be.add_argument("--memit", type=int, default=21, help="time one MEMIT batch of the first N requests (0: skip)")
+    be.add_argument("--memit-layers", type=int, nargs="+", default=[2, 3, 4, 5, 6])
+    be.add_argument("--repeats", type=int, default=5, help="alternating base/edited generation rounds")
+    be.add_argument("--new-tokens", type=int, default=32)
+    be.add_argument("--json", default=None, help="also write the numbers to this file")
+    be.set_defaults(fn=cmd_bench_edit)
     return p
 
 

@@ -202,3 +202,27 @@ def test_layers_auto_validation():
         parse_spec({"kind": "edit", "layer": "auto", "locate": {"position": "last"}, "requests": [REQUEST]})
     with pytest.raises(SpecError, match="non-negative"):
         parse_spec({"kind": "edit", "layer": -1, "requests": [REQUEST]})
+
+
+def test_bench_edit_runs_and_leaves_the_model_alone(folder, capsys):
+    """The benchmark command on a tiny model: every measure present, numbers sane (no timing asserted)."""
+    spec = folder / "bench.yaml"
+    spec.write_text(json.dumps({"kind": "edit", "model": str(folder / "tiny"), "layer": 1,
+                                "requests": [REQUEST, REQUEST2], "corpus": [str(folder / "corpus.txt")],
+                                "hyperparameters": {"v_steps": 3}, "mom2_tokens": 500}))
+    argv = ["bench-edit", "--spec", str(spec), "--rome", "2", "--memit", "2", "--memit-layers", "1", "2",
+            "--repeats", "1", "--new-tokens", "3", "--json", str(folder / "bench.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| edited / base |" in out and "MEMIT, seconds for a batch of 2" in out
+    report = json.loads((folder / "bench.json").read_text())
+    assert report["rome"]["edits"] == 2 and len(report["rome"]["seconds"]) == 2
+    assert report["statistics_cached"] == {"1": False, "2": False}
+    assert report["delta_bytes"]["rome_rank1"] < report["delta_bytes"]["memit_2_requests"]
+    assert report["generation"]["ratio"] > 0
+    assert main(argv) == 0                                          # second run: statistics from the cache
+    assert json.loads((folder / "bench.json").read_text())["statistics_cached"] == {"1": True, "2": True}
+    spec.write_text(json.dumps({"kind": "edit", "model": str(folder / "tiny"), "method": "memit", "layers": [1],
+                                "requests": [REQUEST]}))
+    assert main(["bench-edit", "--spec", str(spec)]) == 2
+    assert "`--spec`" in capsys.readouterr().err
