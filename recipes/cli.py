@@ -4,6 +4,7 @@
     lesion validate recipes/trace_eiffel.yaml [--compile]
     lesion schema > lesion.schema.json
     lesion apply --model smollm2-135m --delta runs/edit/delta.safetensors --prompt "The Eiffel Tower is in"
+    lesion apply --steer runs/steer/vector.safetensors --coef 8 --prompt "I went out yesterday and"
     lesion bench-trace --threads 2
     lesion bench-edit --threads 2
 
@@ -51,6 +52,8 @@ def cmd_run(args) -> int:
                      command=" ".join(["lesion"] + (args.argv or [])), source=args.spec)
     if spec.kind == "apply":
         return _apply(spec, model, tokenizer)
+    if spec.kind == "steer":
+        return _steer(spec, model, tokenizer, args.out)
     start = time.perf_counter()
     result = run(spec, model, tokenizer, max_batch_rows=args.max_batch_rows, progress=not args.quiet)
     seconds = time.perf_counter() - start
@@ -104,8 +107,24 @@ def _edit(spec, model, tokenizer, out, *, checkpoint=None, command="", source=""
 def _apply(spec, model, tokenizer) -> int:
     from recipes.edit import run_apply
 
+    what = " + ".join((["deltas"] if spec.deltas else []) + ([f"steer x{spec.coef:g}"] if spec.steer else []))
     for row in run_apply(spec, model, tokenizer):
-        print(f"prompt: {row['prompt']!r}\n  base:   {row['base']!r}\n  edited: {row['edited']!r}")
+        print(f"prompt: {row['prompt']!r}\n  base:   {row['base']!r}\n  {what}: {row['edited']!r}")
+    return 0
+
+
+def _steer(spec, model, tokenizer, out) -> int:
+    from recipes.steer import markdown_table, run_steer
+
+    start = time.perf_counter()
+    report = run_steer(spec, model, tokenizer, out)
+    norms = ", ".join(f"layer {k}: {v:.2f}" for k, v in report["norms"].items())
+    print(f"{spec.method} steering vector ({norms}) and {len(spec.coefficients)} coefficient(s) x "
+          f"{len(spec.prompts)} prompt(s) in {time.perf_counter() - start:.1f} s")
+    print(markdown_table(report["table"], report["metrics"]), end="")
+    for metric, ok in report["monotone"].items():
+        print(f"{metric}: {'monotone' if ok else 'NOT monotone'} in the coefficient")
+    print(f"wrote vector.safetensors, generations.jsonl, results.json, table.md, steer.png to {out}")
     return 0
 
 
@@ -113,7 +132,8 @@ def cmd_apply(args) -> int:
     from interventions import load_model
     from interventions.spec import parse_spec
 
-    spec = parse_spec({"kind": "apply", "model": args.model, "deltas": args.delta, "prompts": args.prompt,
+    spec = parse_spec({"kind": "apply", "model": args.model, "deltas": args.delta or [], "prompts": args.prompt,
+                       "steer": args.steer, "coef": args.coef, "apply_to": args.apply_to,
                        "max_new_tokens": args.max_new_tokens})
     model, tokenizer = load_model(spec.model)
     return _apply(spec, model, tokenizer)
@@ -182,7 +202,10 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=cmd_validate)
     a = sub.add_parser("apply", help="apply saved deltas and generate with and without them")
     a.add_argument("--model", default="smollm2-135m")
-    a.add_argument("--delta", action="append", required=True, help="a delta file (repeat to stack several)")
+    a.add_argument("--delta", action="append", default=None, help="a delta file (repeat to stack several)")
+    a.add_argument("--steer", default=None, help="a steering vector file (from a `kind: steer` run)")
+    a.add_argument("--coef", type=float, default=4.0, help="the steering vector's coefficient")
+    a.add_argument("--apply-to", default="all", help="steer at: all | prompt | generated positions")
     a.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     a.add_argument("--max-new-tokens", type=int, default=20)
     a.set_defaults(fn=cmd_apply)

@@ -146,10 +146,22 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def run_apply(spec: ApplySpec, model, tokenizer) -> list[dict]:
-    """Greedy generations without and with the deltas (verified against the base first)."""
+    """Greedy generations without and with the deltas (verified against the base first) and the
+    steering vector (checked against the model), both loaded before anything is generated."""
+    from interventions.steer import check_vector, load_vector, steering
+
     deltas = [load_delta(p) for p in spec.deltas]
+    vector = load_vector(spec.steer) if spec.steer else None
+    if vector is not None:
+        check_vector(model, vector)
     rows = [{"prompt": p, "base": generate(model, tokenizer, p, spec.max_new_tokens)} for p in spec.prompts]
     with applied(model, *deltas):
-        for row in rows:
-            row["edited"] = generate(model, tokenizer, row["prompt"], spec.max_new_tokens)
+        if vector is None:
+            for row in rows:
+                row["edited"] = generate(model, tokenizer, row["prompt"], spec.max_new_tokens)
+        else:
+            with steering(model, tokenizer, vector, coef=spec.coef, apply_to=spec.apply_to) as steer:
+                texts = steer.generate(list(spec.prompts), max_new_tokens=spec.max_new_tokens)
+            for row, text in zip(rows, texts):
+                row["edited"] = text
     return rows

@@ -178,3 +178,45 @@ def test_steer_spec_validation_and_round_trip():
         parse_spec(dict(STEER, samples=3))
     with pytest.raises(SpecError, match="`deltas` .*and/or `steer`"):
         parse_spec({"kind": "apply", "prompts": ["x"]})
+
+
+def test_steer_run_and_apply_end_to_end(tmp_path, tokenizer, capsys):
+    """`lesion run` on a steer spec writes the vector, generations, table and plot; `lesion apply
+    --steer` generates with the saved vector; coefficient 0 reproduces the unsteered text."""
+    from recipes.cli import main
+
+    model = make_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    spec = tmp_path / "steer.yaml"
+    spec.write_text(json.dumps(dict(STEER, model=str(tmp_path / "tiny"), coefficients=[0, 2, 6],
+                                    targets=["paris"], max_new_tokens=5)))
+    assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| coef | lexicon_share | logprob[paris] |" in out and "in the coefficient" in out
+    for name in ("vector.safetensors", "generations.jsonl", "results.json", "table.md", "steer.png", "spec.yaml"):
+        assert (tmp_path / "out" / name).is_file(), name
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["coef"] for r in report["table"]] == [0, 2, 6]
+    gens = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 3 * len(PROMPTS)
+    for g in gens:
+        words = g["text"].split()
+        want = sum(w in ("paris", "rome") for w in words) / len(words) if words else None
+        assert g["lexicon_share"] == want
+    vector = load_vector(tmp_path / "out" / "vector.safetensors")
+    assert vector.meta["spec"]["layers"] == [1] and vector.meta["model"] == str(tmp_path / "tiny")
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
+        plain = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
+                               pad_token_id=0)[0, ids.shape[1]:]
+    assert gens[0]["coef"] == 0 and gens[0]["text"] == tokenizer.decode(plain, skip_special_tokens=True)
+
+    assert main(["apply", "--model", str(tmp_path / "tiny"), "--steer", str(tmp_path / "out" / "vector.safetensors"),
+                 "--coef", "6", "--prompt", PROMPTS[0], "--max-new-tokens", "5"]) == 0
+    applied = capsys.readouterr().out
+    six = next(g for g in gens if g["coef"] == 6 and g["prompt"] == PROMPTS[0])
+    assert f"steer x6: {six['text']!r}" in applied
+    assert main(["apply", "--model", str(tmp_path / "tiny"), "--steer", str(tmp_path / "nope.safetensors"),
+                 "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
