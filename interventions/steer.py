@@ -238,11 +238,12 @@ class Steerer:
 
     @torch.inference_mode()
     def generate_ids(self, prompts: list[str], *, coefs: list[float] | None = None, max_new_tokens: int = 20,
-                     temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+                     min_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
         """New token ids per prompt (left-padded batch, KV cache, greedy unless `temperature` > 0).
 
         Finished rows are padded with the pad token after their end-of-sequence token, as
-        `generate` does; the returned lists stop at (and include) that token."""
+        `generate` does; the returned lists stop at (and include) that token. Before
+        `min_new_tokens`, end-of-sequence is suppressed, as in `generate`."""
         coefs = torch.tensor([self.coef] * len(prompts) if coefs is None else coefs, device=self.device)
         ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         width = max(map(len, ids))
@@ -260,6 +261,8 @@ class Steerer:
             inputs = {"input_ids": step_ids, "attention_mask": attention, "position_ids": positions,
                       "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
             logits = self.forward(inputs, coefs, mask).logits[:, -1].float()
+            if step < min_new_tokens and eos:
+                logits[:, eos] = -float("inf")
             if temperature > 0:
                 token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
             else:

@@ -7,6 +7,7 @@
     lesion apply --steer runs/steer/vector.safetensors --coef 8 --prompt "I went out yesterday and"
     lesion bench-trace --threads 2
     lesion bench-edit --threads 2
+    lesion bench-steer --threads 2
 
 Errors a user can cause print one clear message and exit with status 2, never a traceback.
 """
@@ -180,6 +181,12 @@ def cmd_bench_edit(args) -> int:
     return bench(args)
 
 
+def cmd_bench_steer(args) -> int:
+    from recipes.bench_steer import main as bench
+
+    return bench(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lesion", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -233,6 +240,15 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--new-tokens", type=int, default=32)
     be.add_argument("--json", default=None, help="also write the numbers to this file")
     be.set_defaults(fn=cmd_bench_edit)
+    bs = sub.add_parser("bench-steer", help="benchmark steered against plain generation (tokens per second)")
+    bs.add_argument("--model", default="smollm2-135m")
+    bs.add_argument("--vector", default=None, help="a vector file (default: estimate recipes/steer_ocean.yaml's)")
+    bs.add_argument("--coef", type=float, default=4.0)
+    bs.add_argument("--batch", type=int, default=8)
+    bs.add_argument("--new-tokens", type=int, default=32)
+    bs.add_argument("--repeats", type=int, default=5)
+    bs.add_argument("--json", default=None, help="also write the numbers to this file")
+    bs.set_defaults(fn=cmd_bench_steer)
     return p
 
 

@@ -220,3 +220,38 @@ def test_steer_run_and_apply_end_to_end(tmp_path, tokenizer, capsys):
     assert main(["apply", "--model", str(tmp_path / "tiny"), "--steer", str(tmp_path / "nope.safetensors"),
                  "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_end_of_sequence_and_min_new_tokens_match_generate(tokenizer):
+    """With an end-of-sequence token the model emits, our loop stops (and pads) where `generate`
+    does, and `min_new_tokens` suppresses it as `generate` does."""
+    model = make_model("llama", len(tokenizer))
+    vector = estimate(model, tokenizer, POS, NEG, layers=[1])
+    steer = Steerer(model, tokenizer, vector, coef=0.0)
+    first = steer.generate_ids(PROMPTS, max_new_tokens=6)
+    model.generation_config.eos_token_id = first[0][2]            # the 3rd token of row 0 ends it
+    for min_new in (0, 4):
+        got = steer.generate_ids(PROMPTS, max_new_tokens=6, min_new_tokens=min_new)
+        for prompt, row in zip(PROMPTS, got):
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            with torch.no_grad():
+                want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                      min_new_tokens=min_new, pad_token_id=0)[0, ids.shape[1]:].tolist()
+            assert row == want
+    assert len(steer.generate_ids(PROMPTS[:1], max_new_tokens=6)[0]) == 3
+
+
+def test_bench_steer_runs(tmp_path, tokenizer, capsys):
+    """The benchmark command on a tiny model: all three rows, ratios computed (no timing asserted)."""
+    from recipes.cli import main
+
+    model = make_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    estimate(model, tokenizer, POS, NEG, layers=[1]).save(tmp_path / "v.safetensors")
+    assert main(["bench-steer", "--model", str(tmp_path / "tiny"), "--vector", str(tmp_path / "v.safetensors"),
+                 "--batch", "3", "--new-tokens", "4", "--repeats", "1", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| plain generate |" in out and "| Lesion, steered (coef 4) |" in out
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["ratio_steered_to_plain"] > 0 and len(report["median_tokens_per_s"]) == 3
