@@ -46,7 +46,11 @@ def eval_mode(model: torch.nn.Module):
 
 def run(spec, model, tokenizer, *, max_batch_rows: int | None = None, progress: bool | None = None,
         share_prefix: bool = True) -> Result:
-    """Compile and run `spec` on a model the caller already has."""
+    """Compile and run `spec` on a model the caller already has (`method: attribution` included)."""
+    if getattr(spec, "method", "exact") == "attribution":
+        from .attribution import run_attribution
+
+        return run_attribution(spec, model, tokenizer, progress=progress)
     plan = compile_spec(spec, model, tokenizer, max_batch_rows=max_batch_rows, share_prefix=share_prefix)
     return run_plan(plan, progress=progress)
 

@@ -79,6 +79,9 @@ class _Grid(_Spec):
                     "all subject tokens together in one column.")
     window: int = Field(default=1, ge=1)
     max_batch_rows: int = Field(default=48, ge=1, description="Rows per forward pass (a memory bound).")
+    method: Literal["exact", "attribution"] = Field(
+        default="exact", description="`exact`: one patched run per cell; `attribution`: the first-order "
+                                     "approximation of every cell from one forward and backward pass per prompt.")
 
     @field_validator("layers")
     @classmethod
@@ -115,6 +118,13 @@ class PatchSpec(_Grid):
     prompts: tuple[PatchPrompt, ...] = Field(min_length=1)
     sites: tuple[str, ...] = Field(default=("block_output",), min_length=1)
     metric: Literal["prob", "logit_diff", "kl"] = "prob"
+
+    @model_validator(mode="after")
+    def _attribution_metric(self):
+        if self.method == "attribution" and self.metric == "kl":
+            raise ValueError("`method: attribution` cannot estimate `metric: kl` (its gradient at the base run "
+                             "is zero); use 'prob' or 'logit_diff'")
+        return self
 
     @field_validator("sites")
     @classmethod

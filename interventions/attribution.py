@@ -1,0 +1,177 @@
+"""Attribution patching: the first-order approximation of a whole trace or patch grid.
+
+Exact patching runs one forward per cell. Attribution patching (Nanda 2023; Syed et al. 2023,
+"AtP") replaces the patched metric by its Taylor expansion around the base run:
+
+    m(patch a_source into cell c) ≈ m(base) + Σ_{(layer, pos) ∈ c} (a_source − a_base) · ∂m/∂a_base
+
+so every cell of every grid comes from one source forward and one base forward + backward
+per prompt (per noise sample, for noise traces; the samples go through as one batch).
+A window of layers, or a column of several positions, is the sum of its members' terms.
+The grids have the exact engine's layout and meaning (patched metric, so a trace's indirect
+effect is value − corrupted probability), and `meta.method` says "attribution".
+
+Gradients are read with plain autograd hooks on the site table's modules, not through pyvene:
+pyvene's collected states are copies off the autograd path. The parameters' `requires_grad`
+flags are switched off for the pass (only activations get gradients) and restored after.
+
+`metric: kl` has no first-order term (the KL is at its minimum at the base run), so it is
+refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .engine import _device, eval_mode
+from .metrics import logit_diff, prob
+from .plan import EMBED, Plan, compile_spec, window
+from .prompts import pad_token_id, right_pad
+from .result import Result
+from .spec import TraceSpec
+
+
+@contextlib.contextmanager
+def _no_param_grads(model):
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def _sites_needed(plan: Plan) -> list[tuple[str, int | None]]:
+    """(site, layer) pairs whose states and gradients the grids need."""
+    need = set()
+    for axes in plan.grids.values():
+        if not plan.table.is_layered(axes.site):
+            need.add((axes.site, None))
+            continue
+        n = plan.table.num_layers(plan.model)
+        need |= {(axes.site, layer) for layer in range(n)}
+    return sorted(need, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
+
+
+@contextlib.contextmanager
+def _capture(plan: Plan, nodes, store: dict, *, grads: bool, embed_add=None):
+    """Keep each node's state (``[batch, T, d]``) in `store`; with `grads`, retain their gradients.
+    `embed_add(embeds)` may return the embeddings to use instead (noise corruption)."""
+    handles = []
+
+    def keep(node, t):
+        if grads:
+            t.retain_grad()
+        store[node] = t
+
+    embed_module = plan.table.module(plan.model, EMBED)
+
+    def on_embed(module, args, out):
+        out = embed_add(out) if embed_add is not None else out
+        if grads:
+            out = out.detach().requires_grad_()
+        if (EMBED, None) in nodes:
+            keep((EMBED, None), out)
+        return out
+
+    handles.append(embed_module.register_forward_hook(on_embed))
+    for node in nodes:
+        site, layer = node
+        if site == EMBED:
+            continue
+        module = plan.table.module(plan.model, site, layer)
+        if plan.table.component(site, layer).endswith(".input"):
+            handles.append(module.register_forward_pre_hook(lambda m, args, node=node: keep(node, args[0])))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, node=node: keep(node, out[0] if isinstance(out, tuple) else out)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 models stay float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _metric_tensor(metric: str, logits: torch.Tensor, target: int, counterfactual: int | None) -> torch.Tensor:
+    logits = _wide(logits)
+    if metric == "prob":
+        return logits.softmax(-1)[..., target]
+    if metric == "logit_diff":
+        return logits[..., target] - logits[..., counterfactual]
+    raise ValueError(f"`metric`: {metric!r} has no first-order attribution; use 'prob' or 'logit_diff'")
+
+
+def run_attribution(spec, model, tokenizer, *, progress: bool | None = None) -> Result:
+    """Every grid of `spec` by attribution patching (see the module docstring)."""
+    from .engine import _result
+
+    plan = compile_spec(spec, model, tokenizer)
+    nodes = _sites_needed(plan)
+    device = _device(model)
+    pad = pad_token_id(tokenizer)
+    is_trace = isinstance(spec, TraceSpec)
+    acc = {name: torch.zeros(len(plan.prompts), len(g.layers), max(len(p.columns) for p in plan.prompts),
+                             dtype=torch.float64) for name, g in plan.grids.items()}
+    baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
+    source_logprobs, base_top1 = [], {}
+    with eval_mode(model), _no_param_grads(model):
+        for i, prompt in enumerate(plan.prompts):
+            source = {}
+            with torch.no_grad(), _capture(plan, nodes, source, grads=False):
+                logits = model(**right_pad([prompt.source.ids], pad, device), use_cache=False).logits[0, -1]
+            source_logprobs.append(_wide(logits).log_softmax(-1).cpu())
+            if prompt.target_id is None:
+                prompt.target_id = int(logits.argmax())
+            rows = plan.variants
+            noise = plan.noise[i].to(device) if plan.noise is not None else None
+            subject = list(prompt.base.subject)
+
+            def add_noise(embeds, noise=noise, subject=subject):
+                if noise is None:
+                    return embeds
+                embeds = embeds.clone()
+                embeds[:, subject] += noise.to(embeds.dtype)
+                return embeds
+
+            base = {}
+            inputs = right_pad([prompt.base.ids] * rows, pad, device)
+            with torch.enable_grad(), _capture(plan, nodes, base, grads=True, embed_add=add_noise):
+                logits = model(**inputs, use_cache=False).logits[:, -1]
+                if not is_trace and prompt.counterfactual_id is None:
+                    prompt.counterfactual_id = int(logits[0].argmax())
+                base_top1[i] = int(logits[0].argmax())
+                metric = "prob" if is_trace else spec.metric
+                values = _metric_tensor(metric, logits, prompt.target_id, prompt.counterfactual_id)
+                values.sum().backward()
+            baseline[i] = float(values.detach().double().mean())
+            # per (site, layer): Σ_d (a_source − a_base)·grad, averaged over the rows: [T]
+            terms = {node: ((_wide(source[node]) - _wide(base[node].detach())) * _wide(base[node].grad))
+                     .sum(-1).mean(0).double().cpu() for node in nodes}
+            for name, axes in plan.grids.items():
+                for li, layer in enumerate(axes.layers):
+                    for ci, (_, positions) in enumerate(prompt.columns):
+                        layers = _cell_layers(plan, name, axes.site, layer)
+                        acc[name][i, li, ci] = baseline[i] + sum(
+                            float(terms[(axes.site, l)][list(positions)].sum()) for l in layers)
+    result = _result(plan, acc, baseline, torch.stack(source_logprobs), base_top1)
+    result.meta.update(method="attribution", rows=len(plan.prompts) * (plan.variants + 1),
+                       forward_passes=len(plan.prompts) * 2, backward_passes=len(plan.prompts))
+    result.meta.pop("cells_equal_to_baseline", None)
+    return result
+
+
+def _cell_layers(plan: Plan, name: str, site: str, layer: int) -> tuple:
+    """The layers a cell of grid `name` at `layer` restores (its window), as `compile_spec` builds them."""
+    if not plan.table.is_layered(site):
+        return (None,)
+    size = 1 if name == "hidden" else plan.spec.window
+    return window(layer, size, plan.table.num_layers(plan.model))

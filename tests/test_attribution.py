@@ -1,0 +1,170 @@
+"""Attribution patching against finite differences of plain-hook runs, and against exact patching
+where the first-order approximation must hold (small perturbations)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as ref
+from conftest import make_model
+from interventions import SpecError, compile_spec, parse_spec, run
+
+EIFFEL = {"prompt": "the eiffel tower is located in the city of", "subject": "eiffel tower"}
+COLOSSEUM = {"prompt": "the colosseum is in the city of", "subject": "colosseum"}
+PATCH = {"base": "the eiffel tower is located in the city of", "source": "the colosseum tower is located in the city of"}
+
+
+@pytest.fixture()
+def float64_norms(monkeypatch):
+    """Llama's and Gemma 3's RMSNorm compute in float32 whatever the input; finite differences in
+    float64 need the whole model in float64, so the norms are replaced by the same formula in the
+    input's dtype for these tests."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def llama(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def gemma(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", llama)
+    monkeypatch.setattr(Gemma3RMSNorm, "forward", gemma)
+
+
+def states(model, family, batch, site, layer, *, noise=None, subject=(), replace=None):
+    """The state of `site` at `layer` ([rows, T, d]) and last-position logits, optionally with noise on
+    the subject embeddings and the state replaced by `replace` (a function of the state)."""
+    kept = {}
+    pairs = []
+    if noise is not None:
+        def add_noise(t):
+            t[:, list(subject)] += noise.to(t.dtype)
+        pairs.append((ref.module(model, family, "embed"), add_noise, False))
+
+    def grab(t):
+        if replace is not None:
+            t.copy_(replace(t))
+        kept["s"] = t.clone()
+    pairs.append((ref.module(model, family, site, layer), grab, site in ref.PRE))
+    with ref.hooks(pairs), torch.no_grad():
+        logits = model(batch).logits[:, -1]
+    return kept["s"], logits
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("site,grid", [("block_output", "hidden"), ("mlp_output", "mlp"),
+                                       ("attention_output", "attention")])
+def test_trace_attribution_equals_finite_differences(tokenizer, family, site, grid, float64_norms):
+    """Each window-1 cell's attribution term is the directional derivative of the corrupted run's
+    probability along (clean − corrupted) at that state: checked by central differences, in float64,
+    with no autograd."""
+    model = make_model(family, len(tokenizer)).double()
+    spec = parse_spec({"kind": "trace", "model": "tiny", "prompts": [EIFFEL], "samples": 2, "seed": 3,
+                       "sites": [grid], "window": 1, "method": "attribution"})
+    result = run(spec, model, tokenizer)
+    plan = compile_spec(spec.model_copy(update={"method": "exact"}), model, tokenizer)
+    ids = tokenizer(EIFFEL["prompt"])["input_ids"]
+    subject = list(plan.prompts[0].base.subject)
+    noise = plan.noise[0].double()
+    batch = torch.tensor([ids] * noise.shape[0])
+    answer = result.prompts[0]["answer_id"]
+    corrupted = result.prompts[0]["corrupted_prob"]
+    eps = 1e-4
+    for layer in (0, 2, 3):
+        clean, _ = states(model, family, torch.tensor([ids]), site, layer)
+        base, logits = states(model, family, batch, site, layer, noise=noise, subject=subject)
+        assert corrupted == pytest.approx(float(logits.softmax(-1)[:, answer].mean()), abs=1e-9)
+        for pos in range(len(ids)):
+            delta = torch.zeros_like(base)
+            delta[:, pos] = clean[0, pos] - base[:, pos]
+
+            def p(t):
+                _, out = states(model, family, batch, site, layer, noise=noise, subject=subject,
+                                replace=lambda s, t=t: base + t * delta)
+                return out.softmax(-1)[:, answer].mean()
+
+            derivative = float((p(eps) - p(-eps)) / (2 * eps))
+            got = float(result.grids[grid].values[0, layer, pos]) - corrupted
+            assert got == pytest.approx(derivative, abs=1e-6), (layer, pos)
+
+
+@pytest.mark.parametrize("metric", ["prob", "logit_diff"])
+def test_patch_attribution_equals_finite_differences(tokenizer, metric, float64_norms):
+    model = make_model("llama", len(tokenizer)).double()
+    spec = parse_spec({"kind": "patch", "model": "tiny", "prompts": [PATCH], "sites": ["block_output", "mlp_key"],
+                       "metric": metric, "method": "attribution"})
+    result = run(spec, model, tokenizer)
+    base_ids = torch.tensor([tokenizer(PATCH["base"])["input_ids"]])
+    source_ids = torch.tensor([tokenizer(PATCH["source"])["input_ids"]])
+    record = result.prompts[0]
+    t_id, c_id = record["answer_id"], record["counterfactual_id"]
+
+    def m(logits):
+        return logits.softmax(-1)[:, t_id] if metric == "prob" else logits[:, t_id] - logits[:, c_id]
+
+    eps = 1e-4
+    for site in ("block_output", "mlp_key"):
+        for layer in (1, 3):
+            src, _ = states(model, "llama", source_ids, site, layer)
+            base, logits = states(model, "llama", base_ids, site, layer)
+            assert record["base_metric"] == pytest.approx(float(m(logits)), abs=1e-9)
+            for pos in range(base.shape[1]):
+                delta = torch.zeros_like(base)
+                delta[:, pos] = src[:, pos] - base[:, pos]
+                plus = m(states(model, "llama", base_ids, site, layer, replace=lambda s: base + eps * delta)[1])
+                minus = m(states(model, "llama", base_ids, site, layer, replace=lambda s: base - eps * delta)[1])
+                derivative = float((plus - minus) / (2 * eps))
+                got = float(result.grids[site].values[0, layer, pos]) - record["base_metric"]
+                assert got == pytest.approx(derivative, abs=1e-6), (site, layer, pos)
+
+
+def test_attribution_approaches_exact_for_small_corruptions(tiny_llama):
+    """Where the first-order expansion holds (a tiny noise), attribution ≈ exact patching on every
+    cell of single-layer grids, on several prompts at once."""
+    model, tokenizer = tiny_llama
+    data = {"kind": "trace", "model": "tiny", "prompts": [EIFFEL, COLOSSEUM], "samples": 2, "seed": 1,
+            "window": 1, "noise": 0.001}
+    exact = run(parse_spec(data), model, tokenizer)
+    approx = run(parse_spec(dict(data, method="attribution")), model, tokenizer)
+    assert approx.meta["method"] == "attribution"
+    for name in ("hidden", "mlp", "attention"):
+        e, a = exact.indirect_effect(name), approx.indirect_effect(name)
+        mask = ~torch.isnan(e)
+        scale = float(e[mask].abs().max())
+        assert scale > 0
+        assert float((e[mask] - a[mask]).abs().max()) < 0.02 * scale, name
+        assert torch.equal(torch.isnan(a), ~mask)
+
+
+def test_window_attribution_is_the_sum_of_its_layers(tiny_llama):
+    """A window's first-order term is the sum of its layers' terms (AtP's multi-layer approximation;
+    it counts the paths between restored layers once per layer, see interventions/attribution.py)."""
+    model, tokenizer = tiny_llama
+    data = {"kind": "trace", "model": "tiny", "prompts": [EIFFEL], "samples": 2, "sites": ["mlp"],
+            "method": "attribution"}
+    one = run(parse_spec(dict(data, window=1)), model, tokenizer).indirect_effect("mlp")[0]
+    three = run(parse_spec(dict(data, window=3)), model, tokenizer).indirect_effect("mlp")[0]
+    n = one.shape[0]
+    for layer in range(n):
+        members = [l for l in (layer - 1, layer, layer + 1) if 0 <= l < n]
+        torch.testing.assert_close(three[layer], one[members].sum(0), atol=1e-6, rtol=1e-5)
+
+
+def test_attribution_leaves_the_model_alone(tiny_llama):
+    model, tokenizer = tiny_llama
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    run(parse_spec({"kind": "trace", "model": "tiny", "prompts": [EIFFEL], "samples": 2,
+                    "method": "attribution"}), model, tokenizer)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_attribution_refuses_kl():
+    with pytest.raises(SpecError, match="cannot estimate `metric: kl`"):
+        parse_spec({"kind": "patch", "prompts": [PATCH], "metric": "kl", "method": "attribution"})
+    with pytest.raises(SpecError, match="`method`"):
+        parse_spec({"kind": "patch", "prompts": [PATCH], "method": "approx"})
