@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from interventions import compile_spec, load_model, parse_spec, run_plan
+from interventions import compile_spec, load_model, parse_spec, run, run_plan
+from interventions.compare import correlation
 from interventions.plan import window
 from interventions.sites import site_table
 
@@ -98,6 +99,10 @@ def main(args) -> int:
     t2 = time.perf_counter()
     plain = plain_forwards(model, plan, result.meta["rows"], args.max_batch_rows)
     _sync(args.device)
+    t3 = time.perf_counter()
+    attribution = run(spec.model_copy(update={"method": "attribution"}), model, tokenizer)
+    _sync(args.device)
+    attribution_s = time.perf_counter() - t3
     lesion_s, ref_s = t1 - t0, t2 - t1
     diff = max(float((result.grids[k].values[0] - reference[k]).abs().max()) for k in SITES)
     cells = sum(g.values[0].numel() for g in result.grids.values())
@@ -109,6 +114,8 @@ def main(args) -> int:
         "lesion_cells_per_s": round(cells / lesion_s, 1), "reference_cells_per_s": round(cells / ref_s, 1),
         "plain_forward_s": round(plain, 2), "lesion_over_plain_forward": round(lesion_s / plain, 2),
         "max_abs_diff": diff,
+        "attribution_s": round(attribution_s, 2), "attribution_speedup": round(ref_s / attribution_s, 1),
+        **{f"attribution_correlation_{k}": round(correlation(result, attribution, k), 3) for k in SITES},
     }
     print("| what | value |\n|---|---|")
     for k, v in report.items():

@@ -181,6 +181,18 @@ def cmd_bench_edit(args) -> int:
     return bench(args)
 
 
+def cmd_compare(args) -> int:
+    from interventions.compare import compare_saved
+
+    rows = compare_saved(args.a, args.b)
+    if not rows:
+        raise SpecError("results", [args.a, args.b], "two results with at least one grid in common")
+    print(f"| grid | Pearson r | max abs diff |\n|---|---|---|")
+    for grid, r in rows.items():
+        print(f"| {grid} | {r['pearson']:.3f} | {r['max_abs_diff']:.4f} |")
+    return 0
+
+
 def cmd_bench_steer(args) -> int:
     from recipes.bench_steer import main as bench
 
@@ -216,6 +228,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     a.add_argument("--max-new-tokens", type=int, default=20)
     a.set_defaults(fn=cmd_apply)
+    c = sub.add_parser("compare", help="correlate two results of one spec, e.g. method: exact and attribution")
+    c.add_argument("a", help="a result folder")
+    c.add_argument("b", help="another result folder")
+    c.set_defaults(fn=cmd_compare)
     s = sub.add_parser("schema", help="print the JSON Schema of all specs")
     s.set_defaults(fn=cmd_schema)
     e = sub.add_parser("eval-edits", help="ROME one edit at a time over an edit spec's requests, with metrics")

@@ -169,3 +169,26 @@ def test_attribution_refuses_kl():
         parse_spec({"kind": "patch", "prompts": [PATCH], "metric": "kl", "method": "attribution"})
     with pytest.raises(SpecError, match="`method`"):
         parse_spec({"kind": "patch", "prompts": [PATCH], "method": "approx"})
+
+
+def test_pearson_by_hand_and_lesion_compare(tiny_llama, tmp_path, capsys):
+    from interventions.compare import pearson
+    from recipes.cli import main
+
+    x = torch.tensor([[1.0, 2.0, float("nan")], [3.0, 4.0, 5.0]])
+    assert pearson(x, 2 * x + 1) == pytest.approx(1.0)
+    assert pearson(x, -x) == pytest.approx(-1.0)
+    # centred [−1.5, −0.5, 0.5, 1.5, ...] against [1, −1, −1, 1]: covariance 0 -> r = 0
+    assert pearson(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, -1.0, -1.0, 1.0])) == pytest.approx(0.0)
+
+    model, tokenizer = tiny_llama
+    data = {"kind": "trace", "model": "tiny", "prompts": [EIFFEL], "samples": 2, "window": 1}
+    exact = run(parse_spec(data), model, tokenizer)
+    approx = run(parse_spec(dict(data, method="attribution")), model, tokenizer)
+    exact.save(tmp_path / "exact", heatmap=False)
+    approx.save(tmp_path / "approx", heatmap=False)
+    assert main(["compare", str(tmp_path / "exact"), str(tmp_path / "approx")]) == 0
+    out = capsys.readouterr().out
+    r = pearson(exact.indirect_effect("hidden"), approx.indirect_effect("hidden"))
+    assert f"| hidden | {r:.3f} |" in out
+    assert main(["compare", str(tmp_path / "exact"), str(tmp_path / "nothing")]) == 2
