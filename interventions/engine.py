@@ -27,6 +27,7 @@ from .metrics import score
 from .plan import Chunk, Plan, compile_spec
 from .prompts import pad_token_id, right_pad
 from .result import Grid, Result
+from .distributed import all_sum, world
 from .spec import TraceSpec
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,16 @@ def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
                    mininterval=1.0)
         kv: dict = {}            # (prompt, variant) -> baseline key/value states, while still needed
         last_use = {r.prompt: i for i, c in enumerate(plan.chunks) for r in c.rows}
+        rank, processes = world()
+        cell_chunks = 0
         for i, chunk in enumerate(plan.chunks):
-            logits = run_chunk(plan, chunk, cache, kv)
+            mine = chunk.baseline or cell_chunks % processes == rank
+            cell_chunks += not chunk.baseline
+            logits = run_chunk(plan, chunk, cache, kv) if mine else None
             for key in [k for k in kv if last_use[k[0]] == i]:
                 del kv[key]
+            if logits is None:
+                continue
             for row, row_logits in zip(chunk.rows, logits):
                 prompt = plan.prompts[row.prompt]
                 if row.cell is None:
@@ -85,6 +92,7 @@ def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
                     acc[row.cell.grid][row.prompt, row.cell.layer_index, row.cell.column] += value / plan.variants
             bar.update(len(chunk.rows))
         bar.close()
+        all_sum(acc.values())            # torchrun: every cell was computed by exactly one process
         for cell in plan.noop_cells:
             acc[cell.grid][cell.prompt, cell.layer_index, cell.column] = baseline[cell.prompt]
     return _result(plan, acc, baseline, source_logprobs, base_top1)
@@ -252,7 +260,7 @@ def _result(plan: Plan, acc: dict, baseline: torch.Tensor, source_logprobs: torc
         grids[name] = Grid(name=name, site=axes.site, metric=axes.metric, layers=list(axes.layers),
                            values=values, lengths=lengths)
     config = plan.model.config
-    meta = {"sigma": plan.sigma, "rows": plan.num_rows, "variants": plan.variants,
+    meta = {"sigma": plan.sigma, "rows": plan.num_rows, "variants": plan.variants, "processes": world()[1],
             "cells_equal_to_baseline": len(plan.noop_cells),
             # what actually ran: `run()` accepts any model object, whatever the spec's `model` says
             "model_type": config.model_type, "model_name_or_path": getattr(config, "name_or_path", ""),

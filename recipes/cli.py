@@ -37,8 +37,11 @@ def _load(path: str, model: str | None):
 
 def cmd_run(args) -> int:
     from interventions import load_model, run
+    from interventions.distributed import init_from_env, local_device, world
 
     spec = _load(args.spec, args.model)
+    if init_from_env() and spec.kind not in ("trace", "patch"):
+        raise SpecError("kind", spec.kind, "'trace' or 'patch' under torchrun (other kinds run in one process)")
     if args.out is None and spec.kind != "apply":
         raise SpecError("--out", None, f"an output folder for a `{spec.kind}` spec")
     if args.checkpoint:
@@ -47,7 +50,7 @@ def cmd_run(args) -> int:
         if spec.kind != "edit":
             raise SpecError("--checkpoint", args.checkpoint, "only with a `kind: edit` spec (it ships the delta)")
         check_name(args.checkpoint)
-    model, tokenizer = load_model(spec.model)
+    model, tokenizer = load_model(spec.model, device=local_device(args.device))
     if spec.kind == "edit":
         return _edit(spec, model, tokenizer, args.out, checkpoint=args.checkpoint,
                      command=" ".join(["lesion"] + (args.argv or [])), source=args.spec)
@@ -58,6 +61,9 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     result = run(spec, model, tokenizer, max_batch_rows=args.max_batch_rows, progress=not args.quiet)
     seconds = time.perf_counter() - start
+    rank, processes = world()
+    if rank != 0:
+        return 0
     written = result.save(args.out)
     print(f"{spec.kind} of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['rows']} rows "
           f"in {seconds:.1f} s")
@@ -211,6 +217,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="override the spec's `model`")
     r.add_argument("--max-batch-rows", type=int, default=None, help="override the spec's `max_batch_rows`")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (under torchrun: cuda means each "
+                                                   "process's LOCAL_RANK device)")
     r.add_argument("--checkpoint", default=None, metavar="NAME",
                    help="edit specs: also copy the delta to checkpoints/NAME.safetensors and list it in the manifest")
     r.set_defaults(fn=cmd_run)
@@ -285,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
