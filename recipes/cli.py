@@ -89,6 +89,7 @@ def _edit(spec, model, tokenizer, out, *, checkpoint=None, command="", source=""
         where += f" (auto: from the MLP trace at {report['located']['position']}, written to {out}/locate)"
     print(f"{spec.method} edit of {len(spec.requests)} fact(s) at {where} of {spec.model} "
           f"in {time.perf_counter() - start:.1f} s: {report['delta']} ({report['bytes']} bytes)")
+    print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
     print("| metric | unedited | edited |\n|---|---|---|")
     for key in ("efficacy", "paraphrase", "neighbourhood", "fluency"):
         b, a = report["before"][key], report["after"][key]

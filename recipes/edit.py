@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -116,14 +117,21 @@ def compute_edit(spec: EditSpec, model, tokenizer) -> tuple[Delta, list[dict]]:
 
 def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
     out = Path(out)
+    seconds = {}
+    start = time.perf_counter()
     spec, found = resolve_layers(spec, model, tokenizer)
     if found is not None:
         found.result.save(out / "locate")
+        seconds["locate"] = time.perf_counter() - start
+    start = time.perf_counter()
     delta, details = compute_edit(spec, model, tokenizer)
+    seconds["edit (statistics included)"] = time.perf_counter() - start
+    start = time.perf_counter()
     prompts = list(spec.fluency_prompts) or [r.subject for r in spec.requests]
     before = evaluate(model, tokenizer, spec.requests, fluency_prompts=prompts)
     with applied(model, delta):
         after = evaluate(model, tokenizer, spec.requests, fluency_prompts=prompts)
+    seconds["evaluate"] = time.perf_counter() - start
     metrics = {k: after[k] for k in ("efficacy", "paraphrase", "neighbourhood", "fluency")}
     metrics["fluency_unedited"] = before["fluency"]
     delta = delta.with_metrics(metrics)
@@ -131,7 +139,7 @@ def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
         delta.meta["located"] = found.summary()
     path = delta.save(out / "delta.safetensors")
     report = {"delta": str(path), "bytes": path.stat().st_size, "layers": delta_layers(spec),
-              "located": found.summary() if found else None, "before": before, "after": after,
+              "located": found.summary() if found else None, "seconds": seconds, "before": before, "after": after,
               "optimisation": details}
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
     return report
