@@ -76,8 +76,9 @@ def layer_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, weight: floa
 
 def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperParams, *, base_model: str,
                   C: dict[int, torch.Tensor] | None = None, corpus: list[str] | None = None,
-                  spec: dict | None = None) -> tuple[Delta, dict]:
-    """All `requests` in one Delta; the model is unchanged afterwards."""
+                  spec: dict | None = None, z: torch.Tensor | None = None) -> tuple[Delta, dict]:
+    """All `requests` in one Delta; the model is unchanged afterwards. `z` (``[n, d]``): targets
+    from an earlier call's details, to try other layer hyperparameters without re-optimising them."""
     table = site_table(model)
     n_layers = table.num_layers(model)
     if hp.layers[0] < 0 or hp.layers[-1] >= n_layers:
@@ -92,8 +93,9 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperP
         model.eval()
         templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
         z_hp = hp.z_hyperparameters()
-        z = torch.stack([compute_v_star(model, tokenizer, hp.layers[-1], r, templates, z_hp, site="block_output")[0]
-                         for r in requests])
+        if z is None:
+            z = torch.stack([compute_v_star(model, tokenizer, hp.layers[-1], r, templates, z_hp,
+                                            site="block_output")[0] for r in requests])
         for i, layer in enumerate(hp.layers):
             K = torch.stack([compute_k_star(model, tokenizer, layer, r, templates) for r in requests], dim=1)
             current = block_outputs(model, tokenizer, hp.layers[-1], requests)
