@@ -196,6 +196,11 @@ def estimate(model, tokenizer, positive: list[str], negative: list[str], *, laye
     return SteeringVector(vectors, meta)
 
 
+def _row_seed(seed: int, prompt: str, sample: int) -> int:
+    digest = hashlib.sha256(f"{seed}\0{prompt}\0{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     """End-of-sequence ids as `generate` uses them: the generation config's, else the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -238,12 +243,17 @@ class Steerer:
 
     @torch.inference_mode()
     def generate_ids(self, prompts: list[str], *, coefs: list[float] | None = None, max_new_tokens: int = 20,
-                     min_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+                     min_new_tokens: int = 0, temperature: float = 0.0, seed: int = 0,
+                     sample_ids: list[int] | None = None) -> list[list[int]]:
         """New token ids per prompt (left-padded batch, KV cache, greedy unless `temperature` > 0).
 
         Finished rows are padded with the pad token after their end-of-sequence token, as
         `generate` does; the returned lists stop at (and include) that token. Before
-        `min_new_tokens`, end-of-sequence is suppressed, as in `generate`."""
+        `min_new_tokens`, end-of-sequence is suppressed, as in `generate`.
+
+        Sampling draws each row from its own generator, seeded by (seed, prompt, sample_ids[row]), so
+        a row's text does not depend on the other rows of the batch, and rows that differ only in
+        their coefficient share their random numbers (a paired comparison across coefficients)."""
         coefs = torch.tensor([self.coef] * len(prompts) if coefs is None else coefs, device=self.device)
         ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         width = max(map(len, ids))
@@ -251,7 +261,11 @@ class Steerer:
         input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=self.device)
         attention = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=self.device)
         eos = _eos_ids(self.model, self.tokenizer)
-        generator = torch.Generator(device=self.device).manual_seed(seed) if temperature > 0 else None
+        generators = None
+        if temperature > 0:
+            keys = sample_ids if sample_ids is not None else [0] * len(prompts)
+            generators = [torch.Generator(device=self.device).manual_seed(_row_seed(seed, p, k))
+                          for p, k in zip(prompts, keys)]
         cache = DynamicCache()
         step_ids, mask = input_ids, _position_mask(self.apply_to, True, width, len(ids), self.device)
         done = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
@@ -264,7 +278,8 @@ class Steerer:
             if step < min_new_tokens and eos:
                 logits[:, eos] = -float("inf")
             if temperature > 0:
-                token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+                probs = (logits / temperature).softmax(-1)
+                token = torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
             else:
                 token = logits.argmax(-1)
             token = torch.where(done, torch.full_like(token, pad), token)

@@ -131,7 +131,10 @@ def _steer(spec, model, tokenizer, out) -> int:
           f"{len(spec.prompts)} prompt(s) in {time.perf_counter() - start:.1f} s")
     print(markdown_table(report["table"], report["metrics"]), end="")
     for metric, ok in report["monotone"].items():
-        print(f"{metric}: {'monotone' if ok else 'NOT monotone'} in the coefficient")
+        top = report["rises_up_to"][metric]
+        print(f"{metric}: " + ("monotone over all coefficients" if ok else
+                               f"rises up to coefficient {top:g}, then falls" if top is not None else
+                               "does not rise from the first coefficient"))
     print(f"wrote vector.safetensors, generations.jsonl, results.json, table.md, steer.png to {out}")
     return 0
 

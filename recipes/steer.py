@@ -64,6 +64,16 @@ def is_monotone(values: list[float | None], increasing: bool = True) -> bool:
     return all((b >= a) if increasing else (b <= a) for a, b in zip(xs, xs[1:]))
 
 
+def rises_up_to(coefs: list[float], values: list[float | None]) -> float | None:
+    """The largest coefficient up to which `values` rise without a drop (from the first coefficient)."""
+    best = None
+    for i in range(1, len(values)):
+        if values[i] is None or values[i - 1] is None or values[i] < values[i - 1]:
+            break
+        best = coefs[i]
+    return best
+
+
 def run_steer(spec: SteerSpec, model, tokenizer, out: str | Path, *, quiet: bool = False) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +87,8 @@ def run_steer(spec: SteerSpec, model, tokenizer, out: str | Path, *, quiet: bool
     lexicon = {w.lower() for w in spec.lexicon}
     with steering(model, tokenizer, vector, apply_to=spec.apply_to) as steer:
         ids = steer.generate_ids([r[0] for r in rows], coefs=[r[1] for r in rows],
-                                 max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, seed=spec.seed)
+                                 max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, seed=spec.seed,
+                                 sample_ids=[r[2] for r in rows])
         targets = {}
         for target in spec.targets:
             for coef in spec.coefficients:
@@ -104,7 +115,8 @@ def run_steer(spec: SteerSpec, model, tokenizer, out: str | Path, *, quiet: bool
     metrics = (["lexicon_share"] if lexicon else []) + [f"logprob[{t}]" for t in spec.targets]
     report = {"model": spec.model, "vector": str(out / "vector.safetensors"), "norms": vector.meta["norms"],
               "table": table, "metrics": metrics,
-              "monotone": {m: is_monotone([r[m] for r in table]) for m in metrics}}
+              "monotone": {m: is_monotone([r[m] for r in table]) for m in metrics},
+              "rises_up_to": {m: rises_up_to([r["coef"] for r in table], [r[m] for r in table]) for m in metrics}}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     with open(out / "generations.jsonl", "w") as f:
         for g in generations:
@@ -131,26 +143,25 @@ def markdown_table(table: list[dict], metrics: list[str]) -> str:
 
 
 def plot(table: list[dict], metrics: list[str], path: Path, *, title: str) -> None:
+    """One panel per metric and one for fluency, all against the coefficient."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     coefs = [r["coef"] for r in table]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in metrics:
-        ax.plot(coefs, [r[m] for r in table], marker="o", label=m)
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(3.2 * (len(metrics) + 1), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        ax.plot(coefs, [r[m] for r in table], marker="o")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("coefficient")
+    ax = axes[0][-1]
+    ax.plot(coefs, [r["unsteered_nll"] for r in table], marker="+", color="black", label="NLL under the unsteered model")
+    ax.plot(coefs, [r["entropy"] for r in table], marker="x", color="grey", linestyle="--", label="n-gram entropy")
+    ax.set_title("fluency", fontsize=9)
     ax.set_xlabel("coefficient")
-    ax.set_ylabel("metric")
-    ax.legend(loc="upper left", fontsize=8)
-    twin = ax.twinx()
-    twin.plot(coefs, [r["entropy"] for r in table], color="grey", linestyle="--", marker="x",
-              label="n-gram entropy")
-    twin.plot(coefs, [r["unsteered_nll"] for r in table], color="black", linestyle=":", marker="+",
-              label="unsteered NLL")
-    twin.set_ylabel("fluency")
-    twin.legend(loc="lower right", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

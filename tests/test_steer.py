@@ -193,7 +193,7 @@ def test_steer_run_and_apply_end_to_end(tmp_path, tokenizer, capsys):
                                     targets=["paris"], max_new_tokens=5)))
     assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "| coef | lexicon_share | logprob[paris] |" in out and "in the coefficient" in out
+    assert "| coef | lexicon_share | logprob[paris] |" in out and "lexicon_share: " in out
     for name in ("vector.safetensors", "generations.jsonl", "results.json", "table.md", "steer.png", "spec.yaml"):
         assert (tmp_path / "out" / name).is_file(), name
     report = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -255,3 +255,16 @@ def test_bench_steer_runs(tmp_path, tokenizer, capsys):
     assert "| plain generate |" in out and "| Lesion, steered (coef 4) |" in out
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["ratio_steered_to_plain"] > 0 and len(report["median_tokens_per_s"]) == 3
+
+
+def test_sampling_is_per_row_and_independent_of_the_batch(tiny_llama):
+    """A sampled row depends on (seed, prompt, sample index) only: the same alone as in a larger batch,
+    and different for another sample index or seed."""
+    model, tokenizer = tiny_llama
+    steer = Steerer(model, tokenizer, estimate(model, tokenizer, POS, NEG, layers=[1]), coef=1.0)
+    kw = {"max_new_tokens": 8, "temperature": 1.5}
+    batch = steer.generate_ids(PROMPTS * 2, sample_ids=[0, 0, 0, 1, 1, 1], seed=5, **kw)
+    alone = steer.generate_ids(PROMPTS[1:2], sample_ids=[1], seed=5, **kw)
+    assert batch[4] == alone[0]
+    assert batch[:3] != batch[3:]
+    assert steer.generate_ids(PROMPTS[1:2], sample_ids=[1], seed=6, **kw) != alone
