@@ -115,7 +115,7 @@ def _edit(spec, model, tokenizer, out, *, checkpoint=None, command="", source=""
 def _apply(spec, model, tokenizer) -> int:
     from recipes.edit import run_apply
 
-    what = " + ".join((["deltas"] if spec.deltas else []) + ([f"steer x{spec.coef:g}"] if spec.steer else []))
+    what = " + ".join((["edited"] if spec.deltas else []) + ([f"steered x{spec.coef:g}"] if spec.steer else []))
     for row in run_apply(spec, model, tokenizer):
         print(f"prompt: {row['prompt']!r}\n  base:   {row['base']!r}\n  {what}: {row['edited']!r}")
     return 0

@@ -216,7 +216,7 @@ def test_steer_run_and_apply_end_to_end(tmp_path, tokenizer, capsys):
                  "--coef", "6", "--prompt", PROMPTS[0], "--max-new-tokens", "5"]) == 0
     applied = capsys.readouterr().out
     six = next(g for g in gens if g["coef"] == 6 and g["prompt"] == PROMPTS[0])
-    assert f"steer x6: {six['text']!r}" in applied
+    assert f"steered x6: {six['text']!r}" in applied
     assert main(["apply", "--model", str(tmp_path / "tiny"), "--steer", str(tmp_path / "nope.safetensors"),
                  "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
