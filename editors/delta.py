@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 import weakref
 from contextlib import contextmanager
@@ -38,8 +36,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from interventions.atomic import atomic_save_file
 from interventions.errors import LesionError
 
 FORMAT_VERSION = 1
@@ -117,17 +115,7 @@ class Delta:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a temporary file in the same folder, then a rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata={META_KEY: json.dumps(self.meta, sort_keys=True)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_save_file(self.tensors(), path, {META_KEY: json.dumps(self.meta, sort_keys=True)})
 
 
 def _content_hash(tensors: dict[str, torch.Tensor]) -> str:

@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from interventions.atomic import atomic_save_file
 from interventions.prompts import pad_token_id
 from interventions.models import lesion_home
 from interventions.sites import site_table
@@ -138,11 +137,8 @@ def second_moments(model, tokenizer, layers: list[int], corpus: list[str] | None
         computed, n = collect_keys_moment(model, tokenizer, missing, corpus, max_tokens=max_tokens)
         folder.mkdir(parents=True, exist_ok=True)
         for layer, C in computed.items():
-            fd, tmp = tempfile.mkstemp(prefix=".mom2-", dir=folder)
-            os.close(fd)
-            save_file({"C": C.contiguous()}, tmp,
-                      metadata={"layer": str(layer), "tokens": str(n), "corpus": corpus_name})
-            os.replace(tmp, paths[layer])
+            atomic_save_file({"C": C.contiguous()}, paths[layer],
+                             {"layer": str(layer), "tokens": str(n), "corpus": corpus_name})
             log.info("second moment of layer %d over %d tokens cached at %s", layer, n, paths[layer])
         out.update(computed)
     return out

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .atomic import atomic_save_file, atomic_write
 from .spec import dump_spec, spec_to_dict
 
 AXES = ("prompt", "layer", "position")
@@ -78,13 +76,11 @@ class Result:
         """Write result.json, result.safetensors, spec.yaml and heatmap.png into `out_dir`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "result.json", json.dumps(_finite(self.to_dict()), indent=1).encode())
+        atomic_write(out / "result.json", json.dumps(_finite(self.to_dict()), indent=1).encode())
         meta = {"axes": json.dumps(list(AXES)), "kind": self.kind, "model": self.model,
                 "lengths": json.dumps(next(iter(self.grids.values())).lengths)}
-        tmp = out / ".result.safetensors.tmp"
-        save_file(self.tensors(), str(tmp), metadata=meta)
-        os.replace(tmp, out / "result.safetensors")
-        _atomic_write(out / "spec.yaml", dump_spec(self.spec).encode())
+        atomic_save_file(self.tensors(), out / "result.safetensors", meta)
+        atomic_write(out / "spec.yaml", dump_spec(self.spec).encode())
         written = ["result.json", "result.safetensors", "spec.yaml"]
         if heatmap:
             from .plot import heatmap as draw
@@ -105,12 +101,3 @@ def _finite(obj):
     return obj
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -30,16 +30,14 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import DynamicCache
 
+from .atomic import atomic_save_file
 from .errors import LesionError
 from .prompts import pad_token_id, right_pad
 from .pv import AddIntervention, CollectStates, build_graph
@@ -77,18 +75,8 @@ class SteeringVector:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a temporary file in the same folder, then a rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({f"layer.{l}": v.detach().float().contiguous().cpu() for l, v in self.vectors.items()}, tmp,
-                      metadata={META_KEY: json.dumps(self.meta, sort_keys=True)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        tensors = {f"layer.{l}": v.detach().float().contiguous().cpu() for l, v in self.vectors.items()}
+        return atomic_save_file(tensors, path, {META_KEY: json.dumps(self.meta, sort_keys=True)})
 
 
 def load_vector(path: str | Path) -> SteeringVector:

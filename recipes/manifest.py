@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from interventions.atomic import atomic_path, atomic_write
 from interventions.errors import SpecError
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -26,14 +25,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def check_name(name: str) -> str:
@@ -49,13 +40,12 @@ def register(source: Path, name: str, *, root: Path | None = None, **entry) -> d
     root = CHECKPOINTS if root is None else root
     root.mkdir(parents=True, exist_ok=True)
     target = root / name
-    tmp = root / f".{name}.tmp"
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"format": 1, "artefacts": []}
     row = {"path": name, "sha256": sha256(target), "bytes": target.stat().st_size, **entry,
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     manifest["artefacts"] = [a for a in manifest["artefacts"] if a["path"] != name] + [row]
-    _write_json(manifest_path, manifest)
+    atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
     return row
