@@ -26,8 +26,7 @@ import contextlib
 import torch
 
 from .engine import _device, eval_mode
-from .metrics import logit_diff, prob
-from .plan import EMBED, Plan, compile_spec, window
+from .plan import EMBED, Plan, compile_spec
 from .prompts import pad_token_id, right_pad
 from .result import Result
 from .spec import TraceSpec
@@ -110,7 +109,7 @@ def _metric_tensor(metric: str, logits: torch.Tensor, target: int, counterfactua
     raise ValueError(f"`metric`: {metric!r} has no first-order attribution; use 'prob' or 'logit_diff'")
 
 
-def run_attribution(spec, model, tokenizer, *, progress: bool | None = None) -> Result:
+def run_attribution(spec, model, tokenizer) -> Result:
     """Every grid of `spec` by attribution patching (see the module docstring)."""
     from .engine import _result
 
@@ -123,6 +122,7 @@ def run_attribution(spec, model, tokenizer, *, progress: bool | None = None) -> 
                              dtype=torch.float64) for name, g in plan.grids.items()}
     baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
     source_logprobs, base_top1 = [], {}
+    cells = _cells_by_prompt(plan)
     with eval_mode(model), _no_param_grads(model):
         for i, prompt in enumerate(plan.prompts):
             source = {}
@@ -156,12 +156,9 @@ def run_attribution(spec, model, tokenizer, *, progress: bool | None = None) -> 
             # per (site, layer): Σ_d (a_source − a_base)·grad, averaged over the rows: [T]
             terms = {node: ((_wide(source[node]) - _wide(base[node].detach())) * _wide(base[node].grad))
                      .sum(-1).mean(0).double().cpu() for node in nodes}
-            for name, axes in plan.grids.items():
-                for li, layer in enumerate(axes.layers):
-                    for ci, (_, positions) in enumerate(prompt.columns):
-                        layers = _cell_layers(plan, name, axes.site, layer)
-                        acc[name][i, li, ci] = baseline[i] + sum(
-                            float(terms[(axes.site, l)][list(positions)].sum()) for l in layers)
+            for cell in cells[i]:
+                acc[cell.grid][i, cell.layer_index, cell.column] = baseline[i] + sum(
+                    float(terms[(cell.site, l)][list(cell.positions)].sum()) for l in (cell.layers or (None,)))
     result = _result(plan, acc, baseline, torch.stack(source_logprobs), base_top1)
     result.meta.update(method="attribution", rows=len(plan.prompts) * (plan.variants + 1),
                        forward_passes=len(plan.prompts) * 2, backward_passes=len(plan.prompts))
@@ -169,9 +166,10 @@ def run_attribution(spec, model, tokenizer, *, progress: bool | None = None) -> 
     return result
 
 
-def _cell_layers(plan: Plan, name: str, site: str, layer: int) -> tuple:
-    """The layers a cell of grid `name` at `layer` restores (its window), as `compile_spec` builds them."""
-    if not plan.table.is_layered(site):
-        return (None,)
-    size = 1 if name == "hidden" else plan.spec.window
-    return window(layer, size, plan.table.num_layers(plan.model))
+def _cells_by_prompt(plan: Plan) -> list[list]:
+    """Every grid cell once (windows and positions as `compile_spec` built them), by prompt."""
+    out = [[] for _ in plan.prompts]
+    for cell in [r.cell for c in plan.chunks for r in c.rows if r.cell is not None and r.variant == 0] \
+            + plan.noop_cells:
+        out[cell.prompt].append(cell)
+    return out

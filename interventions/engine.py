@@ -51,7 +51,7 @@ def run(spec, model, tokenizer, *, max_batch_rows: int | None = None, progress: 
     if getattr(spec, "method", "exact") == "attribution":
         from .attribution import run_attribution
 
-        return run_attribution(spec, model, tokenizer, progress=progress)
+        return run_attribution(spec, model, tokenizer)
     plan = compile_spec(spec, model, tokenizer, max_batch_rows=max_batch_rows, share_prefix=share_prefix)
     return run_plan(plan, progress=progress)
 
