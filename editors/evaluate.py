@@ -19,6 +19,7 @@ from collections import Counter
 
 import torch
 
+from interventions.metrics import continuation_logprob
 from interventions.prompts import pad_token_id, right_pad
 
 
@@ -40,12 +41,8 @@ def target_logprobs(model, tokenizer, prompts: list[str], target: str) -> list[f
     device = next(model.parameters()).device
     tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
     seqs = [tokenizer(p)["input_ids"] + tgt for p in prompts]
-    logp = model(**right_pad(seqs, pad_token_id(tokenizer), device)).logits.float().log_softmax(-1)
-    out = []
-    for i, s in enumerate(seqs):
-        start = len(s) - len(tgt)
-        out.append(float(sum(logp[i, start - 1 + j, tgt[j]] for j in range(len(tgt))) / len(tgt)))
-    return out
+    logits = model(**right_pad(seqs, pad_token_id(tokenizer), device)).logits
+    return [continuation_logprob(logits[i], len(s) - len(tgt), tgt) for i, s in enumerate(seqs)]
 
 
 def prefers(model, tokenizer, prompts: list[str], first: str, second: str) -> list[bool]:

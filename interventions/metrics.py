@@ -30,6 +30,13 @@ def kl(reference_logprobs: torch.Tensor, logits: torch.Tensor) -> float:
     return float((ref.exp() * (ref - logp)).sum())
 
 
+def continuation_logprob(logits: torch.Tensor, prompt_length: int, ids: list[int]) -> float:
+    """Mean log-probability of the tokens `ids` that follow a prompt of `prompt_length` tokens, teacher
+    forced; logits: ``Float[Tensor, "position vocab"]`` of the prompt followed by `ids`."""
+    lp = logits[prompt_length - 1: prompt_length - 1 + len(ids)].float().log_softmax(-1)
+    return float(lp[torch.arange(len(ids)), torch.tensor(ids, device=logits.device)].mean())
+
+
 def score(metric: str, logits: torch.Tensor, prompt, source_logprobs: torch.Tensor) -> float:
     """The spec's metric for one row of `prompt` (a `plan.Prompt` with resolved target ids)."""
     if metric == "prob":

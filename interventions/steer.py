@@ -39,6 +39,7 @@ from transformers import DynamicCache
 
 from .atomic import atomic_save_file
 from .errors import LesionError
+from .metrics import continuation_logprob
 from .prompts import pad_token_id, right_pad
 from .pv import AddIntervention, CollectStates, build_graph
 from .sites import site_table
@@ -300,12 +301,8 @@ class Steerer:
         width = inputs["input_ids"].shape[1]
         prompt_part = torch.tensor([[float(t < len(i)) for t in range(width)] for i in ids], device=self.device)
         mask = {"all": torch.ones_like(prompt_part), "prompt": prompt_part, "generated": 1 - prompt_part}[self.apply_to]
-        logits = self.forward(inputs, torch.tensor(coefs, device=self.device), mask).logits.float()
-        out = []
-        for b, i in enumerate(ids):
-            lp = logits[b, len(i) - 1: len(i) - 1 + len(target)].log_softmax(-1)
-            out.append(float(lp[torch.arange(len(target)), torch.tensor(target, device=self.device)].mean()))
-        return out
+        logits = self.forward(inputs, torch.tensor(coefs, device=self.device), mask).logits
+        return [continuation_logprob(logits[b], len(i), target) for b, i in enumerate(ids)]
 
 
 @contextlib.contextmanager

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from editors.evaluate import ngram_entropy
+from editors.evaluate import mean_present, ngram_entropy
+from interventions.metrics import continuation_logprob
 from interventions.prompts import pad_token_id, right_pad
 from interventions.spec import SteerSpec, dump_spec
 from interventions.steer import estimate, steering
@@ -44,19 +45,9 @@ def unsteered_nll(model, tokenizer, prompts: list[str], continuations: list[list
         ids = [tokenizer(p)["input_ids"] for p in prompts[start:start + 16]]
         conts = continuations[start:start + 16]
         inputs = right_pad([i + c for i, c in zip(ids, conts)], pad_token_id(tokenizer), device)
-        logits = model(**inputs, use_cache=False).logits.float()
-        for b, (i, c) in enumerate(zip(ids, conts)):
-            if not c:
-                out.append(None)
-                continue
-            lp = logits[b, len(i) - 1: len(i) - 1 + len(c)].log_softmax(-1)
-            out.append(float(-lp[torch.arange(len(c)), torch.tensor(c, device=device)].mean()))
+        logits = model(**inputs, use_cache=False).logits
+        out += [-continuation_logprob(logits[b], len(i), c) if c else None for b, (i, c) in enumerate(zip(ids, conts))]
     return out
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 def is_monotone(values: list[float | None], increasing: bool = True) -> bool:
@@ -104,13 +95,13 @@ def run_steer(spec: SteerSpec, model, tokenizer, out: str | Path, *, quiet: bool
     table = []
     for coef in spec.coefficients:
         gens = [g for g in generations if g["coef"] == coef]
-        row = {"coef": coef, "entropy": _mean([g["entropy"] for g in gens]),
-               "unsteered_nll": _mean([g["unsteered_nll"] for g in gens]),
+        row = {"coef": coef, "entropy": mean_present([g["entropy"] for g in gens]),
+               "unsteered_nll": mean_present([g["unsteered_nll"] for g in gens]),
                "example": gens[0]["prompt"] + gens[0]["text"]}
         if lexicon:
-            row["lexicon_share"] = _mean([g["lexicon_share"] for g in gens])
+            row["lexicon_share"] = mean_present([g["lexicon_share"] for g in gens])
         for target in spec.targets:
-            row[f"logprob[{target}]"] = _mean(targets[(target, coef)])
+            row[f"logprob[{target}]"] = mean_present(targets[(target, coef)])
         table.append(row)
     metrics = (["lexicon_share"] if lexicon else []) + [f"logprob[{t}]" for t in spec.targets]
     report = {"model": spec.model, "vector": str(out / "vector.safetensors"), "norms": vector.meta["norms"],
@@ -156,7 +147,8 @@ def plot(table: list[dict], metrics: list[str], path: Path, *, title: str) -> No
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("coefficient")
     ax = axes[0][-1]
-    ax.plot(coefs, [r["unsteered_nll"] for r in table], marker="+", color="black", label="NLL under the unsteered model")
+    ax.plot(coefs, [r["unsteered_nll"] for r in table], marker="+", color="black",
+            label="NLL under the unsteered model")
     ax.plot(coefs, [r["entropy"] for r in table], marker="x", color="grey", linestyle="--", label="n-gram entropy")
     ax.set_title("fluency", fontsize=9)
     ax.set_xlabel("coefficient")
