@@ -27,7 +27,7 @@ import torch
 from editors.evaluate import mean_present, ngram_entropy
 from interventions.metrics import continuation_logprob
 from interventions.prompts import pad_token_id, right_pad
-from interventions.spec import SteerSpec, dump_spec
+from interventions.spec import SteerSpec, dump_spec, spec_to_dict
 from interventions.steer import estimate, steering
 
 
@@ -71,7 +71,7 @@ def run_steer(spec: SteerSpec, model, tokenizer, out: str | Path, *, quiet: bool
     positive, negative = spec.contrast()
     vector = estimate(model, tokenizer, positive, negative, layers=list(spec.layers), site=spec.site,
                       read=spec.read, method=spec.method, model_name=spec.model)
-    vector.meta["spec"] = json.loads(json.dumps(spec.model_dump(mode="json")))
+    vector.meta["spec"] = spec_to_dict(spec)
     vector.save(out / "vector.safetensors")
 
     rows = [(prompt, coef, k) for coef in spec.coefficients for prompt in spec.prompts for k in range(spec.samples)]
