@@ -198,9 +198,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def _position_mask(apply_to: str, prompt: bool, width: int, rows: int, device) -> torch.Tensor:
-    on = apply_to == "all" or (apply_to == "prompt") == prompt
-    return torch.full((rows, width), float(on), device=device)
+def _position_mask(apply_to: str, is_prompt: torch.Tensor) -> torch.Tensor:
+    """Where to add the vector (1.0) or not (0.0), from a float mask of the prompt's positions."""
+    return {"all": torch.ones_like(is_prompt), "prompt": is_prompt, "generated": 1 - is_prompt}[apply_to]
 
 
 class Steerer:
@@ -256,7 +256,7 @@ class Steerer:
             generators = [torch.Generator(device=self.device).manual_seed(_row_seed(seed, p, k))
                           for p, k in zip(prompts, keys)]
         cache = DynamicCache()
-        step_ids, mask = input_ids, _position_mask(self.apply_to, True, width, len(ids), self.device)
+        step_ids, mask = input_ids, _position_mask(self.apply_to, torch.ones(len(ids), width, device=self.device))
         done = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
         new = []
         for step in range(max_new_tokens):
@@ -279,7 +279,7 @@ class Steerer:
                 break
             step_ids = token[:, None]
             attention = torch.cat([attention, attention.new_ones(len(ids), 1)], dim=1)
-            mask = _position_mask(self.apply_to, False, 1, len(ids), self.device)
+            mask = _position_mask(self.apply_to, torch.zeros(len(ids), 1, device=self.device))
         out = torch.stack(new, dim=1).tolist()
         result = []
         for row in out:
@@ -299,8 +299,8 @@ class Steerer:
         inputs = right_pad([i + target for i in ids], pad_token_id(self.tokenizer), self.device)
         inputs["use_cache"] = False
         width = inputs["input_ids"].shape[1]
-        prompt_part = torch.tensor([[float(t < len(i)) for t in range(width)] for i in ids], device=self.device)
-        mask = {"all": torch.ones_like(prompt_part), "prompt": prompt_part, "generated": 1 - prompt_part}[self.apply_to]
+        is_prompt = torch.tensor([[float(t < len(i)) for t in range(width)] for i in ids], device=self.device)
+        mask = _position_mask(self.apply_to, is_prompt)
         logits = self.forward(inputs, torch.tensor(coefs, device=self.device), mask).logits
         return [continuation_logprob(logits[b], len(i), target) for b, i in enumerate(ids)]
 
