@@ -97,14 +97,12 @@ def _edit(spec, model, tokenizer, out, *, checkpoint=None, command="", source=""
     if checkpoint:
         from pathlib import Path
 
-        from editors.delta import load_delta
         from recipes.manifest import register
 
-        delta = load_delta(report["delta"])
         row = register(Path(report["delta"]), f"{checkpoint}.safetensors", kind="delta", recipe=source,
-                       command=command, base_model=spec.model, method=spec.method, edited=delta.names,
-                       layers=layers, metrics=delta.meta["metrics"], located=report["located"],
-                       lesion_version=delta.meta.get("lesion_version"),
+                       command=command, base_model=spec.model, method=spec.method, edited=report["edited"],
+                       layers=layers, metrics=report["metrics"], located=report["located"],
+                       lesion_version=report["lesion_version"],
                        note=f"C from {spec.mom2_tokens:,} tokens of "
                             + ("the spec's corpus files" if spec.corpus else "text sampled from the model itself"))
         print(f"shipped checkpoints/{row['path']} ({row['bytes']} bytes, sha256 {row['sha256'][:12]}…) "
@@ -197,7 +195,7 @@ def cmd_compare(args) -> int:
     rows = compare_saved(args.a, args.b)
     if not rows:
         raise SpecError("results", [args.a, args.b], "two results with at least one grid in common")
-    print(f"| grid | Pearson r | max abs diff |\n|---|---|---|")
+    print("| grid | Pearson r | max abs diff |\n|---|---|---|")
     for grid, r in rows.items():
         print(f"| {grid} | {r['pearson']:.3f} | {r['max_abs_diff']:.4f} |")
     return 0

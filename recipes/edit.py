@@ -138,7 +138,8 @@ def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
     if found is not None:
         delta.meta["located"] = found.summary()
     path = delta.save(out / "delta.safetensors")
-    report = {"delta": str(path), "bytes": path.stat().st_size, "layers": delta_layers(spec),
+    report = {"delta": str(path), "bytes": path.stat().st_size, "layers": delta_layers(spec), "edited": delta.names,
+              "metrics": delta.meta["metrics"], "lesion_version": delta.meta.get("lesion_version"),
               "located": found.summary() if found else None, "seconds": seconds, "before": before, "after": after,
               "optimisation": details}
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
