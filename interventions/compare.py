@@ -56,13 +56,3 @@ def compare_saved(a: str | Path, b: str | Path) -> dict[str, dict]:
                      "max_abs_diff": float((x[grid][keep] - y[grid][keep]).abs().max())}
     return out
 
-
-def compare(a: Result, b: Result) -> dict[str, dict]:
-    """Per grid: Pearson r, the largest absolute difference, and both results' largest |cell|."""
-    out = {}
-    for grid in a.grids:
-        x, y = _values(a, grid), _values(b, grid)
-        keep = torch.isfinite(x) & torch.isfinite(y)
-        out[grid] = {"pearson": correlation(a, b, grid), "max_abs_diff": float((x[keep] - y[keep]).abs().max()),
-                     "max_abs_a": float(x[keep].abs().max()), "max_abs_b": float(y[keep].abs().max())}
-    return out
