@@ -121,16 +121,16 @@ def run_attribution(spec, model, tokenizer) -> Result:
     acc = {name: torch.zeros(len(plan.prompts), len(g.layers), max(len(p.columns) for p in plan.prompts),
                              dtype=torch.float64) for name, g in plan.grids.items()}
     baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
-    source_logprobs, base_top1 = [], {}
+    clean_probs, base_top1 = torch.zeros(len(plan.prompts), dtype=torch.float64), {}
     cells = _cells_by_prompt(plan)
     with eval_mode(model), _no_param_grads(model):
         for i, prompt in enumerate(plan.prompts):
             source = {}
             with torch.no_grad(), _capture(plan, nodes, source, grads=False):
                 logits = model(**right_pad([prompt.source.ids], pad, device), use_cache=False).logits[0, -1]
-            source_logprobs.append(_wide(logits).log_softmax(-1).cpu())
             if prompt.target_id is None:
                 prompt.target_id = int(logits.argmax())
+            clean_probs[i] = float(_wide(logits).softmax(-1)[prompt.target_id])
             rows = plan.variants
             noise = plan.noise[i].to(device) if plan.noise is not None else None
             subject = list(prompt.base.subject)
@@ -159,7 +159,7 @@ def run_attribution(spec, model, tokenizer) -> Result:
             for cell in cells[i]:
                 acc[cell.grid][i, cell.layer_index, cell.column] = baseline[i] + sum(
                     float(terms[(cell.site, l)][list(cell.positions)].sum()) for l in (cell.layers or (None,)))
-    result = _result(plan, acc, baseline, torch.stack(source_logprobs), base_top1)
+    result = _result(plan, acc, baseline, clean_probs, base_top1)
     result.meta.update(method="attribution", rows=len(plan.prompts) * (plan.variants + 1),
                        forward_passes=len(plan.prompts) * 2, backward_passes=len(plan.prompts))
     result.meta.pop("cells_equal_to_baseline", None)

@@ -46,56 +46,65 @@ def eval_mode(model: torch.nn.Module):
 
 
 def run(spec, model, tokenizer, *, max_batch_rows: int | None = None, progress: bool | None = None,
-        share_prefix: bool = True) -> Result:
+        share_prefix: bool = True, skip_layers: bool = True, memory: int | None = None) -> Result:
     """Compile and run `spec` on a model the caller already has (`method: attribution` included)."""
     if getattr(spec, "method", "exact") == "attribution":
         from .attribution import run_attribution
 
         return run_attribution(spec, model, tokenizer)
-    plan = compile_spec(spec, model, tokenizer, max_batch_rows=max_batch_rows, share_prefix=share_prefix)
+    plan = compile_spec(spec, model, tokenizer, max_batch_rows=max_batch_rows, share_prefix=share_prefix,
+                        skip_layers=skip_layers, memory=memory)
     return run_plan(plan, progress=progress)
 
 
 @torch.inference_mode()
 def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
+    """Run prompt block by prompt block: the block's clean pass, then its chunks. A block's
+    clean states and baseline caches are dropped before the next block starts."""
     with eval_mode(plan.model):
-        cache, source_logprobs = clean_pass(plan)
-        _resolve_targets(plan, source_logprobs)
         acc = {name: torch.zeros(len(plan.prompts), len(g.layers), max(len(p.columns) for p in plan.prompts),
                                  dtype=torch.float64) for name, g in plan.grids.items()}
         baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
+        clean_probs = torch.zeros(len(plan.prompts), dtype=torch.float64)
         base_top1: dict[int, int] = {}
         bar = tqdm(total=plan.num_rows, desc=f"{plan.spec.kind} rows", unit="row", disable=_quiet(progress, plan),
                    mininterval=1.0)
-        kv: dict = {}            # (prompt, variant) -> baseline key/value states, while still needed
-        last_use = {r.prompt: i for i, c in enumerate(plan.chunks) for r in c.rows}
         rank, processes = world()
         cell_chunks = 0
-        for i, chunk in enumerate(plan.chunks):
-            mine = chunk.baseline or cell_chunks % processes == rank
-            cell_chunks += not chunk.baseline
-            logits = run_chunk(plan, chunk, cache, kv) if mine else None
-            for key in [k for k in kv if last_use[k[0]] == i]:
-                del kv[key]
-            if logits is None:
-                continue
-            for row, row_logits in zip(chunk.rows, logits):
-                prompt = plan.prompts[row.prompt]
-                if row.cell is None:
-                    base_top1[row.prompt] = int(row_logits.argmax())
-                    if prompt.counterfactual_id is None and not isinstance(plan.spec, TraceSpec):
-                        prompt.counterfactual_id = base_top1[row.prompt]
-                value = score(_metric(plan), row_logits, prompt, source_logprobs[row.prompt])
-                if row.cell is None:
-                    baseline[row.prompt] += value / plan.variants
-                else:
-                    acc[row.cell.grid][row.prompt, row.cell.layer_index, row.cell.column] += value / plan.variants
-            bar.update(len(chunk.rows))
+        for b, block in enumerate(plan.blocks):
+            cache, source_logprobs = clean_pass(plan, block)
+            _resolve_targets(plan, block, source_logprobs)
+            for i, prompt in zip(block, source_logprobs):
+                clean_probs[i] = float(prompt[plan.prompts[i].target_id].exp())
+            chunks = [c for c in plan.chunks if c.block == b]
+            kv: dict = {}            # (prompt, variant) -> baseline key/value states and layer outputs, while needed
+            last_use = {r.prompt: i for i, c in enumerate(chunks) for r in c.rows}
+            for i, chunk in enumerate(chunks):
+                mine = chunk.baseline or cell_chunks % processes == rank
+                cell_chunks += not chunk.baseline
+                logits = run_chunk(plan, chunk, cache, kv) if mine else None
+                for key in [k for k in kv if last_use[k[0]] == i]:
+                    del kv[key]
+                if logits is None:
+                    continue
+                for row, row_logits in zip(chunk.rows, logits):
+                    prompt = plan.prompts[row.prompt]
+                    if row.cell is None:
+                        base_top1[row.prompt] = int(row_logits.argmax())
+                        if prompt.counterfactual_id is None and not isinstance(plan.spec, TraceSpec):
+                            prompt.counterfactual_id = base_top1[row.prompt]
+                    value = score(_metric(plan), row_logits, prompt, source_logprobs[row.prompt - block[0]])
+                    if row.cell is None:
+                        baseline[row.prompt] += value / plan.variants
+                    else:
+                        acc[row.cell.grid][row.prompt, row.cell.layer_index, row.cell.column] += value / plan.variants
+                bar.update(len(chunk.rows))
+            del cache, source_logprobs, kv
         bar.close()
         all_sum(acc.values())            # torchrun: every cell was computed by exactly one process
         for cell in plan.noop_cells:
             acc[cell.grid][cell.prompt, cell.layer_index, cell.column] = baseline[cell.prompt]
-    return _result(plan, acc, baseline, source_logprobs, base_top1)
+    return _result(plan, acc, baseline, clean_probs, base_top1)
 
 
 def _quiet(progress: bool | None, plan: Plan) -> bool:
@@ -123,18 +132,19 @@ def _last_logits(model, inputs: dict, last: list[int], call):
     return out.logits[torch.arange(len(last)), torch.tensor(index)].float(), out
 
 
-def clean_pass(plan: Plan) -> tuple[dict, torch.Tensor]:
-    """Collect the clean states of every graph node and the source's last-position log-probs.
+def clean_pass(plan: Plan, block: list[int]) -> tuple[dict, torch.Tensor]:
+    """Collect the clean states of every graph node and the source's last-position log-probs
+    for the prompts of `block` (consecutive indices).
 
     Returns ``cache[(site, layer)]``: ``Float[Tensor, "prompt pos d"]`` (padded), and
-    ``Float[Tensor, "prompt vocab"]`` log-probs.
+    ``Float[Tensor, "prompt vocab"]`` log-probs, both indexed from ``block[0]``.
     """
     device = _device(plan.model)
-    seqs = [p.source.ids for p in plan.prompts]
+    seqs = [plan.prompts[i].source.ids for i in block]
     width = max(len(s) for s in seqs)
     parts: dict = {node: [] for node in plan.collect_nodes}
     logprobs = []
-    size = plan.spec.max_batch_rows
+    size = plan.clean_rows
     for start in range(0, len(seqs), size):
         batch = seqs[start:start + size]
         inputs = right_pad(batch, pad_token_id(plan.tokenizer), device)
@@ -154,16 +164,16 @@ def clean_pass(plan: Plan) -> tuple[dict, torch.Tensor]:
     return cache, torch.cat(logprobs)
 
 
-def _resolve_targets(plan: Plan, source_logprobs: torch.Tensor) -> None:
-    for i, prompt in enumerate(plan.prompts):
-        if prompt.target_id is None:
-            prompt.target_id = int(source_logprobs[i].argmax())
+def _resolve_targets(plan: Plan, block: list[int], source_logprobs: torch.Tensor) -> None:
+    for i, logprobs in zip(block, source_logprobs):
+        if plan.prompts[i].target_id is None:
+            plan.prompts[i].target_id = int(logprobs.argmax())
 
 
 def source_representations(plan: Plan, chunk: Chunk, cache: dict, locations: dict) -> dict:
     """The per-node source tensors of `chunk`: cached clean states, or scaled noise."""
     graph = plan.graphs[chunk.graph]
-    prompts = torch.tensor([r.prompt for r in chunk.rows])
+    prompts = torch.tensor([r.prompt for r in chunk.rows]) - plan.blocks[chunk.block][0]
     reps = {}
     for key, node, locs in zip(graph.sorted_keys, plan.nodes[chunk.graph], locations["base"]):
         if node[0] == "noise":
@@ -187,7 +197,8 @@ def _noise_row(plan: Plan, chunk: Chunk, row, k: int) -> torch.Tensor:
 def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
     """Run one chunk through its graph: ``Float[Tensor, "rows vocab"]`` answer-position logits.
 
-    Baseline chunks store their key/value states in `kv`; chunks with a prefix read them.
+    Baseline chunks store their key/value states and layer outputs in `kv`; chunks with
+    a prefix read the key/value states, and chunks with a later start the layer outputs.
     """
     graph = plan.graphs[chunk.graph]
     p = chunk.prefix
@@ -197,7 +208,7 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
     if p:
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"].new_ones(len(chunk.rows), p),
                                               inputs["attention_mask"]], dim=1)
-        inputs["past_key_values"] = _stack_kv([kv[(r.prompt, r.variant)] for r in chunk.rows], p)
+        inputs["past_key_values"] = _stack_kv([kv[(r.prompt, r.variant)]["kv"] for r in chunk.rows], p)
     elif keep_kv:
         inputs["past_key_values"] = DynamicCache()   # full layers: sliding ones must keep every position
     inputs["use_cache"] = bool(p or keep_kv)
@@ -210,12 +221,69 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
         _, out = graph(base=kwargs, unit_locations=locations, source_representations=reps, subspaces=subspaces)
         return out
 
-    logits, out = _last_logits(plan.model, inputs, last, call)
+    layer_modules = [plan.table.module(plan.model, "block_output", i)
+                     for i in range(plan.table.num_layers(plan.model))]
+    if chunk.baseline and plan.skips_layers:
+        with _record_layers(layer_modules) as outputs:
+            logits, out = _last_logits(plan.model, inputs, last, call)
+        for b, r in enumerate(chunk.rows):
+            kv.setdefault((r.prompt, r.variant), {})["layers"] = [h[b] for h in outputs]
+    else:
+        width = inputs["input_ids"].shape[1]
+        stored = [kv[(r.prompt, r.variant)]["layers"] for r in chunk.rows] if chunk.start else []
+        with _skip_layers(layer_modules[:chunk.start], stored, p, width):
+            logits, out = _last_logits(plan.model, inputs, last, call)
     if keep_kv:
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         for b, r in enumerate(chunk.rows):
-            kv[(r.prompt, r.variant)] = [(k[b], v[b]) for k, v in layers]
+            kv.setdefault((r.prompt, r.variant), {})["kv"] = [(k[b], v[b]) for k, v in layers]
     return logits
+
+
+@contextmanager
+def _record_layers(modules: list[torch.nn.Module]):
+    """Collect each module's output, ``Float[Tensor, "rows pos d"]``, during the block."""
+    outputs: list[torch.Tensor] = [None] * len(modules)
+
+    def hook(i):
+        def record(module, args, out):
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"skip_layers needs decoder layers that return a tensor; "
+                                f"{type(module).__name__} returned {type(out).__name__} "
+                                "(run with skip_layers=False)")
+            outputs[i] = out
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _skip_layers(modules: list[torch.nn.Module], stored: list[list[torch.Tensor]], prefix: int, width: int):
+    """Replace each module's computation with the baseline output it had at positions
+    ``prefix : prefix + width`` (rows right-padded with zeros). Hooks on the modules still run."""
+    saved = []
+    for i, module in enumerate(modules):
+        rows = [s[i][prefix:prefix + width] for s in stored]
+        out = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])) for h in rows])
+
+        def forward(*args, out=out, **kwargs):
+            return out
+
+        saved.append(module.__dict__.get("forward"))     # accelerate keeps its own wrapper here
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, old in zip(modules, saved):
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
 
 
 def _stack_kv(states: list[list[tuple[torch.Tensor, torch.Tensor]]], prefix: int) -> DynamicCache:
@@ -228,7 +296,7 @@ def _stack_kv(states: list[list[tuple[torch.Tensor, torch.Tensor]]], prefix: int
     return cache
 
 
-def _result(plan: Plan, acc: dict, baseline: torch.Tensor, source_logprobs: torch.Tensor,
+def _result(plan: Plan, acc: dict, baseline: torch.Tensor, clean_probs: torch.Tensor,
             base_top1: dict) -> Result:
     records = []
     for i, p in enumerate(plan.prompts):
@@ -239,7 +307,7 @@ def _result(plan: Plan, acc: dict, baseline: torch.Tensor, source_logprobs: torc
             "columns": [label for label, _ in p.columns],
             "answer": plan.tokenizer.decode([p.target_id]),
             "answer_id": p.target_id,
-            "clean_prob": float(source_logprobs[i, p.target_id].exp()),
+            "clean_prob": float(clean_probs[i]),
         }
         if isinstance(plan.spec, TraceSpec):
             record["corrupted_prob"] = float(baseline[i])
@@ -261,6 +329,7 @@ def _result(plan: Plan, acc: dict, baseline: torch.Tensor, source_logprobs: torc
                            values=values, lengths=lengths)
     config = plan.model.config
     meta = {"sigma": plan.sigma, "rows": plan.num_rows, "variants": plan.variants, "processes": world()[1],
+            "chunks": len(plan.chunks), "prompt_blocks": len(plan.blocks), "memory_budget": plan.memory,
             "cells_equal_to_baseline": len(plan.noop_cells),
             # what actually ran: `run()` accepts any model object, whatever the spec's `model` says
             "model_type": config.model_type, "model_name_or_path": getattr(config, "name_or_path", ""),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import SpecError
+from .memory import Costs, human
 from .prompts import Encoded, answer_id, check_aligned, columns, encode
 from .pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
 from .sites import SiteTable, site_table
@@ -80,11 +81,16 @@ class Chunk:
     Positions before `prefix` are not recomputed: a restore at position ``>= prefix``
     cannot change them (causal attention), so they come from the baseline run's
     key/value cache and the rows feed only tokens ``prefix:``.
+
+    Layers before `start` are not computed either: a restore at layer ``>= start``
+    cannot change them, so their outputs are the baseline run's, read from its cache.
     """
 
     graph: str
     rows: list[Row]
     prefix: int = 0
+    start: int = 0
+    block: int = 0          # the prompt block (`Plan.blocks`) the rows belong to
 
     @property
     def baseline(self) -> bool:
@@ -110,6 +116,10 @@ class Plan:
     noise: list[torch.Tensor] | None = None   # per prompt: (variants, n_subject, d), already scaled
     sigma: float | None = None
     shares_prefix: bool = False                # some chunk reads the baseline key/value cache
+    skips_layers: bool = False                 # some chunk reads the baseline layer outputs
+    blocks: list[list[int]] = field(default_factory=list)   # prompts whose states are held together
+    clean_rows: int = 1                        # prompts per clean forward pass
+    memory: int | None = None                  # the budget chunks were sized for (bytes), if any
     noop_cells: list[Cell] = field(default_factory=list)   # equal to the baseline run; not run
 
     @property
@@ -174,10 +184,14 @@ def resolve_layers(spec, num_layers: int) -> tuple[int, ...]:
 
 
 def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
-                 *, max_batch_rows: int | None = None, share_prefix: bool = True) -> Plan:
+                 *, max_batch_rows: int | None = None, share_prefix: bool = True,
+                 skip_layers: bool = True, memory: int | None = None) -> Plan:
     """Compile `spec` for `model` into a `Plan`. Raises `SpecError` for inputs the model cannot take.
 
-    `share_prefix=False` recomputes every row from position 0 (same results, slower).
+    `share_prefix=False` recomputes every row from position 0, and `skip_layers=False`
+    from layer 0 (same results, slower). `memory` (bytes) bounds what the run allocates
+    beyond the weights: 35% for the states of the prompts in flight, 35% for one forward
+    pass, the rest headroom. Chunks hold at most `max_batch_rows` rows either way.
     """
     table = site_table(model)
     num_layers = table.num_layers(model)
@@ -216,18 +230,23 @@ def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
     diverge = [first_difference(p, noise is not None) for p in prompts]
     noop = {name: [c for c in cells[name] if max(c.positions) < diverge[c.prompt]] for name in cells}
     cells = {name: [c for c in cells[name] if max(c.positions) >= diverge[c.prompt]] for name in cells}
+    sizer = _Sizer(size, Costs.of(model), memory, {site: len(n) for site, n in nodes.items()},
+                   len(collect_nodes), variants, skip_layers)
+    blocks = sizer.blocks(prompts)
     chunks = []
-    for block in _blocks(prompts, variants, _cache_bytes_per_token(model)):
+    for b, block in enumerate(blocks):
         # Baseline rows (no restore) first: they give the key/value caches, and patch
         # metrics need the base run's top-1.
         baseline = [Row(pi, v) for pi in block for v in range(variants)]
-        chunks += [Chunk(next(iter(graphs)), baseline[i:i + size]) for i in range(0, len(baseline), size)]
+        chunks += _pack(next(iter(graphs)), baseline, prompts, 0, sizer, b, skip_layers=False)
         for name, site in grid_sites.items():
             rows = [Row(c.prompt, v, c) for c in cells[name] if c.prompt in block for v in range(variants)]
-            chunks += _chunk(site, rows, prompts, size, share_prefix)
+            chunks += _chunk(site, rows, prompts, sizer, share_prefix, skip_layers, b)
     return Plan(spec, model, tokenizer, table, prompts, grids, graphs, nodes, collect_graph, collect_nodes,
                 chunks, variants, noise, sigma, shares_prefix=any(c.prefix for c in chunks),
-                noop_cells=[c for name in noop for c in noop[name]])
+                skips_layers=any(c.start for c in chunks),
+                noop_cells=[c for name in noop for c in noop[name]], blocks=blocks,
+                clean_rows=sizer.clean_rows(prompts), memory=memory)
 
 
 def first_difference(prompt: Prompt, noised: bool) -> int:
@@ -249,52 +268,123 @@ def _node(table: SiteTable, node):
     return table.component(site, layer), RestoreIntervention()
 
 
-#: Key/value caches of the baseline runs held at once; prompts are run in blocks under it.
+#: Without a memory budget: the baseline states held at once; prompts run in blocks under it.
 CACHE_BUDGET_BYTES = 512 * 2**20
+#: Under a budget: the shares for the states of the prompts in flight and for one forward pass.
+#: The rest is headroom for the allocator's slack and the interpreter, as measured in the tests.
+STATES_SHARE, FORWARD_SHARE = 0.35, 0.35
 
 
-def _cache_bytes_per_token(model) -> int:
-    cfg = model.config.get_text_config(decoder=True)
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+class _Sizer:
+    """Sizes prompt blocks and chunks: by `max_batch_rows` full-length rows' worth of tokens,
+    or, under a `memory` budget, by the bytes `Costs` estimates (and at most `max_batch_rows` rows)."""
+
+    def __init__(self, size: int, costs: Costs, memory: int | None, nodes: dict[str, int], collected: int,
+                 variants: int, skip_layers: bool):
+        self.size, self.costs, self.memory, self.nodes = size, costs, memory, nodes
+        self.collected, self.variants, self.skip_layers = collected, variants, skip_layers
+        self.states = int(memory * STATES_SHARE) if memory else CACHE_BUDGET_BYTES
+        self.forward = int(memory * FORWARD_SHARE) if memory else None
+
+    def blocks(self, prompts: list[Prompt]) -> list[list[int]]:
+        """Consecutive prompts whose states fit the states budget together."""
+        blocks, current, used = [], [], 0
+        for i, p in enumerate(prompts):
+            need = self.costs.prompt_state(len(p.base), self.collected, self.variants, self.skip_layers)
+            if self.memory and need > self.states:
+                raise SpecError("memory", human(self.memory),
+                                f"at least {human(need / STATES_SHARE)}: prompt {i} alone holds {human(need)} of states "
+                                f"(clean states at {self.collected} sites, {self.variants} baseline cache(s)); "
+                                "or fewer layers, sites or samples")
+            if current and used + need > self.states:
+                blocks.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += need
+        return blocks + [current]
+
+    def fits(self, rows: int, graph: str, new: int, context: int, units: int, skipped: int, full: int) -> bool:
+        """Whether `rows` rows computing `new` of `context` tokens fit one forward pass.
+
+        `full` is the group's longest prompt, the unit of the budget without `memory`.
+        Raises when a single row cannot fit the memory budget.
+        """
+        if self.memory is None:
+            return rows * new <= self.size * full
+        cost = self.costs.row(new, context, self.nodes.get(graph, 0), units, skipped)
+        if cost > self.forward:
+            raise SpecError("memory", human(self.memory),
+                            f"at least {human(cost / FORWARD_SHARE)}: one forward row of {context} tokens needs about "
+                            f"{human(cost)}")
+        return rows <= self.size and rows * cost <= self.forward
+
+    def clean_rows(self, prompts: list[Prompt]) -> int:
+        """Prompts per clean pass (every position, states collected at every node)."""
+        if self.memory is None:
+            return self.size
+        n = max(len(p.source) for p in prompts)
+        rows = 1
+        while rows < min(self.size, len(prompts)) and self.fits(rows + 1, "", n, n, 0, 0, n):
+            rows += 1
+        return rows
 
 
-def _blocks(prompts: list[Prompt], variants: int, per_token: int) -> list[list[int]]:
-    """Consecutive prompts whose baseline caches fit `CACHE_BUDGET_BYTES` together."""
-    blocks, current, used = [], [], 0
-    for i, p in enumerate(prompts):
-        need = variants * len(p.base) * per_token
-        if current and used + need > CACHE_BUDGET_BYTES:
-            blocks.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += need
-    return blocks + [current]
+def _first_layer(row: Row) -> int:
+    """The first layer whose computation the row's restore can change (0 for sites outside
+    the layers). A layer's output restored at one position is the baseline's elsewhere, and
+    the restore hook still runs on a skipped layer, so that layer need not be computed."""
+    if not row.cell.layers:
+        return 0
+    return min(row.cell.layers) + (row.cell.site == "block_output")
 
 
-def _chunk(graph: str, rows: list[Row], prompts: list[Prompt], size: int, share_prefix: bool) -> list[Chunk]:
-    """Group rows by shared prefix, then fill chunks up to `size` full-length rows' worth of tokens.
+def _units(row: Row) -> int:
+    return len(row.cell.positions) if row.cell else 1
+
+
+def _chunk(graph: str, rows: list[Row], prompts: list[Prompt], sizer: _Sizer, share_prefix: bool,
+           skip_layers: bool, block: int) -> list[Chunk]:
+    """Group rows by shared prefix, then pack each group into chunks.
 
     A row computes ``len(prompt) - prefix`` tokens, so short continuations pack more rows
-    into one pass at the same activation memory. Rows of similar length go together.
+    into one pass at the same activation memory. Rows are sorted by their first restored
+    layer, so that a chunk starts late; among equals, rows of similar length go together.
     """
     groups: dict[int, list[Row]] = {}
     for r in rows:
         groups.setdefault(min(r.cell.positions) if share_prefix else 0, []).append(r)
     chunks = []
     for prefix, group in sorted(groups.items()):
-        group.sort(key=lambda r: len(prompts[r.prompt].base))
-        budget = size * max(len(prompts[r.prompt].base) for r in group)
-        current: list[Row] = []
-        for r in group:
-            width = len(prompts[r.prompt].base) - prefix     # the longest so far: rows are sorted
-            if current and (len(current) + 1) * width > budget:
-                chunks.append(Chunk(graph, current, prefix))
-                current = []
-            current.append(r)
-        chunks.append(Chunk(graph, current, prefix))
+        group.sort(key=lambda r: (-_first_layer(r) if skip_layers else 0, len(prompts[r.prompt].base)))
+        chunks += _pack(graph, group, prompts, prefix, sizer, block, skip_layers)
     return chunks
+
+
+def _pack(graph: str, rows: list[Row], prompts: list[Prompt], prefix: int, sizer: _Sizer, block: int,
+          skip_layers: bool) -> list[Chunk]:
+    """Fill chunks with `rows` in order, as many rows as `sizer` lets one forward pass hold."""
+    if not rows:
+        return []
+    full = max(len(prompts[r.prompt].base) for r in rows)
+    skipped = _first_layer(rows[0]) if skip_layers else 0     # rows come latest first: an upper bound
+    chunks, current, length, units = [], [], 0, 1
+    for r in rows:
+        n, k = len(prompts[r.prompt].base), _units(r)
+        if current:
+            n, k = max(n, length), max(k, units)
+            if not sizer.fits(len(current) + 1, graph, n - prefix, n, k, skipped, full):
+                chunks.append(_make_chunk(graph, current, prefix, skip_layers, block))
+                current, n, k = [], len(prompts[r.prompt].base), _units(r)
+        if not current:
+            sizer.fits(1, graph, n - prefix, n, k, skipped, full)      # raises if one row cannot fit
+        current.append(r)
+        length, units = n, k
+    chunks.append(_make_chunk(graph, current, prefix, skip_layers, block))
+    return chunks
+
+
+def _make_chunk(graph: str, rows: list[Row], prefix: int, skip_layers: bool, block: int) -> Chunk:
+    return Chunk(graph, rows, prefix, min(_first_layer(r) for r in rows) if skip_layers else 0, block)
 
 
 def _trace_prompts(spec: TraceSpec, tokenizer) -> list[Prompt]:

@@ -58,15 +58,22 @@ def cmd_run(args) -> int:
         return _apply(spec, model, tokenizer)
     if spec.kind == "steer":
         return _steer(spec, model, tokenizer, args.out)
+    from interventions.memory import PeakMemory, human, parse_bytes
+
+    memory = parse_bytes(args.memory, "--memory") if args.memory else None
     start = time.perf_counter()
-    result = run(spec, model, tokenizer, max_batch_rows=args.max_batch_rows, progress=not args.quiet)
+    with PeakMemory(next(model.parameters()).device) as peak:
+        result = run(spec, model, tokenizer, max_batch_rows=args.max_batch_rows, progress=not args.quiet,
+                     memory=memory)
     seconds = time.perf_counter() - start
+    result.meta.update(memory_peak_bytes=peak.bytes, memory_peak_measured_by=peak.method)
     rank, processes = world()
     if rank != 0:
         return 0
     written = result.save(args.out)
+    budget = f" (budget {human(memory)})" if memory else ""
     print(f"{spec.kind} of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['rows']} rows "
-          f"in {seconds:.1f} s")
+          f"in {seconds:.1f} s; peak memory beyond the weights {human(peak.bytes)}{budget}")
     for p in result.prompts:
         line = f"  {p['prompt']!r} -> {p['answer']!r}: clean p={p['clean_prob']:.3f}"
         if "corrupted_prob" in p:
@@ -219,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="override the spec's `model`")
     r.add_argument("--max-batch-rows", type=int, default=None, help="override the spec's `max_batch_rows`")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--memory", default=None, metavar="SIZE",
+                   help="trace/patch: bound the sweep's memory beyond the weights, e.g. 512MB or 2GiB; "
+                        "chunks and prompt blocks are sized to fit, and the measured peak is reported")
     r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (under torchrun: cuda means each "
                                                    "process's LOCAL_RANK device)")
     r.add_argument("--checkpoint", default=None, metavar="NAME",

@@ -186,22 +186,41 @@ def test_layers_subset_and_window_edges(tiny_llama):
         assert torch.allclose(part.grids[name].values[:, 1], full.grids[name].values[:, 3], atol=TOL, equal_nan=True)
 
 
+def _mlp_tokens(model):
+    """Record the row × token count of every MLP call (inside the decoder layers, so skipped layers
+    and cached positions add nothing)."""
+    calls = []
+    for name, module in model.named_modules():
+        if name.endswith("mlp"):
+            module.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[:-1].numel()))
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["trace", "patch"])
-def test_shared_prefix_equals_full_recomputation(tiny, kind):
-    """Reusing the baseline key/value cache before the restored position changes nothing."""
+@pytest.mark.parametrize("share_prefix,skip_layers", [(True, False), (False, True), (True, True)])
+def test_compute_reuse_equals_full_recomputation(tiny, kind, share_prefix, skip_layers):
+    """Reusing the baseline key/value cache before the restored position, and the baseline
+    layer outputs below the restored layer, changes nothing, and really skips the work."""
     family, model, tokenizer = tiny
     if kind == "trace":
         spec = trace_spec(positions=["all", "subject"])
     else:
         spec = parse_spec({"kind": "patch", "model": "tiny", "sites": ["block_output", "mlp_key"],
-                           "metric": "kl", "prompts": [{"base": "big ben is in london",
-                                                         "source": "the colosseum is in rome"}]})
-    plan = compile_spec(spec, model, tokenizer)
-    assert plan.shares_prefix and any(c.prefix > 2 for c in plan.chunks)
-    shared = run_plan(plan)
-    full = run(spec, model, tokenizer, share_prefix=False)
-    for name, grid in shared.grids.items():
+                           "metric": "kl", "max_batch_rows": 1,
+                           "prompts": [{"base": "big ben is in london", "source": "the colosseum is in rome"}]})
+    plan = compile_spec(spec, model, tokenizer, share_prefix=share_prefix, skip_layers=skip_layers)
+    assert plan.shares_prefix == share_prefix and any(c.prefix > 2 for c in plan.chunks) == share_prefix
+    assert plan.skips_layers == skip_layers and any(c.start > 0 for c in plan.chunks) == skip_layers
+    full_plan = compile_spec(spec, model, tokenizer, share_prefix=False, skip_layers=False)
+    calls = _mlp_tokens(model)
+    fast = run_plan(plan)
+    fast_work = sum(calls)
+    full = run_plan(full_plan)
+    assert fast_work < sum(calls) - fast_work       # less MLP work than the full run
+    for name, grid in fast.grids.items():
         assert torch.allclose(grid.values, full.grids[name].values, atol=TOL, equal_nan=True)
+    for module in model.modules():
+        module._forward_pre_hooks.clear()
 
 
 def test_compiling_runs_no_forward_pass(tiny_llama, monkeypatch):

@@ -1,0 +1,161 @@
+"""Memory budgets: parse a size, estimate what the engine holds, measure the real peak.
+
+A budget (``--memory 512MB``) bounds the memory a sweep allocates *beyond the model's
+weights*: the clean states and baseline caches of the prompts in flight, and the
+activations of one forward pass. The plan sizes its prompt blocks and chunks from
+`Costs`, an estimate from the model's config; `PeakMemory` measures what was really
+used, so the estimate is checked, not assumed.
+
+>>> parse_bytes("1.5GiB")
+1610612736
+>>> parse_bytes("512MB")
+512000000
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SpecError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, field: str = "memory") -> int:
+    """``"512MB"``, ``"2GiB"``, ``"1.5g"`` or a plain number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if m is None or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise SpecError(field, text, "a positive size such as 512MB, 2GiB or 1500000000 (units: "
+                        "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Bytes per unit of work for one model, from its config.
+
+    An upper estimate of a decoder forward under ``inference_mode``: the widest moment of
+    one layer (residual, normed input, q/k/v, attention output, the MLP's three widest
+    tensors), the attention scores, the key/value cache (the prefix and its concatenated
+    copy), the answer position's logits (model dtype, float32, log-softmax) and what the
+    engine adds per row (source states, skipped layers' outputs).
+    """
+
+    elt: int                 # bytes per element in the model's dtype
+    hidden: int              # d
+    kv: int                  # key/value width per layer (heads × head_dim), keys and values
+    layers: int
+    heads: int
+    ffn: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "Costs":
+        cfg = model.config.get_text_config(decoder=True)
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size
+        return cls(next(model.parameters()).element_size(), cfg.hidden_size, 2 * kv_heads * head_dim,
+                   cfg.num_hidden_layers, heads, ffn, cfg.vocab_size)
+
+    @property
+    def layer_tokens(self) -> int:
+        """Bytes of one token's activations inside one layer, at the layer's widest."""
+        return self.elt * (6 * self.hidden + 2 * self.heads * (self.hidden // self.heads) + 3 * self.ffn)
+
+    @property
+    def cache_token(self) -> int:
+        """Bytes of one token's key/value states over all layers."""
+        return self.elt * self.layers * self.kv
+
+    @property
+    def layers_token(self) -> int:
+        """Bytes of one token's outputs of every layer (kept for skipped layers)."""
+        return self.elt * self.layers * self.hidden
+
+    def row(self, new: int, context: int, nodes: int, units: int, skipped: int) -> int:
+        """One row of a forward pass computing `new` tokens after ``context - new`` cached ones."""
+        return (new * self.layer_tokens
+                + 2 * context * self.cache_token
+                + 8 * new * context * self.heads          # attention scores and their softmax
+                + self.vocab * (self.elt + 8)             # logits, float32 copy, log-softmax
+                + nodes * units * self.hidden * self.elt  # source representations
+                + skipped * new * self.hidden * self.elt)
+
+    def prompt_state(self, length: int, nodes: int, variants: int, skip_layers: bool) -> int:
+        """What one prompt holds while its rows run: its clean states at every collected node,
+        each variant's baseline key/value cache (and layer outputs), its source log-probs."""
+        baseline = self.cache_token + (self.layers_token if skip_layers else 0)
+        return length * (nodes * self.hidden * self.elt + variants * baseline) + 4 * self.vocab
+
+
+class PeakMemory:
+    """Measure the peak bytes allocated inside the block beyond what was allocated before it.
+
+    On CUDA, the caching allocator's exact peak. On the CPU (Linux), the process's resident
+    set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) after handing
+    freed heap memory back with ``malloc_trim``: an upper bound of what torch allocated,
+    since the C allocator may keep freed memory resident.
+
+    >>> with PeakMemory("cpu") as peak:        # doctest: +SKIP
+    ...     run_plan(plan)
+    >>> peak.bytes, peak.method                # doctest: +SKIP
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+        self.method = ""
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            _trim()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                      # reset VmHWM to the current resident size
+            self._before = _status_kib("VmRSS") * 1024
+            self.method = "resident set high-water mark (VmHWM)"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+        else:
+            self.bytes = _status_kib("VmHWM") * 1024 - self._before
+        return False
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
