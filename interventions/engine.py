@@ -116,7 +116,14 @@ def _metric(plan: Plan) -> str:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's inputs go: the input embedding's device, or its execution device
+    when accelerate dispatched the model (``device_map``; offloaded weights sit on ``meta``)."""
+    embed = model.get_input_embeddings()
+    hook = getattr(embed, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        device = hook.execution_device
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return embed.weight.device
 
 
 def _last_logits(model, inputs: dict, last: list[int], call):
@@ -180,9 +187,9 @@ def source_representations(plan: Plan, chunk: Chunk, cache: dict, locations: dic
             reps[key] = torch.stack([_noise_row(plan, chunk, r, len(locs[0])) for r in chunk.rows])
         else:
             positions = torch.tensor(locs) + chunk.prefix
-            reps[key] = cache[node][prompts[:, None], positions]
-    device = _device(plan.model)
-    return {k: v.to(device) for k, v in reps.items()}
+            states = cache[node]
+            reps[key] = states[prompts[:, None].to(states.device), positions.to(states.device)]
+    return reps     # the interventions move each to its node's device
 
 
 def _noise_row(plan: Plan, chunk: Chunk, row, k: int) -> torch.Tensor:

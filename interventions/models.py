@@ -65,11 +65,14 @@ def lesion_home() -> Path:
     return Path(os.environ.get("LESION_HOME", Path.home() / ".cache" / "lesion"))
 
 
-def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               device_map: str | dict | None = None, offload_folder: str | Path | None = None):
     """Return ``(model, tokenizer)`` for a built-in name, a local folder or a hub id.
 
-    The model is in eval mode. A built-in model that is not installed raises
-    `ModelNotAvailable` with the install command.
+    `device_map` (``"auto"``, ``"balanced"``, or a dict from module names to devices,
+    ``"cpu"`` or ``"disk"``) spreads the model over devices through accelerate, for models
+    larger than one device; `device` is then ignored. The model is in eval mode. A built-in
+    model that is not installed raises `ModelNotAvailable` with the install command.
     """
     if name in BUILTINS:
         folder = _builtin_folder(BUILTINS[name])
@@ -82,13 +85,14 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
     source = str(folder) if folder is not None else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
     except OSError as err:
         raise ModelNotAvailable(
             f"`model`: got {name!r}; expected a built-in name ({', '.join(BUILTINS)}){suggest(name, BUILTINS)}, "
             f"a local Hugging Face folder, or a hub id while online ({err.__class__.__name__}: {err})"
         ) from None
-    return model.to(device).eval(), tokenizer
+    return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
 def _builtin_folder(b: Builtin) -> Path:

@@ -56,7 +56,7 @@ class RestoreIntervention(Intervention, LocalistRepresentationIntervention):
 
     def forward(self, base, source, subspaces=None, **kwargs):
         mask = _row_mask(subspaces, base)
-        source = source.to(base.dtype)
+        source = source.to(base.device, base.dtype)
         return source.clone() if mask is None else torch.where(mask, source, base)
 
     def __str__(self):
@@ -71,7 +71,7 @@ class AddIntervention(Intervention, LocalistRepresentationIntervention):
 
     def forward(self, base, source, subspaces=None, **kwargs):
         mask = _row_mask(subspaces, base)
-        added = base + source.to(base.dtype)
+        added = base + source.to(base.device, base.dtype)
         return added if mask is None else torch.where(mask, added, base)
 
     def __str__(self):
@@ -138,7 +138,10 @@ def preserved_model_state(model: torch.nn.Module):
         yield
     finally:
         for name, p in model.named_parameters():
-            p.requires_grad_(grads[name])
+            # accelerate swaps offloaded weights in and out; one loaded under inference mode
+            # is a transient inference tensor, whose flag cannot (and need not) be set back
+            if p.requires_grad != grads[name] and not p.is_inference():
+                p.requires_grad_(grads[name])
         for name, m in model.named_modules():
             m.training = training[name]
 

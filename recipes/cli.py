@@ -50,7 +50,11 @@ def cmd_run(args) -> int:
         if spec.kind != "edit":
             raise SpecError("--checkpoint", args.checkpoint, "only with a `kind: edit` spec (it ships the delta)")
         check_name(args.checkpoint)
-    model, tokenizer = load_model(spec.model, device=local_device(args.device))
+    device_map = _device_map(getattr(args, "device_map", None))
+    if device_map is not None and spec.kind not in ("trace", "patch"):
+        raise SpecError("--device-map", args.device_map, "only with `kind: trace` or `kind: patch` specs")
+    model, tokenizer = load_model(spec.model, device=local_device(args.device), device_map=device_map,
+                                  offload_folder=getattr(args, "offload_folder", None))
     if spec.kind == "edit":
         return _edit(spec, model, tokenizer, args.out, checkpoint=args.checkpoint,
                      command=" ".join(["lesion"] + (args.argv or [])), source=args.spec)
@@ -62,7 +66,9 @@ def cmd_run(args) -> int:
 
     memory = parse_bytes(args.memory, "--memory") if args.memory else None
     start = time.perf_counter()
-    with PeakMemory(next(model.parameters()).device) as peak:
+    from interventions.engine import _device
+
+    with PeakMemory(_device(model)) as peak:
         result = run(spec, model, tokenizer, max_batch_rows=args.max_batch_rows, progress=not args.quiet,
                      memory=memory)
     seconds = time.perf_counter() - start
@@ -83,6 +89,23 @@ def cmd_run(args) -> int:
         print(line)
     print(f"wrote {', '.join(written)} to {args.out}")
     return 0
+
+
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map(text: str | None):
+    """``--device-map``: one of accelerate's strategies, or a JSON object of module -> device."""
+    if text is None or text in _DEVICE_MAPS:
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise SpecError("--device-map", text, f"one of {', '.join(_DEVICE_MAPS)}, or a JSON object mapping module "
+                        "names to devices, e.g. '{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}'")
+    return value
 
 
 def _edit(spec, model, tokenizer, out, *, checkpoint=None, command="", source="") -> int:
@@ -226,6 +249,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="override the spec's `model`")
     r.add_argument("--max-batch-rows", type=int, default=None, help="override the spec's `max_batch_rows`")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--device-map", default=None, metavar="MAP",
+                   help="trace/patch: spread the model over devices with accelerate: auto, balanced, sequential, "
+                        "or a JSON object of module -> device (\"disk\" offloads); --device is then ignored")
+    r.add_argument("--offload-folder", default=None, help="where --device-map puts \"disk\" weights")
     r.add_argument("--memory", default=None, metavar="SIZE",
                    help="trace/patch: bound the sweep's memory beyond the weights, e.g. 512MB or 2GiB; "
                         "chunks and prompt blocks are sized to fit, and the measured peak is reported")

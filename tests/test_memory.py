@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_model
-from interventions import SpecError, compile_spec, parse_spec, run, run_plan
+from interventions import SpecError, compile_spec, parse_spec, run_plan
 from interventions.memory import parse_bytes
 from recipes.cli import main
 
