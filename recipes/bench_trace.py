@@ -18,6 +18,7 @@ import torch
 
 from interventions import compile_spec, load_model, parse_spec, run, run_plan
 from interventions.compare import correlation
+from interventions.memory import PeakMemory, parse_bytes
 from interventions.plan import window
 from interventions.sites import site_table
 
@@ -90,8 +91,10 @@ def main(args) -> int:
     warm = parse_spec({**SPEC, "model": args.model, "layers": [0], "samples": 2})
     rome_loop(model, compile_spec(warm, model, tokenizer), 0)   # warm-up
     _sync(args.device)
+    memory = parse_bytes(args.memory, "--memory") if getattr(args, "memory", None) else None
     t0 = time.perf_counter()
-    result = run_plan(compile_spec(spec, model, tokenizer), progress=False)
+    with PeakMemory(args.device) as peak:
+        result = run_plan(compile_spec(spec, model, tokenizer, memory=memory), progress=False)
     _sync(args.device)
     t1 = time.perf_counter()
     reference = rome_loop(model, plan, result.prompts[0]["answer_id"])
@@ -109,7 +112,8 @@ def main(args) -> int:
     report = {
         "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
         "cells": cells, "samples": args.samples, "rows": result.meta["rows"],
-        "max_batch_rows": args.max_batch_rows,
+        "max_batch_rows": args.max_batch_rows, "memory_budget": memory, "lesion_peak_bytes": peak.bytes,
+        "lesion_chunks": result.meta["chunks"], "lesion_prompt_blocks": result.meta["prompt_blocks"],
         "lesion_s": round(lesion_s, 2), "reference_s": round(ref_s, 2), "speedup": round(ref_s / lesion_s, 2),
         "lesion_cells_per_s": round(cells / lesion_s, 1), "reference_cells_per_s": round(cells / ref_s, 1),
         "plain_forward_s": round(plain, 2), "lesion_over_plain_forward": round(lesion_s / plain, 2),

@@ -6,6 +6,7 @@
     lesion apply --model smollm2-135m --delta runs/edit/delta.safetensors --prompt "The Eiffel Tower is in"
     lesion apply --steer runs/steer/vector.safetensors --coef 8 --prompt "I went out yesterday and"
     lesion bench-trace --threads 2
+    lesion bench-patch --threads 2
     lesion bench-edit --threads 2
     lesion bench-steer --threads 2
 
@@ -213,6 +214,12 @@ def cmd_bench_trace(args) -> int:
     return bench(args)
 
 
+def cmd_bench_patch(args) -> int:
+    from recipes.bench_patch import main as bench
+
+    return bench(args)
+
+
 def cmd_bench_edit(args) -> int:
     from recipes.bench_edit import main as bench
 
@@ -292,7 +299,19 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch-rows", type=int, default=48)
     b.add_argument("--device", default="cpu")
     b.add_argument("--json", default=None, help="also write the numbers to this file")
+    b.add_argument("--memory", default=None, metavar="SIZE", help="run Lesion exact under this memory budget "
+                                                                  "and report its measured peak")
     b.set_defaults(fn=cmd_bench_trace)
+    bp = sub.add_parser("bench-patch", help="benchmark a 100-prompt patching sweep against a one-forward-per-cell "
+                                            "reference loop")
+    bp.add_argument("--model", default="smollm2-135m")
+    bp.add_argument("--prompts", type=int, default=100)
+    bp.add_argument("--max-batch-rows", type=int, default=48)
+    bp.add_argument("--reference-prompts", type=int, default=None, metavar="K",
+                    help="time the reference loop on K evenly spaced prompts and scale by cells (default: all)")
+    bp.add_argument("--device", default="cpu")
+    bp.add_argument("--json", default=None, help="also write the numbers to this file")
+    bp.set_defaults(fn=cmd_bench_patch)
     be = sub.add_parser("bench-edit", help="benchmark ROME/MEMIT edit time, delta size, apply time, and "
                                            "generation speed edited against base")
     be.add_argument("--spec", default="recipes/counterfact_smollm2.yaml", help="a `method: rome` edit spec")
