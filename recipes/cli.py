@@ -234,7 +234,7 @@ def cmd_compare(args) -> int:
         raise SpecError("results", [args.a, args.b], "two results with at least one grid in common")
     print("| grid | Pearson r | max abs diff |\n|---|---|---|")
     for grid, r in rows.items():
-        print(f"| {grid} | {r['pearson']:.3f} | {r['max_abs_diff']:.4f} |")
+        print(f"| {grid} | {r['pearson']:.3f} | {r['max_abs_diff']:.2e} |")
     return 0
 
 
