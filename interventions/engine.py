@@ -87,17 +87,22 @@ def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
                     del kv[key]
                 if logits is None:
                     continue
-                for row, row_logits in zip(chunk.rows, logits):
-                    prompt = plan.prompts[row.prompt]
-                    if row.cell is None:
-                        base_top1[row.prompt] = int(row_logits.argmax())
+                if chunk.baseline:
+                    for row, top1 in zip(chunk.rows, logits.argmax(-1).tolist()):
+                        base_top1[row.prompt] = top1
+                        prompt = plan.prompts[row.prompt]
                         if prompt.counterfactual_id is None and not isinstance(plan.spec, TraceSpec):
-                            prompt.counterfactual_id = base_top1[row.prompt]
-                    value = score(_metric(plan), row_logits, prompt, source_logprobs[row.prompt - block[0]])
+                            prompt.counterfactual_id = top1
+                prompts = [plan.prompts[r.prompt] for r in chunk.rows]
+                reference = (source_logprobs[torch.tensor([r.prompt - block[0] for r in chunk.rows])]
+                             if _metric(plan) == "kl" else None)
+                values = score(_metric(plan), logits, [p.target_id for p in prompts],
+                               [p.counterfactual_id for p in prompts], reference) / plan.variants
+                for row, value in zip(chunk.rows, values.tolist()):
                     if row.cell is None:
-                        baseline[row.prompt] += value / plan.variants
+                        baseline[row.prompt] += value
                     else:
-                        acc[row.cell.grid][row.prompt, row.cell.layer_index, row.cell.column] += value / plan.variants
+                        acc[row.cell.grid][row.prompt, row.cell.layer_index, row.cell.column] += value
                 bar.update(len(chunk.rows))
             del cache, source_logprobs, kv
         bar.close()
@@ -233,8 +238,9 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
     if chunk.baseline and plan.skips_layers:
         with _record_layers(layer_modules) as outputs:
             logits, out = _last_logits(plan.model, inputs, last, call)
+        stacked = _stack_layers(outputs)          # rows, layers, pos, d
         for b, r in enumerate(chunk.rows):
-            kv.setdefault((r.prompt, r.variant), {})["layers"] = [h[b] for h in outputs]
+            kv.setdefault((r.prompt, r.variant), {})["layers"] = stacked[b]
     else:
         width = inputs["input_ids"].shape[1]
         stored = [kv[(r.prompt, r.variant)]["layers"] for r in chunk.rows] if chunk.start else []
@@ -269,14 +275,43 @@ def _record_layers(modules: list[torch.nn.Module]):
             h.remove()
 
 
+def _stack_layers(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """``Float[Tensor, "rows layers pos d"]`` from per-layer outputs that may sit on several devices
+    (accelerate): each layer's output is kept on its own device, then."""
+    if len({h.device for h in outputs}) == 1:
+        return torch.stack(outputs, 1)
+    return _PerLayer(outputs)
+
+
+class _PerLayer:
+    """Layer outputs on several devices: ``self[b][i]`` is row `b`'s output of layer `i`."""
+
+    def __init__(self, outputs: list[torch.Tensor], row: int | None = None):
+        self.outputs, self.row = outputs, row
+
+    def __getitem__(self, index):
+        if self.row is None:
+            return _PerLayer(self.outputs, index)
+        return self.outputs[index][self.row]
+
+
 @contextmanager
-def _skip_layers(modules: list[torch.nn.Module], stored: list[list[torch.Tensor]], prefix: int, width: int):
+def _skip_layers(modules: list[torch.nn.Module], stored: list, prefix: int, width: int):
     """Replace each module's computation with the baseline output it had at positions
-    ``prefix : prefix + width`` (rows right-padded with zeros). Hooks on the modules still run."""
+    ``prefix : prefix + width`` (rows right-padded with zeros). Hooks on the modules still run.
+
+    `stored`: per row, its baseline outputs indexed by layer (``"layers pos d"``)."""
     saved = []
+    if stored and all(isinstance(s, torch.Tensor) for s in stored):
+        n = len(modules)
+        rows = [s[:n, prefix:prefix + width] for s in stored]
+        outs = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in rows], 1)
+    else:
+        outs = [torch.stack([torch.nn.functional.pad(s[i][prefix:prefix + width],
+                                                     (0, 0, 0, width - s[i][prefix:prefix + width].shape[0]))
+                             for s in stored]) for i in range(len(modules))]
     for i, module in enumerate(modules):
-        rows = [s[i][prefix:prefix + width] for s in stored]
-        out = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])) for h in rows])
+        out = outs[i]
 
         def forward(*args, out=out, **kwargs):
             return out

@@ -37,12 +37,23 @@ def continuation_logprob(logits: torch.Tensor, prompt_length: int, ids: list[int
     return float(lp[torch.arange(len(ids)), torch.tensor(ids, device=logits.device)].mean())
 
 
-def score(metric: str, logits: torch.Tensor, prompt, source_logprobs: torch.Tensor) -> float:
-    """The spec's metric for one row of `prompt` (a `plan.Prompt` with resolved target ids)."""
+def score(metric: str, logits: torch.Tensor, targets: list[int], counterfactuals: list[int | None],
+          reference_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """The metric for every row at once, on the rows' device, read back once.
+
+    logits: ``Float[Tensor, "rows vocab"]``; `reference_logprobs` (``"rows vocab"``) only for
+    ``kl``. Returns ``Float64[Tensor, "rows"]`` on the CPU; row ``i`` equals the single-row
+    functions above applied to ``logits[i]``.
+    """
+    rows = torch.arange(len(logits), device=logits.device)
+    target = torch.tensor(targets, device=logits.device)
     if metric == "prob":
-        return prob(logits, prompt.target_id)
-    if metric == "logit_diff":
-        return logit_diff(logits, prompt.target_id, prompt.counterfactual_id)
-    if metric == "kl":
-        return kl(source_logprobs, logits)
-    raise ValueError(f"`metric`: got {metric!r}; expected one of 'prob', 'logit_diff', 'kl'")
+        out = logits.float().softmax(-1)[rows, target]
+    elif metric == "logit_diff":
+        out = logits[rows, target] - logits[rows, torch.tensor(counterfactuals, device=logits.device)]
+    elif metric == "kl":
+        ref = reference_logprobs.float().to(logits.device)
+        out = (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1)
+    else:
+        raise ValueError(f"`metric`: got {metric!r}; expected one of 'prob', 'logit_diff', 'kl'")
+    return out.double().cpu()
