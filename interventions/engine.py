@@ -238,9 +238,8 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
     if chunk.baseline and plan.skips_layers:
         with _record_layers(layer_modules) as outputs:
             logits, out = _last_logits(plan.model, inputs, last, call)
-        stacked = _stack_layers(outputs)          # rows, layers, pos, d
         for b, r in enumerate(chunk.rows):
-            kv.setdefault((r.prompt, r.variant), {})["layers"] = stacked[b]
+            kv.setdefault((r.prompt, r.variant), {})["layers"] = (outputs, b)
     else:
         width = inputs["input_ids"].shape[1]
         stored = [kv[(r.prompt, r.variant)]["layers"] for r in chunk.rows] if chunk.start else []
@@ -249,7 +248,7 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
     if keep_kv:
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         for b, r in enumerate(chunk.rows):
-            kv.setdefault((r.prompt, r.variant), {})["kv"] = [(k[b], v[b]) for k, v in layers]
+            kv.setdefault((r.prompt, r.variant), {})["kv"] = (layers, b)
     return logits
 
 
@@ -275,41 +274,44 @@ def _record_layers(modules: list[torch.nn.Module]):
             h.remove()
 
 
-def _stack_layers(outputs: list[torch.Tensor]) -> torch.Tensor:
-    """``Float[Tensor, "rows layers pos d"]`` from per-layer outputs that may sit on several devices
-    (accelerate): each layer's output is kept on its own device, then."""
-    if len({h.device for h in outputs}) == 1:
-        return torch.stack(outputs, 1)
-    return _PerLayer(outputs)
+def _gather(entries: list[tuple[object, int]], take) -> torch.Tensor:
+    """Stack, in row order, ``take(source, rows)`` over the groups of `entries` that share a
+    source (the baseline chunk that stored them): one indexing op per group, not per row."""
+    groups: dict[int, tuple[object, list[int], list[int]]] = {}
+    for position, (source, b) in enumerate(entries):
+        group = groups.setdefault(id(source), (source, [], []))
+        group[1].append(position)
+        group[2].append(b)
+    parts, order = [], []
+    for source, positions, rows in groups.values():
+        parts.append(take(source, rows))
+        order += positions
+    if len(parts) == 1:
+        return parts[0]
+    width = max(t.shape[-2] for t in parts)
+    out = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[-2])) for t in parts])
+    return out[torch.argsort(torch.tensor(order)).to(out.device)]
 
 
-class _PerLayer:
-    """Layer outputs on several devices: ``self[b][i]`` is row `b`'s output of layer `i`."""
-
-    def __init__(self, outputs: list[torch.Tensor], row: int | None = None):
-        self.outputs, self.row = outputs, row
-
-    def __getitem__(self, index):
-        if self.row is None:
-            return _PerLayer(self.outputs, index)
-        return self.outputs[index][self.row]
+def _index(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return tensor[torch.tensor(rows, device=tensor.device)]
 
 
 @contextmanager
-def _skip_layers(modules: list[torch.nn.Module], stored: list, prefix: int, width: int):
+def _skip_layers(modules: list[torch.nn.Module], stored: list[tuple[object, int]], prefix: int, width: int):
     """Replace each module's computation with the baseline output it had at positions
-    ``prefix : prefix + width`` (rows right-padded with zeros). Hooks on the modules still run.
+    ``prefix : prefix + width`` (rows right-padded). Hooks on the modules still run.
 
-    `stored`: per row, its baseline outputs indexed by layer (``"layers pos d"``)."""
+    `stored`: per row, ``(the baseline chunk's per-layer outputs, the row's index there)``; each
+    layer's output stays on its own device (accelerate may spread the layers)."""
     saved = []
-    if stored and all(isinstance(s, torch.Tensor) for s in stored):
-        n = len(modules)
-        rows = [s[:n, prefix:prefix + width] for s in stored]
-        outs = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in rows], 1)
-    else:
-        outs = [torch.stack([torch.nn.functional.pad(s[i][prefix:prefix + width],
-                                                     (0, 0, 0, width - s[i][prefix:prefix + width].shape[0]))
-                             for s in stored]) for i in range(len(modules))]
+    n = len(modules)
+
+    def fit(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        t = _index(t[..., prefix:prefix + width, :], rows)      # slice first: copy only what is used
+        return torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[-2]))
+
+    outs = [_gather([(s[i], b) for s, b in stored], fit) for i in range(n)]
     for i, module in enumerate(modules):
         out = outs[i]
 
@@ -328,12 +330,14 @@ def _skip_layers(modules: list[torch.nn.Module], stored: list, prefix: int, widt
                 module.forward = old
 
 
-def _stack_kv(states: list[list[tuple[torch.Tensor, torch.Tensor]]], prefix: int) -> DynamicCache:
-    """A batch cache of the first `prefix` positions of each row's baseline states."""
+def _stack_kv(states: list[tuple[list, int]], prefix: int) -> DynamicCache:
+    """A batch cache of the first `prefix` positions of each row's baseline key/value states.
+
+    `states`: per row, ``(the baseline chunk's per-layer (keys, values), the row's index there)``."""
     cache = DynamicCache()
-    for layer in range(len(states[0])):
-        keys = torch.stack([s[layer][0][:, :prefix] for s in states])
-        values = torch.stack([s[layer][1][:, :prefix] for s in states])
+    for layer in range(len(states[0][0])):
+        keys = _gather([(s[layer][0], b) for s, b in states], lambda t, rows: _index(t[:, :, :prefix], rows))
+        values = _gather([(s[layer][1], b) for s, b in states], lambda t, rows: _index(t[:, :, :prefix], rows))
         cache.update(keys, values, layer)
     return cache
 

@@ -128,23 +128,25 @@ class Plan:
 
     def unit_locations(self, chunk: Chunk) -> dict:
         """pyvene ``unit_locations`` for `chunk`: ``{"base": [per node: [per row: positions]]}``."""
-        return {"base": [self._node_locations(chunk, node) for node in self.nodes[chunk.graph]]}
+        table = _restoring(chunk)
+        return {"base": [self._node_locations(chunk, node, table) for node in self.nodes[chunk.graph]]}
 
     def subspaces(self, chunk: Chunk) -> list:
         """Per node, per row: ``[0]`` where the row's cell restores this node, ``[]`` elsewhere."""
-        out = []
+        out, table = [], _restoring(chunk)
         for site, layer in self.nodes[chunk.graph]:
             if site == "noise":
                 out.append(None)
                 continue
-            out.append([[0] if _restores(r.cell, site, layer) else [] for r in chunk.rows])
+            on = table.get((site, layer), ())
+            out.append([[0] if b in on else [] for b in range(len(chunk.rows))])
         return out
 
     def noised(self, chunk: Chunk, row: Row) -> list[int]:
         """Subject positions of `row` that `chunk` computes (absolute positions)."""
         return [p for p in self.prompts[row.prompt].base.subject if p >= chunk.prefix]
 
-    def _node_locations(self, chunk: Chunk, node) -> list[list[int]]:
+    def _node_locations(self, chunk: Chunk, node, table: dict) -> list[list[int]]:
         site, layer = node
         shift = chunk.prefix
         if site == "noise":
@@ -152,12 +154,20 @@ class Plan:
             k = max(1, max(len(self.noised(chunk, r)) for r in chunk.rows))
             return [_pad([p - shift for p in self.noised(chunk, r)] or [0], k) for r in chunk.rows]
         k = max((len(r.cell.positions) for r in chunk.rows if r.cell), default=1)
-        return [_pad([p - shift for p in r.cell.positions], k) if _restores(r.cell, site, layer) else [0] * k
-                for r in chunk.rows]
+        on, idle = table.get((site, layer), ()), [0] * k
+        return [_pad([p - shift for p in r.cell.positions], k) if b in on else idle
+                for b, r in enumerate(chunk.rows)]
 
 
-def _restores(cell: Cell | None, site: str, layer: int | None) -> bool:
-    return cell is not None and cell.site == site and (layer is None or layer in cell.layers)
+def _restoring(chunk: Chunk) -> dict[tuple[str, int | None], set[int]]:
+    """``(site, layer) -> the rows of `chunk` that restore it`` (``layer`` None: any layer)."""
+    table: dict = {}
+    for b, r in enumerate(chunk.rows):
+        if r.cell is not None:
+            table.setdefault((r.cell.site, None), set()).add(b)
+            for layer in r.cell.layers:
+                table.setdefault((r.cell.site, layer), set()).add(b)
+    return table
 
 
 def _pad(positions, k: int) -> list[int]:
