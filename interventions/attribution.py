@@ -22,6 +22,7 @@ refused.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -127,7 +128,7 @@ def run_attribution(spec, model, tokenizer) -> Result:
         for i, prompt in enumerate(plan.prompts):
             source = {}
             with torch.no_grad(), _capture(plan, nodes, source, grads=False):
-                logits = model(**right_pad([prompt.source.ids], pad, device), use_cache=False).logits[0, -1]
+                logits = _final_logits(model, right_pad([prompt.source.ids], pad, device))[0]
             if prompt.target_id is None:
                 prompt.target_id = int(logits.argmax())
             clean_probs[i] = float(_wide(logits).softmax(-1)[prompt.target_id])
@@ -145,7 +146,7 @@ def run_attribution(spec, model, tokenizer) -> Result:
             base = {}
             inputs = right_pad([prompt.base.ids] * rows, pad, device)
             with torch.enable_grad(), _capture(plan, nodes, base, grads=True, embed_add=add_noise):
-                logits = model(**inputs, use_cache=False).logits[:, -1]
+                logits = _final_logits(model, inputs)
                 if not is_trace and prompt.counterfactual_id is None:
                     prompt.counterfactual_id = int(logits[0].argmax())
                 base_top1[i] = int(logits[0].argmax())
@@ -164,6 +165,14 @@ def run_attribution(spec, model, tokenizer) -> Result:
                        forward_passes=len(plan.prompts) * 2, backward_passes=len(plan.prompts))
     result.meta.pop("cells_equal_to_baseline", None)
     return result
+
+
+def _final_logits(model, inputs: dict) -> torch.Tensor:
+    """``Float[Tensor, "rows vocab"]`` at the last position (all rows have the same length),
+    computing the LM head there only when the model allows it."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        inputs = {**inputs, "logits_to_keep": 1}
+    return model(**inputs, use_cache=False).logits[:, -1]
 
 
 def _cells_by_prompt(plan: Plan) -> list[list]:

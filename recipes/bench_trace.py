@@ -93,7 +93,7 @@ def main(args) -> int:
     _sync(args.device)
     memory = parse_bytes(args.memory, "--memory") if getattr(args, "memory", None) else None
     t0 = time.perf_counter()
-    with PeakMemory(args.device) as peak:
+    with PeakMemory(args.device, model=model) as peak:
         result = run_plan(compile_spec(spec, model, tokenizer, memory=memory), progress=False)
     _sync(args.device)
     t1 = time.perf_counter()

@@ -69,7 +69,7 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     from interventions.engine import _device
 
-    with PeakMemory(_device(model)) as peak:
+    with PeakMemory(_device(model), model=model) as peak:
         result = run(spec, model, tokenizer, max_batch_rows=args.max_batch_rows, progress=not args.quiet,
                      memory=memory)
     seconds = time.perf_counter() - start

@@ -1,0 +1,39 @@
+"""The sweep benchmark commands on a tiny model: they check Lesion against their reference
+loops themselves (exit 1 on disagreement), and report every measure. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_model
+from recipes.cli import main
+
+
+@pytest.fixture()
+def folder(tmp_path, tokenizer):
+    make_model("llama", len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path
+
+
+def test_bench_trace_agrees_with_its_reference(folder):
+    assert main(["bench-trace", "--model", str(folder / "tiny"), "--samples", "3", "--memory", "64MB",
+                 "--json", str(folder / "t.json")]) == 0
+    report = json.loads((folder / "t.json").read_text())
+    assert report["max_abs_diff"] <= 1e-4 and report["cells"] == 3 * 4 * 9     # sites × layers × words
+    assert report["memory_budget"] == 64_000_000 and report["lesion_peak_bytes"] is not None
+    assert {"speedup", "attribution_speedup", "lesion_over_plain_forward",
+            "attribution_correlation_hidden"} <= set(report)
+
+
+def test_bench_patch_agrees_with_its_reference(folder):
+    assert main(["bench-patch", "--model", str(folder / "tiny"), "--prompts", "6", "--reference-prompts", "3",
+                 "--json", str(folder / "p.json")]) == 0
+    report = json.loads((folder / "p.json").read_text())
+    assert report["prompts"] == 6 and report["reference_prompts_timed"] == 3
+    assert 0 < report["reference_cells_timed"] < report["cells"]
+    assert report["max_abs_diff"] <= 1e-3
+    assert {"speedup", "attribution_speedup", "attribution_correlation",
+            "reference_s_scaled_to_all_cells"} <= set(report)
