@@ -1,12 +1,14 @@
-"""Run a compiled plan as batched counterfactual forward passes.
+"""Run a compiled plan as batched counterfactual forward passes, prompt block by block.
 
-1. One clean pass per source prompt collects every needed state (pyvene
+1. One clean pass per block of source prompts collects every needed state (pyvene
    `CollectStates`), computed once and reused by every row as
    ``source_representations``.
 2. Baseline rows (the corrupted or base run, no restore) give corrupted / base
-   probabilities and, for patching, the base's top-1 token.
-3. Cell rows run chunk by chunk through the site's graph; only the logits at each
-   row's answer position are computed.
+   probabilities and, for patching, the base's top-1 token; they keep their
+   key/value cache and every layer's output.
+3. Cell rows run chunk by chunk through the site's graph, from their shared
+   prefix (cached positions) and their first changed layer (cached layers); only
+   the logits at each row's answer position are computed, and scored per chunk.
 
 >>> result = run(spec, model, tokenizer)          # doctest: +SKIP
 >>> result.grids["hidden"].values.shape           # (prompts, layers, positions)  # doctest: +SKIP
