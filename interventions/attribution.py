@@ -22,11 +22,10 @@ refused.
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 
-from .engine import _device, eval_mode
+from .engine import _device, eval_mode, keeps_logits
 from .plan import EMBED, Plan, compile_spec
 from .prompts import pad_token_id, right_pad
 from .result import Result
@@ -170,7 +169,7 @@ def run_attribution(spec, model, tokenizer) -> Result:
 def _final_logits(model, inputs: dict) -> torch.Tensor:
     """``Float[Tensor, "rows vocab"]`` at the last position (all rows have the same length),
     computing the LM head there only when the model allows it."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if keeps_logits(model):
         inputs = {**inputs, "logits_to_keep": 1}
     return model(**inputs, use_cache=False).logits[:, -1]
 

@@ -133,10 +133,15 @@ def _device(model) -> torch.device:
     return embed.weight.device
 
 
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (the LM head at chosen positions only)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def _last_logits(model, inputs: dict, last: list[int], call):
     """(rows, vocab) logits at each row's position in `last`, computing as few positions as the model
     allows, and the model's output."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if keeps_logits(model):
         keep = sorted(set(last))
         inputs = {**inputs, "logits_to_keep": torch.tensor(keep, device=inputs["input_ids"].device)}
         out = call(inputs)
@@ -235,17 +240,15 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
         _, out = graph(base=kwargs, unit_locations=locations, source_representations=reps, subspaces=subspaces)
         return out
 
-    layer_modules = [plan.table.module(plan.model, "block_output", i)
-                     for i in range(plan.table.num_layers(plan.model))]
     if chunk.baseline and plan.skips_layers:
-        with _record_layers(layer_modules) as outputs:
+        with _record_layers(plan.layer_modules) as outputs:
             logits, out = _last_logits(plan.model, inputs, last, call)
         for b, r in enumerate(chunk.rows):
             kv.setdefault((r.prompt, r.variant), {})["layers"] = (outputs, b)
     else:
         width = inputs["input_ids"].shape[1]
         stored = [kv[(r.prompt, r.variant)]["layers"] for r in chunk.rows] if chunk.start else []
-        with _skip_layers(layer_modules[:chunk.start], stored, p, width):
+        with _skip_layers(plan.layer_modules[:chunk.start], stored, p, width):
             logits, out = _last_logits(plan.model, inputs, last, call)
     if keep_kv:
         layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]

@@ -120,6 +120,7 @@ class Plan:
     blocks: list[list[int]] = field(default_factory=list)   # prompts whose states are held together
     clean_rows: int = 1                        # prompts per clean forward pass
     memory: int | None = None                  # the budget chunks were sized for (bytes), if any
+    layer_modules: list[torch.nn.Module] = field(default_factory=list)   # the decoder layers, in order
     noop_cells: list[Cell] = field(default_factory=list)   # equal to the baseline run; not run
 
     @property
@@ -256,7 +257,8 @@ def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
                 chunks, variants, noise, sigma, shares_prefix=any(c.prefix for c in chunks),
                 skips_layers=any(c.start for c in chunks),
                 noop_cells=[c for name in noop for c in noop[name]], blocks=blocks,
-                clean_rows=sizer.clean_rows(prompts), memory=memory)
+                clean_rows=sizer.clean_rows(prompts), memory=memory,
+                layer_modules=[table.module(model, "block_output", i) for i in range(num_layers)])
 
 
 def first_difference(prompt: Prompt, noised: bool) -> int:

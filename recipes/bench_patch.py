@@ -19,7 +19,6 @@ Lesion ran give the no-intervention bound.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 
 import torch
@@ -27,7 +26,7 @@ import torch
 from interventions import compile_spec, load_model, parse_spec, run, run_plan
 from interventions.compare import correlation
 from interventions.sites import site_table
-from recipes.bench_trace import _sync
+from recipes.bench_trace import _sync, plain_and_attribution, print_report
 
 COUNTRIES = ["France", "Japan", "Italy", "Spain", "Germany", "China", "India", "Russia", "Canada", "Brazil",
              "Egypt", "Greece", "Mexico", "Poland", "Sweden", "Norway", "Kenya", "Peru", "Chile", "Turkey",
@@ -83,22 +82,6 @@ def reference_loop(model, tokenizer, plan, result, which: list[int]) -> torch.Te
     return grid
 
 
-@torch.inference_mode()
-def plain_forwards(model, plan, rows: int, size: int) -> float:
-    """Seconds for `rows` plain full-length forwards of the base prompts in batches of `size`."""
-    device = next(model.parameters()).device
-    ids = [p.base.ids for p in plan.prompts]
-    start = time.perf_counter()
-    done = 0
-    while done < rows:
-        batch = [ids[(done + j) % len(ids)] for j in range(min(size, rows - done))]
-        width = max(len(b) for b in batch)
-        x = torch.tensor([b + b[-1:] * (width - len(b)) for b in batch], device=device)
-        model(x, logits_to_keep=1)
-        done += len(batch)
-    return time.perf_counter() - start
-
-
 def main(args) -> int:
     model, tokenizer = load_model(args.model, device=args.device)
     spec = parse_spec({"kind": "patch", "model": args.model, "prompts": prompts(tokenizer, args.prompts),
@@ -116,12 +99,7 @@ def main(args) -> int:
     reference = reference_loop(model, tokenizer, plan, result, which)
     _sync(args.device)
     t2 = time.perf_counter()
-    plain = plain_forwards(model, plan, result.meta["rows"], args.max_batch_rows)
-    _sync(args.device)
-    t3 = time.perf_counter()
-    attribution = run(spec.model_copy(update={"method": "attribution"}), model, tokenizer)
-    _sync(args.device)
-    attribution_s = time.perf_counter() - t3
+    plain, attribution, attribution_s = plain_and_attribution(model, tokenizer, spec, plan, result.meta["rows"], args)
     values = result.grids["block_output"].values
     diff = float((values[which] - reference[which]).abs().nan_to_num().max())
     cells = int((~torch.isnan(values)).sum())
@@ -139,13 +117,4 @@ def main(args) -> int:
         "attribution_s": round(attribution_s, 2), "attribution_speedup": round(ref_s / attribution_s, 1),
         "attribution_correlation": round(correlation(result, attribution, "block_output"), 3),
     }
-    print("| what | value |\n|---|---|")
-    for k, v in report.items():
-        print(f"| {k} | {v} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if diff > 1e-3:
-        print(f"error: Lesion and the reference loop disagree (max abs diff {diff:.2e})")
-        return 1
-    return 0
+    return print_report(report, args.json, diff, 1e-3)
