@@ -63,3 +63,72 @@ def _panel(fig, ax, result, name, i, record, plt):
     bar = fig.colorbar(im, ax=ax, fraction=0.05)
     bar.ax.tick_params(labelsize=7)
     bar.set_label(f"p({record['answer'].strip()})" if grid.metric == "prob" else grid.metric, fontsize=7)
+
+
+def image_grid(panels: list[tuple[str, "torch.Tensor"]], row_labels: list[str], path: str | Path, *,
+               scale: int = 4, per_row: int = 8) -> None:
+    """A PNG of image panels side by side (e.g. before | after), one row per label.
+
+    panels: ``[(title, Float[Tensor, "rows per_row 3 h w"])]`` in [0, 1]; the same prompts and seeds
+    in every panel, so that a column compares one seed across panels."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rows = len(row_labels)
+    h, w = panels[0][1].shape[-2:]
+    cell_h, cell_w = h * scale + 4, w * scale + 4
+    label_w, title_h = 150, 18
+    width = label_w + len(panels) * (per_row * cell_w + 12)
+    canvas = Image.new("RGB", (width, title_h + rows * cell_h), (40, 40, 40))
+    draw = ImageDraw.Draw(canvas)
+    for j, (title, images) in enumerate(panels):
+        x0 = label_w + j * (per_row * cell_w + 12)
+        draw.text((x0, 3), title, fill=(230, 230, 230))
+        for r in range(rows):
+            for k in range(min(per_row, images.shape[1])):
+                arr = (images[r, k].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+                tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST)
+                canvas.paste(tile, (x0 + k * cell_w + 2, title_h + r * cell_h + 2))
+    for r, label in enumerate(row_labels):
+        draw.text((4, title_h + r * cell_h + cell_h // 2 - 6), label[:24], fill=(230, 230, 230))
+    canvas.save(path)
+
+
+def diffusion_trace_heatmap(result, path: str | Path, *, max_prompts: int = 6) -> None:
+    """Text-encoder grids (tokens down, layers across) and the cross-attention window curve, per prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result.grids)
+    prompts = result.prompts[:max_prompts]
+    fig, axes = plt.subplots(len(prompts), len(names), squeeze=False,
+                             figsize=(3.4 * len(names) + 0.6, 3.2 * len(prompts)))
+    for i, rec in enumerate(prompts):
+        for j, name in enumerate(names):
+            ax, grid = axes[i][j], result.grids[name]
+            n = grid.lengths[i]
+            title = f"{name}\n{rec['corrupted_prompt']!r} → {rec['target']!r}"
+            if name == "cross_attention":
+                vals = grid.values[i, :, 0].numpy()
+                ax.bar(range(len(vals)), vals, color="tab:blue")
+                ax.axhline(rec["clean_prob"], color="green", ls="--", lw=1, label="clean")
+                ax.axhline(rec["corrupted_prob"], color="red", ls=":", lw=1, label="corrupted")
+                ax.set_ylim(0, 1)
+                ax.set_xlabel("first cross-attention layer of the clean window", fontsize=7)
+                ax.set_ylabel(f"share of images showing {rec['target']}", fontsize=7)
+                ax.legend(fontsize=6)
+            else:
+                im = ax.imshow(grid.values[i, :, :n].T.numpy(), aspect="auto", cmap="Purples", vmin=0, vmax=1,
+                               interpolation="nearest")
+                subject = set(rec["subject_positions"])
+                ax.set_yticks(range(n), [t + ("*" if k in subject else "") for k, t in enumerate(rec["columns"][:n])],
+                              fontsize=7)
+                ax.set_xticks(range(len(grid.layers)), [str(x) for x in grid.layers], fontsize=7)
+                ax.set_xlabel("text-encoder layer", fontsize=7)
+                fig.colorbar(im, ax=ax, fraction=0.05).set_label(f"share showing {rec['target']}", fontsize=7)
+            ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator,
+)
 
 from .errors import SpecError, one_of
 
@@ -282,9 +284,128 @@ class ApplySpec(_Spec):
         return self
 
 
-Spec = Annotated[Union[TraceSpec, PatchSpec, EditSpec, SteerSpec, ApplySpec], Field(discriminator="kind")]
+#: Sites of a diffusion trace: the text encoder's states (per layer x token) and the UNet's
+#: cross-attention layers (a window of them gets the clean prompt, LocoGen-style).
+DIFFUSION_TRACE_SITES = ("text_hidden", "text_mlp", "text_attention", "cross_attention")
+DIFFUSION_MODEL = "shapes-diffusion"
+
+
+class _Images(_Spec):
+    images: int = Field(default=32, ge=1, description="Images per prompt (or per cell): one per seed.")
+    seed: int = Field(default=0, description="The first seed; image j uses seed + j.")
+    steps: int | None = Field(default=None, ge=1, description="DDIM steps; default: the pipeline's (25).")
+    guidance: float | None = Field(default=None, ge=0, description="Classifier-free guidance; default: the "
+                                   "pipeline's (1.5 for the testbed, 7.5 for Stable Diffusion).")
+
+
+class DiffusionTraceSpec(_Images):
+    """Causal tracing in a text-to-image model: restore clean text-encoder states (Diff-QuickFix) or give
+    the clean prompt to a window of UNet cross-attention layers (LocoGen); scored on generated images."""
+
+    kind: Literal["trace"] = "trace"
+    model: str = Field(min_length=1, description="`shapes-diffusion` or a local diffusers pipeline folder.")
+    prompts: tuple[TracePrompt, ...] = Field(min_length=1, description="`target` (a word the image evaluator "
+                                             "names) defaults to the subject.")
+    corruption: Literal["swap", "noise"] = "swap"
+    noise: float = Field(default=3.0, gt=0)
+    sigma: float | None = Field(default=None, gt=0)
+    samples: int = Field(default=4, ge=1, description="Noise draws (`corruption: noise`); images cycle over them.")
+    sites: tuple[str, ...] = Field(default=("text_hidden", "text_mlp", "text_attention", "cross_attention"),
+                                   min_length=1)
+    layers: Literal["all"] | tuple[int, ...] = Field(default="all", description="Text-encoder layers.")
+    positions: Literal["all", "prompt"] = Field(
+        default="all", description="`all`: every token the UNet sees (padding included); `prompt`: up to <eos>.")
+    window: int = Field(default=1, ge=1, description="Text-encoder layers restored together for mlp/attention.")
+    attn_window: int = Field(default=2, ge=1, description="Consecutive cross-attention layers given the clean "
+                                                          "prompt together.")
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v):
+        return _check_names(v, DIFFUSION_TRACE_SITES)
+
+
+class EraseConcept(_Spec):
+    concept: str = Field(min_length=1, description="The words to erase (or remap), e.g. `red`.")
+    guide: str = Field(default="", description="What the concept becomes: another concept (`blue`), or '' "
+                                               "(the prompt without it).")
+
+
+class EraseSpec(_Images):
+    """Closed-form concept erasure (UCE), remapping (TIME) or a text-encoder edit (Diff-QuickFix) of a
+    text-to-image model, written as a Delta; before/after images and metrics."""
+
+    kind: Literal["erase"] = "erase"
+    model: str = Field(default=DIFFUSION_MODEL, min_length=1)
+    method: Literal["uce", "time"] = Field(default="uce", description="`uce`: erase towards the guide while "
+                                           "preserving `preserve`; `time`: remap, kept close to the base only.")
+    edit: Literal["cross_attention", "text_encoder"] = Field(
+        default="cross_attention", description="Every UNet `attn2.to_k/to_v`, or the text encoder's "
+                                               "self-attention output projection at `layer` (Diff-QuickFix).")
+    layer: int | None = Field(default=None, ge=0, description="Text-encoder layer for `edit: text_encoder`.")
+    concepts: tuple[EraseConcept, ...] = Field(min_length=1)
+    preserve: tuple[str, ...] = Field(default=(), description="Concepts whose keys and values must not move.")
+    templates: tuple[str, ...] = Field(default=("{}",), min_length=1, description="Contexts in which each "
+                                       "concept is encoded, each with one '{}' (e.g. 'a {} circle').")
+    lam: float = Field(default=0.1, gt=0, description="Weight of staying close to the base projection.")
+    preserve_scale: float = Field(default=1.0, ge=0)
+    prompts: tuple[str, ...] = Field(default=(), description="Prompts for the before/after images; default "
+                                     "(testbed): every colour x shape caption.")
+    seed: int = 1_000_000
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, v):
+        for t in v:
+            if t.count("{}") != 1:
+                raise ValueError(f"each template must contain exactly one '{{}}', got {t!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _layer(self):
+        if self.edit == "text_encoder" and self.layer is None:
+            raise ValueError("`edit: text_encoder` needs `layer: <int>` (Diff-QuickFix edits the causal layer, "
+                             "0 in Stable Diffusion's CLIP)")
+        if self.edit == "cross_attention" and self.layer is not None:
+            raise ValueError("`layer` is only for `edit: text_encoder`; `cross_attention` edits every attn2")
+        if self.method == "time" and self.preserve:
+            raise ValueError("`method: time` has no preserve term; use `method: uce` with `preserve`")
+        return self
+
+
+class DiffusionApplySpec(_Images):
+    """Apply deltas to a text-to-image pipeline; images with the same prompts and seeds before and after."""
+
+    kind: Literal["apply"] = "apply"
+    model: str = Field(min_length=1)
+    deltas: tuple[str, ...] = Field(min_length=1)
+    prompts: tuple[str, ...] = Field(min_length=1)
+    images: int = Field(default=8, ge=1)
+
+
+def _is_diffusion(model) -> bool:
+    from .diffusion import is_diffusion_model
+
+    return isinstance(model, str) and is_diffusion_model(model)
+
+
+def _tag(value) -> str | None:
+    """The spec class: `kind`, with trace/apply on a text-to-image model told apart by their `model`."""
+    get = value.get if isinstance(value, dict) else (lambda k, d=None: getattr(value, k, d))
+    kind = get("kind")
+    if kind == "erase" or (kind in ("trace", "apply") and _is_diffusion(get("model"))):
+        return f"{kind}-diffusion" if kind != "erase" else "erase"
+    return kind
+
+
+Spec = Annotated[Union[
+    Annotated[TraceSpec, Tag("trace")], Annotated[PatchSpec, Tag("patch")], Annotated[EditSpec, Tag("edit")],
+    Annotated[SteerSpec, Tag("steer")], Annotated[ApplySpec, Tag("apply")],
+    Annotated[DiffusionTraceSpec, Tag("trace-diffusion")], Annotated[EraseSpec, Tag("erase")],
+    Annotated[DiffusionApplySpec, Tag("apply-diffusion")]], Discriminator(_tag)]
 _ADAPTER: TypeAdapter = TypeAdapter(Spec)
-KINDS = ("trace", "patch", "edit", "steer", "apply")
+KINDS = ("trace", "patch", "edit", "steer", "apply", "erase")
+_TAGS = (*KINDS, "trace-diffusion", "apply-diffusion")
 
 
 def _loc(loc: tuple) -> str:
@@ -301,7 +422,7 @@ def _problems(err: ValidationError, data: Any) -> list[str]:
     problems = []
     for e in err.errors():
         loc = e["loc"]
-        if loc and loc[0] in KINDS and isinstance(data, dict) and data.get("kind") == loc[0]:
+        if loc and loc[0] in _TAGS and isinstance(data, dict) and str(loc[0]).startswith(str(data.get("kind"))):
             loc = loc[1:]  # the union's tag: the user wrote no such field
         loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("literal[", "tuple["))))
         field = _loc(loc) or "spec"
@@ -316,7 +437,7 @@ def _problems(err: ValidationError, data: Any) -> list[str]:
     return problems
 
 
-def parse_spec(data: Any) -> TraceSpec | PatchSpec | EditSpec | SteerSpec | ApplySpec:
+def parse_spec(data: Any):
     """Validate a plain mapping (as from YAML) into a spec, or raise `SpecError`."""
     if not isinstance(data, dict):
         raise SpecError("spec", data, "a mapping with a `kind:` field")
@@ -339,7 +460,7 @@ def load_yaml(text: str, *, source: str = "<string>") -> Any:
         raise SpecError(source, f"malformed YAML{where}", f"valid YAML ({problem})") from None
 
 
-def load_spec(path: str | Path) -> TraceSpec | PatchSpec | EditSpec | SteerSpec | ApplySpec:
+def load_spec(path: str | Path):
     """Read and validate a YAML spec file."""
     path = Path(path)
     if not path.is_file():

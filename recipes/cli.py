@@ -9,6 +9,9 @@
     lesion bench-patch --threads 2
     lesion bench-edit --threads 2
     lesion bench-steer --threads 2
+    lesion run recipes/erase_red.yaml --out runs/erase_red           # text-to-image: erase a concept
+    lesion apply --model shapes-diffusion --delta runs/erase_red/delta.safetensors --prompt "a red circle" --out g
+    lesion bench-erase --threads 2
 
 Errors a user can cause print one clear message and exit with status 2, never a traceback.
 """
@@ -41,6 +44,8 @@ def cmd_run(args) -> int:
     from interventions.distributed import init_from_env, local_device, world
 
     spec = _load(args.spec, args.model)
+    if _is_diffusion_spec(spec):
+        return _diffusion(spec, args)
     if init_from_env() and spec.kind not in ("trace", "patch"):
         raise SpecError("kind", spec.kind, "'trace' or 'patch' under torchrun (other kinds run in one process)")
     if args.out is None and spec.kind != "apply":
@@ -89,6 +94,68 @@ def cmd_run(args) -> int:
             line += f", base {spec.metric}={p['base_metric']:.3f}"
         print(line)
     print(f"wrote {', '.join(written)} to {args.out}")
+    return 0
+
+
+def _is_diffusion_spec(spec) -> bool:
+    from interventions.spec import DiffusionApplySpec, DiffusionTraceSpec, EraseSpec
+
+    return isinstance(spec, (DiffusionTraceSpec, EraseSpec, DiffusionApplySpec))
+
+
+def _diffusion(spec, args) -> int:
+    """trace / erase / apply on a text-to-image pipeline (recipes/diffusion.py)."""
+    from pathlib import Path
+
+    from recipes import diffusion as jobs
+
+    for flag in ("device_map", "memory", "checkpoint", "max_batch_rows"):
+        if getattr(args, flag, None):
+            raise SpecError(f"--{flag.replace('_', '-')}", getattr(args, flag),
+                            "nothing: it is for language-model specs, not text-to-image ones")
+    if args.out is None and spec.kind != "apply":
+        raise SpecError("--out", None, f"an output folder for a `{spec.kind}` spec")
+    out = Path(args.out) if args.out else None
+    pipe = jobs.pipeline_for(spec, device=getattr(args, "device", "cpu"))
+    if spec.kind == "trace":
+        report = jobs.run_trace(spec, pipe, out)
+        result = report["result"]
+        print(f"trace of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['images_per_cell']} images "
+              f"per cell, {pipe.steps} steps, in {report['seconds']:.1f} s")
+        for p in result.prompts:
+            print(f"  {p['prompt']!r} (corrupted: {p['corrupted_prompt']!r}) shows {p['target']!r}: "
+                  f"clean {p['clean_prob']:.2f}, corrupted {p['corrupted_prob']:.2f}")
+            for name, grid in result.grids.items():
+                i = result.prompts.index(p)
+                vals = grid.values[i, :, :grid.lengths[i]]
+                best = int(vals.nan_to_num(-1).argmax())
+                layer, pos = divmod(best, vals.shape[1])
+                where = (f"attn2 window from {grid.layers[layer]}" if name == "cross_attention"
+                         else f"layer {grid.layers[layer]}, token {pos} {p['columns'][pos]!r}")
+                print(f"    {name}: best {float(vals.flatten()[best]):.2f} at {where}")
+        print(f"wrote {', '.join(report['written'])} to {out}")
+        return 0
+    if spec.kind == "erase":
+        report = jobs.run_erase(spec, pipe, out)
+        ranks = sorted(set(report["rank"].values()))
+        print(f"{spec.method} ({spec.edit}) edit of {len(report['edited'])} projection(s) in "
+              f"{report['edit_seconds']:.2f} s (rank {ranks or 'dense'})")
+        if "summary" in report:
+            s = report["summary"]
+            print(f"  erased concept shown: {s['erased_before']:.2f} -> {s['erased_after']:.2f}; other colours "
+                  f"{s['other_colours_before']:.2f} -> {s['other_colours_after']:.2f}; other shapes "
+                  f"{s['other_shapes_before']:.2f} -> {s['other_shapes_after']:.2f}")
+        print(f"wrote delta.safetensors, grid.png, report.json{', table.md' if 'summary' in report else ''} to {out}")
+        return 0
+    report = jobs.run_apply(spec, pipe, out)
+    print(f"{report['images']} images with and without {len(spec.deltas)} delta(s): "
+          f"{report['base_seconds']:.2f} s base, {report['edited_seconds']:.2f} s edited")
+    for prompt, row in (report.get("after") or {}).items():
+        b = report["before"][prompt]
+        asked = row["asked_colour"] + row["asked_shape"]
+        print(f"  {prompt!r}: " + ", ".join(f"{w} {b[w]:.2f} -> {row[w]:.2f}" for w in asked))
+    if out is not None:
+        print(f"wrote grid.png, report.json to {out}")
     return 0
 
 
@@ -170,8 +237,16 @@ def _steer(spec, model, tokenizer, out) -> int:
 
 def cmd_apply(args) -> int:
     from interventions import load_model
+    from interventions.diffusion import is_diffusion_model
     from interventions.spec import parse_spec
 
+    if is_diffusion_model(args.model):
+        if args.steer:
+            raise SpecError("--steer", args.steer, "nothing: steering vectors are for language models")
+        spec = parse_spec({"kind": "apply", "model": args.model, "deltas": args.delta or [], "prompts": args.prompt,
+                           "images": args.images, "seed": args.seed})
+        args.device = "cpu"
+        return _diffusion(spec, args)
     spec = parse_spec({"kind": "apply", "model": args.model, "deltas": args.delta or [], "prompts": args.prompt,
                        "steer": args.steer, "coef": args.coef, "apply_to": args.apply_to,
                        "max_new_tokens": args.max_new_tokens})
@@ -189,8 +264,8 @@ def cmd_validate(args) -> int:
         print(f"ok: {spec.kind} spec, {len(spec.prompts)} prompt(s), compiles to {len(plan.graphs)} graph(s) "
               f"and {plan.num_rows} rows in {len(plan.chunks)} chunk(s)")
     else:
-        items = spec.requests if spec.kind == "edit" else spec.prompts
-        noun = "request" if spec.kind == "edit" else "prompt"
+        items = spec.requests if spec.kind == "edit" else spec.concepts if spec.kind == "erase" else spec.prompts
+        noun = {"edit": "request", "erase": "concept"}.get(spec.kind, "prompt")
         print(f"ok: {spec.kind} spec, {len(items)} {noun}(s), model {spec.model}")
     return 0
 
@@ -281,6 +356,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--apply-to", default="all", help="steer at: all | prompt | generated positions")
     a.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     a.add_argument("--max-new-tokens", type=int, default=20)
+    a.add_argument("--images", type=int, default=8, help="text-to-image: images per prompt (one per seed)")
+    a.add_argument("--seed", type=int, default=0, help="text-to-image: the first seed")
+    a.add_argument("--out", default=None, help="text-to-image: a folder for grid.png and report.json")
     a.set_defaults(fn=cmd_apply)
     c = sub.add_parser("compare", help="correlate two results of one spec, e.g. method: exact and attribution")
     c.add_argument("a", help="a result folder")

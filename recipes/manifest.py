@@ -49,3 +49,18 @@ def register(source: Path, name: str, *, root: Path | None = None, **entry) -> d
     manifest["artefacts"] = [a for a in manifest["artefacts"] if a["path"] != name] + [row]
     atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
     return row
+
+
+def register_in_place(path: Path, *, root: Path | None = None, **entry) -> dict:
+    """List a file already written inside `root` (e.g. a testbed) in `root/manifest.json`."""
+    root = CHECKPOINTS if root is None else root
+    name = check_name(path.name)
+    if path.resolve().parent != root.resolve():
+        raise SpecError("path", str(path), f"a file directly inside {root}")
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"format": 1, "artefacts": []}
+    row = {"path": name, "sha256": sha256(path), "bytes": path.stat().st_size, **entry,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest["artefacts"] = [a for a in manifest["artefacts"] if a["path"] != name] + [row]
+    atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+    return row
