@@ -143,6 +143,15 @@ class DiffusionPipe:
             raise SpecError("seeds", list(seeds), f"one seed per prompt ({len(prompts)} prompts)")
         return self.sample(self.encode(prompts), list(seeds), **kw)
 
+    def __call__(self, prompt: str | list[str], *, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, num_images_per_prompt: int = 1, seed: int = 0) -> torch.Tensor:
+        """The `StableDiffusionPipeline`-style call: images ``(prompts x num_images_per_prompt, 3, H, W)``,
+        image k of every prompt from seed ``seed + k``."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        rows = [p for p in prompts for _ in range(num_images_per_prompt)]
+        seeds = [seed + k for _ in prompts for k in range(num_images_per_prompt)]
+        return self.generate(rows, seeds, steps=num_inference_steps, guidance=guidance_scale)
+
     # ----------------------------------------------------------------- parts
     def named_parameters(self):
         """Every trainable tensor, named as deltas name them: ``unet.<...>``, ``text_encoder.<...>``."""

@@ -243,8 +243,9 @@ def trace(spec, pipe: DiffusionPipe, evaluator=None) -> Result:
         clean_ctx = pipe.encode_ids(c.clean_ids)
         clean_p = float(score(lambda k: clean_ctx)[0])
         corrupt_p = float(score(lambda k: corrupted_context(pipe, c, k if c.noise is not None else None))[0])
-        length = int((c.clean_ids[0] != pipe.tokenizer.pad_token_id).sum()) if spec.positions == ("prompt",) \
-            else c.clean_ids.shape[1]
+        # `prompt`: up to and including <eos> (SD's tokenizer pads with <eos> itself, so count, not compare)
+        length = len(pipe.tokenizer(p.prompt, truncation=True, max_length=c.clean_ids.shape[1])["input_ids"]) \
+            if spec.positions == "prompt" else c.clean_ids.shape[1]
         for site in spec.sites:
             if site in TEXT_SITES:
                 layers, cells = text_cells(spec, n_text, length, site)

@@ -65,7 +65,7 @@ def _panel(fig, ax, result, name, i, record, plt):
     bar.set_label(f"p({record['answer'].strip()})" if grid.metric == "prob" else grid.metric, fontsize=7)
 
 
-def image_grid(panels: list[tuple[str, "torch.Tensor"]], row_labels: list[str], path: str | Path, *,
+def image_grid(panels: list[tuple[str, object]], row_labels: list[str], path: str | Path, *,
                scale: int = 4, per_row: int = 8) -> None:
     """A PNG of image panels side by side (e.g. before | after), one row per label.
 

@@ -482,5 +482,8 @@ def dump_spec(spec: TraceSpec | PatchSpec) -> str:
 def spec_schema() -> dict:
     """The JSON Schema of every spec kind (for editors that validate YAML)."""
     schema = _ADAPTER.json_schema()
+    # `kind: trace` and `kind: apply` each have a language-model and a text-to-image form, told apart
+    # by `model` at load time; a minimal spec may fit both, so the schema asks for any, not exactly one.
+    schema["anyOf"] = schema.pop("oneOf")
     schema["title"] = "Lesion spec"
     return schema

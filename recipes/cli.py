@@ -53,8 +53,9 @@ def cmd_run(args) -> int:
     if args.checkpoint:
         from recipes.manifest import check_name
 
-        if spec.kind != "edit":
-            raise SpecError("--checkpoint", args.checkpoint, "only with a `kind: edit` spec (it ships the delta)")
+        if spec.kind not in ("edit", "erase"):
+            raise SpecError("--checkpoint", args.checkpoint, "only with a `kind: edit` or `kind: erase` spec "
+                            "(it ships the delta)")
         check_name(args.checkpoint)
     device_map = _device_map(getattr(args, "device_map", None))
     if device_map is not None and spec.kind not in ("trace", "patch"):
@@ -110,6 +111,8 @@ def _diffusion(spec, args) -> int:
     from recipes import diffusion as jobs
 
     for flag in ("device_map", "memory", "checkpoint", "max_batch_rows"):
+        if flag == "checkpoint" and spec.kind == "erase":
+            continue
         if getattr(args, flag, None):
             raise SpecError(f"--{flag.replace('_', '-')}", getattr(args, flag),
                             "nothing: it is for language-model specs, not text-to-image ones")
@@ -146,6 +149,14 @@ def _diffusion(spec, args) -> int:
                   f"{s['other_colours_before']:.2f} -> {s['other_colours_after']:.2f}; other shapes "
                   f"{s['other_shapes_before']:.2f} -> {s['other_shapes_after']:.2f}")
         print(f"wrote delta.safetensors, grid.png, report.json{', table.md' if 'summary' in report else ''} to {out}")
+        if getattr(args, "checkpoint", None):
+            from recipes.manifest import check_name, register
+
+            row = register(out / "delta.safetensors", f"{check_name(args.checkpoint)}.safetensors", kind="delta",
+                           recipe=args.spec, command=" ".join(["lesion"] + (args.argv or [])), base_model=spec.model,
+                           method=spec.method, edit=spec.edit, edited=report["edited"],
+                           metrics=report.get("summary", {}))
+            print(f"shipped checkpoints/{row['path']} ({row['bytes']} bytes) and its manifest entry")
         return 0
     report = jobs.run_apply(spec, pipe, out)
     print(f"{report['images']} images with and without {len(spec.deltas)} delta(s): "
@@ -256,7 +267,7 @@ def cmd_apply(args) -> int:
 
 def cmd_validate(args) -> int:
     spec = _load(args.spec, args.model)
-    if args.compile and spec.kind in ("trace", "patch"):
+    if args.compile and spec.kind in ("trace", "patch") and not _is_diffusion_spec(spec):
         from interventions import compile_spec, load_model
 
         model, tokenizer = load_model(spec.model)
@@ -311,6 +322,12 @@ def cmd_compare(args) -> int:
     for grid, r in rows.items():
         print(f"| {grid} | {r['pearson']:.3f} | {r['max_abs_diff']:.2e} |")
     return 0
+
+
+def cmd_bench_erase(args) -> int:
+    from recipes.bench_erase import main as bench
+
+    return bench(args)
 
 
 def cmd_bench_steer(args) -> int:
@@ -409,6 +426,14 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--repeats", type=int, default=5)
     bs.add_argument("--json", default=None, help="also write the numbers to this file")
     bs.set_defaults(fn=cmd_bench_steer)
+    bz = sub.add_parser("bench-erase", help="benchmark a text-to-image erasure: edit time, and images/s with "
+                                           "the delta applied against the base pipeline")
+    bz.add_argument("--spec", default="recipes/erase_red.yaml", help="a `kind: erase` spec")
+    bz.add_argument("--images", type=int, default=64)
+    bz.add_argument("--repeats", type=int, default=5)
+    bz.add_argument("--device", default="cpu")
+    bz.add_argument("--json", default=None, help="also write the numbers to this file")
+    bz.set_defaults(fn=cmd_bench_erase)
     return p
 
 

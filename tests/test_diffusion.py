@@ -23,8 +23,6 @@ from interventions.errors import SpecError
 from interventions.spec import DiffusionTraceSpec, EraseSpec, dump_spec, load_yaml, parse_spec
 from tests.diffusion_tiny import SD_V1_ATTN2, ChannelEvaluator, sd_v1_unet, tiny_sd
 
-pytest.importorskip("diffusers")
-
 
 @pytest.fixture(scope="module")
 def pipe():
@@ -170,6 +168,13 @@ def test_trace_grid_equals_reference_shares(pipe):
             float(evaluator.shows(images, "red").float().mean()))
     assert result.prompts[0]["clean_prob"] == pytest.approx(float(evaluator.shows(base, "red").float().mean()))
     assert result.grids["text_hidden"].values.shape == (1, len(layers), 8)
+
+
+def test_trace_positions_prompt_stops_at_eos(pipe):
+    spec = _spec(sites=("text_mlp",), positions="prompt", images=1, corruption="noise", samples=1)
+    result = trace(spec, pipe, ChannelEvaluator({"red": 0.5}))
+    assert result.grids["text_mlp"].values.shape == (1, 3, 5)          # <bos> a red cat <eos>
+    assert result.prompts[0]["columns"] == ["<bos>", "a", "red", "cat", "<eos>"]
 
 
 def test_noise_corruption_is_seeded(pipe):

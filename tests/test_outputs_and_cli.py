@@ -54,7 +54,9 @@ def cli(*args):
 
 def test_cli_schema_and_validate(tmp_path):
     code, out, _ = cli("schema")
-    assert code == 0 and "trace" in json.loads(out)["discriminator"]["mapping"]
+    schema = json.loads(out)
+    kinds = {schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]["properties"]["kind"]["const"] for ref in schema["anyOf"]}
+    assert code == 0 and kinds == {"trace", "patch", "edit", "steer", "apply", "erase"}
     good = tmp_path / "good.yaml"
     good.write_text("kind: trace\nprompts:\n  - {prompt: The Eiffel Tower is in, subject: Eiffel Tower}\n")
     code, out, _ = cli("validate", str(good))
