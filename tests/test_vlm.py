@@ -93,3 +93,77 @@ def test_text_only_trace_runs_on_the_assembled_llava(pair):
     a, b = run(spec, lm, tok, progress=False), run(spec, vlm, tok, progress=False)
     for name in a.grids:
         assert (a.grids[name].values - b.grids[name].values).abs().max() < 0.01
+
+
+# ------------------------------------------------------------------ trace over image tokens
+def _modules(vlm, site, layer):
+    block = vlm.model.language_model.layers[layer]
+    return {"hidden": block, "mlp": block.mlp, "attention": block.self_attn}[site]
+
+
+def _reference_prob(vlm, ids, pixels, eps, site, window, pos, clean, tid):
+    """One forward with plain hooks: noise on the projector output, clean states restored at `pos`."""
+    handles = []
+    if eps is not None:
+        handles.append(vlm.model.multi_modal_projector.register_forward_hook(lambda m, a, o: o + eps))
+    for layer in window:
+        def put(mod, args, out, layer=layer):
+            t = out[0] if isinstance(out, tuple) else out
+            t[:, pos] = clean[layer][pos]
+        handles.append(_modules(vlm, site, layer).register_forward_hook(put))
+    try:
+        with torch.no_grad():
+            return float(vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[None]).logits[0, -1].softmax(-1)[tid])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("corruption", ["noise", "swap"])
+def test_vlm_trace_equals_plain_hook_reference(pair, corruption):
+    from interventions.vlm_trace import VLMCase, _windows, target_id, vlm_trace
+
+    _, vlm, tok = pair
+    g = torch.Generator().manual_seed(1)
+    pixels, other = torch.rand(2, 3, 32, 32, generator=g)
+    case = VLMCase(pixels, " the capital of", "paris", counterfactual=other)
+    grids, records = vlm_trace(vlm, tok, [case], corruption=corruption, samples=2, window=2, seed=5,
+                               max_batch_rows=7)
+    ids = image_prompt(tok, vlm, case.text)
+    tid = target_id(tok, "paris", "target")
+    rec = records[0]
+    # the seeded noise, drawn as the trace draws it
+    gen = torch.Generator().manual_seed(5)
+    eps = torch.randn(2, 4, vlm.config.text_config.hidden_size, generator=gen) * 3.0 * rec["sigma"]
+    for site, grid in grids.items():
+        clean = {}
+        handles = [_modules(vlm, site, l).register_forward_hook(
+            lambda m, a, o, l=l: clean.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0].clone()))
+            for l in range(4)]
+        with torch.no_grad():
+            vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[None])
+        for h in handles:
+            h.remove()
+        wins = _windows(4, 2, site)
+        for layer in range(4):
+            for pos in range(len(ids)):
+                if corruption == "noise":
+                    want = sum(_reference_prob(vlm, ids, pixels, eps[k], site, wins[layer], pos, clean, tid)
+                               for k in range(2)) / 2
+                else:
+                    want = _reference_prob(vlm, ids, other, None, site, wins[layer], pos, clean, tid)
+                assert grid.values[0, layer, pos] == pytest.approx(want, abs=1e-5), (site, layer, pos)
+    assert abs(rec["clean_prob"] - rec["corrupted_prob"]) > 1e-3
+
+
+def test_vlm_trace_noise_is_seeded_and_batch_size_free(pair):
+    from interventions.vlm_trace import VLMCase, vlm_trace
+
+    _, vlm, tok = pair
+    pixels = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))
+    case = VLMCase(pixels, " the capital of", "paris")
+    a, _ = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=3, seed=9, max_batch_rows=5)
+    b, _ = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=3, seed=9, max_batch_rows=200)
+    c, _ = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=3, seed=10, max_batch_rows=200)
+    torch.testing.assert_close(a["hidden"].values, b["hidden"].values, atol=1e-5, rtol=0)
+    assert not torch.allclose(a["hidden"].values, c["hidden"].values)
