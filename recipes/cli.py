@@ -330,6 +330,12 @@ def cmd_bench_erase(args) -> int:
     return bench(args)
 
 
+def cmd_trace_flags(args) -> int:
+    from recipes.trace_flags import main as trace_flags
+
+    return trace_flags(args)
+
+
 def cmd_bench_steer(args) -> int:
     from recipes.bench_steer import main as bench
 
@@ -434,6 +440,13 @@ def parser() -> argparse.ArgumentParser:
     bz.add_argument("--device", default="cpu")
     bz.add_argument("--json", default=None, help="also write the numbers to this file")
     bz.set_defaults(fn=cmd_bench_erase)
+    tf = sub.add_parser("trace-flags", help="VLM testbed: trace a capital fact with the country as an image and "
+                                            "as text, side by side")
+    tf.add_argument("--out", required=True)
+    tf.add_argument("--countries", nargs="+", default=["France", "Germany", "Japan", "Korea"])
+    tf.add_argument("--samples", type=int, default=5)
+    tf.add_argument("--seed", type=int, default=2_000_000)
+    tf.set_defaults(fn=cmd_trace_flags)
     return p
 
 
