@@ -383,6 +383,51 @@ class DiffusionApplySpec(_Images):
     images: int = Field(default=8, ge=1)
 
 
+class VLMTracePrompt(_Spec):
+    """One image and a question about it: the text follows the image tokens."""
+
+    image: str = Field(min_length=1, description="`flag:<Country>` (the testbed's synthetic flag) or an image file.")
+    prompt: str = Field(min_length=1, description="The text after the image, e.g. ' The capital of this country is'.")
+    target: str = Field(min_length=1, description="The answer word whose probability is traced.")
+    counterfactual_image: str | None = Field(default=None, description="For `corruption: swap`.")
+
+
+class VLMTraceSpec(_Spec):
+    """Causal tracing in a vision-language model: corrupt the image (noise on its tokens, or a
+    counterfactual image) and restore the language model's states over image and text positions."""
+
+    kind: Literal["trace"] = "trace"
+    model: str = Field(min_length=1, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
+    prompts: tuple[VLMTracePrompt, ...] = Field(min_length=1)
+    corruption: Literal["noise", "swap"] = "noise"
+    noise: float = Field(default=3.0, gt=0, description="In units of `sigma`.")
+    sigma: float | None = Field(default=None, gt=0, description="Default: the std of the clean image tokens.")
+    samples: int = Field(default=10, ge=1)
+    seed: int = 0
+    sites: tuple[str, ...] = Field(default=("hidden", "mlp", "attention"), min_length=1)
+    window: int = Field(default=10, ge=1)
+    max_batch_rows: int = Field(default=48, ge=1)
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v):
+        return _check_names(v, tuple(TRACE_SITES))
+
+    @model_validator(mode="after")
+    def _swap(self):
+        if self.corruption == "swap":
+            for i, p in enumerate(self.prompts):
+                if p.counterfactual_image is None:
+                    raise ValueError(f"`corruption: swap` needs `prompts[{i}].counterfactual_image`")
+        return self
+
+
+def _is_vlm(model) -> bool:
+    from .vlm import is_vlm_model
+
+    return isinstance(model, str) and is_vlm_model(model)
+
+
 def _is_diffusion(model) -> bool:
     from .diffusion import is_diffusion_model
 
@@ -393,6 +438,8 @@ def _tag(value) -> str | None:
     """The spec class: `kind`, with trace/apply on a text-to-image model told apart by their `model`."""
     get = value.get if isinstance(value, dict) else (lambda k, d=None: getattr(value, k, d))
     kind = get("kind")
+    if kind == "trace" and _is_vlm(get("model")):
+        return "trace-vlm"
     if kind == "erase" or (kind in ("trace", "apply") and _is_diffusion(get("model"))):
         return f"{kind}-diffusion" if kind != "erase" else "erase"
     return kind
@@ -402,10 +449,11 @@ Spec = Annotated[Union[
     Annotated[TraceSpec, Tag("trace")], Annotated[PatchSpec, Tag("patch")], Annotated[EditSpec, Tag("edit")],
     Annotated[SteerSpec, Tag("steer")], Annotated[ApplySpec, Tag("apply")],
     Annotated[DiffusionTraceSpec, Tag("trace-diffusion")], Annotated[EraseSpec, Tag("erase")],
-    Annotated[DiffusionApplySpec, Tag("apply-diffusion")]], Discriminator(_tag)]
+    Annotated[DiffusionApplySpec, Tag("apply-diffusion")], Annotated[VLMTraceSpec, Tag("trace-vlm")]],
+    Discriminator(_tag)]
 _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 KINDS = ("trace", "patch", "edit", "steer", "apply", "erase")
-_TAGS = (*KINDS, "trace-diffusion", "apply-diffusion")
+_TAGS = (*KINDS, "trace-diffusion", "apply-diffusion", "trace-vlm")
 
 
 def _loc(loc: tuple) -> str:

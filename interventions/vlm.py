@@ -127,3 +127,65 @@ def load_vlm_testbed(path: str | Path | None = None, *, device: str | torch.devi
         getattr(vlm.model, part).load_state_dict(
             {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")})
     return vlm.to(device).eval(), tokenizer, meta
+
+
+def is_vlm_model(name: str) -> bool:
+    """True for the VLM testbed, a local folder holding a LLaVA config, or a hub id naming LLaVA."""
+    import json
+
+    if name == VLM_TESTBED:
+        return True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        cfg = path / "config.json"
+        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "llava"
+    return "llava" in name.lower()
+
+
+def load_vlm(name: str, *, device: str | torch.device = "cpu"):
+    """``(vlm, tokenizer, image_processor or None)`` for the testbed or a local LLaVA folder."""
+    from .errors import ModelNotAvailable
+
+    if name == VLM_TESTBED:
+        vlm, tokenizer, _ = load_vlm_testbed(device=device)
+        return vlm, tokenizer, None
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ModelNotAvailable(f"`model`: got {name!r}; expected {VLM_TESTBED!r} or a local LLaVA folder "
+                                "(nothing is downloaded here)")
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    vlm = LlavaForConditionalGeneration.from_pretrained(path).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError):
+        processor = None           # a folder without a processor config: raw [0, 1] pixels (as the testbed)
+    return vlm, tokenizer, processor
+
+
+def load_image(ref: str, vlm, processor=None, *, field: str = "image") -> torch.Tensor:
+    """``(3, H, W)`` pixels for `ref`: ``flag:<Country>`` (the testbed's flag, no jitter) or an image file."""
+    from .flags import COUNTRIES, render
+
+    size = vlm.config.vision_config.image_size
+    if ref.startswith("flag:"):
+        names = [c for c, _ in COUNTRIES]
+        country = ref[len("flag:"):]
+        if country not in names:
+            from .errors import one_of
+
+            raise SpecError(field, ref, "flag:" + one_of(country, names).replace("one of ", "<one of ") + ">")
+        return render([names.index(country)], torch.Generator().manual_seed(0), jitter=False)[0]
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise SpecError(field, ref, "`flag:<Country>` or an existing image file")
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    if processor is not None:
+        return processor(images=image, return_tensors="pt").pixel_values[0]
+    import numpy as np
+
+    image = image.resize((size, size))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)

@@ -46,6 +46,10 @@ def cmd_run(args) -> int:
     spec = _load(args.spec, args.model)
     if _is_diffusion_spec(spec):
         return _diffusion(spec, args)
+    from interventions.spec import VLMTraceSpec
+
+    if isinstance(spec, VLMTraceSpec):
+        return _vlm_trace(spec, args)
     if init_from_env() and spec.kind not in ("trace", "patch"):
         raise SpecError("kind", spec.kind, "'trace' or 'patch' under torchrun (other kinds run in one process)")
     if args.out is None and spec.kind != "apply":
@@ -95,6 +99,26 @@ def cmd_run(args) -> int:
             line += f", base {spec.metric}={p['base_metric']:.3f}"
         print(line)
     print(f"wrote {', '.join(written)} to {args.out}")
+    return 0
+
+
+def _vlm_trace(spec, args) -> int:
+    """`kind: trace` on a LLaVA model (recipes/vlm.py)."""
+    from pathlib import Path
+
+    from recipes.vlm import run_trace
+
+    if args.out is None:
+        raise SpecError("--out", None, "an output folder for a `trace` spec")
+    for flag in ("device_map", "memory", "checkpoint"):
+        if getattr(args, flag, None):
+            raise SpecError(f"--{flag.replace('_', '-')}", getattr(args, flag), "nothing: not for VLM traces (yet)")
+    result, seconds = run_trace(spec, Path(args.out), device=args.device)
+    print(f"trace of {len(result.prompts)} image prompt(s) on {spec.model} in {seconds:.1f} s")
+    for p in result.prompts:
+        print(f"  {p['label']} +{p['prompt']!r} -> {p['answer']!r}: clean p={p['clean_prob']:.3f}, "
+              f"corrupted p={p['corrupted_prob']:.3f}")
+    print(f"wrote result.json, result.safetensors, spec.yaml, heatmap.png to {args.out}")
     return 0
 
 

@@ -167,3 +167,35 @@ def test_vlm_trace_noise_is_seeded_and_batch_size_free(pair):
     c, _ = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=3, seed=10, max_batch_rows=200)
     torch.testing.assert_close(a["hidden"].values, b["hidden"].values, atol=1e-5, rtol=0)
     assert not torch.allclose(a["hidden"].values, c["hidden"].values)
+
+
+def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path):
+    """`kind: trace` with an image, on a LLaVA folder: the CLI's grids equal the API's."""
+    import json
+
+    from interventions.flags import COUNTRIES, render
+    from interventions.spec import VLMTraceSpec, dump_spec, load_yaml, parse_spec
+    from interventions.vlm_trace import VLMCase, vlm_trace
+    from recipes.cli import main as cli
+
+    _, vlm, tok = pair
+    folder = tmp_path / "llava"
+    vlm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = {"kind": "trace", "model": str(folder), "samples": 2, "window": 2, "sites": ["hidden", "mlp"],
+            "prompts": [{"image": "flag:Japan", "prompt": " the capital of", "target": "paris"}]}
+    spec = parse_spec(data)
+    assert isinstance(spec, VLMTraceSpec) and parse_spec(load_yaml(dump_spec(spec))) == spec
+    (tmp_path / "spec.yaml").write_text(dump_spec(spec))
+    assert cli(["run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")]) == 0
+    got = json.loads((tmp_path / "out" / "result.json").read_text())
+    pixels = render([[c for c, _ in COUNTRIES].index("Japan")], torch.Generator().manual_seed(0), jitter=False)[0]
+    grids, _ = vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris")], sites=("hidden", "mlp"),
+                         samples=2, window=2)
+    for site in ("hidden", "mlp"):
+        torch.testing.assert_close(torch.tensor(got["grids"][site]["values"][0]), grids[site].values[0],
+                                   atol=1e-5, rtol=0)
+    assert (tmp_path / "out" / "heatmap.png").is_file()
+    with pytest.raises(SpecError, match="flag:"):
+        from interventions.vlm import load_image
+        load_image("flag:Atlantis", vlm)
