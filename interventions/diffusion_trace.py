@@ -230,8 +230,10 @@ def trace(spec, pipe: DiffusionPipe, evaluator=None) -> Result:
             """Share of images showing the target, per context row (contexts built per sample)."""
             hits = None
             for k in range(samples):
-                ctx = contexts_for_sample(k)                       # (cells, L, d)
                 n = len(per_sample[k])
+                if n == 0:                                         # more noise draws than images
+                    continue
+                ctx = contexts_for_sample(k)                       # (cells, L, d)
                 rows = ctx.repeat_interleave(n, dim=0)
                 row_seeds = per_sample[k] * len(ctx)
                 images = pipe.sample(rows, row_seeds, uncond=uncond,
@@ -266,7 +268,8 @@ def trace(spec, pipe: DiffusionPipe, evaluator=None) -> Result:
         records.append({"prompt": p.prompt, "subject": p.subject, "answer": target, "target": target,
                         "tokens": c.tokens, "columns": c.tokens[:length], "subject_positions": c.subject,
                         "clean_prob": clean_p, "corrupted_prob": corrupt_p,
-                        "corrupted_prompt": p.prompt.replace(p.subject, p.counterfactual_subject or p.subject, 1)})
+                        "corrupted_prompt": p.prompt.replace(p.subject, p.counterfactual_subject, 1)
+                        if spec.corruption == "swap" else f"{p.prompt} (noise on {p.subject!r})"})
         log.info("%s: clean %.2f corrupted %.2f", p.prompt, clean_p, corrupt_p)
     for site in spec.sites:
         width = max(v.shape[1] for v in values[site])

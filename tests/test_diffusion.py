@@ -171,7 +171,7 @@ def test_trace_grid_equals_reference_shares(pipe):
 
 
 def test_trace_positions_prompt_stops_at_eos(pipe):
-    spec = _spec(sites=("text_mlp",), positions="prompt", images=1, corruption="noise", samples=1)
+    spec = _spec(sites=("text_mlp",), positions="prompt", images=1, corruption="noise", samples=3)   # draws > images
     result = trace(spec, pipe, ChannelEvaluator({"red": 0.5}))
     assert result.grids["text_mlp"].values.shape == (1, 3, 5)          # <bos> a red cat <eos>
     assert result.prompts[0]["columns"] == ["<bos>", "a", "red", "cat", "<eos>"]
