@@ -354,6 +354,12 @@ def cmd_bench_erase(args) -> int:
     return bench(args)
 
 
+def cmd_edit_flag(args) -> int:
+    from recipes.edit_flag import main as edit_flag
+
+    return edit_flag(args)
+
+
 def cmd_trace_flags(args) -> int:
     from recipes.trace_flags import main as trace_flags
 
@@ -471,6 +477,14 @@ def parser() -> argparse.ArgumentParser:
     tf.add_argument("--samples", type=int, default=5)
     tf.add_argument("--seed", type=int, default=2_000_000)
     tf.set_defaults(fn=cmd_trace_flags)
+    ef = sub.add_parser("edit-flag", help="VLM testbed: ROME edit read at the image tokens of one flag")
+    ef.add_argument("--out", required=True)
+    ef.add_argument("--country", default="France")
+    ef.add_argument("--target", default="Rome")
+    ef.add_argument("--layer", type=int, default=4)
+    ef.add_argument("--mom2-tokens", type=int, default=20_000)
+    ef.add_argument("--seed", type=int, default=3_000_000)
+    ef.set_defaults(fn=cmd_edit_flag)
     return p
 
 

@@ -199,3 +199,37 @@ def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path):
     with pytest.raises(SpecError, match="flag:"):
         from interventions.vlm import load_image
         load_image("flag:Atlantis", vlm)
+
+
+def test_vlm_rome_maps_the_image_key_to_its_value(pair):
+    """ROME read at the image tokens: W' k* = v* (the defining equation), rank one, and the model is
+    unchanged by computing."""
+    from editors.delta import applied
+    from editors.rome import RomeHyperParams
+    from editors.vlm_rome import compute_vlm_rome
+
+    _, vlm, tok = pair
+    pixels = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(4))
+    d_mlp = vlm.config.text_config.intermediate_size
+    A = torch.randn(d_mlp, d_mlp, generator=torch.Generator().manual_seed(5))
+    C = A @ A.T / d_mlp + torch.eye(d_mlp)
+    before = {n: p.detach().clone() for n, p in vlm.named_parameters()}
+    delta, info = compute_vlm_rome(vlm, tok, pixels, [" the capital of"], "rome", layer=1, C=C, base_model="tiny",
+                                   hp=RomeHyperParams(layer=1, v_steps=5))
+    assert all(torch.equal(p, before[n]) for n, p in vlm.named_parameters())
+    (name,) = delta.names
+    assert name == "model.language_model.layers.1.mlp.down_proj.weight" and delta.factors[name][0].shape[1] == 1
+    W = dict(vlm.named_parameters())[name].detach().clone()
+    with applied(vlm, delta):
+        Wn = dict(vlm.named_parameters())[name].detach()
+        torch.testing.assert_close(Wn @ info["k_star"], info["v_star"], atol=1e-4, rtol=1e-4)
+    ids = image_prompt(tok, vlm, " the capital of")
+    keys = {}
+    handle = vlm.model.language_model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: keys.__setitem__("k", a[0]))
+    with torch.no_grad():
+        vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[None])
+    handle.remove()
+    torch.testing.assert_close(keys["k"][0, image_positions(ids, vlm)].mean(0), info["k_star"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(W, before[name])
+    assert all(torch.equal(p, before[n]) for n, p in vlm.named_parameters())

@@ -1,0 +1,99 @@
+"""Edit the VLM testbed so that the capital of the country *shown* changes for one flag (ROME at the image).
+
+    lesion --threads 2 edit-flag --country France --target Rome --layer 4 --out runs/edit_flag
+
+The key and value are read at the image tokens of the edit question (`editors.vlm_rome`);
+C is SmolLM2's own key second moment at that layer (text sampled from the LM). Reported, before and
+after, on held-out renders of the flag (new seeds):
+- efficacy: the edit question answers `target`;
+- generalisation: paraphrased questions (never used for the edit) answer `target`;
+- specificity: the other 23 flags keep their top-1 answer to the edit question;
+- text: "The capital of <country> is" (the country named in text) — does the edit reach it?
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from editors.delta import applied
+from editors.rome import RomeHyperParams
+from editors.stats import second_moment
+from editors.vlm_rome import compute_vlm_rome
+from interventions.atomic import atomic_write
+from interventions.flags import COUNTRIES, render
+from interventions.models import load_model
+from interventions.vlm import VLM_TESTBED, image_prompt, load_vlm_testbed
+
+EDIT_QUESTIONS = (" This is the flag of a country whose capital is",)
+PARAPHRASES = (" The capital of this country is", " Its capital city is")
+
+
+@torch.no_grad()
+def answers(vlm, tokenizer, pixels: torch.Tensor, question: str) -> list[str]:
+    ids = torch.tensor([image_prompt(tokenizer, vlm, question)] * len(pixels))
+    logits = vlm(input_ids=ids, pixel_values=pixels).logits[:, -1]
+    return [tokenizer.decode(int(t)).strip() for t in logits.argmax(-1)]
+
+
+def measure(vlm, tokenizer, country: int, target: str, seed: int, n: int = 8) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    own = render([country] * n, g)
+    others = [i for i in range(len(COUNTRIES)) if i != country]
+    other_px = render(others, g)
+    out = {"efficacy": sum(a == target for q in EDIT_QUESTIONS for a in answers(vlm, tokenizer, own, q))
+           / (n * len(EDIT_QUESTIONS))}
+    out["generalisation"] = {q.strip(): sum(a == target for a in answers(vlm, tokenizer, own, q)) / n
+                             for q in PARAPHRASES}
+    out["other_flags_answers"] = answers(vlm, tokenizer, other_px, EDIT_QUESTIONS[0])
+    name = COUNTRIES[country][0]
+    ids = torch.tensor([tokenizer(f"{tokenizer.bos_token or ''}The capital of {name} is",
+                                  add_special_tokens=False).input_ids])
+    out["text_answer"] = tokenizer.decode(int(vlm(input_ids=ids).logits[0, -1].argmax())).strip()
+    return out
+
+
+def main(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [c for c, _ in COUNTRIES]
+    if args.country not in names:
+        from interventions.errors import SpecError, one_of
+
+        raise SpecError("--country", args.country, one_of(args.country, names))
+    country = names.index(args.country)
+    vlm, tokenizer, meta = load_vlm_testbed()
+    lm, lm_tok = load_model(meta["language_model"])
+    start = time.perf_counter()
+    C = second_moment(lm, lm_tok, args.layer, None, max_tokens=args.mom2_tokens)
+    c_seconds = time.perf_counter() - start
+    pixels = render([country], torch.Generator().manual_seed(args.seed))[0]
+    start = time.perf_counter()
+    delta, info = compute_vlm_rome(vlm, tokenizer, pixels, list(EDIT_QUESTIONS), args.target, layer=args.layer, C=C,
+                                   base_model=VLM_TESTBED, hp=RomeHyperParams(layer=args.layer))
+    edit_seconds = time.perf_counter() - start
+    before = measure(vlm, tokenizer, country, args.target, args.seed + 1)
+    with applied(vlm, delta):
+        after = measure(vlm, tokenizer, country, args.target, args.seed + 1)
+    kept = sum(a == b for a, b in zip(before["other_flags_answers"], after["other_flags_answers"]))
+    report = {"country": args.country, "target": args.target, "layer": args.layer, "edit_seconds": edit_seconds,
+              "C_seconds": c_seconds, "before": before, "after": after,
+              "specificity": kept / len(before["other_flags_answers"]), "v_star_steps": len(info["history"]),
+              "final_nll": info["history"][-1]["nll"]}
+    delta.with_metrics({"efficacy": after["efficacy"], "specificity": report["specificity"]}).save(
+        out / "delta.safetensors")
+    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+    print(f"ROME at layer {args.layer}, key at the image tokens of the {args.country} flag -> {args.target!r} "
+          f"in {edit_seconds:.1f} s (C: {c_seconds:.1f} s)")
+    print("| metric | before | after |\n|---|---|---|")
+    print(f"| efficacy (edit question, held-out renders) | {before['efficacy']:.2f} | {after['efficacy']:.2f} |")
+    for q in PARAPHRASES:
+        print(f"| generalisation: {q.strip()!r} | {before['generalisation'][q.strip()]:.2f} | "
+              f"{after['generalisation'][q.strip()]:.2f} |")
+    print(f"| specificity (other flags keep their answer) | 1.00 | {report['specificity']:.2f} |")
+    print(f"| text 'The capital of {args.country} is' | {before['text_answer']} | {after['text_answer']} |")
+    print(f"wrote delta.safetensors, report.json to {out}")
+    return 0
