@@ -275,6 +275,20 @@ def cmd_apply(args) -> int:
     from interventions.diffusion import is_diffusion_model
     from interventions.spec import parse_spec
 
+    from interventions.vlm import is_vlm_model
+
+    if is_vlm_model(args.model):
+        if args.image is None or args.steer or not args.delta:
+            raise SpecError("--image", args.image, "an image (flag:<Country> or a file) and --delta files for a "
+                            "vision-language model (no --steer)")
+        from recipes.vlm import run_apply as run_vlm_apply
+
+        for row in run_vlm_apply(args.model, args.delta, args.image, args.prompt,
+                                 max_new_tokens=args.max_new_tokens):
+            print(f"image {args.image}, prompt: {row['prompt']!r}\n  base:   {row['base']!r}\n  edited: {row['edited']!r}")
+        return 0
+    if args.image is not None:
+        raise SpecError("--image", args.image, "nothing: --image is for vision-language models (e.g. llava-flags-smollm2)")
     if is_diffusion_model(args.model):
         if args.steer:
             raise SpecError("--steer", args.steer, "nothing: steering vectors are for language models")
@@ -410,6 +424,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     a.add_argument("--max-new-tokens", type=int, default=20)
     a.add_argument("--images", type=int, default=8, help="text-to-image: images per prompt (one per seed)")
+    a.add_argument("--image", default=None, help="vision-language: the image the prompts ask about "
+                                                 "(flag:<Country> or an image file)")
     a.add_argument("--seed", type=int, default=0, help="text-to-image: the first seed")
     a.add_argument("--out", default=None, help="text-to-image: a folder for grid.png and report.json")
     a.set_defaults(fn=cmd_apply)
@@ -484,6 +500,7 @@ def parser() -> argparse.ArgumentParser:
     ef.add_argument("--layer", type=int, default=4)
     ef.add_argument("--mom2-tokens", type=int, default=20_000)
     ef.add_argument("--seed", type=int, default=3_000_000)
+    ef.add_argument("--checkpoint", default=None, metavar="NAME", help="also ship the delta as checkpoints/NAME.safetensors")
     ef.set_defaults(fn=cmd_edit_flag)
     return p
 

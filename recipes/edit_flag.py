@@ -7,7 +7,7 @@ C is SmolLM2's own key second moment at that layer (text sampled from the LM). R
 after, on held-out renders of the flag (new seeds):
 - efficacy: the edit question answers `target`;
 - generalisation: paraphrased questions (never used for the edit) answer `target`;
-- specificity: the other 23 flags keep their top-1 answer to the edit question;
+- specificity: the other 23 flags keep their top-1 answer to the edit question and to each paraphrase;
 - text: "The capital of <country> is" (the country named in text) — does the edit reach it?
 """
 
@@ -48,7 +48,7 @@ def measure(vlm, tokenizer, country: int, target: str, seed: int, n: int = 8) ->
            / (n * len(EDIT_QUESTIONS))}
     out["generalisation"] = {q.strip(): sum(a == target for a in answers(vlm, tokenizer, own, q)) / n
                              for q in PARAPHRASES}
-    out["other_flags_answers"] = answers(vlm, tokenizer, other_px, EDIT_QUESTIONS[0])
+    out["other_flags_answers"] = {q.strip(): answers(vlm, tokenizer, other_px, q) for q in EDIT_QUESTIONS + PARAPHRASES}
     name = COUNTRIES[country][0]
     ids = torch.tensor([tokenizer(f"{tokenizer.bos_token or ''}The capital of {name} is",
                                   add_special_tokens=False).input_ids])
@@ -78,12 +78,13 @@ def main(args) -> int:
     before = measure(vlm, tokenizer, country, args.target, args.seed + 1)
     with applied(vlm, delta):
         after = measure(vlm, tokenizer, country, args.target, args.seed + 1)
-    kept = sum(a == b for a, b in zip(before["other_flags_answers"], after["other_flags_answers"]))
+    specificity = {q: sum(a == b for a, b in zip(before["other_flags_answers"][q], after["other_flags_answers"][q]))
+                   / len(before["other_flags_answers"][q]) for q in before["other_flags_answers"]}
     report = {"country": args.country, "target": args.target, "layer": args.layer, "edit_seconds": edit_seconds,
               "C_seconds": c_seconds, "before": before, "after": after,
-              "specificity": kept / len(before["other_flags_answers"]), "v_star_steps": len(info["history"]),
+              "specificity": specificity, "v_star_steps": len(info["history"]),
               "final_nll": info["history"][-1]["nll"]}
-    delta.with_metrics({"efficacy": after["efficacy"], "specificity": report["specificity"]}).save(
+    delta.with_metrics({"efficacy": after["efficacy"], "specificity": specificity}).save(
         out / "delta.safetensors")
     atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     print(f"ROME at layer {args.layer}, key at the image tokens of the {args.country} flag -> {args.target!r} "
@@ -93,7 +94,19 @@ def main(args) -> int:
     for q in PARAPHRASES:
         print(f"| generalisation: {q.strip()!r} | {before['generalisation'][q.strip()]:.2f} | "
               f"{after['generalisation'][q.strip()]:.2f} |")
-    print(f"| specificity (other flags keep their answer) | 1.00 | {report['specificity']:.2f} |")
+    for q, v in specificity.items():
+        print(f"| specificity: other flags keep their answer to {q!r} | 1.00 | {v:.2f} |")
     print(f"| text 'The capital of {args.country} is' | {before['text_answer']} | {after['text_answer']} |")
     print(f"wrote delta.safetensors, report.json to {out}")
+    if args.checkpoint:
+        import sys
+
+        from recipes.manifest import check_name, register
+
+        row = register(out / "delta.safetensors", f"{check_name(args.checkpoint)}.safetensors", kind="delta",
+                       recipe="recipes/edit_flag.py", command=" ".join(["lesion", *sys.argv[1:]]),
+                       base_model=VLM_TESTBED, method="rome-vlm", edited=delta.names, layer=args.layer,
+                       metrics={"efficacy": after["efficacy"], "specificity": report["specificity"],
+                                "generalisation": after["generalisation"], "text_answer_after": after["text_answer"]})
+        print(f"shipped checkpoints/{row['path']} ({row['bytes']} bytes) and its manifest entry")
     return 0

@@ -32,3 +32,31 @@ def run_trace(spec, out: Path, *, device: str = "cpu") -> tuple[Result, float]:
     result = Result("trace", spec.model, spec, records, grids, {"seconds": round(seconds, 1)})
     result.save(out)
     return result, seconds
+
+
+def run_apply(model: str, delta_paths: list[str], image: str, prompts: list[str], *, max_new_tokens: int = 8,
+              device: str = "cpu") -> list[dict]:
+    """Greedy answers to `prompts` about `image`, without and with the deltas (verified first, reverted after)."""
+    import torch
+
+    from editors.delta import applied, load_delta
+    from interventions.vlm import image_prompt
+
+    vlm, tokenizer, processor = load_vlm(model, device=device)
+    deltas = [load_delta(p) for p in delta_paths]
+    pixels = load_image(image, vlm, processor, field="--image")[None].to(device)
+
+    def generate():
+        out = []
+        for p in prompts:
+            ids = torch.tensor([image_prompt(tokenizer, vlm, p)], device=device)
+            gen = vlm.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                               max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+        return out
+
+    base = generate()
+    with applied(vlm, *deltas):
+        edited = generate()
+    return [{"prompt": p, "base": b, "edited": e} for p, b, e in zip(prompts, base, edited)]

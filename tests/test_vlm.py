@@ -233,3 +233,44 @@ def test_vlm_rome_maps_the_image_key_to_its_value(pair):
     torch.testing.assert_close(keys["k"][0, image_positions(ids, vlm)].mean(0), info["k_star"], atol=1e-5, rtol=1e-5)
     assert torch.equal(W, before[name])
     assert all(torch.equal(p, before[n]) for n, p in vlm.named_parameters())
+
+
+def test_apply_image_cli_edits_and_refuses_foreign_deltas(pair, tmp_path, capsys):
+    """`lesion apply --image` on a saved LLaVA folder: generates with and without a VLM delta; a delta made
+    for another model is refused with exit status 2 and the model is not touched."""
+    from editors.rome import RomeHyperParams
+    from editors.vlm_rome import compute_vlm_rome
+    from interventions.flags import COUNTRIES, render
+    from recipes.cli import main as cli
+
+    _, vlm, tok = pair
+    folder = tmp_path / "llava"
+    vlm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    pixels = render([[c for c, _ in COUNTRIES].index("Kenya")], torch.Generator().manual_seed(0), jitter=False)[0]
+    C = torch.eye(vlm.config.text_config.intermediate_size)
+    delta, _ = compute_vlm_rome(vlm, tok, pixels, [" the capital of"], "rome", layer=2, C=C, base_model=str(folder),
+                                hp=RomeHyperParams(layer=2, v_steps=10))
+    path = delta.save(tmp_path / "d.safetensors")
+    code = cli(["apply", "--model", str(folder), "--delta", str(path), "--image", "flag:Kenya", "--prompt",
+                " the capital of", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and "base:" in out and "edited:" in out
+    other = tiny_llava_other(tmp_path)
+    assert cli(["apply", "--model", str(other), "--delta", str(path), "--image", "flag:Kenya", "--prompt", "x"]) == 2
+    assert "layers.2.mlp.down_proj" in capsys.readouterr().err
+
+
+def tiny_llava_other(tmp_path):
+    """A LLaVA folder with different language-model weights."""
+    tok = make_tokenizer()
+    torch.manual_seed(1)
+    lm = make_model("llama", len(tok))
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(0.01)
+    vlm, tok = assemble_llava(lm, tok, VISION)
+    folder = tmp_path / "other"
+    vlm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
