@@ -167,36 +167,48 @@ def compute_v_star(model, tokenizer, layer: int, request: EditRequest, templates
         h[rows, lookup] = h[rows, lookup] + delta
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    history = []
+    kl_init = {}
+
+    def losses():
+        logp = model(**inputs, use_cache=False).logits.float().log_softmax(-1)
+        nll = -logp[torch.tensor(answer_row), torch.tensor(answer_at), answer_tok].sum() / len(rewrite) / len(target)
+        kl_logp = logp[-1, len(kl_ids) - 1]
+        if "p" not in kl_init:
+            kl_init["p"] = kl_logp.detach().clone()
+        return nll, torch.nn.functional.kl_div(kl_logp, kl_init["p"], log_target=True, reduction="sum")
+
     with _frozen(model), _hook(module, add_delta), torch.enable_grad():
-        opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        kl_init = None
-        for step in range(hp.v_steps):
-            opt.zero_grad()
-            logits = model(**inputs, use_cache=False).logits
-            logp = logits.float().log_softmax(-1)
-            nll = -logp[torch.tensor(answer_row), torch.tensor(answer_at), answer_tok].sum() / len(rewrite) / len(target)
-            kl_logp = logp[-1, len(kl_ids) - 1]
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            kl = torch.nn.functional.kl_div(kl_logp, kl_init, log_target=True, reduction="sum")
-            decay = hp.v_weight_decay * (delta.norm() / state["init"].norm()) ** 2
-            loss = nll + hp.kl_factor * kl + decay
-            history.append({"step": step, "nll": nll.item(), "kl": kl.item(), "loss": loss.item()})
-            if nll.item() < 5e-2:
-                break
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                limit = hp.clamp_norm_factor * state["init"].norm()
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
+        history = optimise_delta(delta, state, hp, losses)
         with torch.no_grad():
             logp = model(**inputs, use_cache=False).logits.float().log_softmax(-1)
             final = -logp[torch.tensor(answer_row), torch.tensor(answer_at), answer_tok].reshape(len(rewrite), -1)
     return (state["init"] + delta.detach()).float(), {
         "history": history, "v_init_norm": float(state["init"].norm()), "delta_norm": float(delta.detach().norm()),
         "final_nll_per_template": final.mean(1).tolist()}
+
+
+def optimise_delta(delta: torch.Tensor, state: dict, hp: RomeHyperParams, losses) -> list[dict]:
+    """ROME's search for v*: Adam on δ (added to the edited site by the caller's hook) against
+    NLL + `kl_factor` · KL + `v_weight_decay` · (|δ| / |v_init|)², δ's norm clamped to
+    `clamp_norm_factor` · |v_init|; stops early once the NLL is below 0.05. `losses()` runs the
+    model and returns ``(nll, kl)``; the hook stores the unedited value in ``state["init"]``."""
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    history = []
+    for step in range(hp.v_steps):
+        opt.zero_grad()
+        nll, kl = losses()
+        decay = hp.v_weight_decay * (delta.norm() / state["init"].norm()) ** 2
+        loss = nll + hp.kl_factor * kl + decay
+        history.append({"step": step, "nll": nll.item(), "kl": kl.item(), "loss": loss.item()})
+        if nll.item() < 5e-2:
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            limit = hp.clamp_norm_factor * state["init"].norm()
+            if delta.norm() > limit:
+                delta.mul_(limit / delta.norm())
+    return history
 
 
 def _is_conv1d(module) -> bool:

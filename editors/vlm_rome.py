@@ -27,7 +27,7 @@ from interventions.sites import LLAVA
 from interventions.vlm import image_positions, image_prompt
 
 from .delta import Delta
-from .rome import RomeHyperParams, _frozen, _hook, rank_one_update, weight_name
+from .rome import RomeHyperParams, _frozen, _hook, optimise_delta, rank_one_update, weight_name
 
 
 def _batch(vlm, tokenizer, pixels: torch.Tensor, questions: list[str], suffix: list[int] | None = None):
@@ -78,7 +78,7 @@ def compute_v_star(vlm, tokenizer, pixels, questions: list[str], target_new: str
     answer_tok = torch.tensor(target * n, device=dev)
     kl_len = len(kl_row)
     delta = torch.zeros(vlm.config.text_config.hidden_size, device=dev, requires_grad=True)
-    state, history = {}, []
+    state, kl_init = {}, {}
 
     def add_delta(m, args, out):
         h = out[0] if isinstance(out, tuple) else out
@@ -88,27 +88,16 @@ def compute_v_star(vlm, tokenizer, pixels, questions: list[str], target_new: str
         h[rows, lookup] = h[rows, lookup] + delta
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
+    def losses():
+        logp = vlm(**batch).logits.float().log_softmax(-1)
+        nll = -logp[torch.tensor(answer_row), torch.tensor(answer_at), answer_tok].mean()
+        kl_logp = logp[n, kl_len - 1]
+        if "p" not in kl_init:
+            kl_init["p"] = kl_logp.detach().clone()
+        return nll, torch.nn.functional.kl_div(kl_logp, kl_init["p"], log_target=True, reduction="sum")
+
     with _frozen(vlm), _hook(module, add_delta), torch.enable_grad():
-        opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        kl_init = None
-        for step in range(hp.v_steps):
-            opt.zero_grad()
-            logp = vlm(**batch).logits.float().log_softmax(-1)
-            nll = -logp[torch.tensor(answer_row), torch.tensor(answer_at), answer_tok].mean()
-            kl_logp = logp[n, kl_len - 1]
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            kl = torch.nn.functional.kl_div(kl_logp, kl_init, log_target=True, reduction="sum")
-            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * (delta.norm() / state["init"].norm()) ** 2
-            history.append({"step": step, "nll": nll.item(), "kl": kl.item()})
-            if nll.item() < 5e-2:
-                break
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                limit = hp.clamp_norm_factor * state["init"].norm()
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
+        history = optimise_delta(delta, state, hp, losses)
     return (state["init"] + delta.detach()).float(), {"history": history,
                                                       "delta_norm": float(delta.detach().norm())}
 

@@ -42,13 +42,7 @@ def register(source: Path, name: str, *, root: Path | None = None, **entry) -> d
     target = root / name
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
-    manifest_path = root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"format": 1, "artefacts": []}
-    row = {"path": name, "sha256": sha256(target), "bytes": target.stat().st_size, **entry,
-           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    manifest["artefacts"] = [a for a in manifest["artefacts"] if a["path"] != name] + [row]
-    atomic_write(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
-    return row
+    return register_in_place(target, root=root, **entry)
 
 
 def register_in_place(path: Path, *, root: Path | None = None, **entry) -> dict:
