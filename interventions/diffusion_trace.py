@@ -52,10 +52,6 @@ class Corrupted:
     tokens: list[str]
 
 
-def sites_of(pipe: DiffusionPipe) -> DiffusionSites:
-    return DiffusionSites(pipe)
-
-
 def subject_positions(pipe: DiffusionPipe, prompt: str, subject: str, field: str) -> list[int]:
     """Token positions of `subject` in `prompt` (the tokenizer's own offsets)."""
     if subject not in prompt:
@@ -124,7 +120,7 @@ def text_contexts(pipe: DiffusionPipe, c: Corrupted, site: str, cells: list[tupl
         nodes = [(p, RestoreIntervention()) for p in paths]
         noise_node = c.noise is not None
         if noise_node:
-            nodes = [(sites_of(pipe).text("text_embed") + ".output", AddIntervention())] + nodes
+            nodes = [(sites.text("text_embed") + ".output", AddIntervention())] + nodes
         graph = build_graph(enc, nodes)
         n = len(cells)
         locs = [[[pos] for _, pos in cells] for _ in layers]
@@ -144,7 +140,7 @@ def corrupted_context(pipe: DiffusionPipe, c: Corrupted, sample: int | None) -> 
     """The corrupted run's context ``(1, L, d)`` (no restore)."""
     if c.noise is None:
         return pipe.encode_ids(c.corrupt_ids)
-    graph = build_graph(pipe.text_encoder, [(sites_of(pipe).text("text_embed") + ".output", AddIntervention())])
+    graph = build_graph(pipe.text_encoder, [(DiffusionSites(pipe).text("text_embed") + ".output", AddIntervention())])
     with torch.no_grad():
         _, out = graph(base={"input_ids": c.corrupt_ids}, unit_locations={"base": [[list(c.subject)]]},
                        source_representations={graph.sorted_keys[0]: c.noise[sample][None].to(pipe.device)},
@@ -214,8 +210,8 @@ def trace(spec, pipe: DiffusionPipe, evaluator=None) -> Result:
     sigma = spec.sigma or (embedding_sigma(pipe, spec) if spec.corruption == "noise" else None)
     seeds = list(range(spec.seed, spec.seed + spec.images))
     samples = 1 if spec.corruption == "swap" else spec.samples
-    n_text = DiffusionSites(pipe).text_layers
-    n_attn = len(DiffusionSites(pipe).cross_attention)
+    sites = DiffusionSites(pipe)
+    n_text, n_attn = sites.text_layers, len(sites.cross_attention)
     uncond = pipe.encode([""])[0]
     records, grids = [], {}
     values: dict[str, list[torch.Tensor]] = {s: [] for s in spec.sites}
@@ -278,5 +274,5 @@ def trace(spec, pipe: DiffusionPipe, evaluator=None) -> Result:
         lengths = [v.shape[1] for v in values[site]]
         grids[site] = Grid(site, site, "prob", grid_layers[site], stacked, lengths)
     meta = {"images_per_cell": len(seeds), "seeds": [seeds[0], seeds[-1]], "steps": pipe.steps,
-            "guidance": pipe.guidance, "sigma": sigma, "cross_attention_layers": DiffusionSites(pipe).cross_attention}
+            "guidance": pipe.guidance, "sigma": sigma, "cross_attention_layers": sites.cross_attention}
     return Result("trace", spec.model, spec, records, grids, meta)
