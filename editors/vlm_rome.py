@@ -103,8 +103,10 @@ def compute_v_star(vlm, tokenizer, pixels, questions: list[str], target_new: str
 
 
 def compute_vlm_rome(vlm, tokenizer, pixels: torch.Tensor, questions: list[str], target_new: str, *, layer: int,
-                     C: torch.Tensor, base_model: str, hp: RomeHyperParams | None = None) -> tuple[Delta, dict]:
-    """The rank-one edit for one image: ``(Delta, details)``; the model is left unchanged."""
+                     C: torch.Tensor, base_model: str, hp: RomeHyperParams | None = None,
+                     kl_question: str = " This is the flag of", spec: dict | None = None) -> tuple[Delta, dict]:
+    """The rank-one edit for one image: ``(Delta, details)``; the model is left unchanged.
+    `kl_question` (text after the image) is the prompt whose next-token distribution v* keeps."""
     hp = hp or RomeHyperParams(layer=layer)
     if not 0 <= layer < LLAVA.num_layers(vlm):
         raise ValueError(f"`layer`: got {layer}; expected a layer in [0, {LLAVA.num_layers(vlm) - 1}]")
@@ -112,7 +114,7 @@ def compute_vlm_rome(vlm, tokenizer, pixels: torch.Tensor, questions: list[str],
     vlm.eval()
     try:
         k_star = compute_k_star(vlm, tokenizer, pixels, questions, layer)
-        v_star, info = compute_v_star(vlm, tokenizer, pixels, questions, target_new, layer, hp)
+        v_star, info = compute_v_star(vlm, tokenizer, pixels, questions, target_new, layer, hp, kl_question)
     finally:
         vlm.train(was_training)
     W = LLAVA.module(vlm, "mlp_key", layer).weight.detach().float().cpu()
@@ -120,5 +122,6 @@ def compute_vlm_rome(vlm, tokenizer, pixels: torch.Tensor, questions: list[str],
     delta = Delta.from_factors(vlm, {weight_name(vlm, layer): (lam, left)}, method="rome-vlm", base_model=base_model,
                                hyperparameters={**asdict(hp), "layer": layer,
                                                 "context_templates": [list(x) for x in hp.context_templates]},
-                               spec={"questions": list(questions), "target_new": target_new, "key": "last image token"})
+                               spec=spec or {"questions": list(questions), "target_new": target_new,
+                                                   "key": "mean over the image tokens", "kl_question": kl_question})
     return delta, {"k_star": k_star, "v_star": v_star, **info}

@@ -132,3 +132,103 @@ def diffusion_trace_heatmap(result, path: str | Path, *, max_prompts: int = 6) -
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def vlm_rows(record: dict, values) -> tuple[list[str], object]:
+    """A VLM trace grid with its image tokens collapsed: ``(row labels, (rows, layers) array)``.
+
+    Rows: the tokens before the image, ``[image: all N]`` (every image token restored at once, when
+    the trace computed it), ``[image: mean of N]`` (the mean single-token effect, when computed), then
+    the text tokens; positions of the corrupted words end in ``*``."""
+    import numpy as np
+
+    img = record["image_positions"]
+    first, last = img[0], img[-1]
+    subject = set(record["subject_positions"]) - set(img)
+    label = lambda k: repr(record["columns"][k])[1:-1] + ("*" if k in subject else "")   # noqa: E731
+    labels = [label(k) for k in range(first)]
+    rows = [values[:, k] for k in range(first)]
+    block = record.get("image_block", {})
+    if block:
+        labels.append(f"[image: all {len(img)}]" + ("*" if record.get("corruption") != "text" else ""))
+        rows.append(np.asarray(block))
+    singles = values[:, img]
+    if not np.isnan(singles).all():
+        labels.append(f"[image: mean of {len(img)}]")
+        rows.append(singles.mean(axis=1))
+    labels += [label(k) for k in range(last + 1, values.shape[1])]
+    rows += [values[:, k] for k in range(last + 1, values.shape[1])]
+    return labels, np.stack(rows)
+
+
+def patch_overlay(ax, pixels, patch_values, title: str) -> None:
+    """The image with a (side, side) grid of per-patch values over it, each value printed when legible."""
+    import numpy as np
+
+    img = pixels.permute(1, 2, 0).float().cpu().numpy()
+    if img.min() < 0 or img.max() > 1:                  # a processor-normalised image: stretch for display
+        img = (img - img.min()) / max(float(img.max() - img.min()), 1e-8)
+    side = patch_values.shape[0]
+    h, w = img.shape[:2]
+    ax.imshow(img)
+    ax.imshow(np.asarray(patch_values), cmap="magma", alpha=0.55, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+              interpolation="nearest")
+    if side <= 8:
+        for y in range(side):
+            for x in range(side):
+                ax.text((x + 0.5) * w / side - 0.5, (y + 0.5) * h / side - 0.5, f"{float(patch_values[y, x]):.2f}",
+                        ha="center", va="center", color="white", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def vlm_trace_heatmap(result, images: list, path: str | Path, *, max_prompts: int = 6) -> None:
+    """Per prompt: one panel per site (image tokens collapsed, see `vlm_rows`), then the per-patch
+    effect of the first site at the layer where its mean image-token effect peaks, over the image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(result.grids)
+    prompts = result.prompts[:max_prompts]
+    height = max(len(p["tokens"]) - len(p["image_positions"]) + 2 for p in prompts)
+    fig, axes = plt.subplots(len(prompts), len(names) + 1, squeeze=False,
+                             figsize=(3.6 * len(names) + 3.6, (0.28 * height + 1.6) * len(prompts)))
+    for i, record in enumerate(prompts):
+        low = record["corrupted_prob"]
+        for j, name in enumerate(names):
+            grid, ax = result.grids[name], axes[i][j]
+            values = grid.values[i, :, :grid.lengths[i]].numpy()
+            row = dict(record, image_block=record.get("image_block", {}).get(name))
+            if row["image_block"] is None:
+                row.pop("image_block")
+            labels, rows = vlm_rows(row, values)
+            im = ax.imshow(rows, aspect="auto", cmap=CMAPS.get(name, "viridis"), vmin=low, interpolation="nearest")
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            step = max(1, len(grid.layers) // 10)
+            ax.set_xticks(range(0, len(grid.layers), step), [str(x) for x in grid.layers[::step]], fontsize=7)
+            ax.set_xlabel("layer" + (" (window centre)" if name in ("mlp", "attention") else ""), fontsize=8)
+            ax.set_title(f"{TITLES.get(name, name)}, {record['corruption']}-corrupted\n"
+                         f"{record['prompt'][:44]} → {record['answer']!r}", fontsize=8)
+            bar = fig.colorbar(im, ax=ax, fraction=0.05)
+            bar.ax.tick_params(labelsize=7)
+            bar.set_label(f"p({record['answer'].strip()})", fontsize=7)
+        ax, name = axes[i][-1], names[0]
+        grid = result.grids[name]
+        singles = grid.values[i][:, record["image_positions"]].numpy()
+        side = int(round(len(record["image_positions"]) ** 0.5))
+        if np.isnan(singles).all() or side * side != singles.shape[1]:
+            ax.axis("off")
+            ax.text(0.5, 0.5, "no per-patch cells\n(image_cells: block)" if np.isnan(singles).all()
+                    else "image tokens are not a square grid", ha="center", va="center", fontsize=8)
+            continue
+        layer = int(singles.mean(axis=1).argmax())
+        patch_overlay(ax, images[i], singles[layer].reshape(side, side),
+                      f"{name}: per-patch p({record['answer'].strip()}), layer {grid.layers[layer]}")
+    if len(result.prompts) > max_prompts:
+        fig.suptitle(f"first {max_prompts} of {len(result.prompts)} prompts; all values are in result.json")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -390,18 +390,25 @@ class VLMTracePrompt(_Spec):
     prompt: str = Field(min_length=1, description="The text after the image, e.g. ' The capital of this country is'.")
     target: str = Field(min_length=1, description="The answer word whose probability is traced.")
     counterfactual_image: str | None = Field(default=None, description="For `corruption: swap`.")
+    constraint: str | None = Field(default=None, description="For `corruption: text`: the words of `prompt` whose "
+                                   "token embeddings get the noise (the question's constraint, e.g. 'capital').")
 
 
 class VLMTraceSpec(_Spec):
     """Causal tracing in a vision-language model: corrupt the image (noise on its tokens, or a
-    counterfactual image) and restore the language model's states over image and text positions."""
+    counterfactual image) or the text constraint (noise on its token embeddings), and restore the
+    language model's states over image and text positions."""
 
     kind: Literal["trace"] = "trace"
     model: str = Field(min_length=1, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
     prompts: tuple[VLMTracePrompt, ...] = Field(min_length=1)
-    corruption: Literal["noise", "swap"] = "noise"
+    corruption: Literal["noise", "swap", "text"] = "noise"
     noise: float = Field(default=3.0, gt=0, description="In units of `sigma`.")
-    sigma: float | None = Field(default=None, gt=0, description="Default: the std of the clean image tokens.")
+    sigma: float | None = Field(default=None, gt=0, description="Default: the std of the clean image tokens "
+                                "(`noise`) or of the constraint's token embeddings (`text`).")
+    image_cells: Literal["each", "block", "both"] = Field(
+        default="both", description="Restore each image token on its own (`each`: the per-patch heatmap), all "
+        "image tokens at once (`block`: the aggregated cell; cheap with 576 image tokens), or `both`.")
     samples: int = Field(default=10, ge=1)
     seed: int = 0
     sites: tuple[str, ...] = Field(default=("hidden", "mlp", "attention"), min_length=1)
@@ -414,11 +421,61 @@ class VLMTraceSpec(_Spec):
         return _check_names(v, tuple(TRACE_SITES))
 
     @model_validator(mode="after")
-    def _swap(self):
-        if self.corruption == "swap":
-            for i, p in enumerate(self.prompts):
-                if p.counterfactual_image is None:
-                    raise ValueError(f"`corruption: swap` needs `prompts[{i}].counterfactual_image`")
+    def _corruption_inputs(self):
+        for i, p in enumerate(self.prompts):
+            if self.corruption == "swap" and p.counterfactual_image is None:
+                raise ValueError(f"`corruption: swap` needs `prompts[{i}].counterfactual_image`")
+            if self.corruption == "text" and (p.constraint is None or p.constraint not in p.prompt):
+                raise ValueError(f"`corruption: text` needs `prompts[{i}].constraint`: words of the prompt "
+                                 f"{p.prompt!r}, got {p.constraint!r}")
+        return self
+
+
+class VLMLocateSpec(_Spec):
+    """How a VLM edit's `layer: auto` is found: an image-noise trace of the edit questions (answer:
+    `target_true`), MLP windows restored at all image tokens at once; the layer whose window
+    restores the most."""
+
+    window: int = Field(default=10, ge=1, description="MLP layers restored together around each layer.")
+    samples: int = Field(default=5, ge=1)
+    noise: float = Field(default=3.0, gt=0)
+    seed: int = 0
+
+
+class VLMEditSpec(_Spec):
+    """ROME in a vision-language model with the key read at the image tokens: questions about
+    `image` get `target_new`; written as a Delta, with efficacy, paraphrase and other-image metrics."""
+
+    kind: Literal["edit"] = "edit"
+    model: str = Field(min_length=1, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
+    method: Literal["rome"] = "rome"
+    layer: int | Literal["auto"] = Field(description="The LM's MLP layer whose output projection is edited, or "
+                                         "`auto` (from an image-noise trace; needs `target_true`).")
+    image: str = Field(min_length=1, description="`flag:<Country>` or an image file: the subject of the edit.")
+    questions: tuple[str, ...] = Field(min_length=1, description="The text after the image that the edit answers "
+                                       "with `target_new`; k* is the mean key over their image tokens.")
+    target_new: str = Field(min_length=1)
+    target_true: str | None = Field(default=None, description="The answer before the edit (reported; the trace "
+                                    "target of `layer: auto`).")
+    paraphrases: tuple[str, ...] = Field(default=(), description="Held-out questions about the same image "
+                                         "(generalisation; never used by the edit).")
+    other_images: tuple[str, ...] = Field(default=(), description="Other images whose top-1 answers to the "
+                                          "questions and paraphrases should not change (specificity).")
+    kl_prompt: str = Field(default=" This is a picture of", min_length=1, description="Text after the image "
+                           "whose next-token distribution v*'s KL term keeps where it was.")
+    locate: VLMLocateSpec = Field(default_factory=VLMLocateSpec, description="The trace behind `layer: auto`.")
+    hyperparameters: dict[str, float | int] = Field(
+        default_factory=dict, description="Overrides of ROME's defaults, e.g. `v_steps`, `v_lr`, `kl_factor`.")
+    corpus: tuple[str, ...] = Field(
+        default=(), description="Text files for the key statistics; empty: text sampled from the model itself.")
+    mom2_tokens: int = Field(default=20_000, ge=100)
+
+    @model_validator(mode="after")
+    def _auto_needs_truth(self):
+        if self.layer == "auto" and self.target_true is None:
+            raise ValueError("`layer: auto` needs `target_true` (the answer the locating trace follows)")
+        if self.layer != "auto" and self.layer < 0:
+            raise ValueError(f"`layer` must be a non-negative integer or 'auto', got {self.layer}")
         return self
 
 
@@ -438,8 +495,8 @@ def _tag(value) -> str | None:
     """The spec class: `kind`, with trace/apply on a text-to-image model told apart by their `model`."""
     get = value.get if isinstance(value, dict) else (lambda k, d=None: getattr(value, k, d))
     kind = get("kind")
-    if kind == "trace" and _is_vlm(get("model")):
-        return "trace-vlm"
+    if kind in ("trace", "edit") and _is_vlm(get("model")):
+        return f"{kind}-vlm"
     if kind == "erase" or (kind in ("trace", "apply") and _is_diffusion(get("model"))):
         return f"{kind}-diffusion" if kind != "erase" else "erase"
     return kind
@@ -449,7 +506,8 @@ Spec = Annotated[Union[
     Annotated[TraceSpec, Tag("trace")], Annotated[PatchSpec, Tag("patch")], Annotated[EditSpec, Tag("edit")],
     Annotated[SteerSpec, Tag("steer")], Annotated[ApplySpec, Tag("apply")],
     Annotated[DiffusionTraceSpec, Tag("trace-diffusion")], Annotated[EraseSpec, Tag("erase")],
-    Annotated[DiffusionApplySpec, Tag("apply-diffusion")], Annotated[VLMTraceSpec, Tag("trace-vlm")]],
+    Annotated[DiffusionApplySpec, Tag("apply-diffusion")], Annotated[VLMTraceSpec, Tag("trace-vlm")],
+    Annotated[VLMEditSpec, Tag("edit-vlm")]],
     Discriminator(_tag)]
 _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 KINDS = ("trace", "patch", "edit", "steer", "apply", "erase")

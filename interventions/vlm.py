@@ -97,6 +97,15 @@ def image_prompt(tokenizer, vlm, text_after: str, *, prefix: str | None = None) 
     return ids + [image_id] * n + tokenizer(text_after, add_special_tokens=False).input_ids
 
 
+@torch.no_grad()
+def top_answers(vlm, tokenizer, pixels: torch.Tensor, question: str) -> list[str]:
+    """The greedy next word after ``<image> question`` for each image in `pixels` ``(n, 3, H, W)``."""
+    dev = next(vlm.parameters()).device
+    ids = torch.tensor([image_prompt(tokenizer, vlm, question)] * len(pixels), device=dev)
+    logits = vlm(input_ids=ids, pixel_values=pixels.to(dev)).logits[:, -1]
+    return [tokenizer.decode(int(t)).strip() for t in logits.argmax(-1)]
+
+
 def image_positions(ids: list[int], vlm) -> list[int]:
     return [i for i, t in enumerate(ids) if t == vlm.config.image_token_id]
 

@@ -46,10 +46,12 @@ def cmd_run(args) -> int:
     spec = _load(args.spec, args.model)
     if _is_diffusion_spec(spec):
         return _diffusion(spec, args)
-    from interventions.spec import VLMTraceSpec
+    from interventions.spec import VLMEditSpec, VLMTraceSpec
 
     if isinstance(spec, VLMTraceSpec):
         return _vlm_trace(spec, args)
+    if isinstance(spec, VLMEditSpec):
+        return _vlm_edit(spec, args)
     if init_from_env() and spec.kind not in ("trace", "patch"):
         raise SpecError("kind", spec.kind, "'trace' or 'patch' under torchrun (other kinds run in one process)")
     if args.out is None and spec.kind != "apply":
@@ -119,6 +121,40 @@ def _vlm_trace(spec, args) -> int:
         print(f"  {p['label']} +{p['prompt']!r} -> {p['answer']!r}: clean p={p['clean_prob']:.3f}, "
               f"corrupted p={p['corrupted_prob']:.3f}")
     print(f"wrote result.json, result.safetensors, spec.yaml, heatmap.png to {args.out}")
+    return 0
+
+
+def _vlm_edit(spec, args) -> int:
+    """`kind: edit` on a LLaVA model: ROME keyed at the image tokens (recipes/vlm.py)."""
+    from pathlib import Path
+
+    from recipes.vlm import run_edit
+
+    if args.out is None:
+        raise SpecError("--out", None, "an output folder for an `edit` spec")
+    for flag in ("device_map", "memory"):
+        if getattr(args, flag, None):
+            raise SpecError(f"--{flag.replace('_', '-')}", getattr(args, flag), "nothing: not for VLM edits")
+    if args.checkpoint:
+        from recipes.manifest import check_name
+
+        check_name(args.checkpoint)
+    start = time.perf_counter()
+    report = run_edit(spec, Path(args.out), device=args.device)
+    print(f"rome edit of {spec.image} at layer {report['layer']} of {spec.model} in "
+          f"{time.perf_counter() - start:.1f} s: {report['delta']} ({report['bytes']} bytes)")
+    print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
+    print((Path(args.out) / "table.md").read_text(), end="")
+    if args.checkpoint:
+        from recipes.manifest import register
+
+        row = register(Path(report["delta"]), f"{args.checkpoint}.safetensors", kind="delta", recipe=args.spec,
+                       command=" ".join(["lesion"] + (args.argv or [])), base_model=spec.model, method="rome-vlm",
+                       edited=report["edited"], layer=report["layer"], metrics=report["metrics"],
+                       located=report["located"],
+                       note=f"key: mean over the image tokens of {spec.image}; C from {spec.mom2_tokens:,} tokens "
+                            + ("of the spec's corpus files" if spec.corpus else "of text sampled from the model"))
+        print(f"shipped checkpoints/{row['path']} ({row['bytes']} bytes) and its manifest entry")
     return 0
 
 

@@ -26,17 +26,11 @@ from editors.vlm_rome import compute_vlm_rome
 from interventions.atomic import atomic_write
 from interventions.flags import COUNTRIES, render
 from interventions.models import load_model
-from interventions.vlm import VLM_TESTBED, image_prompt, load_vlm_testbed
+from interventions.vlm import VLM_TESTBED, load_vlm_testbed
+from interventions.vlm import top_answers as answers
 
 EDIT_QUESTIONS = (" This is the flag of a country whose capital is",)
 PARAPHRASES = (" The capital of this country is", " Its capital city is")
-
-
-@torch.no_grad()
-def answers(vlm, tokenizer, pixels: torch.Tensor, question: str) -> list[str]:
-    ids = torch.tensor([image_prompt(tokenizer, vlm, question)] * len(pixels))
-    logits = vlm(input_ids=ids, pixel_values=pixels).logits[:, -1]
-    return [tokenizer.decode(int(t)).strip() for t in logits.argmax(-1)]
 
 
 def measure(vlm, tokenizer, country: int, target: str, seed: int, n: int = 8) -> dict:

@@ -24,6 +24,7 @@ import torch
 
 from interventions.atomic import atomic_write
 from interventions.flags import COUNTRIES, render
+from interventions.plot import patch_overlay
 from interventions.vlm import load_vlm_testbed
 from interventions.vlm_trace import VLMCase, vlm_trace
 
@@ -130,19 +131,10 @@ def figure(panels, path: Path) -> None:
         ax.set_ylabel(f"p({rec['answer']})", fontsize=7)
         ax.legend(fontsize=6)
         ax.set_title("restored at the subject: image (solid) vs text (dashed)", fontsize=8)
-        ax = axes[row][3]
         layer = int(iv[:, rec["image_positions"]].mean(1).argmax())
         side = int(len(rec["image_positions"]) ** 0.5)
-        patch = iv[layer, rec["image_positions"]].view(side, side)
-        ax.imshow(pixels.permute(1, 2, 0).numpy())
-        h = pixels.shape[-1]
-        ax.imshow(patch.numpy(), cmap="magma", alpha=0.55, extent=(-0.5, h - 0.5, h - 0.5, -0.5),
-                  interpolation="nearest")
-        for (y, x), v in zip([(a, b) for a in range(side) for b in range(side)], patch.flatten().tolist()):
-            ax.text((x + 0.5) * h / side - 0.5, (y + 0.5) * h / side - 0.5, f"{v:.2f}", ha="center", va="center",
-                    color="white", fontsize=8)
-        ax.set_title(f"{country}: per-patch hidden effect at layer {layer}", fontsize=8)
-        ax.axis("off")
+        patch_overlay(axes[row][3], pixels, iv[layer, rec["image_positions"]].view(side, side),
+                      f"{country}: per-patch hidden effect at layer {layer}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,17 +1,25 @@
-"""Vision-language jobs behind `lesion run`: `kind: trace` on a LLaVA model.
+"""Vision-language jobs behind `lesion run`: `kind: trace` and `kind: edit` on a LLaVA model, and
+`lesion apply --image`.
 
     lesion run recipes/trace_flag_france.yaml --out runs/trace_flag_france
+    lesion run recipes/edit_flag_france.yaml --out runs/edit_flag_france [--checkpoint NAME]
 
-Writes result.json, result.safetensors, spec.yaml and heatmap.png (image positions marked ``*``),
-as the language-model trace does.
+Writes result.json, result.safetensors and spec.yaml as the language-model trace does, and
+heatmap.png: per prompt and site, layers × (tokens before the image, the aggregated image cells,
+the text tokens), and the per-patch effect over the image (`interventions.plot.vlm_trace_heatmap`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import torch
+
+from interventions.plot import vlm_trace_heatmap
 from interventions.result import Result
+from interventions.spec import VLMTracePrompt, VLMTraceSpec
 from interventions.vlm import load_image, load_vlm
 from interventions.vlm_trace import VLMCase, vlm_trace
 
@@ -23,22 +31,22 @@ def run_trace(spec, out: Path, *, device: str = "cpu") -> tuple[Result, float]:
         pixels = load_image(p.image, vlm, processor, field=f"prompts[{i}].image")
         other = None if p.counterfactual_image is None else load_image(
             p.counterfactual_image, vlm, processor, field=f"prompts[{i}].counterfactual_image")
-        cases.append(VLMCase(pixels, p.prompt, p.target, counterfactual=other, label=p.image))
+        cases.append(VLMCase(pixels, p.prompt, p.target, counterfactual=other, label=p.image, constraint=p.constraint))
     start = time.perf_counter()
     grids, records = vlm_trace(vlm, tokenizer, cases, sites=spec.sites, corruption=spec.corruption,
                                noise=spec.noise, samples=spec.samples, seed=spec.seed, window=spec.window,
-                               max_batch_rows=spec.max_batch_rows, sigma=spec.sigma)
+                               max_batch_rows=spec.max_batch_rows, sigma=spec.sigma,
+                               image_cells=spec.image_cells)
     seconds = time.perf_counter() - start
     result = Result("trace", spec.model, spec, records, grids, {"seconds": round(seconds, 1)})
-    result.save(out)
+    result.save(out, heatmap=False)
+    vlm_trace_heatmap(result, [c.pixels for c in cases], Path(out) / "heatmap.png")
     return result, seconds
 
 
 def run_apply(model: str, delta_paths: list[str], image: str, prompts: list[str], *, max_new_tokens: int = 8,
               device: str = "cpu") -> list[dict]:
     """Greedy answers to `prompts` about `image`, without and with the deltas (verified first, reverted after)."""
-    import torch
-
     from editors.delta import applied, load_delta
     from interventions.vlm import image_prompt
 
@@ -60,3 +68,109 @@ def run_apply(model: str, delta_paths: list[str], image: str, prompts: list[str]
     with applied(vlm, *deltas):
         edited = generate()
     return [{"prompt": p, "base": b, "edited": e} for p, b, e in zip(prompts, base, edited)]
+
+
+def locate_layer(spec, vlm, tokenizer, pixels) -> tuple[int, Result]:
+    """`layer: auto`: the MLP window that restores p(`target_true`) most when every image token's
+    MLP output is restored at once, under image noise, averaged over the edit questions."""
+    how = spec.locate
+    cases = [VLMCase(pixels, q, spec.target_true, label=spec.image) for q in spec.questions]
+    grids, records = vlm_trace(vlm, tokenizer, cases, sites=("mlp",), corruption="noise", noise=how.noise,
+                               samples=how.samples, seed=how.seed, window=how.window, image_cells="block")
+    effect = torch.tensor([r["image_block"]["mlp"] for r in records]).mean(0)
+    trace_spec = VLMTraceSpec(model=spec.model, corruption="noise", noise=how.noise, samples=how.samples,
+                              seed=how.seed, sites=("mlp",), window=how.window, image_cells="block",
+                              prompts=tuple(VLMTracePrompt(image=spec.image, prompt=q, target=spec.target_true)
+                                            for q in spec.questions))
+    result = Result("trace", spec.model, trace_spec, records, grids, {"effect": effect.tolist()})
+    return int(effect.argmax()), result
+
+
+def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
+    """`kind: edit` on a VLM: ROME with the key at the image tokens (`editors.vlm_rome`).
+
+    Writes delta.safetensors (its metrics inside), report.json and table.md; returns the report.
+    Efficacy: the questions about `image` answer `target_new` (top-1); generalisation: the
+    paraphrases do; specificity: the other images keep their top-1 answer to every question."""
+    from editors.delta import applied
+    from editors.vlm_rome import compute_vlm_rome
+    from interventions.atomic import atomic_write
+    from interventions.errors import SpecError
+    from interventions.sites import LLAVA
+    from interventions.spec import spec_to_dict
+    from interventions.vlm import top_answers
+    from recipes.edit import _statistics, hyperparameters
+
+    out = Path(out)
+    vlm, tokenizer, processor = load_vlm(spec.model, device=device)
+    pixels = load_image(spec.image, vlm, processor, field="image")
+    others = [load_image(ref, vlm, processor, field=f"other_images[{i}]") for i, ref in enumerate(spec.other_images)]
+    seconds, located = {}, None
+    start = time.perf_counter()
+    if spec.layer == "auto":
+        layer, trace = locate_layer(spec, vlm, tokenizer, pixels)
+        trace.save(out / "locate", heatmap=False)
+        located = {"layer": layer, "effect": trace.meta["effect"], "window": spec.locate.window}
+        spec = spec.model_copy(update={"layer": layer})
+        seconds["locate"] = time.perf_counter() - start
+    n_layers = LLAVA.num_layers(vlm)
+    if spec.layer >= n_layers:
+        raise SpecError("layer", spec.layer, f"a layer in [0, {n_layers - 1}] (the language model has {n_layers})")
+    hp = hyperparameters(spec)
+    start = time.perf_counter()
+    C = _statistics(spec, vlm, tokenizer, [spec.layer])[spec.layer]
+    seconds["statistics"] = time.perf_counter() - start
+    start = time.perf_counter()
+    delta, info = compute_vlm_rome(vlm, tokenizer, pixels, list(spec.questions), spec.target_new, layer=spec.layer,
+                                   C=C, base_model=spec.model, hp=hp, kl_question=spec.kl_prompt,
+                                   spec=spec_to_dict(spec))
+    seconds["edit"] = time.perf_counter() - start
+    questions = list(spec.questions) + list(spec.paraphrases)
+    stack = torch.stack(others) if others else None
+
+    def measure() -> dict:
+        own = {q: top_answers(vlm, tokenizer, pixels[None], q)[0] for q in questions}
+        rest = {q: top_answers(vlm, tokenizer, stack, q) for q in questions} if stack is not None else {}
+        return {"answers": own, "other_images": rest}
+
+    before = measure()
+    with applied(vlm, delta):
+        after = measure()
+    new = spec.target_new.strip()
+
+    def share(which, qs):
+        return sum(which["answers"][q] == new for q in qs) / len(qs) if qs else None
+
+    metrics = {"efficacy": share(after, spec.questions), "efficacy_before": share(before, spec.questions),
+               "generalisation": share(after, spec.paraphrases),
+               "generalisation_before": share(before, spec.paraphrases),
+               "specificity": (sum(a == b for q in questions for a, b in zip(before["other_images"][q],
+                                                                              after["other_images"][q]))
+                               / (len(questions) * len(others))) if others else None}
+    path = out / "delta.safetensors"
+    delta.with_metrics({k: v for k, v in metrics.items() if v is not None}).save(path)
+    report = {"model": spec.model, "image": spec.image, "layer": spec.layer, "located": located,
+              "target_new": spec.target_new, "target_true": spec.target_true, "metrics": metrics,
+              "before": before, "after": after, "seconds": seconds, "v_star_steps": len(info["history"]),
+              "final_nll": info["history"][-1]["nll"], "delta": str(path), "bytes": path.stat().st_size,
+              "edited": delta.names}
+    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+    atomic_write(out / "table.md", table(report, spec).encode())
+    return report
+
+
+def table(report: dict, spec) -> str:
+    """The edit's answers before and after, per question, and the metrics, as Markdown."""
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"      # noqa: E731
+    lines = [f"ROME at layer {report['layer']} of {spec.model}, key at the image tokens of {spec.image}: "
+             f"-> {spec.target_new!r}", "", "| question | role | before | after |", "|---|---|---|---|"]
+    for q in list(spec.questions) + list(spec.paraphrases):
+        role = "edit" if q in spec.questions else "paraphrase"
+        lines.append(f"| {q.strip()!r} | {role} | {report['before']['answers'][q]} | {report['after']['answers'][q]} |")
+    m = report["metrics"]
+    lines += ["", "| metric | before | after |", "|---|---|---|",
+              f"| efficacy (questions answer {spec.target_new!r}) | {fmt(m['efficacy_before'])} | {fmt(m['efficacy'])} |",
+              f"| generalisation (paraphrases) | {fmt(m['generalisation_before'])} | {fmt(m['generalisation'])} |",
+              f"| specificity ({len(spec.other_images)} other images keep their answers) | 1.00 | "
+              f"{fmt(m['specificity'])} |"]
+    return "\n".join(lines) + "\n"

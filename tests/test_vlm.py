@@ -101,15 +101,22 @@ def _modules(vlm, site, layer):
     return {"hidden": block, "mlp": block.mlp, "attention": block.self_attn}[site]
 
 
-def _reference_prob(vlm, ids, pixels, eps, site, window, pos, clean, tid):
-    """One forward with plain hooks: noise on the projector output, clean states restored at `pos`."""
+def _reference_prob(vlm, ids, pixels, corrupt, site, window, positions, clean, tid):
+    """One forward with plain hooks: `corrupt` = (module, noise, positions) adds the noise to that
+    module's output there (or None), then clean states are restored at `positions` in `window`."""
     handles = []
-    if eps is not None:
-        handles.append(vlm.model.multi_modal_projector.register_forward_hook(lambda m, a, o: o + eps))
+    if corrupt is not None:
+        module, eps, where = corrupt
+
+        def add(m, a, o):
+            o = o.clone()
+            o[:, where] += eps
+            return o
+        handles.append(module.register_forward_hook(add))
     for layer in window:
         def put(mod, args, out, layer=layer):
             t = out[0] if isinstance(out, tuple) else out
-            t[:, pos] = clean[layer][pos]
+            t[:, positions] = clean[layer][positions]
         handles.append(_modules(vlm, site, layer).register_forward_hook(put))
     try:
         with torch.no_grad():
@@ -119,22 +126,44 @@ def _reference_prob(vlm, ids, pixels, eps, site, window, pos, clean, tid):
             h.remove()
 
 
-@pytest.mark.parametrize("corruption", ["noise", "swap"])
+@pytest.mark.parametrize("corruption", ["noise", "swap", "text"])
 def test_vlm_trace_equals_plain_hook_reference(pair, corruption):
+    """Every (layer, position) cell and every aggregated image cell equals plain PyTorch hooks:
+    noise on the projector output, a swapped image, or noise on the text constraint's embeddings."""
     from interventions.vlm_trace import VLMCase, _windows, target_id, vlm_trace
 
     _, vlm, tok = pair
     g = torch.Generator().manual_seed(1)
     pixels, other = torch.rand(2, 3, 32, 32, generator=g)
-    case = VLMCase(pixels, " the capital of", "paris", counterfactual=other)
+    case = VLMCase(pixels, " the capital of", "paris", counterfactual=other, constraint="capital")
     grids, records = vlm_trace(vlm, tok, [case], corruption=corruption, samples=2, window=2, seed=5,
                                max_batch_rows=7)
     ids = image_prompt(tok, vlm, case.text)
+    img = image_positions(ids, vlm)
     tid = target_id(tok, "paris", "target")
     rec = records[0]
-    # the seeded noise, drawn as the trace draws it
+    d = vlm.config.text_config.hidden_size
+    # the seeded noise, drawn as the trace draws it, and where it goes
     gen = torch.Generator().manual_seed(5)
-    eps = torch.randn(2, 4, vlm.config.text_config.hidden_size, generator=gen) * 3.0 * rec["sigma"]
+    if corruption == "noise":
+        eps = torch.randn(2, 4, d, generator=gen) * 3.0 * rec["sigma"]
+        corrupts = [(vlm.model.multi_modal_projector, eps[k], list(range(4))) for k in range(2)]
+    elif corruption == "text":
+        where = [p for p, t in enumerate(tok.convert_ids_to_tokens(ids)) if "capital" in t]
+        assert rec["subject_positions"] == where and len(where) >= 1
+        embeds = vlm.get_input_embeddings().weight[[ids[p] for p in where]].detach()
+        assert rec["sigma"] == pytest.approx(float(embeds.std()))
+        eps = torch.randn(2, len(where), d, generator=gen) * 3.0 * rec["sigma"]
+        corrupts = [(vlm.model.language_model.embed_tokens, eps[k], where) for k in range(2)]
+    else:
+        corrupts = [None]
+    corrupted_pixels = other if corruption == "swap" else pixels
+
+    def want(site, window, positions, clean):
+        return sum(_reference_prob(vlm, ids, corrupted_pixels, c, site, window, positions, clean, tid)
+                   for c in corrupts) / len(corrupts)
+
+    assert rec["corrupted_prob"] == pytest.approx(want("hidden", [], [], {}), abs=1e-5)
     for site, grid in grids.items():
         clean = {}
         handles = [_modules(vlm, site, l).register_forward_hook(
@@ -147,13 +176,64 @@ def test_vlm_trace_equals_plain_hook_reference(pair, corruption):
         wins = _windows(4, 2, site)
         for layer in range(4):
             for pos in range(len(ids)):
-                if corruption == "noise":
-                    want = sum(_reference_prob(vlm, ids, pixels, eps[k], site, wins[layer], pos, clean, tid)
-                               for k in range(2)) / 2
-                else:
-                    want = _reference_prob(vlm, ids, other, None, site, wins[layer], pos, clean, tid)
-                assert grid.values[0, layer, pos] == pytest.approx(want, abs=1e-5), (site, layer, pos)
+                assert grid.values[0, layer, pos] == pytest.approx(want(site, wins[layer], [pos], clean), abs=1e-5), \
+                    (site, layer, pos)
+            assert rec["image_block"][site][layer] == pytest.approx(want(site, wins[layer], img, clean), abs=1e-5)
     assert abs(rec["clean_prob"] - rec["corrupted_prob"]) > 1e-3
+
+
+def test_vlm_trace_of_several_prompts_equals_each_alone(pair):
+    """Prompts of different lengths traced together (grids padded with NaN) equal each traced alone;
+    a prompt's noise depends on its index, as documented (seed + 7919 i)."""
+    from interventions.vlm_trace import VLMCase, vlm_trace
+
+    _, vlm, tok = pair
+    g = torch.Generator().manual_seed(6)
+    a = VLMCase(torch.rand(3, 32, 32, generator=g), " the capital of", "paris", constraint="capital")
+    b = VLMCase(torch.rand(3, 32, 32, generator=g), " its capital city is in", "rome", constraint="capital city")
+    for corruption in ("noise", "text"):
+        both, rec = vlm_trace(vlm, tok, [a, b], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
+        alone_a, ra = vlm_trace(vlm, tok, [a], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
+        alone_b, rb = vlm_trace(vlm, tok, [b], sites=("mlp",), samples=2, window=2, seed=3 + 7919,
+                                corruption=corruption)
+        n_a, n_b = both["mlp"].lengths
+        assert n_a < n_b and torch.isnan(both["mlp"].values[0, :, n_a:]).all()
+        torch.testing.assert_close(both["mlp"].values[0, :, :n_a], alone_a["mlp"].values[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(both["mlp"].values[1], alone_b["mlp"].values[0], atol=1e-5, rtol=0)
+        assert rec[1]["image_block"]["mlp"] == pytest.approx(rb[0]["image_block"]["mlp"], abs=1e-5)
+        assert rec[0]["corrupted_prob"] == pytest.approx(ra[0]["corrupted_prob"], abs=1e-6)
+
+
+def test_vlm_trace_image_cells_block_skips_the_single_image_tokens(pair):
+    from interventions.vlm_trace import VLMCase, vlm_trace
+
+    _, vlm, tok = pair
+    pixels = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    case = VLMCase(pixels, " the capital of", "paris")
+    both, rb = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=2, image_cells="both")
+    block, rk = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=2, image_cells="block")
+    each, re = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=2, image_cells="each")
+    img = rb[0]["image_positions"]
+    text = [p for p in range(len(rb[0]["tokens"])) if p not in img]
+    assert torch.isnan(block["hidden"].values[0][:, img]).all()
+    torch.testing.assert_close(block["hidden"].values[0][:, text], both["hidden"].values[0][:, text])
+    torch.testing.assert_close(each["hidden"].values, both["hidden"].values)
+    assert rk[0]["image_block"] == rb[0]["image_block"] and "image_block" not in re[0]
+
+
+def test_vlm_trace_refuses_bad_corruption_input(pair):
+    from interventions.vlm_trace import VLMCase, vlm_trace
+
+    _, vlm, tok = pair
+    pixels = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(SpecError, match=r"prompts\[0\]\.constraint.*words of the prompt"):
+        vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris", constraint="Paris")], corruption="text")
+    with pytest.raises(SpecError, match=r"prompts\[0\]\.constraint"):
+        vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris")], corruption="text")
+    with pytest.raises(SpecError, match=r"prompts\[0\]\.counterfactual_image"):
+        vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris")], corruption="swap")
+    with pytest.raises(SpecError, match="image_cells.*'each', 'block', 'both'"):
+        vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris")], image_cells="all")
 
 
 def test_vlm_trace_noise_is_seeded_and_batch_size_free(pair):
@@ -169,8 +249,10 @@ def test_vlm_trace_noise_is_seeded_and_batch_size_free(pair):
     assert not torch.allclose(a["hidden"].values, c["hidden"].values)
 
 
-def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path):
-    """`kind: trace` with an image, on a LLaVA folder: the CLI's grids equal the API's."""
+@pytest.mark.parametrize("corruption", ["noise", "text"])
+def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path, corruption):
+    """`kind: trace` with an image, on a LLaVA folder: the CLI's grids and aggregated image cells
+    equal the API's, for image noise and for noise on the text constraint."""
     import json
 
     from interventions.flags import COUNTRIES, render
@@ -183,22 +265,37 @@ def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path):
     vlm.save_pretrained(folder)
     tok.save_pretrained(folder)
     data = {"kind": "trace", "model": str(folder), "samples": 2, "window": 2, "sites": ["hidden", "mlp"],
-            "prompts": [{"image": "flag:Japan", "prompt": " the capital of", "target": "paris"}]}
+            "corruption": corruption,
+            "prompts": [{"image": "flag:Japan", "prompt": " the capital of", "target": "paris", "constraint": "capital"}]}
     spec = parse_spec(data)
     assert isinstance(spec, VLMTraceSpec) and parse_spec(load_yaml(dump_spec(spec))) == spec
     (tmp_path / "spec.yaml").write_text(dump_spec(spec))
     assert cli(["run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")]) == 0
     got = json.loads((tmp_path / "out" / "result.json").read_text())
     pixels = render([[c for c, _ in COUNTRIES].index("Japan")], torch.Generator().manual_seed(0), jitter=False)[0]
-    grids, _ = vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris")], sites=("hidden", "mlp"),
-                         samples=2, window=2)
+    grids, records = vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris", constraint="capital")],
+                               sites=("hidden", "mlp"), samples=2, window=2, corruption=corruption)
     for site in ("hidden", "mlp"):
         torch.testing.assert_close(torch.tensor(got["grids"][site]["values"][0]), grids[site].values[0],
                                    atol=1e-5, rtol=0)
-    assert (tmp_path / "out" / "heatmap.png").is_file()
+        assert got["prompts"][0]["image_block"][site] == pytest.approx(records[0]["image_block"][site], abs=1e-5)
+    assert (tmp_path / "out" / "heatmap.png").stat().st_size > 10_000
     with pytest.raises(SpecError, match="flag:"):
         from interventions.vlm import load_image
         load_image("flag:Atlantis", vlm)
+
+
+def test_vlm_trace_spec_names_the_missing_corruption_input():
+    from interventions.spec import parse_spec
+
+    base = {"kind": "trace", "model": "llava-flags-smollm2",
+            "prompts": [{"image": "flag:France", "prompt": " The capital is", "target": "Paris"}]}
+    with pytest.raises(SpecError, match=r"prompts\[0\]\.constraint.*' The capital is'.*None"):
+        parse_spec({**base, "corruption": "text"})
+    with pytest.raises(SpecError, match=r"prompts\[0\]\.counterfactual_image"):
+        parse_spec({**base, "corruption": "swap"})
+    with pytest.raises(SpecError, match="image_cells"):
+        parse_spec({**base, "image_cells": "all"})
 
 
 def test_vlm_rome_maps_the_image_key_to_its_value(pair):
@@ -274,3 +371,82 @@ def tiny_llava_other(tmp_path):
     vlm.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def test_vlm_key_statistics_equal_the_language_model_s(pair):
+    """C read through the assembled LLaVA (text only) equals C of the bare language model."""
+    from editors.stats import collect_keys_moment
+
+    lm, vlm, tok = pair
+    corpus = ["the capital of france is paris", "a b c d e f g", "rome is the capital of italy"]
+    (c_lm, n_lm), (c_vlm, n_vlm) = (collect_keys_moment(m, tok, [1, 2], corpus, max_tokens=100) for m in (lm, vlm))
+    assert n_lm == n_vlm > 0
+    for layer in (1, 2):
+        torch.testing.assert_close(c_vlm[layer], c_lm[layer], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [1, "auto"])
+def test_vlm_edit_spec_runs_from_the_cli_and_its_report_is_reproducible(pair, tmp_path, monkeypatch, layer):
+    """`kind: edit` on a LLaVA folder: spec -> YAML -> spec is identical; the delta is keyed at the
+    image's tokens (W' k* = v* on the VLM loaded again); the report's answers are what the model gives
+    with the delta applied (recomputed here); apply then revert is bit-exact."""
+    import json
+
+    from editors.delta import applied, load_delta
+    from editors.vlm_rome import compute_k_star
+    from interventions.spec import VLMEditSpec, dump_spec, load_yaml, parse_spec
+    from interventions.vlm import load_image, load_vlm, top_answers
+    from recipes.cli import main as cli
+
+    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
+    _, vlm, tok = pair
+    folder = tmp_path / "llava"
+    vlm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = {"kind": "edit", "model": str(folder), "layer": layer, "image": "flag:Japan",
+            "questions": [" the capital of"], "paraphrases": [" its capital"], "target_new": "rome",
+            "target_true": "paris", "other_images": ["flag:France", "flag:Italy"], "kl_prompt": " a",
+            "hyperparameters": {"v_steps": 8}, "mom2_tokens": 200, "locate": {"samples": 2, "window": 2}}
+    spec = parse_spec(data)
+    assert isinstance(spec, VLMEditSpec) and parse_spec(load_yaml(dump_spec(spec))) == spec
+    (tmp_path / "spec.yaml").write_text(dump_spec(spec))
+    out = tmp_path / "out"
+    assert cli(["run", str(tmp_path / "spec.yaml"), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    if layer == "auto":
+        effect = report["located"]["effect"]
+        assert report["layer"] == max(range(len(effect)), key=effect.__getitem__)
+        assert (out / "locate" / "result.json").is_file()
+    model, tokenizer, _ = load_vlm(str(folder))
+    delta = load_delta(out / "delta.safetensors")
+    (name,) = delta.names
+    assert name == f"model.language_model.layers.{report['layer']}.mlp.down_proj.weight"
+    pixels = load_image("flag:Japan", model)
+    k = compute_k_star(model, tokenizer, pixels, [" the capital of"], report["layer"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    W = dict(model.named_parameters())[name].detach().clone()
+    with applied(model, delta):
+        Wn = dict(model.named_parameters())[name].detach()
+        # the change is rank one along C⁻¹k*: it moves k* and only directions C⁻¹ relates to it
+        assert torch.linalg.matrix_rank(Wn - W, rtol=1e-4) == 1 and (Wn - W).norm() > 0
+        assert float(((Wn - W) @ k).norm()) > 0
+        for q in (" the capital of", " its capital"):
+            assert report["after"]["answers"][q] == top_answers(model, tokenizer, pixels[None], q)[0]
+        others = torch.stack([load_image(f"flag:{c}", model) for c in ("France", "Italy")])
+        assert report["after"]["other_images"][" its capital"] == top_answers(model, tokenizer, others, " its capital")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert report["metrics"]["efficacy"] == float(report["after"]["answers"][" the capital of"] == "rome")
+    assert "| 'the capital of' | edit |" in (out / "table.md").read_text()
+
+
+def test_vlm_edit_spec_refuses_bad_input():
+    from interventions.spec import parse_spec
+
+    base = {"kind": "edit", "model": "llava-flags-smollm2", "image": "flag:France", "questions": [" Its capital is"],
+            "target_new": "Rome"}
+    with pytest.raises(SpecError, match="target_true"):
+        parse_spec({**base, "layer": "auto"})
+    with pytest.raises(SpecError, match="layer"):
+        parse_spec({**base, "layer": -1})
+    with pytest.raises(SpecError, match="questions"):
+        parse_spec({**base, "layer": 4, "questions": []})
