@@ -450,3 +450,96 @@ def test_vlm_edit_spec_refuses_bad_input():
         parse_spec({**base, "layer": -1})
     with pytest.raises(SpecError, match="questions"):
         parse_spec({**base, "layer": 4, "questions": []})
+
+
+# ------------------------------------------------------------------ a LLaVA-1.5-shaped folder
+@pytest.fixture(scope="module")
+def llava15(tmp_path_factory):
+    """A tiny folder with LLaVA-1.5's config choices (features from the second-to-last vision layer,
+    CLS dropped, GELU projector), a CLIP image processor, a tokenizer with <image>, and two PNGs:
+    what `llava-hf/llava-1.5-7b-hf` looks like on disk, at toy size."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
+        LlavaForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("llava15")
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3)
+    vision = CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                              num_attention_heads=4)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                      image_seq_length=4)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_llava15_folder_image_tokens_are_the_second_to_last_layer_without_cls(llava15):
+    """The projector site on a LLaVA-1.5-shaped model: hidden_states[-2] of CLIP, CLS dropped, projected."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from interventions.vlm import load_image, load_vlm
+
+    vlm, tok, processor = load_vlm(str(llava15))
+    pixels = load_image(str(llava15 / "a.png"), vlm, processor)
+    want_pixels = CLIPImageProcessor.from_pretrained(llava15)(images=Image.open(llava15 / "a.png").convert("RGB"),
+                                                              return_tensors="pt").pixel_values[0]
+    assert torch.equal(pixels, want_pixels) and pixels.min() < 0        # normalised by the processor
+    ids = image_prompt(tok, vlm, " the capital of")
+    assert len(image_positions(ids, vlm)) == 4                         # (28 / 14)² patches, no CLS
+    got = {}
+    h = vlm.model.multi_modal_projector.register_forward_hook(lambda m, a, o: got.__setitem__("x", o))
+    with torch.no_grad():
+        vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[None])
+        h.remove()
+        hidden = vlm.model.vision_tower(pixels[None], output_hidden_states=True).hidden_states[-2][:, 1:]
+        want = vlm.model.multi_modal_projector.linear_2(torch.nn.functional.gelu(
+            vlm.model.multi_modal_projector.linear_1(hidden)))
+    torch.testing.assert_close(got["x"].reshape(want.shape), want, atol=1e-5, rtol=1e-5)
+
+
+def test_llava15_folder_runs_trace_edit_and_apply_specs_with_image_files(llava15, tmp_path, monkeypatch, capsys):
+    """The documented claim: the same specs, pointed at a LLaVA-1.5-layout folder with image files, run
+    unchanged through the CLI (trace with a swapped image, edit, apply --image), and the trace equals
+    the API on the processor's pixels."""
+    import json
+
+    from interventions.spec import dump_spec, parse_spec
+    from interventions.vlm import load_image, load_vlm
+    from interventions.vlm_trace import VLMCase, vlm_trace
+    from recipes.cli import main as cli
+
+    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
+    a, b = str(llava15 / "a.png"), str(llava15 / "b.png")
+    trace = {"kind": "trace", "model": str(llava15), "corruption": "swap", "sites": ["hidden"], "window": 2,
+             "image_cells": "block",
+             "prompts": [{"image": a, "counterfactual_image": b, "prompt": " the capital of", "target": "paris"}]}
+    (tmp_path / "trace.yaml").write_text(dump_spec(parse_spec(trace)))
+    assert cli(["run", str(tmp_path / "trace.yaml"), "--out", str(tmp_path / "trace")]) == 0
+    got = json.loads((tmp_path / "trace" / "result.json").read_text())
+    vlm, tok, processor = load_vlm(str(llava15))
+    case = VLMCase(load_image(a, vlm, processor), " the capital of", "paris", counterfactual=load_image(b, vlm, processor))
+    grids, records = vlm_trace(vlm, tok, [case], sites=("hidden",), corruption="swap", window=2, image_cells="block")
+    values = torch.tensor([[float("nan") if x is None else x for x in row] for row in got["grids"]["hidden"]["values"][0]])
+    torch.testing.assert_close(values, grids["hidden"].values[0], atol=1e-5, rtol=0, equal_nan=True)
+    assert got["prompts"][0]["image_block"]["hidden"] == pytest.approx(records[0]["image_block"]["hidden"], abs=1e-5)
+    edit = {"kind": "edit", "model": str(llava15), "layer": 2, "image": a, "questions": [" the capital of"],
+            "target_new": "rome", "other_images": [b], "kl_prompt": " a", "hyperparameters": {"v_steps": 5},
+            "mom2_tokens": 100}
+    (tmp_path / "edit.yaml").write_text(dump_spec(parse_spec(edit)))
+    assert cli(["run", str(tmp_path / "edit.yaml"), "--out", str(tmp_path / "edit")]) == 0
+    capsys.readouterr()
+    assert cli(["apply", "--model", str(llava15), "--delta", str(tmp_path / "edit" / "delta.safetensors"),
+                "--image", a, "--prompt", " the capital of", "--max-new-tokens", "2"]) == 0
+    assert "edited:" in capsys.readouterr().out
