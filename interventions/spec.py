@@ -469,6 +469,11 @@ class VLMEditSpec(_Spec):
     corpus: tuple[str, ...] = Field(
         default=(), description="Text files for the key statistics; empty: text sampled from the model itself.")
     mom2_tokens: int = Field(default=20_000, ge=100)
+    image_corpus: tuple[str, ...] = Field(
+        default=(), description="Images whose image-token keys join the key statistics: C = C_text + "
+        "`image_corpus_weight` × C_images. Image files, folders of them, `flag:<Country>@<seed>` or `flag:*@<seed>` "
+        "(every testbed flag, jittered). Empty: text statistics only, as ROME.")
+    image_corpus_weight: float = Field(default=1.0, ge=0)
 
     @model_validator(mode="after")
     def _auto_needs_truth(self):

@@ -173,22 +173,30 @@ def load_vlm(name: str, *, device: str | torch.device = "cpu"):
     return vlm, tokenizer, processor
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
 def load_image(ref: str, vlm, processor=None, *, field: str = "image") -> torch.Tensor:
-    """``(3, H, W)`` pixels for `ref`: ``flag:<Country>`` (the testbed's flag, no jitter) or an image file."""
+    """``(3, H, W)`` pixels for `ref`: ``flag:<Country>`` (the testbed's flag, no jitter),
+    ``flag:<Country>@<seed>`` (a jittered render drawn with that seed), or an image file."""
     from .flags import COUNTRIES, render
 
     size = vlm.config.vision_config.image_size
     if ref.startswith("flag:"):
         names = [c for c, _ in COUNTRIES]
-        country = ref[len("flag:"):]
+        country, _, seed = ref[len("flag:"):].partition("@")
         if country not in names:
             from .errors import one_of
 
-            raise SpecError(field, ref, "flag:" + one_of(country, names).replace("one of ", "<one of ") + ">")
+            raise SpecError(field, ref, "flag:" + one_of(country, names).replace("one of ", "<one of ") + ">[@<seed>]")
+        if seed and not seed.isdigit():
+            raise SpecError(field, ref, f"flag:{country}@<seed>, the seed a non-negative integer")
+        if seed:
+            return render([names.index(country)], torch.Generator().manual_seed(int(seed)))[0]
         return render([names.index(country)], torch.Generator().manual_seed(0), jitter=False)[0]
     path = Path(ref).expanduser()
     if not path.is_file():
-        raise SpecError(field, ref, "`flag:<Country>` or an existing image file")
+        raise SpecError(field, ref, "`flag:<Country>[@<seed>]` or an existing image file")
     from PIL import Image
 
     image = Image.open(path).convert("RGB")
@@ -198,3 +206,19 @@ def load_image(ref: str, vlm, processor=None, *, field: str = "image") -> torch.
 
     image = image.resize((size, size))
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def load_images(ref: str, vlm, processor=None, *, field: str = "images") -> list[torch.Tensor]:
+    """Every image `ref` names: as `load_image`, plus ``flag:*@<seed>`` (all the testbed's flags,
+    jittered with that seed) and a folder (its image files, sorted by name)."""
+    from .flags import COUNTRIES
+
+    if ref.startswith("flag:*@"):
+        return [load_image(f"flag:{c}@{ref[len('flag:*@'):]}", vlm, field=field) for c, _ in COUNTRIES]
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SpecError(field, ref, f"a folder holding image files ({', '.join(IMAGE_SUFFIXES)})")
+        return [load_image(str(f), vlm, processor, field=field) for f in files]
+    return [load_image(ref, vlm, processor, field=field)]

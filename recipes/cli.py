@@ -536,6 +536,12 @@ def parser() -> argparse.ArgumentParser:
     ef.add_argument("--layer", type=int, default=4)
     ef.add_argument("--mom2-tokens", type=int, default=20_000)
     ef.add_argument("--seed", type=int, default=3_000_000)
+    ef.add_argument("--renders", type=int, default=1, metavar="N",
+                    help="read k* and optimise v* over N jittered renders of the flag (ROME's context templates, for images)")
+    ef.add_argument("--kl-factor", type=float, default=1.0,
+                    help="weight of v*'s KL term on the naming prompt (ROME's default 0.0625 lets the flag's identity drift)")
+    ef.add_argument("--image-stats", type=int, default=0, metavar="N",
+                    help="add the image-token key statistics of N jittered renders of every flag to C (0: text only)")
     ef.add_argument("--checkpoint", default=None, metavar="NAME", help="also ship the delta as checkpoints/NAME.safetensors")
     ef.set_defaults(fn=cmd_edit_flag)
     return p

@@ -93,12 +93,12 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     Efficacy: the questions about `image` answer `target_new` (top-1); generalisation: the
     paraphrases do; specificity: the other images keep their top-1 answer to every question."""
     from editors.delta import applied
-    from editors.vlm_rome import compute_vlm_rome
+    from editors.vlm_rome import compute_vlm_rome, image_key_moment
     from interventions.atomic import atomic_write
     from interventions.errors import SpecError
     from interventions.sites import LLAVA
     from interventions.spec import spec_to_dict
-    from interventions.vlm import top_answers
+    from interventions.vlm import load_images, top_answers
     from recipes.edit import _statistics, hyperparameters
 
     out = Path(out)
@@ -120,6 +120,15 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     start = time.perf_counter()
     C = _statistics(spec, vlm, tokenizer, [spec.layer])[spec.layer]
     seconds["statistics"] = time.perf_counter() - start
+    image_keys = n_images = 0
+    if spec.image_corpus:
+        start = time.perf_counter()
+        corpus = [px for i, ref in enumerate(spec.image_corpus)
+                  for px in load_images(ref, vlm, processor, field=f"image_corpus[{i}]")]
+        n_images = len(corpus)
+        C_images, image_keys = image_key_moment(vlm, tokenizer, torch.stack(corpus), spec.layer)
+        C = C + spec.image_corpus_weight * C_images.to(C.device, C.dtype)
+        seconds["image statistics"] = time.perf_counter() - start
     start = time.perf_counter()
     delta, info = compute_vlm_rome(vlm, tokenizer, pixels, list(spec.questions), spec.target_new, layer=spec.layer,
                                    C=C, base_model=spec.model, hp=hp, kl_question=spec.kl_prompt,
@@ -131,7 +140,8 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     def measure() -> dict:
         own = {q: top_answers(vlm, tokenizer, pixels[None], q)[0] for q in questions}
         rest = {q: top_answers(vlm, tokenizer, stack, q) for q in questions} if stack is not None else {}
-        return {"answers": own, "other_images": rest}
+        return {"answers": own, "other_images": rest,
+                "kl_prompt_answer": top_answers(vlm, tokenizer, pixels[None], spec.kl_prompt)[0]}
 
     before = measure()
     with applied(vlm, delta):
@@ -146,14 +156,17 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
                "generalisation_before": share(before, spec.paraphrases),
                "specificity": (sum(a == b for q in questions for a, b in zip(before["other_images"][q],
                                                                               after["other_images"][q]))
-                               / (len(questions) * len(others))) if others else None}
+                               / (len(questions) * len(others))) if others else None,
+               # does the image still read as what it was (e.g. its name after "This is the flag of")?
+               "kl_prompt_kept": float(before["kl_prompt_answer"] == after["kl_prompt_answer"])}
     path = out / "delta.safetensors"
     delta.with_metrics({k: v for k, v in metrics.items() if v is not None}).save(path)
     report = {"model": spec.model, "image": spec.image, "layer": spec.layer, "located": located,
               "target_new": spec.target_new, "target_true": spec.target_true, "metrics": metrics,
               "before": before, "after": after, "seconds": seconds, "v_star_steps": len(info["history"]),
               "final_nll": info["history"][-1]["nll"], "delta": str(path), "bytes": path.stat().st_size,
-              "edited": delta.names}
+              "edited": delta.names,
+              "image_corpus": {"images": n_images, "keys": image_keys, "weight": spec.image_corpus_weight}}
     atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     atomic_write(out / "table.md", table(report, spec).encode())
     return report
@@ -162,8 +175,10 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
 def table(report: dict, spec) -> str:
     """The edit's answers before and after, per question, and the metrics, as Markdown."""
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"      # noqa: E731
+    stats = "C from text" + (f" + {spec.image_corpus_weight:g} × the image-token keys of "
+                             f"{report['image_corpus']['images']} images" if spec.image_corpus else "")
     lines = [f"ROME at layer {report['layer']} of {spec.model}, key at the image tokens of {spec.image}: "
-             f"-> {spec.target_new!r}", "", "| question | role | before | after |", "|---|---|---|---|"]
+             f"-> {spec.target_new!r} ({stats})", "", "| question | role | before | after |", "|---|---|---|---|"]
     for q in list(spec.questions) + list(spec.paraphrases):
         role = "edit" if q in spec.questions else "paraphrase"
         lines.append(f"| {q.strip()!r} | {role} | {report['before']['answers'][q]} | {report['after']['answers'][q]} |")
@@ -172,5 +187,8 @@ def table(report: dict, spec) -> str:
               f"| efficacy (questions answer {spec.target_new!r}) | {fmt(m['efficacy_before'])} | {fmt(m['efficacy'])} |",
               f"| generalisation (paraphrases) | {fmt(m['generalisation_before'])} | {fmt(m['generalisation'])} |",
               f"| specificity ({len(spec.other_images)} other images keep their answers) | 1.00 | "
-              f"{fmt(m['specificity'])} |"]
+              f"{fmt(m['specificity'])} |",
+              f"| top-1 after {spec.kl_prompt.strip()!r} for the edited image kept "
+              f"({report['before']['kl_prompt_answer']} → {report['after']['kl_prompt_answer']}) | 1.00 | "
+              f"{fmt(m['kl_prompt_kept'])} |"]
     return "\n".join(lines) + "\n"

@@ -427,8 +427,10 @@ def test_vlm_edit_spec_runs_from_the_cli_and_its_report_is_reproducible(pair, tm
     W = dict(model.named_parameters())[name].detach().clone()
     with applied(model, delta):
         Wn = dict(model.named_parameters())[name].detach()
-        # the change is rank one along C⁻¹k*: it moves k* and only directions C⁻¹ relates to it
-        assert torch.linalg.matrix_rank(Wn - W, rtol=1e-4) == 1 and (Wn - W).norm() > 0
+        # the change is the stored rank-one product, and it moves k*
+        u, v = delta.factors[name]
+        assert u.shape[1] == 1 and v.shape[0] == 1
+        torch.testing.assert_close(Wn, W + (u @ v).to(W.dtype), atol=1e-6, rtol=1e-5)
         assert float(((Wn - W) @ k).norm()) > 0
         for q in (" the capital of", " its capital"):
             assert report["after"]["answers"][q] == top_answers(model, tokenizer, pixels[None], q)[0]
@@ -543,3 +545,117 @@ def test_llava15_folder_runs_trace_edit_and_apply_specs_with_image_files(llava15
     assert cli(["apply", "--model", str(llava15), "--delta", str(tmp_path / "edit" / "delta.safetensors"),
                 "--image", a, "--prompt", " the capital of", "--max-new-tokens", "2"]) == 0
     assert "edited:" in capsys.readouterr().out
+
+
+def _image_keys_by_hand(vlm, tok, images, layer, question):
+    """Keys at the image tokens, read with a plain hook, one image at a time, with a question after it."""
+    ids = image_prompt(tok, vlm, question)
+    at = image_positions(ids, vlm)
+    keys = []
+    module = vlm.model.language_model.layers[layer].mlp.down_proj
+    h = module.register_forward_pre_hook(lambda m, a: keys.append(a[0][0, at].double()))
+    with torch.no_grad():
+        for px in images:
+            vlm(input_ids=torch.tensor([ids]), pixel_values=px[None])
+    h.remove()
+    K = torch.cat(keys)
+    return (K.T @ K / len(K)).float()
+
+
+def test_image_key_moment_equals_plain_hooks_and_ignores_the_question(pair):
+    from editors.vlm_rome import image_key_moment
+
+    _, vlm, tok = pair
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    C, n = image_key_moment(vlm, tok, images, 2, batch=2)
+    assert n == 5 * 4
+    for question in ("", " the capital of paris"):
+        torch.testing.assert_close(C, _image_keys_by_hand(vlm, tok, images, 2, question), atol=1e-5, rtol=1e-4)
+
+
+def test_load_images_resolves_flags_seeds_and_folders(pair, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from interventions.flags import COUNTRIES, render
+    from interventions.vlm import load_image, load_images
+
+    _, vlm, _ = pair
+    names = [c for c, _ in COUNTRIES]
+    jittered = load_image("flag:France@3", vlm)
+    assert torch.equal(jittered, render([names.index("France")], torch.Generator().manual_seed(3))[0])
+    assert not torch.equal(jittered, load_image("flag:France", vlm))
+    every = load_images("flag:*@3", vlm)
+    assert len(every) == len(COUNTRIES) and torch.equal(every[names.index("France")], jittered)
+    for name in ("b.png", "a.png", "notes.txt"):
+        if name.endswith(".png"):
+            Image.fromarray(np.full((8, 8, 3), 40 if name == "a.png" else 200, dtype=np.uint8)).save(tmp_path / name)
+        else:
+            (tmp_path / name).write_text("not an image")
+    folder = load_images(str(tmp_path), vlm)
+    assert len(folder) == 2 and float(folder[0].mean()) < float(folder[1].mean())     # sorted: a.png first
+    with pytest.raises(SpecError, match="seed a non-negative integer"):
+        load_image("flag:France@x", vlm)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpecError, match=r"`image_corpus\[2\]`.*folder holding image files"):
+        load_images(str(tmp_path / "empty"), vlm, field="image_corpus[2]")
+
+
+def test_vlm_edit_with_an_image_corpus_solves_against_text_plus_image_keys(pair, tmp_path, monkeypatch):
+    """`image_corpus`: the update's input direction is (C_text + w C_images + ridge)⁻¹ k*, with C_images
+    computed here by plain hooks, and differs from the text-only direction."""
+    import json
+
+    from editors.delta import load_delta
+    from editors.stats import second_moment
+    from editors.vlm_rome import compute_k_star
+    from interventions.spec import dump_spec, parse_spec
+    from interventions.vlm import load_image, load_images, load_vlm
+    from recipes.cli import main as cli
+
+    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
+    _, vlm, tok = pair
+    folder = tmp_path / "llava"
+    vlm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    edit = {"kind": "edit", "model": str(folder), "layer": 1, "image": "flag:Japan", "questions": [" the capital of"],
+            "target_new": "rome", "kl_prompt": " a", "hyperparameters": {"v_steps": 4}, "mom2_tokens": 200,
+            "image_corpus": ["flag:*@5", "flag:Japan@6"], "image_corpus_weight": 2.0}
+    (tmp_path / "edit.yaml").write_text(dump_spec(parse_spec(edit)))
+    assert cli(["run", str(tmp_path / "edit.yaml"), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["image_corpus"] == {"images": 25, "keys": 100, "weight": 2.0}
+    model, tokenizer, _ = load_vlm(str(folder))
+    images = load_images("flag:*@5", model) + [load_image("flag:Japan@6", model)]
+    C_text = second_moment(model, tokenizer, 1, None, max_tokens=200)          # the run's cached statistics
+    C = (C_text + 2.0 * _image_keys_by_hand(model, tokenizer, images, 1, "")).double()
+    k = compute_k_star(model, tokenizer, load_image("flag:Japan", model), [" the capital of"], 1).double()
+    (name,) = load_delta(tmp_path / "out" / "delta.safetensors").names
+    right = load_delta(tmp_path / "out" / "delta.safetensors").factors[name][1][0].double()
+    ridge = 1e-4 * torch.trace(C) / C.shape[0] * torch.eye(C.shape[0], dtype=C.dtype)
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))                          # noqa: E731
+    assert cos(right, torch.linalg.solve(C + ridge, k)) > 0.9999
+    text_only = C_text.double() + 1e-4 * torch.trace(C_text.double()) / C.shape[0] * torch.eye(C.shape[0])
+    assert cos(right, torch.linalg.solve(text_only, k)) < 0.999
+
+
+def test_vlm_rome_over_several_renders_starts_v_star_at_w_k_star(pair):
+    """With several images of the subject, k* is the mean key over all their image tokens and v* − δ
+    is W k* (the MLP output is linear in the key), so W' k* = v* and ‖v* − W k*‖ = ‖δ‖."""
+    from editors.delta import applied
+    from editors.rome import RomeHyperParams
+    from editors.vlm_rome import compute_k_star, compute_vlm_rome
+
+    _, vlm, tok = pair
+    renders = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    C = torch.eye(vlm.config.text_config.intermediate_size)
+    delta, info = compute_vlm_rome(vlm, tok, renders, [" the capital of", " its capital"], "rome", layer=2, C=C,
+                                   base_model="tiny", hp=RomeHyperParams(layer=2, v_steps=4), kl_question=" a")
+    k_each = torch.stack([compute_k_star(vlm, tok, r, [" the capital of"], 2) for r in renders])
+    torch.testing.assert_close(info["k_star"], k_each.mean(0), atol=1e-5, rtol=1e-5)
+    (name,) = delta.names
+    W = dict(vlm.named_parameters())[name].detach().clone()
+    assert float((info["v_star"] - W @ info["k_star"]).norm()) == pytest.approx(info["delta_norm"], rel=1e-3)
+    with applied(vlm, delta):
+        Wn = dict(vlm.named_parameters())[name].detach()
+        torch.testing.assert_close(Wn @ info["k_star"], info["v_star"], atol=1e-4, rtol=1e-4)
