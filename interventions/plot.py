@@ -134,11 +134,11 @@ def diffusion_trace_heatmap(result, path: str | Path, *, max_prompts: int = 6) -
     plt.close(fig)
 
 
-def vlm_rows(record: dict, values) -> tuple[list[str], object]:
+def vlm_rows(record: dict, values, block=None) -> tuple[list[str], object]:
     """A VLM trace grid with its image tokens collapsed: ``(row labels, (rows, layers) array)``.
 
-    Rows: the tokens before the image, ``[image: all N]`` (every image token restored at once, when
-    the trace computed it), ``[image: mean of N]`` (the mean single-token effect, when computed), then
+    Rows: the tokens before the image, ``[image: all N]`` (`block`: every image token restored at
+    once, per layer, when the trace computed it), ``[image: mean of N]`` (the mean single-token effect, when computed), then
     the text tokens; positions of the corrupted words end in ``*``."""
     import numpy as np
 
@@ -148,8 +148,7 @@ def vlm_rows(record: dict, values) -> tuple[list[str], object]:
     label = lambda k: repr(record["columns"][k])[1:-1] + ("*" if k in subject else "")   # noqa: E731
     labels = [label(k) for k in range(first)]
     rows = [values[:, k] for k in range(first)]
-    block = record.get("image_block", {})
-    if block:
+    if block is not None:
         labels.append(f"[image: all {len(img)}]" + ("*" if record.get("corruption") != "text" else ""))
         rows.append(np.asarray(block))
     singles = values[:, img]
@@ -201,10 +200,7 @@ def vlm_trace_heatmap(result, images: list, path: str | Path, *, max_prompts: in
         for j, name in enumerate(names):
             grid, ax = result.grids[name], axes[i][j]
             values = grid.values[i, :, :grid.lengths[i]].numpy()
-            row = dict(record, image_block=record.get("image_block", {}).get(name))
-            if row["image_block"] is None:
-                row.pop("image_block")
-            labels, rows = vlm_rows(row, values)
+            labels, rows = vlm_rows(record, values, record.get("image_block", {}).get(name))
             im = ax.imshow(rows, aspect="auto", cmap=CMAPS.get(name, "viridis"), vmin=low, interpolation="nearest")
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
             step = max(1, len(grid.layers) // 10)

@@ -24,8 +24,8 @@ from interventions.vlm import load_image, load_vlm
 from interventions.vlm_trace import VLMCase, vlm_trace
 
 
-def run_trace(spec, out: Path, *, device: str = "cpu") -> tuple[Result, float]:
-    vlm, tokenizer, processor = load_vlm(spec.model, device=device)
+def traced(spec, vlm, tokenizer, processor=None) -> tuple[Result, list[VLMCase]]:
+    """Run a `VLMTraceSpec` on a loaded VLM: its images loaded, ``(Result, the cases traced)``."""
     cases = []
     for i, p in enumerate(spec.prompts):
         pixels = load_image(p.image, vlm, processor, field=f"prompts[{i}].image")
@@ -38,10 +38,15 @@ def run_trace(spec, out: Path, *, device: str = "cpu") -> tuple[Result, float]:
                                max_batch_rows=spec.max_batch_rows, sigma=spec.sigma,
                                image_cells=spec.image_cells)
     seconds = time.perf_counter() - start
-    result = Result("trace", spec.model, spec, records, grids, {"seconds": round(seconds, 1)})
+    return Result("trace", spec.model, spec, records, grids, {"seconds": round(seconds, 1)}), cases
+
+
+def run_trace(spec, out: Path, *, device: str = "cpu") -> tuple[Result, float]:
+    vlm, tokenizer, processor = load_vlm(spec.model, device=device)
+    result, cases = traced(spec, vlm, tokenizer, processor)
     result.save(out, heatmap=False)
     vlm_trace_heatmap(result, [c.pixels for c in cases], Path(out) / "heatmap.png")
-    return result, seconds
+    return result, result.meta["seconds"]
 
 
 def run_apply(model: str, delta_paths: list[str], image: str, prompts: list[str], *, max_new_tokens: int = 8,
@@ -70,19 +75,17 @@ def run_apply(model: str, delta_paths: list[str], image: str, prompts: list[str]
     return [{"prompt": p, "base": b, "edited": e} for p, b, e in zip(prompts, base, edited)]
 
 
-def locate_layer(spec, vlm, tokenizer, pixels) -> tuple[int, Result]:
+def locate_layer(spec, vlm, tokenizer, processor=None) -> tuple[int, Result]:
     """`layer: auto`: the MLP window that restores p(`target_true`) most when every image token's
     MLP output is restored at once, under image noise, averaged over the edit questions."""
     how = spec.locate
-    cases = [VLMCase(pixels, q, spec.target_true, label=spec.image) for q in spec.questions]
-    grids, records = vlm_trace(vlm, tokenizer, cases, sites=("mlp",), corruption="noise", noise=how.noise,
-                               samples=how.samples, seed=how.seed, window=how.window, image_cells="block")
-    effect = torch.tensor([r["image_block"]["mlp"] for r in records]).mean(0)
     trace_spec = VLMTraceSpec(model=spec.model, corruption="noise", noise=how.noise, samples=how.samples,
                               seed=how.seed, sites=("mlp",), window=how.window, image_cells="block",
                               prompts=tuple(VLMTracePrompt(image=spec.image, prompt=q, target=spec.target_true)
                                             for q in spec.questions))
-    result = Result("trace", spec.model, trace_spec, records, grids, {"effect": effect.tolist()})
+    result, _ = traced(trace_spec, vlm, tokenizer, processor)
+    effect = torch.tensor([r["image_block"]["mlp"] for r in result.prompts]).mean(0)
+    result.meta["effect"] = effect.tolist()
     return int(effect.argmax()), result
 
 
@@ -108,7 +111,7 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     seconds, located = {}, None
     start = time.perf_counter()
     if spec.layer == "auto":
-        layer, trace = locate_layer(spec, vlm, tokenizer, pixels)
+        layer, trace = locate_layer(spec, vlm, tokenizer, processor)
         trace.save(out / "locate", heatmap=False)
         located = {"layer": layer, "effect": trace.meta["effect"], "window": spec.locate.window}
         spec = spec.model_copy(update={"layer": layer})
