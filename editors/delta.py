@@ -8,14 +8,20 @@
 ...     model.generate(...)
 >>> # here the weights are back to the base, bit for bit
 
-Format (version 1):
+Format (version 2):
 - one tensor or two per edited parameter, named as in ``model.named_parameters()``:
   ``<name>::u`` [out, r] and ``<name>::v`` [r, in] (the change is ``u @ v``), or
-  ``<name>::dense`` (the change itself);
+  ``<name>::dense`` (the change itself); every value finite;
 - the safetensors metadata key ``lesion_delta`` holds JSON: ``format_version``,
   ``method``, ``hyperparameters``, ``spec``, ``base_model``, ``fingerprints``
   (per parameter: shape, dtype, sha256 of the base value), ``metrics``,
-  ``created``, ``lesion_version``, and ``content_sha256`` (the tensors' hash).
+  ``created``, ``lesion_version``, ``content_sha256`` (the tensors' hash, which is
+  also the delta's `id`) and ``integrity_sha256``: the hash of the tensors' hash and
+  of all the other metadata, written at save. A changed byte anywhere in the file,
+  a header edited to name another base model included, fails the load.
+
+Version 1 files (whose hash covered the tensors only) are refused: their metadata
+cannot be checked.
 
 Deltas are relative to the base model. The first apply keeps a copy of each
 touched parameter's base value; every apply or revert then sets the parameter to
@@ -35,12 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from interventions.atomic import atomic_save_file
-from interventions.errors import LesionError
+from interventions.errors import LesionError, short
+from interventions.tagged import read_tagged
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_KEY = "lesion_delta"
 
 
@@ -99,7 +105,8 @@ class Delta:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lesion_version": __version__}
         delta = cls(factors, dense, meta)
         _check_shapes(delta)
-        meta["content_sha256"] = _content_hash(delta.tensors())
+        _check_finite(delta.tensors(), "the computed change")
+        meta["content_sha256"] = content_hash(delta.tensors())
         return delta
 
     def with_metrics(self, metrics: dict) -> "Delta":
@@ -114,11 +121,30 @@ class Delta:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically: a temporary file in the same folder, then a rename."""
-        return atomic_save_file(self.tensors(), path, {META_KEY: json.dumps(self.meta, sort_keys=True)})
+        """Write atomically (a temporary file in the same folder, then a rename), sealed with the
+        integrity hash of the metadata as it is now. A non-finite change is refused."""
+        tensors = self.tensors()
+        _check_finite(tensors, "the delta")
+        if content_hash(tensors) != self.meta.get("content_sha256"):
+            raise DeltaError("`delta`: its tensors changed after it was made (content hash mismatch); not saved")
+        meta = {**self.meta, "integrity_sha256": integrity_hash(self.meta)}
+        return atomic_save_file(tensors, path, {META_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+def integrity_hash(meta: dict) -> str:
+    """sha256 of the metadata (which holds the tensors' content hash), itself excluded."""
+    body = {k: v for k, v in meta.items() if k != "integrity_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DeltaError(f"`{name}`: {what} holds nan or inf (a diverged edit?); refused, the weights "
+                             "are left as they are")
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode() + b"\0" + json.dumps(fingerprint(tensors[name])).encode())
@@ -143,24 +169,15 @@ def _check_shapes(delta: Delta) -> None:
 
 
 def load_delta(path: str | Path) -> Delta:
-    """Read and check a delta file; a corrupt, truncated or foreign file raises `DeltaError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeltaError(f"`delta`: got {str(path)!r}; expected an existing .safetensors delta file")
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:   # safetensors raises several types for damaged files
-        raise DeltaError(f"`delta`: {path} is not a readable safetensors file (corrupt or truncated?): {err}") from None
-    if raw is None:
-        raise DeltaError(f"`delta`: {path} has no `{META_KEY}` metadata; it is not a Lesion delta")
-    meta = json.loads(raw)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DeltaError(f"`delta`: {path} has format_version {meta.get('format_version')!r}; "
-                         f"this Lesion reads {FORMAT_VERSION}")
-    if _content_hash(tensors) != meta.get("content_sha256"):
-        raise DeltaError(f"`delta`: {path}: its tensors do not match the recorded content hash (corrupt file?)")
+    """Read and check a delta file; a corrupt, truncated, edited or foreign file raises `DeltaError`."""
+    shown = short(str(path))
+    meta, tensors = read_tagged(path, META_KEY, DeltaError, "delta", ".safetensors delta file (from `kind: edit`)")
+    _check_meta(meta, shown)
+    if integrity_hash(meta) != meta["integrity_sha256"]:
+        raise DeltaError(f"`delta`: {shown}: its metadata does not match its integrity hash (edited or corrupt)")
+    if content_hash(tensors) != meta["content_sha256"]:
+        raise DeltaError(f"`delta`: {shown}: its tensors do not match the recorded content hash (corrupt file?)")
+    _check_finite(tensors, f"{shown}")
     factors, dense = {}, {}
     for key in tensors:
         name, _, part = key.rpartition("::")
@@ -169,12 +186,31 @@ def load_delta(path: str | Path) -> Delta:
         elif part == "u":
             factors[name] = (tensors[key], tensors.get(f"{name}::v"))
         elif part != "v":
-            raise DeltaError(f"`delta`: {path}: unexpected tensor {key!r}")
+            raise DeltaError(f"`delta`: {shown}: unexpected tensor {short(key)}")
     if any(v is None for _, v in factors.values()):
-        raise DeltaError(f"`delta`: {path}: a `::u` factor has no `::v`")
+        raise DeltaError(f"`delta`: {shown}: a `::u` factor has no `::v`")
     delta = Delta(factors, dense, meta)
     _check_shapes(delta)
     return delta
+
+
+def _check_meta(meta: dict, shown: str) -> None:
+    """The header fields apply and verify rely on, checked for type."""
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DeltaError(f"`delta`: {shown} has format_version {short(version)}; this Lesion reads {FORMAT_VERSION}"
+                         + (" (version 1 hashes only the tensors, so its metadata cannot be checked; recompute "
+                            "the edit)" if version == 1 else ""))
+    for key in ("content_sha256", "integrity_sha256"):
+        if not isinstance(meta.get(key), str):
+            raise DeltaError(f"`delta`: {shown}: metadata `{key}` is missing or not a string")
+    prints = meta.get("fingerprints")
+    if not isinstance(prints, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("shape"), list)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v["shape"])
+            and isinstance(v.get("dtype"), str) and isinstance(v.get("sha256"), str) for v in prints.values()):
+        raise DeltaError(f"`delta`: {shown}: metadata `fingerprints` must map each parameter to its shape "
+                         "(a list of sizes), dtype and sha256")
 
 
 @dataclass
@@ -228,6 +264,11 @@ def _rewrite(model: torch.nn.Module, names, state: _Applied) -> None:
 def apply(model: torch.nn.Module, *deltas: Delta) -> None:
     """Apply deltas after checking all of them; on any error nothing is changed."""
     state = _STATE.get(model) or _Applied()
+    ids = [d.id for d in deltas]
+    if len(set(ids)) != len(ids):
+        twice = next(d for d in deltas if ids.count(d.id) > 1)
+        raise DeltaError(f"delta {twice.id[:12]} ({twice.meta.get('method')}) is given twice; each delta is "
+                         "applied once")
     for delta in deltas:
         if any(d.id == delta.id for d in state.stack):
             raise DeltaError(f"delta {delta.id[:12]} ({delta.meta.get('method')}) is already applied")

@@ -5,22 +5,34 @@
 >>> model, tokenizer = load_model(spec.model)                  # doctest: +SKIP
 >>> result = run(spec, model, tokenizer)                       # doctest: +SKIP
 >>> result.save("runs/eiffel")                                 # doctest: +SKIP
+
+The names below are imported on first use: reading, checking and printing specs
+(`interventions.spec`, `interventions.errors`) never imports torch or pyvene, so
+`lesion validate` and `lesion schema` start in a fraction of a second.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .errors import LesionError, ModelNotAvailable, SpecError  # noqa: E402
-from .spec import (  # noqa: E402
-    PatchPrompt, PatchSpec, TracePrompt, TraceSpec, dump_spec, load_spec, load_yaml, parse_spec, spec_schema,
-)
-from .models import load_model  # noqa: E402
-from .sites import FAMILIES, SiteTable, site_table  # noqa: E402
-from .plan import Plan, compile_spec  # noqa: E402
-from .engine import run, run_plan  # noqa: E402
-from .result import Grid, Result  # noqa: E402
+#: public name -> the module that defines it
+_EXPORTS = {
+    "LesionError": "errors", "ModelNotAvailable": "errors", "SpecError": "errors",
+    "PatchPrompt": "spec", "PatchSpec": "spec", "TracePrompt": "spec", "TraceSpec": "spec", "dump_spec": "spec",
+    "load_spec": "spec", "load_yaml": "spec", "parse_spec": "spec", "spec_schema": "spec",
+    "load_model": "models", "FAMILIES": "sites", "SiteTable": "sites", "site_table": "sites",
+    "Plan": "plan", "compile_spec": "plan", "run": "engine", "run_plan": "engine", "Grid": "result",
+    "Result": "result",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "LesionError", "ModelNotAvailable", "SpecError", "PatchPrompt", "PatchSpec", "TracePrompt", "TraceSpec",
-    "dump_spec", "load_spec", "load_yaml", "parse_spec", "spec_schema", "load_model", "FAMILIES", "SiteTable",
-    "site_table", "Plan", "compile_spec", "run", "run_plan", "Grid", "Result",
-]
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'interventions' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

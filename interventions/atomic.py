@@ -1,14 +1,13 @@
-"""Atomic writes: a temporary file in the target's folder, renamed over the target on success and
+"""Atomic writes: a temporary file (or folder) beside the target, renamed over the target on success and
 removed on failure, so a crash never leaves a half-written result, delta, vector or manifest."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-
-from safetensors.torch import save_file
 
 
 @contextlib.contextmanager
@@ -33,6 +32,47 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 def atomic_save_file(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """safetensors' `save_file`, atomically."""
+    from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return Path(path)
+
+
+#: Names a Lesion run writes into its output folder. An existing folder holding only these (an
+#: earlier result) may be replaced; any other content is refused rather than deleted.
+OUTPUT_NAMES = frozenset({
+    "result.json", "result.safetensors", "spec.yaml", "heatmap.png", "delta.safetensors", "metrics.json",
+    "report.json", "table.md", "grid.png", "vector.safetensors", "generations.jsonl", "results.json", "steer.png",
+    "locate", "compare.png",
+})
+
+
+def replaceable(path: str | Path) -> bool:
+    """True when `path` does not exist, or is a folder that is empty or holds only an earlier result."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    return path.is_dir() and all(p.name in OUTPUT_NAMES for p in path.iterdir())
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a new staging folder beside `path`; on a clean exit it becomes `path` (an earlier result
+    there is replaced whole); on an error or Ctrl-C it is removed. So a run leaves either no new result
+    or a complete one, never a half-written folder. The caller checks `replaceable(path)` first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = staging.with_name(staging.name.replace(".partial-", ".old-"))
+        os.rename(path, old)
+    os.rename(staging, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

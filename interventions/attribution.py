@@ -25,7 +25,7 @@ import contextlib
 
 import torch
 
-from .engine import _device, eval_mode, keeps_logits
+from .engine import eval_mode, input_device, keeps_logits
 from .plan import EMBED, Plan, compile_spec
 from .prompts import pad_token_id, right_pad
 from .result import Result
@@ -115,7 +115,7 @@ def run_attribution(spec, model, tokenizer) -> Result:
 
     plan = compile_spec(spec, model, tokenizer)
     nodes = _sites_needed(plan)
-    device = _device(model)
+    device = input_device(model)
     pad = pad_token_id(tokenizer)
     is_trace = isinstance(spec, TraceSpec)
     acc = {name: torch.zeros(len(plan.prompts), len(g.layers), max(len(p.columns) for p in plan.prompts),

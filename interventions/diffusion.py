@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelNotAvailable, SpecError, suggest
+from .errors import ModelNotAvailable, SpecError, short, suggest
+from .models import local_folder
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 TESTBED = "shapes-diffusion"
@@ -51,8 +52,8 @@ def is_diffusion_model(name: str) -> bool:
     """True for the testbed, a local diffusers pipeline folder, or a hub id that names Stable Diffusion."""
     if name in DIFFUSION_BUILTINS:
         return True
-    path = Path(name).expanduser()
-    if path.is_dir():
+    path = local_folder(name)
+    if path is not None:
         return (path / "model_index.json").is_file() or (path / "unet").is_dir()
     return bool(_HUB_PATTERN.search(name))
 
@@ -216,11 +217,15 @@ def load_pipeline(name: str, *, device: str | torch.device = "cpu", steps: int |
     """The testbed by name, or a local diffusers folder (Stable Diffusion v1.x layout)."""
     if name == TESTBED:
         pipe = _load_testbed(CHECKPOINTS / TESTBED_FILE)
-    elif Path(name).expanduser().is_dir():
-        pipe = _load_folder(Path(name).expanduser())
+    elif local_folder(name) is not None:
+        try:
+            pipe = _load_folder(local_folder(name))
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelNotAvailable(f"`model`: {short(name)} is not a diffusers pipeline folder that loads "
+                                    f"({err.__class__.__name__}: {short(str(err), 300)})") from None
     else:
         raise ModelNotAvailable(
-            f"`model`: got {name!r}; expected {TESTBED!r}{suggest(name, DIFFUSION_BUILTINS)} or a local diffusers "
+            f"`model`: got {short(name)}; expected {TESTBED!r}{suggest(name, DIFFUSION_BUILTINS)} or a local diffusers "
             "folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/); nothing is downloaded here")
     pipe.steps = pipe.steps if steps is None else steps
     pipe.guidance = pipe.guidance if guidance is None else guidance

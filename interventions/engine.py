@@ -122,7 +122,7 @@ def _metric(plan: Plan) -> str:
     return "prob" if isinstance(plan.spec, TraceSpec) else plan.spec.metric
 
 
-def _device(model) -> torch.device:
+def input_device(model) -> torch.device:
     """Where the model's inputs go: the input embedding's device, or its execution device
     when accelerate dispatched the model (``device_map``; offloaded weights sit on ``meta``)."""
     embed = model.get_input_embeddings()
@@ -158,7 +158,7 @@ def clean_pass(plan: Plan, block: list[int]) -> tuple[dict, torch.Tensor]:
     Returns ``cache[(site, layer)]``: ``Float[Tensor, "prompt pos d"]`` (padded), and
     ``Float[Tensor, "prompt vocab"]`` log-probs, both indexed from ``block[0]``.
     """
-    device = _device(plan.model)
+    device = input_device(plan.model)
     seqs = [plan.prompts[i].source.ids for i in block]
     width = max(len(s) for s in seqs)
     parts: dict = {node: [] for node in plan.collect_nodes}
@@ -222,7 +222,7 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
     graph = plan.graphs[chunk.graph]
     p = chunk.prefix
     inputs = right_pad([plan.prompts[r.prompt].base.ids[p:] for r in chunk.rows], pad_token_id(plan.tokenizer),
-                        _device(plan.model))
+                        input_device(plan.model))
     keep_kv = chunk.baseline and plan.shares_prefix
     if p:
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"].new_ones(len(chunk.rows), p),

@@ -1,4 +1,4 @@
-"""Memory budgets: parse a size, estimate what the engine holds, measure the real peak.
+"""Memory budgets: estimate what the engine holds, and measure the real peak (sizes: `units`).
 
 A budget (``--memory 512MB``) bounds the memory a sweep allocates *beyond the model's
 weights*: the clean states and baseline caches of the prompts in flight, and the
@@ -6,43 +6,17 @@ activations of one forward pass. The plan sizes its prompt blocks and chunks fro
 `Costs`, an estimate from the model's config; `PeakMemory` measures what was really
 used, so the estimate is checked, not assumed.
 
+>>> from interventions.units import parse_bytes
 >>> parse_bytes("1.5GiB")
 1610612736
->>> parse_bytes("512MB")
-512000000
 """
 
 from __future__ import annotations
 
 import ctypes
-import re
 from dataclasses import dataclass
 
 import torch
-
-from .errors import SpecError
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str | int, field: str = "memory") -> int:
-    """``"512MB"``, ``"2GiB"``, ``"1.5g"`` or a plain number of bytes."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if m is None or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise SpecError(field, text, "a positive size such as 512MB, 2GiB or 1500000000 (units: "
-                        "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 @dataclass(frozen=True)

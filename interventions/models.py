@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ModelNotAvailable, suggest
+from .errors import ModelNotAvailable, short, suggest
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ BUILTINS = {
 }
 
 
+def local_folder(name: str) -> Path | None:
+    """`name` as an existing local folder (``~`` expanded), or None. A name the file system cannot
+    even look up (too long, a bad character) is simply not a folder."""
+    try:
+        path = Path(name).expanduser()
+        return path if path.is_dir() else None
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
 def lesion_home() -> Path:
     return Path(os.environ.get("LESION_HOME", Path.home() / ".cache" / "lesion"))
 
@@ -74,12 +84,8 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
     larger than one device; `device` is then ignored. The model is in eval mode. A built-in
     model that is not installed raises `ModelNotAvailable` with the install command.
     """
-    if name in BUILTINS:
-        folder = _builtin_folder(BUILTINS[name])
-    elif Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser()
-    else:
-        folder = None
+    _refuse_other_families(name)
+    folder = _builtin_folder(BUILTINS[name]) if name in BUILTINS else local_folder(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(folder) if folder is not None else name
@@ -87,12 +93,28 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
         tokenizer = AutoTokenizer.from_pretrained(source)
         placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:    # a folder that is not a model raises ValueError
         raise ModelNotAvailable(
-            f"`model`: got {name!r}; expected a built-in name ({', '.join(BUILTINS)}){suggest(name, BUILTINS)}, "
-            f"a local Hugging Face folder, or a hub id while online ({err.__class__.__name__}: {err})"
-        ) from None
+            f"`model`: got {short(name)}; expected a built-in name ({', '.join(BUILTINS)}){suggest(name, BUILTINS)}, "
+            f"a local Hugging Face folder of a causal language model, or a hub id while online "
+            f"({err.__class__.__name__}: {short(str(err), 300)})") from None
     return (model if device_map is not None else model.to(device)).eval(), tokenizer
+
+
+def _refuse_other_families(name: str) -> None:
+    """The run-time check of a language-model spec against its model: a text-to-image pipeline or a
+    LLaVA model (a testbed name, or a local folder holding one) is refused, saying what to write."""
+    from .diffusion import TESTBED, is_diffusion_model
+    from .vlm import VLM_TESTBED, is_vlm_model
+
+    known = name in (TESTBED, VLM_TESTBED) or local_folder(name) is not None   # hub ids are never guessed at
+    for family, modality, how, test in (("a text-to-image pipeline", "text-to-image", "`modality: text-to-image`",
+                                         is_diffusion_model),
+                                        ("a vision-language (LLaVA) model", "vision-language",
+                                         "`image:` on each prompt", is_vlm_model)):
+        if known and test(name):
+            raise ModelNotAvailable(f"`model`: got {short(name)}, {family}, but the spec is for a language model; "
+                                    f"a {modality} spec says so with {how}")
 
 
 def _builtin_folder(b: Builtin) -> Path:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import SpecError
-from .memory import Costs, human
+from .memory import Costs
+from .units import human
 from .prompts import Encoded, answer_id, check_aligned, columns, encode
 from .pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
 from .sites import SiteTable, site_table

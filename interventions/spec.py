@@ -13,16 +13,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator,
+    AfterValidator, AllowInfNan, BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, TypeAdapter,
+    ValidationError, field_validator, model_validator,
 )
 
-from .errors import SpecError, one_of
+from .errors import SpecError, one_of, short, suggest
+from .specfile import load_yaml, read_spec_text
+
+#: Limits on what a spec may hold (stated in the README). A prompt or other text is at most
+#: MAX_TEXT characters; a model name or file path at most MAX_NAME.
+MAX_TEXT = 10_000
+MAX_NAME = 1_024
+
+
+def _text(limit: int, blank: bool = False):
+    def check(v: str) -> str:
+        if len(v) > limit:
+            raise ValueError(f"at most {limit:,} characters, got {len(v):,}")
+        if not blank and not v.strip():
+            raise ValueError("a non-empty text (not only spaces)")
+        return v
+    return check
+
+
+#: An integer: true/false and 2.0 are refused, not read as 1 and 2.
+Int = Annotated[int, Strict()]
+#: A finite number: nan, inf and true/false are refused.
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+#: A prompt, subject or answer: not empty, not only spaces, at most MAX_TEXT characters.
+Text = Annotated[str, Strict(), AfterValidator(_text(MAX_TEXT))]
+#: A model name or a file path: not empty, at most MAX_NAME characters.
+Name = Annotated[str, Strict(), AfterValidator(_text(MAX_NAME))]
+#: A short text that may be empty (an erase guide: '' means "the prompt without the concept").
+Short = Annotated[str, Strict(), AfterValidator(_text(MAX_TEXT, blank=True))]
 
 #: Position selectors. An integer (negative counts from the end) or a name.
 POSITION_NAMES = ("last", "subject", "subject_first", "subject_last", "all")
-Position = Union[int, Literal["last", "subject", "subject_first", "subject_last", "all"]]
+Position = Union[Int, Literal["last", "subject", "subject_first", "subject_last", "all"]]
 
 #: Site names every language-model family table provides.
 SITE_NAMES = ("embed", "block_input", "block_output", "mlp_output", "attention_output", "mlp_key")
@@ -31,19 +59,40 @@ TRACE_SITES = {"hidden": "block_output", "mlp": "mlp_output", "attention": "atte
 METRICS = ("prob", "logit_diff", "kl")
 
 DEFAULT_MODEL = "smollm2-135m"
+VLM_MODEL = "llava-flags-smollm2"
+DIFFUSION_MODEL = "shapes-diffusion"
+#: What kind of model a spec is for. It is part of the spec: written as `modality:`, or implied by
+#: the spec's own fields (`image:` means vision-language; `kind: erase` means text-to-image), never
+#: read from the model's name or from files on disk.
+MODALITIES = ("language", "vision-language", "text-to-image")
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, allow_inf_nan=False)
+
+
+class _Language(_Spec):
+    modality: Literal["language"] = Field(default="language", description="A language model (the default).")
+
+
+class _VisionLanguage(_Spec):
+    modality: Literal["vision-language"] = Field(
+        default="vision-language", description="A LLaVA-style model; implied by `image:`.")
+
+
+class _TextToImage(_Spec):
+    modality: Literal["text-to-image"] = Field(
+        default="text-to-image", description="A text-to-image pipeline; implied by `kind: erase`, required "
+                                             "for `trace` and `apply` on one.")
 
 
 class TracePrompt(_Spec):
     """One fact to trace: `prompt` contains `subject`; `target` defaults to the clean top-1 token."""
 
-    prompt: str = Field(min_length=1)
-    subject: str = Field(min_length=1)
-    target: str | None = Field(default=None, min_length=1)
-    counterfactual_subject: str | None = Field(
+    prompt: Text
+    subject: Text
+    target: Text | None = None
+    counterfactual_subject: Text | None = Field(
         default=None, min_length=1,
         description="For `corruption: swap`: replaces `subject` in the corrupted run; must give as many tokens.")
 
@@ -51,36 +100,44 @@ class TracePrompt(_Spec):
 class PatchPrompt(_Spec):
     """A base prompt patched with states from an aligned `source` prompt."""
 
-    base: str = Field(min_length=1)
-    source: str = Field(min_length=1)
-    target: str | None = Field(
-        default=None, min_length=1, description="Token whose metric is read; default: the source's top-1.")
-    counterfactual_target: str | None = Field(
-        default=None, min_length=1, description="For `logit_diff`; default: the base's top-1.")
-    subject: str | None = Field(
-        default=None, min_length=1, description="Substring of `base`; needed by `subject*` positions.")
+    base: Text
+    source: Text
+    target: Text | None = Field(
+        default=None, description="Token whose metric is read; default: the source's top-1.")
+    counterfactual_target: Text | None = Field(
+        default=None, description="For `logit_diff`; default: the base's top-1.")
+    subject: Text | None = Field(
+        default=None, description="Substring of `base`; needed by `subject*` positions.")
+
+
+def _sites_field(default: tuple[str, ...], allowed, description: str = ""):
+    """A `sites:` list checked by `_check_names` (for its messages), with its names listed in the schema."""
+    return Field(default=default, min_length=1, description=description or None,
+                 json_schema_extra={"items": {"type": "string", "enum": list(allowed)}, "uniqueItems": True})
 
 
 def _check_names(values: tuple[str, ...], allowed: tuple[str, ...] | dict) -> tuple[str, ...]:
     for v in values:
         if v not in allowed:
-            raise ValueError(f"unknown site {v!r}; expected {one_of(v, allowed)}")
+            hint = "" if v not in DIFFUSION_TRACE_SITES else \
+                f"; {v!r} is a text-to-image site: add `modality: text-to-image`"
+            raise ValueError(f"unknown site {short(v)}; expected {one_of(v, allowed)}{hint}")
     if len(set(values)) != len(values):
         raise ValueError(f"sites must not repeat, got {list(values)}")
     return values
 
 
-class _Grid(_Spec):
-    model: str = Field(default=DEFAULT_MODEL, min_length=1, description=(
+class _Grid(_Language):
+    model: Name = Field(default=DEFAULT_MODEL, description=(
         "`smollm2-135m`, `gemma3-270m`, a local Hugging Face directory, or a hub id (online only)."))
-    layers: Literal["all"] | tuple[int, ...] = Field(
+    layers: Literal["all"] | tuple[Int, ...] = Field(
         default="all", description="`all`, or layer indices (negative counts from the end).")
     positions: tuple[Position, ...] = Field(
         default=("all",), min_length=1,
         description="Columns of the grid: `all` expands to one column per token; `subject` restores "
                     "all subject tokens together in one column.")
-    window: int = Field(default=1, ge=1)
-    max_batch_rows: int = Field(default=48, ge=1, description="Rows per forward pass (a memory bound).")
+    window: Int = Field(default=1, ge=1)
+    max_batch_rows: Int = Field(default=48, ge=1, description="Rows per forward pass (a memory bound).")
     method: Literal["exact", "attribution"] = Field(
         default="exact", description="`exact`: one patched run per cell; `attribution`: the first-order "
                                      "approximation of every cell from one forward and backward pass per prompt.")
@@ -99,13 +156,13 @@ class TraceSpec(_Grid):
     kind: Literal["trace"] = "trace"
     prompts: tuple[TracePrompt, ...] = Field(min_length=1)
     corruption: Literal["noise", "swap"] = "noise"
-    noise: float = Field(default=3.0, gt=0, description="Noise scale in units of `sigma`.")
-    sigma: float | None = Field(
+    noise: Float = Field(default=3.0, gt=0, description="Noise scale in units of `sigma`.")
+    sigma: Float | None = Field(
         default=None, gt=0, description="Embedding std; default: the std of all subject-token embeddings.")
-    samples: int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
-    seed: int = 0
-    sites: tuple[str, ...] = Field(default=("hidden", "mlp", "attention"), min_length=1)
-    window: int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
+    samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
+    seed: Int = 0
+    sites: tuple[str, ...] = _sites_field(("hidden", "mlp", "attention"), TRACE_SITES)
+    window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
 
     @field_validator("sites")
     @classmethod
@@ -118,7 +175,7 @@ class PatchSpec(_Grid):
 
     kind: Literal["patch"] = "patch"
     prompts: tuple[PatchPrompt, ...] = Field(min_length=1)
-    sites: tuple[str, ...] = Field(default=("block_output",), min_length=1)
+    sites: tuple[str, ...] = _sites_field(("block_output",), SITE_NAMES)
     metric: Literal["prob", "logit_diff", "kl"] = "prob"
 
     @model_validator(mode="after")
@@ -137,12 +194,12 @@ class PatchSpec(_Grid):
 class EditRequestSpec(_Spec):
     """One fact to rewrite, CounterFact-style: `prompt` holds ``{}`` where `subject` goes."""
 
-    prompt: str = Field(min_length=1)
-    subject: str = Field(min_length=1)
-    target_new: str = Field(min_length=1)
-    target_true: str = Field(min_length=1, description="The current answer (for efficacy and neighbourhood).")
-    paraphrases: tuple[str, ...] = Field(default=(), description="Other prompts (subject included) about the fact.")
-    neighbours: tuple[str, ...] = Field(
+    prompt: Text
+    subject: Text
+    target_new: Text
+    target_true: Text = Field(description="The current answer (for efficacy and neighbourhood).")
+    paraphrases: tuple[Text, ...] = Field(default=(), description="Other prompts (subject included) about the fact.")
+    neighbours: tuple[Text, ...] = Field(
         default=(), description="Prompts about other subjects whose answer is `target_true` and must stay so.")
 
     @field_validator("prompt")
@@ -159,34 +216,89 @@ class LocateSpec(_Spec):
 
     position: Literal["subject_last", "subject_first", "subject"] = Field(
         default="subject_last", description="Where the MLP is restored: ROME reads its key at `subject_last`.")
-    window: int = Field(default=10, ge=1, description="MLP layers restored together around each layer (ROME: 10).")
-    samples: int = Field(default=10, ge=1)
-    noise: float = Field(default=3.0, gt=0)
-    sigma: float | None = Field(default=None, gt=0, description="As in `kind: trace`; default: the std of "
+    window: Int = Field(default=10, ge=1, description="MLP layers restored together around each layer (ROME: 10).")
+    samples: Int = Field(default=10, ge=1)
+    noise: Float = Field(default=3.0, gt=0)
+    sigma: Float | None = Field(default=None, gt=0, description="As in `kind: trace`; default: the std of "
                                 "the requests' subject-token embeddings.")
-    seed: int = 0
-    span: int = Field(default=5, ge=1, description="MEMIT: how many consecutive layers `layers: auto` takes.")
+    seed: Int = 0
+    span: Int = Field(default=5, ge=1, description="MEMIT: how many consecutive layers `layers: auto` takes.")
 
 
-class EditSpec(_Spec):
+class _OptimiserHyperparameters(_Spec):
+    """What ROME's v* and MEMIT's z optimisations share; a field left out keeps the method's default."""
+
+    v_steps: Int | None = Field(default=None, ge=1, description="Gradient steps (ROME 20, MEMIT 25).")
+    v_lr: Float | None = Field(default=None, gt=0, description="Learning rate (0.5).")
+    v_weight_decay: Float | None = Field(default=None, ge=0, description="Weight decay (0.5).")
+    clamp_norm_factor: Float | None = Field(default=None, gt=0, description="Bound on the change's norm, as a "
+                                            "multiple of the original's (ROME 4, MEMIT 0.75).")
+    kl_factor: Float | None = Field(default=None, ge=0, description="Weight of the essence KL term (0.0625).")
+    seed: Int | None = None
+
+
+class RomeHyperparameters(_OptimiserHyperparameters):
+    """Overrides of ROME's defaults (``editors.rome.RomeHyperParams``)."""
+
+    mom2_ridge: Float | None = Field(default=None, ge=0, description="Ridge added to C, x its mean eigenvalue.")
+
+
+class MemitHyperparameters(_OptimiserHyperparameters):
+    """Overrides of MEMIT's defaults (``editors.memit.MemitHyperParams``)."""
+
+    mom2_update_weight: Float | None = Field(default=None, ge=0, description="lambda: weight of C (15,000).")
+
+
+#: The typed hyperparameters of each edit method; `validate` catches a typo such as `v_stpes`.
+HYPERPARAMETERS = {"rome": RomeHyperparameters, "memit": MemitHyperparameters}
+
+
+def check_hyperparameters(method: str, values: dict) -> dict:
+    """`values` checked against `method`'s typed hyperparameters; the same dict back, or a ValueError
+    naming the first bad key."""
+    model = HYPERPARAMETERS[method]
+    try:
+        model.model_validate(values)
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            raise ValueError(f"unknown hyperparameter {key!r} for `method: {method}`; expected "
+                             f"{one_of(key, model.model_fields)}") from None
+        raise ValueError(f"`{key}` must be {_expected(e)}") from None
+    return values
+
+
+def _hyperparameters_field(*methods: str):
+    schemas = [HYPERPARAMETERS[m].model_json_schema() for m in methods]
+    extra = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    return Field(default_factory=dict, json_schema_extra=extra, description=(
+        f"Overrides of the method's defaults ({', '.join(methods)}): typed, so a misspelt name is refused."))
+
+
+class EditSpec(_Language):
     """A weight edit (ROME or MEMIT) written as a Delta, with CounterFact-style metrics."""
 
     kind: Literal["edit"] = "edit"
-    model: str = Field(default=DEFAULT_MODEL, min_length=1)
+    model: Name = Field(default=DEFAULT_MODEL)
     method: Literal["rome", "memit"] = "rome"
-    layer: int | Literal["auto"] | None = Field(
+    layer: Int | Literal["auto"] | None = Field(
         default=None, description="ROME: the MLP layer whose output projection is edited, or `auto` (from a trace).")
-    layers: tuple[int, ...] | Literal["auto"] | None = Field(
+    layers: tuple[Int, ...] | Literal["auto"] | None = Field(
         default=None, description="MEMIT: the increasing range of MLP layers, or `auto` (from a trace).")
     locate: LocateSpec = Field(default_factory=LocateSpec, description="The trace behind `auto`.")
     requests: tuple[EditRequestSpec, ...] = Field(min_length=1)
-    hyperparameters: dict[str, float | int] = Field(
-        default_factory=dict, description="Overrides of ROME's defaults, e.g. `v_steps`, `v_lr`, `kl_factor`.")
-    corpus: tuple[str, ...] = Field(
+    hyperparameters: dict[str, Int | Float] = _hyperparameters_field("rome", "memit")
+    corpus: tuple[Name, ...] = Field(
         default=(), description="Text files for the key statistics; empty: text sampled from the model itself.")
-    mom2_tokens: int = Field(default=20_000, ge=100)
-    fluency_prompts: tuple[str, ...] = Field(default=(), description="Generation prompts for the fluency metric; "
+    mom2_tokens: Int = Field(default=20_000, ge=100)
+    fluency_prompts: tuple[Text, ...] = Field(default=(), description="Generation prompts for the fluency metric; "
                                              "default: each request's subject.")
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _hyperparameters(cls, v, info):
+        return check_hyperparameters(info.data.get("method", "rome"), v)
 
     @model_validator(mode="after")
     def _layers_for_method(self):
@@ -211,35 +323,35 @@ APPLY_TO = ("all", "prompt", "generated")
 
 
 class SteerPair(_Spec):
-    positive: str = Field(min_length=1)
-    negative: str = Field(min_length=1)
+    positive: Text
+    negative: Text
 
 
-class SteerSpec(_Spec):
+class SteerSpec(_Language):
     """A steering vector (CAA / ActAdd mean difference, or RepE's PCA of paired differences):
     estimated from contrastive prompts, saved, and added during generation at each coefficient."""
 
     kind: Literal["steer"] = "steer"
-    model: str = Field(default=DEFAULT_MODEL, min_length=1)
+    model: Name = Field(default=DEFAULT_MODEL)
     pairs: tuple[SteerPair, ...] = Field(default=(), description="Contrastive pairs (needed by `pca`).")
-    positive: tuple[str, ...] = Field(default=(), description="Or: a positive set ...")
-    negative: tuple[str, ...] = Field(default=(), description="... and a negative set (`mean_diff` only).")
+    positive: tuple[Text, ...] = Field(default=(), description="Or: a positive set ...")
+    negative: tuple[Text, ...] = Field(default=(), description="... and a negative set (`mean_diff` only).")
     method: Literal["mean_diff", "pca"] = "mean_diff"
-    layers: tuple[int, ...] = Field(min_length=1, description="One vector per layer, each added at its layer.")
+    layers: tuple[Int, ...] = Field(min_length=1, description="One vector per layer, each added at its layer.")
     site: Literal["block_output", "block_input", "mlp_output", "attention_output"] = "block_output"
     read: Literal["last", "mean"] = Field(default="last", description="Read the states at the last token, "
                                           "or averaged over each prompt's tokens.")
-    coefficients: tuple[float, ...] = Field(default=(0.0, 1.0, 2.0, 4.0, 8.0), min_length=1)
+    coefficients: tuple[Float, ...] = Field(default=(0.0, 1.0, 2.0, 4.0, 8.0), min_length=1)
     apply_to: Literal["all", "prompt", "generated"] = Field(
         default="all", description="Add at every position (prompt and generated), the prompt only, or the "
                                    "generated tokens only.")
-    prompts: tuple[str, ...] = Field(min_length=1, description="Test prompts to generate from.")
-    max_new_tokens: int = Field(default=40, ge=1)
-    temperature: float = Field(default=0.0, ge=0, description="0: greedy; otherwise sampled with `seed`.")
-    samples: int = Field(default=1, ge=1, description="Generations per prompt and coefficient (sampling only).")
-    seed: int = 0
-    lexicon: tuple[str, ...] = Field(default=(), description="Metric: the share of generated words in this list.")
-    targets: tuple[str, ...] = Field(default=(), description="Metric: mean log-probability of these continuations.")
+    prompts: tuple[Text, ...] = Field(min_length=1, description="Test prompts to generate from.")
+    max_new_tokens: Int = Field(default=40, ge=1)
+    temperature: Float = Field(default=0.0, ge=0, description="0: greedy; otherwise sampled with `seed`.")
+    samples: Int = Field(default=1, ge=1, description="Generations per prompt and coefficient (sampling only).")
+    seed: Int = 0
+    lexicon: tuple[Text, ...] = Field(default=(), description="Metric: the share of generated words in this list.")
+    targets: tuple[Text, ...] = Field(default=(), description="Metric: mean log-probability of these continuations.")
 
     @model_validator(mode="after")
     def _sources(self):
@@ -265,17 +377,17 @@ class SteerSpec(_Spec):
         return list(self.positive), list(self.negative)
 
 
-class ApplySpec(_Spec):
+class ApplySpec(_Language):
     """Load deltas (verified against the base) and/or a steering vector, and generate with and without."""
 
     kind: Literal["apply"] = "apply"
-    model: str = Field(default=DEFAULT_MODEL, min_length=1)
-    deltas: tuple[str, ...] = Field(default=(), description="Delta files, applied in this order.")
-    steer: str | None = Field(default=None, description="A steering vector file (from `kind: steer`).")
-    coef: float = Field(default=4.0, description="The steering vector's coefficient.")
+    model: Name = Field(default=DEFAULT_MODEL)
+    deltas: tuple[Name, ...] = Field(default=(), description="Delta files, applied in this order.")
+    steer: Name | None = Field(default=None, description="A steering vector file (from `kind: steer`).")
+    coef: Float = Field(default=4.0, description="The steering vector's coefficient.")
     apply_to: Literal["all", "prompt", "generated"] = "all"
-    prompts: tuple[str, ...] = Field(min_length=1)
-    max_new_tokens: int = Field(default=20, ge=1)
+    prompts: tuple[Text, ...] = Field(min_length=1)
+    max_new_tokens: Int = Field(default=20, ge=1)
 
     @model_validator(mode="after")
     def _something(self):
@@ -287,14 +399,13 @@ class ApplySpec(_Spec):
 #: Sites of a diffusion trace: the text encoder's states (per layer x token) and the UNet's
 #: cross-attention layers (a window of them gets the clean prompt, LocoGen-style).
 DIFFUSION_TRACE_SITES = ("text_hidden", "text_mlp", "text_attention", "cross_attention")
-DIFFUSION_MODEL = "shapes-diffusion"
 
 
-class _Images(_Spec):
-    images: int = Field(default=32, ge=1, description="Images per prompt (or per cell): one per seed.")
-    seed: int = Field(default=0, description="The first seed; image j uses seed + j.")
-    steps: int | None = Field(default=None, ge=1, description="DDIM steps; default: the pipeline's (25).")
-    guidance: float | None = Field(default=None, ge=0, description="Classifier-free guidance; default: the "
+class _Images(_TextToImage):
+    images: Int = Field(default=32, ge=1, description="Images per prompt (or per cell): one per seed.")
+    seed: Int = Field(default=0, description="The first seed; image j uses seed + j.")
+    steps: Int | None = Field(default=None, ge=1, description="DDIM steps; default: the pipeline's (25).")
+    guidance: Float | None = Field(default=None, ge=0, description="Classifier-free guidance; default: the "
                                    "pipeline's (1.5 for the testbed, 7.5 for Stable Diffusion).")
 
 
@@ -303,20 +414,19 @@ class DiffusionTraceSpec(_Images):
     the clean prompt to a window of UNet cross-attention layers (LocoGen); scored on generated images."""
 
     kind: Literal["trace"] = "trace"
-    model: str = Field(min_length=1, description="`shapes-diffusion` or a local diffusers pipeline folder.")
+    model: Name = Field(default=DIFFUSION_MODEL, description="`shapes-diffusion` or a local diffusers pipeline folder.")
     prompts: tuple[TracePrompt, ...] = Field(min_length=1, description="`target` (a word the image evaluator "
                                              "names) defaults to the subject.")
     corruption: Literal["swap", "noise"] = "swap"
-    noise: float = Field(default=3.0, gt=0)
-    sigma: float | None = Field(default=None, gt=0)
-    samples: int = Field(default=4, ge=1, description="Noise draws (`corruption: noise`); images cycle over them.")
-    sites: tuple[str, ...] = Field(default=("text_hidden", "text_mlp", "text_attention", "cross_attention"),
-                                   min_length=1)
-    layers: Literal["all"] | tuple[int, ...] = Field(default="all", description="Text-encoder layers.")
+    noise: Float = Field(default=3.0, gt=0)
+    sigma: Float | None = Field(default=None, gt=0)
+    samples: Int = Field(default=4, ge=1, description="Noise draws (`corruption: noise`); images cycle over them.")
+    sites: tuple[str, ...] = _sites_field(DIFFUSION_TRACE_SITES, DIFFUSION_TRACE_SITES)
+    layers: Literal["all"] | tuple[Int, ...] = Field(default="all", description="Text-encoder layers.")
     positions: Literal["all", "prompt"] = Field(
         default="all", description="`all`: every token the UNet sees (padding included); `prompt`: up to <eos>.")
-    window: int = Field(default=1, ge=1, description="Text-encoder layers restored together for mlp/attention.")
-    attn_window: int = Field(default=2, ge=1, description="Consecutive cross-attention layers given the clean "
+    window: Int = Field(default=1, ge=1, description="Text-encoder layers restored together for mlp/attention.")
+    attn_window: Int = Field(default=2, ge=1, description="Consecutive cross-attention layers given the clean "
                                                           "prompt together.")
 
     @field_validator("sites")
@@ -326,8 +436,8 @@ class DiffusionTraceSpec(_Images):
 
 
 class EraseConcept(_Spec):
-    concept: str = Field(min_length=1, description="The words to erase (or remap), e.g. `red`.")
-    guide: str = Field(default="", description="What the concept becomes: another concept (`blue`), or '' "
+    concept: Text = Field(description="The words to erase (or remap), e.g. `red`.")
+    guide: Short = Field(default="", description="What the concept becomes: another concept (`blue`), or '' "
                                                "(the prompt without it).")
 
 
@@ -336,22 +446,22 @@ class EraseSpec(_Images):
     text-to-image model, written as a Delta; before/after images and metrics."""
 
     kind: Literal["erase"] = "erase"
-    model: str = Field(default=DIFFUSION_MODEL, min_length=1)
+    model: Name = Field(default=DIFFUSION_MODEL)
     method: Literal["uce", "time"] = Field(default="uce", description="`uce`: erase towards the guide while "
                                            "preserving `preserve`; `time`: remap, kept close to the base only.")
     edit: Literal["cross_attention", "text_encoder"] = Field(
         default="cross_attention", description="Every UNet `attn2.to_k/to_v`, or the text encoder's "
                                                "self-attention output projection at `layer` (Diff-QuickFix).")
-    layer: int | None = Field(default=None, ge=0, description="Text-encoder layer for `edit: text_encoder`.")
+    layer: Int | None = Field(default=None, ge=0, description="Text-encoder layer for `edit: text_encoder`.")
     concepts: tuple[EraseConcept, ...] = Field(min_length=1)
-    preserve: tuple[str, ...] = Field(default=(), description="Concepts whose keys and values must not move.")
-    templates: tuple[str, ...] = Field(default=("{}",), min_length=1, description="Contexts in which each "
+    preserve: tuple[Text, ...] = Field(default=(), description="Concepts whose keys and values must not move.")
+    templates: tuple[Text, ...] = Field(default=("{}",), min_length=1, description="Contexts in which each "
                                        "concept is encoded, each with one '{}' (e.g. 'a {} circle').")
-    lam: float = Field(default=0.1, gt=0, description="Weight of staying close to the base projection.")
-    preserve_scale: float = Field(default=1.0, ge=0)
-    prompts: tuple[str, ...] = Field(default=(), description="Prompts for the before/after images; default "
+    lam: Float = Field(default=0.1, gt=0, description="Weight of staying close to the base projection.")
+    preserve_scale: Float = Field(default=1.0, ge=0)
+    prompts: tuple[Text, ...] = Field(default=(), description="Prompts for the before/after images; default "
                                      "(testbed): every colour x shape caption.")
-    seed: int = 1_000_000
+    seed: Int = 1_000_000
 
     @field_validator("templates")
     @classmethod
@@ -377,43 +487,43 @@ class DiffusionApplySpec(_Images):
     """Apply deltas to a text-to-image pipeline; images with the same prompts and seeds before and after."""
 
     kind: Literal["apply"] = "apply"
-    model: str = Field(min_length=1)
-    deltas: tuple[str, ...] = Field(min_length=1)
-    prompts: tuple[str, ...] = Field(min_length=1)
-    images: int = Field(default=8, ge=1)
+    model: Name = Field(default=DIFFUSION_MODEL)
+    deltas: tuple[Name, ...] = Field(min_length=1)
+    prompts: tuple[Text, ...] = Field(min_length=1)
+    images: Int = Field(default=8, ge=1)
 
 
 class VLMTracePrompt(_Spec):
     """One image and a question about it: the text follows the image tokens."""
 
-    image: str = Field(min_length=1, description="`flag:<Country>` (the testbed's synthetic flag) or an image file.")
-    prompt: str = Field(min_length=1, description="The text after the image, e.g. ' The capital of this country is'.")
-    target: str = Field(min_length=1, description="The answer word whose probability is traced.")
-    counterfactual_image: str | None = Field(default=None, description="For `corruption: swap`.")
-    constraint: str | None = Field(default=None, description="For `corruption: text`: the words of `prompt` whose "
+    image: Text = Field(description="`flag:<Country>` (the testbed's synthetic flag) or an image file.")
+    prompt: Text = Field(description="The text after the image, e.g. ' The capital of this country is'.")
+    target: Text = Field(description="The answer word whose probability is traced.")
+    counterfactual_image: Name | None = Field(default=None, description="For `corruption: swap`.")
+    constraint: Text | None = Field(default=None, description="For `corruption: text`: the words of `prompt` whose "
                                    "token embeddings get the noise (the question's constraint, e.g. 'capital').")
 
 
-class VLMTraceSpec(_Spec):
+class VLMTraceSpec(_VisionLanguage):
     """Causal tracing in a vision-language model: corrupt the image (noise on its tokens, or a
     counterfactual image) or the text constraint (noise on its token embeddings), and restore the
     language model's states over image and text positions."""
 
     kind: Literal["trace"] = "trace"
-    model: str = Field(min_length=1, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
+    model: Name = Field(default=VLM_MODEL, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
     prompts: tuple[VLMTracePrompt, ...] = Field(min_length=1)
     corruption: Literal["noise", "swap", "text"] = "noise"
-    noise: float = Field(default=3.0, gt=0, description="In units of `sigma`.")
-    sigma: float | None = Field(default=None, gt=0, description="Default: the std of the clean image tokens "
+    noise: Float = Field(default=3.0, gt=0, description="In units of `sigma`.")
+    sigma: Float | None = Field(default=None, gt=0, description="Default: the std of the clean image tokens "
                                 "(`noise`) or of the constraint's token embeddings (`text`).")
     image_cells: Literal["each", "block", "both"] = Field(
         default="both", description="Restore each image token on its own (`each`: the per-patch heatmap), all "
         "image tokens at once (`block`: the aggregated cell; cheap with 576 image tokens), or `both`.")
-    samples: int = Field(default=10, ge=1)
-    seed: int = 0
-    sites: tuple[str, ...] = Field(default=("hidden", "mlp", "attention"), min_length=1)
-    window: int = Field(default=10, ge=1)
-    max_batch_rows: int = Field(default=48, ge=1)
+    samples: Int = Field(default=10, ge=1)
+    seed: Int = 0
+    sites: tuple[str, ...] = _sites_field(("hidden", "mlp", "attention"), TRACE_SITES)
+    window: Int = Field(default=10, ge=1)
+    max_batch_rows: Int = Field(default=48, ge=1)
 
     @field_validator("sites")
     @classmethod
@@ -436,44 +546,48 @@ class VLMLocateSpec(_Spec):
     `target_true`), MLP windows restored at all image tokens at once; the layer whose window
     restores the most."""
 
-    window: int = Field(default=10, ge=1, description="MLP layers restored together around each layer.")
-    samples: int = Field(default=5, ge=1)
-    noise: float = Field(default=3.0, gt=0)
-    seed: int = 0
+    window: Int = Field(default=10, ge=1, description="MLP layers restored together around each layer.")
+    samples: Int = Field(default=5, ge=1)
+    noise: Float = Field(default=3.0, gt=0)
+    seed: Int = 0
 
 
-class VLMEditSpec(_Spec):
+class VLMEditSpec(_VisionLanguage):
     """ROME in a vision-language model with the key read at the image tokens: questions about
     `image` get `target_new`; written as a Delta, with efficacy, paraphrase and other-image metrics."""
 
     kind: Literal["edit"] = "edit"
-    model: str = Field(min_length=1, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
+    model: Name = Field(default=VLM_MODEL, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
     method: Literal["rome"] = "rome"
-    layer: int | Literal["auto"] = Field(description="The LM's MLP layer whose output projection is edited, or "
+    layer: Int | Literal["auto"] = Field(description="The LM's MLP layer whose output projection is edited, or "
                                          "`auto` (from an image-noise trace; needs `target_true`).")
-    image: str = Field(min_length=1, description="`flag:<Country>` or an image file: the subject of the edit.")
-    questions: tuple[str, ...] = Field(min_length=1, description="The text after the image that the edit answers "
+    image: Text = Field(description="`flag:<Country>` or an image file: the subject of the edit.")
+    questions: tuple[Text, ...] = Field(min_length=1, description="The text after the image that the edit answers "
                                        "with `target_new`; k* is the mean key over their image tokens.")
-    target_new: str = Field(min_length=1)
-    target_true: str | None = Field(default=None, description="The answer before the edit (reported; the trace "
+    target_new: Text
+    target_true: Text | None = Field(default=None, description="The answer before the edit (reported; the trace "
                                     "target of `layer: auto`).")
-    paraphrases: tuple[str, ...] = Field(default=(), description="Held-out questions about the same image "
+    paraphrases: tuple[Text, ...] = Field(default=(), description="Held-out questions about the same image "
                                          "(generalisation; never used by the edit).")
-    other_images: tuple[str, ...] = Field(default=(), description="Other images whose top-1 answers to the "
+    other_images: tuple[Name, ...] = Field(default=(), description="Other images whose top-1 answers to the "
                                           "questions and paraphrases should not change (specificity).")
-    kl_prompt: str = Field(default=" This is a picture of", min_length=1, description="Text after the image "
+    kl_prompt: Text = Field(default=" This is a picture of", description="Text after the image "
                            "whose next-token distribution v*'s KL term keeps where it was.")
     locate: VLMLocateSpec = Field(default_factory=VLMLocateSpec, description="The trace behind `layer: auto`.")
-    hyperparameters: dict[str, float | int] = Field(
-        default_factory=dict, description="Overrides of ROME's defaults, e.g. `v_steps`, `v_lr`, `kl_factor`.")
-    corpus: tuple[str, ...] = Field(
+    hyperparameters: dict[str, Int | Float] = _hyperparameters_field("rome")
+    corpus: tuple[Name, ...] = Field(
         default=(), description="Text files for the key statistics; empty: text sampled from the model itself.")
-    mom2_tokens: int = Field(default=20_000, ge=100)
-    image_corpus: tuple[str, ...] = Field(
+    mom2_tokens: Int = Field(default=20_000, ge=100)
+    image_corpus: tuple[Name, ...] = Field(
         default=(), description="Images whose image-token keys join the key statistics: C = C_text + "
         "`image_corpus_weight` × C_images. Image files, folders of them, `flag:<Country>@<seed>` or `flag:*@<seed>` "
         "(every testbed flag, jittered). Empty: text statistics only, as ROME.")
-    image_corpus_weight: float = Field(default=1.0, ge=0)
+    image_corpus_weight: Float = Field(default=1.0, ge=0)
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _hyperparameters(cls, v):
+        return check_hyperparameters("rome", v)
 
     @model_validator(mode="after")
     def _auto_needs_truth(self):
@@ -484,39 +598,45 @@ class VLMEditSpec(_Spec):
         return self
 
 
-def _is_vlm(model) -> bool:
-    from .vlm import is_vlm_model
+#: The spec classes by (kind, modality): the discriminator of `Spec`.
+SPEC_CLASSES = {
+    ("trace", "language"): TraceSpec, ("patch", "language"): PatchSpec, ("edit", "language"): EditSpec,
+    ("steer", "language"): SteerSpec, ("apply", "language"): ApplySpec,
+    ("trace", "vision-language"): VLMTraceSpec, ("edit", "vision-language"): VLMEditSpec,
+    ("trace", "text-to-image"): DiffusionTraceSpec, ("erase", "text-to-image"): EraseSpec,
+    ("apply", "text-to-image"): DiffusionApplySpec,
+}
+KINDS = ("trace", "patch", "edit", "steer", "apply", "erase")
+_TAGS = {f"{kind}:{modality}" for kind, modality in SPEC_CLASSES}
 
-    return isinstance(model, str) and is_vlm_model(model)
 
-
-def _is_diffusion(model) -> bool:
-    from .diffusion import is_diffusion_model
-
-    return isinstance(model, str) and is_diffusion_model(model)
+def modality_of(data: dict) -> Any:
+    """A spec's modality from what it says: `modality:` if given; else `kind: erase` means text-to-image,
+    and an `image:` (on the edit, or on any trace prompt) means vision-language; else language.
+    Neither the model's name nor any file is consulted."""
+    if "modality" in data:
+        return data["modality"]
+    if data.get("kind") == "erase":
+        return "text-to-image"
+    prompts = data.get("prompts")
+    has_image = "image" in data or (isinstance(prompts, (list, tuple)) and any(
+        isinstance(p, dict) and "image" in p for p in prompts))
+    return "vision-language" if has_image else "language"
 
 
 def _tag(value) -> str | None:
-    """The spec class: `kind`, with trace/apply on a text-to-image model told apart by their `model`."""
-    get = value.get if isinstance(value, dict) else (lambda k, d=None: getattr(value, k, d))
-    kind = get("kind")
-    if kind in ("trace", "edit") and _is_vlm(get("model")):
-        return f"{kind}-vlm"
-    if kind == "erase" or (kind in ("trace", "apply") and _is_diffusion(get("model"))):
-        return f"{kind}-diffusion" if kind != "erase" else "erase"
-    return kind
+    if not isinstance(value, dict):    # an already built spec object
+        return f"{value.kind}:{value.modality}"
+    return f"{value.get('kind')}:{modality_of(value)}"
 
 
-Spec = Annotated[Union[
-    Annotated[TraceSpec, Tag("trace")], Annotated[PatchSpec, Tag("patch")], Annotated[EditSpec, Tag("edit")],
-    Annotated[SteerSpec, Tag("steer")], Annotated[ApplySpec, Tag("apply")],
-    Annotated[DiffusionTraceSpec, Tag("trace-diffusion")], Annotated[EraseSpec, Tag("erase")],
-    Annotated[DiffusionApplySpec, Tag("apply-diffusion")], Annotated[VLMTraceSpec, Tag("trace-vlm")],
-    Annotated[VLMEditSpec, Tag("edit-vlm")]],
-    Discriminator(_tag)]
+Spec = Annotated[Union[tuple(Annotated[cls, Tag(f"{k}:{m}")] for (k, m), cls in SPEC_CLASSES.items())],
+                 Discriminator(_tag)]
 _ADAPTER: TypeAdapter = TypeAdapter(Spec)
-KINDS = ("trace", "patch", "edit", "steer", "apply", "erase")
-_TAGS = (*KINDS, "trace-diffusion", "apply-diffusion", "trace-vlm")
+#: Every field name of every spec class, for "did you mean" on an unknown field.
+_FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
+                                   SteerPair, EraseConcept, VLMTracePrompt, VLMLocateSpec)
+                  for name in cls.model_fields})
 
 
 def _loc(loc: tuple) -> str:
@@ -529,23 +649,100 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def _problems(err: ValidationError, data: Any) -> list[str]:
-    problems = []
+def _is_type_tag(part) -> bool:
+    """pydantic names the branches of a union (`int`, `literal['auto']`, `tuple[int, ...]`, `function-after[...]`)
+    in an error's location; the user wrote no such field."""
+    return isinstance(part, str) and (part in ("int", "float", "str", "bool", "none", "dict", "list") or (
+        "[" in part and part.endswith("]")) or part in _TAGS)
+
+
+def _expected(e: dict) -> str:
+    """What one pydantic error says is allowed, in the user's terms."""
+    kind, ctx, value = e["type"], e.get("ctx") or {}, e.get("input")
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return "an integer (true/false is not one)" if isinstance(value, bool) else "an integer"
+    if kind in ("float_type", "float_parsing"):
+        return "a number (true/false is not one)" if isinstance(value, bool) else "a number"
+    if kind == "finite_number":
+        return "a finite number (not nan or inf)"
+    if kind in ("string_type", "string_sub_type"):
+        return "a text"
+    if kind == "literal_error":
+        return "one of " + ctx.get("expected", "") + suggest_literal(value, ctx.get("expected", ""))
+    if kind in ("tuple_type", "list_type"):
+        return "a list"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return "a mapping of field: value"
+    if kind == "too_short":
+        return f"at least {ctx.get('min_length')} item(s)" if isinstance(value, (list, tuple, dict)) else \
+            f"at least {ctx.get('min_length')} character(s)"
+    if kind == "missing":
+        return "a value: this field is required"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        word = {"greater_than": "greater than", "greater_than_equal": "at least", "less_than": "less than",
+                "less_than_equal": "at most"}[kind]
+        bound = next(iter(ctx.values()), "?")
+        return f"a number {word} {bound}"
+    return e["msg"].removeprefix("Value error, ")
+
+
+def suggest_literal(value, expected: str) -> str:
+    choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
+    return suggest(value, choices)
+
+
+def _suggest_field(e: dict) -> str:
+    name = next((p for p in reversed(e["loc"]) if isinstance(p, str) and not _is_type_tag(p)), "")
+    return suggest(name, [f for f in _FIELDS if f != name])
+
+
+def _elsewhere(data: dict, field: str) -> str:
+    """A hint when an unknown top-level field belongs to the same kind for another modality."""
+    kind = data.get("kind")
+    for (k, modality), cls in SPEC_CLASSES.items():
+        if k == kind and modality != modality_of(data) and field in cls.model_fields:
+            return f" (`{field}` is a field of `kind: {kind}` with `modality: {modality}`; add that line)"
+    return ""
+
+
+def _problems(err: ValidationError, data: dict) -> list[str]:
+    """One line per field: the errors of a union's branches (`layers: 'all' | [int, ...]`) are merged."""
+    grouped: dict[str, list[dict]] = {}
     for e in err.errors():
-        loc = e["loc"]
-        if loc and loc[0] in _TAGS and isinstance(data, dict) and str(loc[0]).startswith(str(data.get("kind"))):
-            loc = loc[1:]  # the union's tag: the user wrote no such field
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("literal[", "tuple["))))
-        field = _loc(loc) or "spec"
-        msg = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            field, value = "kind", data.get("kind")
-            msg = f"expected {one_of(value, KINDS)}"
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field; see `lesion schema` for the fields this kind takes"
-        problems.append(f"`{field}`: got {value!r}; {msg}")
-    return problems
+        field = _loc(tuple(p for p in e["loc"] if not _is_type_tag(p))) or "spec"
+        grouped.setdefault(field, []).append(e)
+    for field in list(grouped):
+        nested = any(other.startswith((f"{field}[", f"{field}.")) for other in grouped if other != field)
+        if nested:   # pydantic adds "at least 1 item after validation" when an item failed: said already
+            grouped[field] = [e for e in grouped[field] if e["type"] != "too_short"]
+    problems = []
+    for field, errors in grouped.items():
+        if not errors:
+            continue
+        value = errors[0].get("input")
+        if errors[0]["type"] == "extra_forbidden":
+            hint = _elsewhere(data, field) or _suggest_field(errors[0])
+            problems.append(f"`{field}`: unknown field{hint}; `lesion schema` lists the fields each kind takes")
+            continue
+        if errors[0]["type"] == "missing":
+            problems.append(f"`{field}`: missing; this field is required")
+            continue
+        wants = list(dict.fromkeys(_expected(e) for e in errors))
+        custom = [w for w in wants if not w.startswith(("a ", "an ", "one of", "at least", "at most"))]
+        text = "; ".join(custom) if custom else "expected " + " or ".join(wants)
+        problems.append(f"`{field}`: got {short(value)}; {text}")
+    hints = [p for p in problems if "add that line" in p]
+    return hints + [p for p in problems if p not in hints]
+
+
+def _tag_problem(data: dict) -> str:
+    kind, modality = data.get("kind"), modality_of(data)
+    if kind not in KINDS:
+        return f"`kind`: got {short(kind)}; expected {one_of(kind, KINDS)}"
+    allowed = [m for (k, m) in SPEC_CLASSES if k == kind]
+    how = "" if "modality" in data else " (implied by the spec's fields)"
+    takes = f"only {allowed[0]!r}" if len(allowed) == 1 else one_of(modality, allowed)
+    return f"`modality`: got {short(modality)}{how}; `kind: {kind}` takes {takes}"
 
 
 def parse_spec(data: Any):
@@ -554,47 +751,55 @@ def parse_spec(data: Any):
         raise SpecError("spec", data, "a mapping with a `kind:` field")
     if "kind" not in data:
         raise SpecError("kind", None, one_of("", KINDS))
+    if _tag(data) not in _TAGS:
+        raise SpecError.many([_tag_problem(data)])
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as err:
         raise SpecError.many(_problems(err, data)) from None
-
-
-def load_yaml(text: str, *, source: str = "<string>") -> Any:
-    """Parse YAML text, turning syntax errors into a `SpecError` with the line and column."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise SpecError(source, f"malformed YAML{where}", f"valid YAML ({problem})") from None
+    except RecursionError:
+        raise SpecError("spec", "<deeply nested value>", "a spec nested at most a few levels deep") from None
 
 
 def load_spec(path: str | Path):
-    """Read and validate a YAML spec file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError("path", str(path), "an existing YAML file")
-    return parse_spec(load_yaml(path.read_text(), source=str(path)))
+    """Read and validate a YAML spec file (UTF-8, within the size, depth and alias limits of `specfile`)."""
+    return parse_spec(load_yaml(read_spec_text(path), source=str(path)))
 
 
-def spec_to_dict(spec: TraceSpec | PatchSpec) -> dict:
+def spec_to_dict(spec) -> dict:
     """All fields, defaults included, as plain JSON-able data (`kind` first)."""
     data = spec.model_dump(mode="json")
     return {"kind": data.pop("kind"), **data}
 
 
-def dump_spec(spec: TraceSpec | PatchSpec) -> str:
-    """YAML text that `parse_spec(load_yaml(...))` turns back into an equal spec."""
-    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False, allow_unicode=True)
+def dump_spec(spec) -> str:
+    """YAML text that `parse_spec(load_yaml(...))` turns back into an equal spec.
+
+    Text is written as UTF-8 where that reads back the same; PyYAML writes some characters (U+0085,
+    U+2028, U+2029) raw although YAML reads them as line breaks, so such a spec is written escaped."""
+    import yaml
+
+    data = spec_to_dict(spec)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if yaml.safe_load(text) != data:
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=False)
+    return text
 
 
 def spec_schema() -> dict:
-    """The JSON Schema of every spec kind (for editors that validate YAML)."""
+    """The JSON Schema of every spec class: exactly one `oneOf` branch matches a valid spec.
+
+    `kind` is required in every branch; `modality` is required where the spec's fields do not imply
+    it (trace and apply on a text-to-image model)."""
     schema = _ADAPTER.json_schema()
-    # `kind: trace` and `kind: apply` each have a language-model and a text-to-image form, told apart
-    # by `model` at load time; a minimal spec may fit both, so the schema asks for any, not exactly one.
-    schema["anyOf"] = schema.pop("oneOf")
     schema["title"] = "Lesion spec"
+    defs = schema.get("$defs", {})
+    for (kind, modality), cls in SPEC_CLASSES.items():
+        branch = defs.get(cls.__name__)
+        if branch is None:
+            continue
+        required = set(branch.get("required", [])) | {"kind"}
+        if modality == "text-to-image" and kind != "erase":
+            required.add("modality")
+        branch["required"] = sorted(required)
     return schema

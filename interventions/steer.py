@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import DynamicCache
 
 from .atomic import atomic_save_file
-from .errors import LesionError
+from .errors import LesionError, short
+from .tagged import read_tagged
 from .metrics import continuation_logprob
 from .prompts import pad_token_id, right_pad
 from .pv import AddIntervention, CollectStates, build_graph
@@ -82,28 +82,23 @@ class SteeringVector:
 
 def load_vector(path: str | Path) -> SteeringVector:
     """Read a vector file, refusing anything that is not one (with the reason)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SteerError(f"`steer`: {path} does not exist; expected a vector file written by `kind: steer`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise SteerError(f"`steer`: {path} is not a readable safetensors file ({err})") from None
-    if raw is None:
-        raise SteerError(f"`steer`: {path} has no `{META_KEY}` metadata; expected a file written by `kind: steer`")
-    meta = json.loads(raw)
+    shown = short(str(path))
+    meta, tensors = read_tagged(path, META_KEY, SteerError, "steer", "vector file written by `kind: steer`")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise SteerError(f"`steer`: {path} has format_version {meta.get('format_version')!r}; "
+        raise SteerError(f"`steer`: {shown} has format_version {short(meta.get('format_version'))}; "
                          f"this Lesion reads {FORMAT_VERSION}")
     vectors = {}
     for key, value in tensors.items():
-        if not key.startswith("layer.") or value.dim() != 1:
-            raise SteerError(f"`steer`: {path} holds {key!r} of shape {list(value.shape)}; expected layer.N vectors")
-        vectors[int(key.split(".", 1)[1])] = value
+        layer = key.removeprefix("layer.")
+        if not key.startswith("layer.") or not layer.isdigit() or value.dim() != 1:
+            raise SteerError(f"`steer`: {shown} holds {short(key)} of shape {list(value.shape)}; expected "
+                             "1-d tensors named layer.N")
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            raise SteerError(f"`steer`: {shown}: {short(key)} is not a finite floating-point vector")
+        vectors[int(layer)] = value
     if sorted(vectors) != meta.get("layers"):
-        raise SteerError(f"`steer`: {path} holds layers {sorted(vectors)} but its metadata says {meta.get('layers')}")
+        raise SteerError(f"`steer`: {shown} holds layers {sorted(vectors)} but its metadata says "
+                         f"{short(meta.get('layers'))}")
     return SteeringVector(vectors, meta)
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import SpecError
+from .errors import SpecError, short
+from .models import local_folder
 
 IMAGE_TOKEN = "<image>"
 
@@ -144,8 +145,8 @@ def is_vlm_model(name: str) -> bool:
 
     if name == VLM_TESTBED:
         return True
-    path = Path(name).expanduser()
-    if path.is_dir():
+    path = local_folder(name)
+    if path is not None:
         cfg = path / "config.json"
         return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "llava"
     return "llava" in name.lower()
@@ -158,14 +159,18 @@ def load_vlm(name: str, *, device: str | torch.device = "cpu"):
     if name == VLM_TESTBED:
         vlm, tokenizer, _ = load_vlm_testbed(device=device)
         return vlm, tokenizer, None
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise ModelNotAvailable(f"`model`: got {name!r}; expected {VLM_TESTBED!r} or a local LLaVA folder "
+    path = local_folder(name)
+    if path is None:
+        raise ModelNotAvailable(f"`model`: got {short(name)}; expected {VLM_TESTBED!r} or a local LLaVA folder "
                                 "(nothing is downloaded here)")
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-    vlm = LlavaForConditionalGeneration.from_pretrained(path).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        vlm = LlavaForConditionalGeneration.from_pretrained(path).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelNotAvailable(f"`model`: {short(name)} is not a LLaVA folder that loads "
+                                f"({err.__class__.__name__}: {short(str(err), 300)})") from None
     try:
         processor = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError):

@@ -104,7 +104,7 @@ def run_steer(spec: SteerSpec, model, tokenizer, out: str | Path, *, quiet: bool
             row[f"logprob[{target}]"] = mean_present(targets[(target, coef)])
         table.append(row)
     metrics = (["lexicon_share"] if lexicon else []) + [f"logprob[{t}]" for t in spec.targets]
-    report = {"model": spec.model, "vector": str(out / "vector.safetensors"), "norms": vector.meta["norms"],
+    report = {"model": spec.model, "vector": "vector.safetensors", "norms": vector.meta["norms"],
               "table": table, "metrics": metrics,
               "monotone": {m: is_monotone([r[m] for r in table]) for m in metrics},
               "rises_up_to": {m: rises_up_to([r["coef"] for r in table], [r[m] for r in table]) for m in metrics}}

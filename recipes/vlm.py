@@ -167,7 +167,7 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     report = {"model": spec.model, "image": spec.image, "layer": spec.layer, "located": located,
               "target_new": spec.target_new, "target_true": spec.target_true, "metrics": metrics,
               "before": before, "after": after, "seconds": seconds, "v_star_steps": len(info["history"]),
-              "final_nll": info["history"][-1]["nll"], "delta": str(path), "bytes": path.stat().st_size,
+              "final_nll": info["history"][-1]["nll"], "delta": path.name, "bytes": path.stat().st_size,
               "edited": delta.names,
               "image_corpus": {"images": n_images, "keys": image_keys, "weight": spec.image_corpus_weight}}
     atomic_write(out / "report.json", json.dumps(report, indent=1).encode())

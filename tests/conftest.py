@@ -75,3 +75,13 @@ def tiny(request, tokenizer):
 @pytest.fixture(scope="session")
 def tiny_llama(tokenizer):
     return make_model("llama", len(tokenizer)), tokenizer
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, tokenizer, monkeypatch):
+    """`tmp_path` holding a tiny seeded Llama saved as a local Hugging Face folder, `tiny/`, with
+    `$LESION_HOME` pointed inside it."""
+    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
+    make_model("llama", len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path

@@ -284,12 +284,12 @@ def test_erase_spec_round_trips_and_rejects_bad_input():
         parse_spec({"kind": "erase", "concepts": [{"concept": "red"}], "edit": "text_encoder"})
     with pytest.raises(SpecError, match="preserve"):
         parse_spec({"kind": "erase", "concepts": [{"concept": "red"}], "method": "time", "preserve": ["blue"]})
-    trace_spec = parse_spec({"kind": "trace", "model": "shapes-diffusion", "prompts": [
+    trace_spec = parse_spec({"kind": "trace", "modality": "text-to-image", "model": "shapes-diffusion", "prompts": [
         {"prompt": "a red circle", "subject": "red", "counterfactual_subject": "blue"}], "sites": ["cross_attention"]})
     assert isinstance(trace_spec, DiffusionTraceSpec)
     assert parse_spec(load_yaml(dump_spec(trace_spec))) == trace_spec
     with pytest.raises(SpecError, match="text_hidden"):
-        parse_spec({"kind": "trace", "model": "shapes-diffusion", "prompts": [
+        parse_spec({"kind": "trace", "modality": "text-to-image", "model": "shapes-diffusion", "prompts": [
             {"prompt": "a red circle", "subject": "red"}], "sites": ["hidden"]})
 
 

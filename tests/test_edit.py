@@ -23,11 +23,8 @@ REQUEST2 = dict(REQUEST, subject="big ben", target_new="paris", target_true="lon
 
 
 @pytest.fixture()
-def folder(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
-    model = make_model("llama", len(tokenizer))
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+def folder(tiny_folder):
+    tmp_path = tiny_folder
     (tmp_path / "corpus.txt").write_text("the eiffel tower is in paris\n\nthe colosseum is in rome\n\n"
                                          "big ben is in london which is the capital of england\n\n" * 20)
     return tmp_path
@@ -88,7 +85,7 @@ def test_validate_and_eval_edits_on_edit_specs(folder, capsys):
                                 "corpus": [str(folder / "corpus.txt")], "hyperparameters": {"v_steps": 5},
                                 "mom2_tokens": 500}))
     assert main(["validate", str(spec)]) == 0
-    assert "ok: edit spec, 1 request(s)" in capsys.readouterr().out
+    assert "ok: edit spec (language), 1 request(s)" in capsys.readouterr().out
     assert main(["eval-edits", str(spec), "--json", str(folder / "eval.json")]) == 0
     out = capsys.readouterr().out
     assert "| paraphrase | n/a | n/a |" in out and "| efficacy |" in out
@@ -103,12 +100,15 @@ def test_edit_spec_errors():
         parse_spec({"kind": "edit", "requests": [REQUEST]})
     with pytest.raises(SpecError, match=r"`requests\[0\].prompt`"):
         parse_spec({"kind": "edit", "layer": 1, "requests": [dict(REQUEST, prompt="no slot")]})
-    spec = parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"v_stepz": 3}})
-    with pytest.raises(SpecError, match=r"`hyperparameters.v_stepz`.*'v_steps'"):
-        hyperparameters(spec)
-    spec = parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"v_lr": -1}})
-    with pytest.raises(SpecError, match="`v_lr` must be positive"):
-        hyperparameters(spec)
+    # hyperparameters are typed per method, so a typo or a bad value is refused when the spec is read
+    with pytest.raises(SpecError, match=r"`hyperparameters`.*'v_stepz'.*did you mean 'v_steps'"):
+        parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"v_stepz": 3}})
+    with pytest.raises(SpecError, match=r"`hyperparameters`.*`v_lr` must be a number greater than 0"):
+        parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"v_lr": -1}})
+    with pytest.raises(SpecError, match=r"'mom2_update_weight' for `method: rome`"):
+        parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"mom2_update_weight": 1}})
+    spec = parse_spec({"kind": "edit", "layer": 1, "requests": [REQUEST], "hyperparameters": {"v_steps": 3}})
+    assert hyperparameters(spec).v_steps == 3
 
 
 def test_target_logprobs_equal_a_hand_computation(tiny_llama):

@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_model
 from interventions import SpecError, compile_spec, parse_spec, run_plan
-from interventions.memory import parse_bytes
+from interventions.units import parse_bytes
 from recipes.cli import main
 
 HERE = Path(__file__).parent

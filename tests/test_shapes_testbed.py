@@ -87,7 +87,7 @@ def test_apply_refuses_a_delta_for_another_model(tmp_path, capsys):
 
 def test_trace_cli_on_testbed(tmp_path, capsys):
     spec = tmp_path / "trace.yaml"
-    spec.write_text("kind: trace\nmodel: shapes-diffusion\nprompts:\n"
+    spec.write_text("kind: trace\nmodality: text-to-image\nmodel: shapes-diffusion\nprompts:\n"
                     "  - {prompt: a red circle, subject: red, counterfactual_subject: blue}\n"
                     "sites: [text_hidden, cross_attention]\nimages: 4\nsteps: 10\nattn_window: 7\nseed: 3000000\n")
     out = tmp_path / "run"

@@ -63,10 +63,10 @@ def error_of(fn):
      "did you mean 'mlp_output'"),
     ({"kind": "trce", "prompts": [EIFFEL]}, "`kind`", "did you mean 'trace'"),
     ({"prompts": [EIFFEL]}, "`kind`", "'trace', 'patch'"),
-    ({"kind": "trace", "prompts": [EIFFEL], "samples": 0}, "`samples`", "greater than or equal to 1"),
+    ({"kind": "trace", "prompts": [EIFFEL], "samples": 0}, "`samples`", "at least 1"),
     ({"kind": "trace", "prompts": [EIFFEL], "positions": ["middle"]}, "`positions[0]`", "'subject_last'"),
     ({"kind": "trace", "prompts": [EIFFEL], "noize": 3}, "`noize`", "unknown field"),
-    ({"kind": "trace", "prompts": [{"prompt": "x"}]}, "`prompts[0].subject`", "Field required"),
+    ({"kind": "trace", "prompts": [{"prompt": "x"}]}, "`prompts[0].subject`", "this field is required"),
     ({"kind": "patch", "prompts": [{"base": "a", "source": "b"}], "metric": "kll"}, "`metric`", "'kl'"),
 ])
 def test_bad_specs_name_the_field_and_value(data, field, needle):

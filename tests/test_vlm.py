@@ -285,6 +285,32 @@ def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path, corru
         load_image("flag:Atlantis", vlm)
 
 
+def test_vlm_specs_compile_against_a_llava_folder_of_any_name(pair, tmp_path, capsys):
+    """`validate --compile`: images load and layers exist; the folder's name says nothing ("my-vision-model")."""
+    import json
+
+    from recipes.cli import main as cli
+
+    _, vlm, tok = pair
+    folder = tmp_path / "my-vision-model"
+    vlm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    trace = {"kind": "trace", "model": str(folder), "prompts": [{"image": "flag:Japan", "prompt": " the capital of",
+                                                                  "target": "paris"}]}
+    edit = {"kind": "edit", "model": str(folder), "image": "flag:Japan", "layer": 99, "questions": [" the capital of"],
+            "target_new": "rome"}
+    results = []
+    for data in (trace, {**trace, "prompts": [dict(trace["prompts"][0], image="flag:Atlantis")]}, edit):
+        (tmp_path / "spec.yaml").write_text(json.dumps(data))
+        code = cli(["validate", str(tmp_path / "spec.yaml"), "--compile"])
+        captured = capsys.readouterr()
+        results.append((code, (captured.out if code == 0 else captured.err).strip().splitlines()[-1]))  # after the load bar
+    assert results[0][0] == 0 and results[0][1].startswith("ok: trace spec (vision-language), 1 image prompt(s)")
+    assert results[1][0] == 2 and "`prompts[0].image`" in results[1][1] and "Atlantis" in results[1][1]
+    n = vlm.config.text_config.num_hidden_layers
+    assert results[2] == (2, f"error: `layer`: got 99; expected a layer from 0 to {n - 1} (the model has {n})")
+
+
 def test_vlm_trace_spec_names_the_missing_corruption_input():
     from interventions.spec import parse_spec
 

@@ -1,0 +1,179 @@
+"""`lesion validate --compile`: every kind of spec checked against its loaded model, with no forward pass.
+
+    lesion validate recipes/edit_eiffel.yaml --compile
+    ok: edit spec, 1 request(s), rome at layer 12 of 30 in smollm2-135m
+
+What is checked, by kind:
+- trace / patch (language models): the whole plan compiles (sites, layers, positions, target tokens);
+- edit: the layer(s) exist, each request's prompt takes its subject, each answer tokenizes, the
+  corpus files exist (as every file a spec names: `recipes.checks.check_spec_files`);
+- steer: the layers exist, the prompts and the lexicon tokenize;
+- apply: each delta loads, passes its integrity checks and fits this base model (the weights are
+  read, never written); the steering vector fits the model;
+- VLM trace / edit: the images load, the layer exists, the answers tokenize;
+- text-to-image trace / erase / apply: the text-encoder layers exist, the concepts are in the
+  tokenizer's vocabulary, the deltas fit the pipeline.
+
+A failed check raises `SpecError` (or `DeltaError`) naming the field.
+"""
+
+from __future__ import annotations
+
+from interventions.errors import SpecError
+
+
+def _layer_count(model) -> int:
+    from interventions.sites import site_table
+
+    return site_table(model).num_layers(model)
+
+
+def _check_layers(field: str, layers, n: int) -> None:
+    for i, layer in enumerate(layers):
+        if not 0 <= layer < n:
+            raise SpecError(f"{field}[{i}]" if len(layers) > 1 else field, layer,
+                            f"a layer from 0 to {n - 1} (the model has {n})")
+
+
+def _check_tokens(tokenizer, field: str, text: str) -> None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or (unk is not None and unk in ids):
+        raise SpecError(field, text, "text the model's tokenizer can encode (it gives no tokens, or unknown ones)")
+
+
+def check_grid(spec) -> str:
+    from interventions import compile_spec, load_model
+
+    model, tokenizer = load_model(spec.model)
+    plan = compile_spec(spec, model, tokenizer)
+    return (f"{len(spec.prompts)} prompt(s), compiles to {len(plan.graphs)} graph(s) and {plan.num_rows} rows in "
+            f"{len(plan.chunks)} chunk(s)")
+
+
+def check_edit(spec) -> str:
+    from editors.rome import EditRequest
+    from interventions import load_model
+
+    model, tokenizer = load_model(spec.model)
+    n = _layer_count(model)
+    layers = [spec.layer] if spec.method == "rome" else spec.layers
+    if layers not in ("auto", ["auto"]):
+        _check_layers("layer" if spec.method == "rome" else "layers", list(layers), n)
+    for i, r in enumerate(spec.requests):
+        EditRequest(r.prompt, r.subject, r.target_new, r.target_true)
+        for name in ("target_new", "target_true"):
+            _check_tokens(tokenizer, f"requests[{i}].{name}", getattr(r, name))
+    where = f"layer {spec.layer}" if spec.method == "rome" else f"layers {spec.layers}"
+    return f"{len(spec.requests)} request(s), {spec.method} at {where} of {n} in {spec.model}"
+
+
+def check_steer(spec) -> str:
+    from interventions import load_model
+
+    model, tokenizer = load_model(spec.model)
+    n = _layer_count(model)
+    _check_layers("layers", list(spec.layers), n)
+    for i, word in enumerate(spec.lexicon):
+        _check_tokens(tokenizer, f"lexicon[{i}]", word)
+    return f"{len(spec.prompts)} prompt(s), layers {list(spec.layers)} of {n} in {spec.model}"
+
+
+def _check_deltas(model, paths) -> None:
+    from editors.delta import load_delta, verify
+
+    for path in paths:
+        verify(model, load_delta(path))
+
+
+def check_apply(spec) -> str:
+    from interventions import load_model
+    from interventions.steer import check_vector, load_vector
+
+    model, _ = load_model(spec.model)
+    _check_deltas(model, spec.deltas)
+    if spec.steer is not None:
+        check_vector(model, load_vector(spec.steer))
+    return f"{len(spec.deltas)} delta(s) fit {spec.model}" + (", and the steering vector" if spec.steer else "")
+
+
+def check_vlm_trace(spec) -> str:
+    from interventions.vlm import load_image, load_vlm
+
+    vlm, tokenizer, processor = load_vlm(spec.model)
+    for i, p in enumerate(spec.prompts):
+        load_image(p.image, vlm, processor, field=f"prompts[{i}].image")
+        if p.counterfactual_image is not None:
+            load_image(p.counterfactual_image, vlm, processor, field=f"prompts[{i}].counterfactual_image")
+        _check_tokens(tokenizer, f"prompts[{i}].target", p.target)
+    return f"{len(spec.prompts)} image prompt(s) on {spec.model}"
+
+
+def check_vlm_edit(spec) -> str:
+    from interventions.vlm import load_image, load_vlm
+
+    vlm, tokenizer, processor = load_vlm(spec.model)
+    n = _layer_count(vlm)
+    if spec.layer != "auto":
+        _check_layers("layer", [spec.layer], n)
+    load_image(spec.image, vlm, processor, field="image")
+    for i, image in enumerate(spec.other_images):
+        load_image(image, vlm, processor, field=f"other_images[{i}]")
+    _check_tokens(tokenizer, "target_new", spec.target_new)
+    return f"rome at layer {spec.layer} of {n} in {spec.model}, image {spec.image}"
+
+
+def _pipeline(spec):
+    from interventions.diffusion import load_pipeline
+
+    return load_pipeline(spec.model)
+
+
+def _text_layers(pipe) -> int:
+    return pipe.text_encoder.config.num_hidden_layers
+
+
+def check_diffusion_trace(spec) -> str:
+    pipe = _pipeline(spec)
+    if spec.layers != "all":
+        _check_layers("layers", list(spec.layers), _text_layers(pipe))
+    for i, p in enumerate(spec.prompts):
+        _check_tokens(pipe.tokenizer, f"prompts[{i}].prompt", p.prompt)
+    return f"{len(spec.prompts)} prompt(s) on {spec.model}"
+
+
+def check_erase(spec) -> str:
+    pipe = _pipeline(spec)
+    if spec.layer is not None:
+        _check_layers("layer", [spec.layer], _text_layers(pipe))
+    for i, c in enumerate(spec.concepts):
+        _check_tokens(pipe.tokenizer, f"concepts[{i}].concept", c.concept)
+        if c.guide:
+            _check_tokens(pipe.tokenizer, f"concepts[{i}].guide", c.guide)
+    for i, word in enumerate(spec.preserve):
+        _check_tokens(pipe.tokenizer, f"preserve[{i}]", word)
+    return f"{len(spec.concepts)} concept(s) in {spec.model}"
+
+
+def check_diffusion_apply(spec) -> str:
+    pipe = _pipeline(spec)
+    _check_deltas(pipe, spec.deltas)
+    return f"{len(spec.deltas)} delta(s) fit {spec.model}"
+
+
+CHECKS = {
+    ("trace", "language"): check_grid, ("patch", "language"): check_grid, ("edit", "language"): check_edit,
+    ("steer", "language"): check_steer, ("apply", "language"): check_apply,
+    ("trace", "vision-language"): check_vlm_trace, ("edit", "vision-language"): check_vlm_edit,
+    ("trace", "text-to-image"): check_diffusion_trace, ("erase", "text-to-image"): check_erase,
+    ("apply", "text-to-image"): check_diffusion_apply,
+}
+
+
+def compile_check(spec) -> str:
+    """One line saying what was checked; raises on the first problem."""
+    from recipes.checks import check_spec_files
+
+    check_spec_files(spec)
+    return f"ok: {spec.kind} spec ({spec.modality}), {CHECKS[(spec.kind, spec.modality)](spec)}"
+
