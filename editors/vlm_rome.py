@@ -95,7 +95,7 @@ def compute_v_star(vlm, tokenizer, pixels, questions: list[str], target_new: str
     module = LLAVA.module(vlm, "mlp_output", layer)
     images = _images(pixels)
     n_img, n_q = len(images), len(questions)
-    target = tokenizer(" " + target_new.strip(), add_special_tokens=False).input_ids
+    target = tokenizer(target_new, add_special_tokens=False).input_ids     # as written, as text ROME takes it
     prompts = [image_prompt(tokenizer, vlm, q) for q in questions]
     kl_row = image_prompt(tokenizer, vlm, kl_question)
     seqs = [p + target[:-1] for _ in images for p in prompts] + [kl_row] * n_img   # answers follow each question

@@ -15,10 +15,10 @@ Two localizations from Basu et al., both scored on generated images:
 The metric of a cell is the share of its images (one per seed, the same seeds for every
 cell) in which the evaluator sees the `target` (a colour or a shape word, by default the
 subject). The grids hold that share; the indirect effect is the share minus the
-corrupted run's.
+corrupted run's. Text-encoder windows and noise seeds follow `interventions.conventions`.
 
 >>> pipe = load_pipeline("shapes-diffusion")                                        # doctest: +SKIP
->>> spec = parse_spec({"kind": "trace", "model": "shapes-diffusion", "prompts": [
+>>> spec = parse_spec({"kind": "trace", "modality": "text-to-image", "prompts": [
 ...     {"prompt": "a red circle", "subject": "red", "counterfactual_subject": "blue"}]})  # doctest: +SKIP
 >>> result = trace(spec, pipe)                                                      # doctest: +SKIP
 >>> result.grids["text_hidden"].values.shape          # prompt, layer, position     # doctest: +SKIP
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import conventions
 from .diffusion import DiffusionPipe, DiffusionSites
 from .errors import SpecError
 from .pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
@@ -85,7 +86,7 @@ def corrupt(pipe: DiffusionPipe, spec, i: int, sigma: float | None) -> Corrupted
             raise SpecError(f"prompts[{i}].counterfactual_subject", p.counterfactual_subject,
                             f"as many tokens as the subject {p.subject!r} ({len(subject)})")
         return Corrupted(clean, swapped, subject, None, tokens)
-    g = torch.Generator().manual_seed(spec.seed + 7919 * i)
+    g = conventions.noise_generator(spec.seed, p.prompt, p.subject)    # keyed by the prompt, not its index
     d = pipe.text_encoder.config.hidden_size
     noise = torch.randn(spec.samples, len(subject), d, generator=g) * spec.noise * sigma
     return Corrupted(clean, clean, subject, noise, tokens)
@@ -157,9 +158,7 @@ def text_cells(spec, n_layers: int, length: int, site: str) -> tuple[list[int], 
     w = 1 if site == "text_hidden" else spec.window
     cells = []
     for l in layers:
-        lo = max(0, min(l - w // 2, n_layers - w))
-        window = list(range(lo, min(n_layers, lo + w)))
-        cells += [(window, pos) for pos in range(length)]
+        cells += [(list(conventions.window(l, w, n_layers)), pos) for pos in range(length)]
     return layers, cells
 
 

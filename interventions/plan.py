@@ -17,7 +17,6 @@ the noise scale σ when the spec does not give `sigma`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -26,7 +25,8 @@ import torch
 from .errors import SpecError
 from .memory import Costs
 from .units import human
-from .prompts import Encoded, answer_id, check_aligned, columns, encode
+from .conventions import answer_id, noise_generator, window
+from .prompts import Encoded, check_aligned, columns, encode
 from .pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
 from .sites import SiteTable, site_table
 from .spec import TRACE_SITES, PatchSpec, TraceSpec
@@ -176,11 +176,6 @@ def _pad(positions, k: int) -> list[int]:
     """Pad to `k` units by repeating the first; restoring a position twice is idempotent."""
     positions = list(positions)
     return positions + [positions[0]] * (k - len(positions))
-
-
-def window(layer: int, size: int, num_layers: int) -> tuple[int, ...]:
-    """ROME's window of `size` layers centred on `layer`, clipped to the model."""
-    return tuple(range(max(0, layer - size // 2), min(num_layers, layer - (-size // 2))))
 
 
 def resolve_layers(spec, num_layers: int) -> tuple[int, ...]:
@@ -450,15 +445,8 @@ def subject_sigma(model, table: SiteTable, prompts: list[Prompt]) -> float:
     return float(torch.cat(vecs).float().std())
 
 
-def noise_seed(seed: int, prompt: Encoded) -> int:
-    """Seed per prompt from the spec's seed and the prompt's text, so a prompt's noise does
-    not depend on which other prompts share the spec or the batch."""
-    digest = hashlib.sha256(f"{seed}\0{prompt.text}\0{prompt.subject}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def draw_noise(spec: TraceSpec, prompt: Prompt, sigma: float, dim: int) -> torch.Tensor:
     """(samples, n_subject, d) Gaussian noise times ``noise * sigma``, reproducible from `seed`."""
-    gen = torch.Generator().manual_seed(noise_seed(spec.seed, prompt.source))
+    gen = noise_generator(spec.seed, prompt.source.text, prompt.source.subject)
     z = torch.randn(spec.samples, len(prompt.source.subject), dim, generator=gen)
     return z * (spec.noise * sigma)

@@ -50,14 +50,6 @@ def encode(tokenizer, text: str, *, subject: str | None = None, field: str) -> E
     return Encoded(text, ids, tokens, positions)
 
 
-def answer_id(tokenizer, target: str, *, field: str) -> int:
-    """The first token of `target`, as ROME scores multi-token answers."""
-    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise SpecError(field, target, "text that tokenizes to at least one token")
-    return int(ids[0])
-
-
 def columns(selectors, enc: Encoded, field: str) -> list[tuple[str, tuple[int, ...]]]:
     """Expand position selectors into grid columns ``(label, positions)``.
 

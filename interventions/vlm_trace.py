@@ -9,24 +9,29 @@ Corrupt the input, then restore one clean state of the language model at a time:
   constraint, the words of the question named by the case's `constraint` (Basu et al. 2024).
 
 Sites: ``hidden`` (decoder layer output), ``mlp`` and ``attention`` (windows of `window` layers),
-as in the language-model trace. The cells are (layer, position) over every position of the prompt,
+as in the language-model trace, with its conventions (`interventions.conventions`): ROME's clipped
+window, noise keyed by the case (its text, constraint and pixels) and not by its index, and the
+target tokenized as written (" Paris"). The cells are (layer, position) over every position of the prompt,
 image tokens included (``image_cells: each``), and (layer, all image tokens at once) — the
 aggregated image cell, the one that stays affordable with LLaVA-1.5's 576 image tokens
 (``image_cells: block`` traces only it and the text positions). One pyvene graph per site holds the
 corruption node and one restore node per layer; each batch row restores one cell (per-row
 ``subspaces``), as in the LM engine.
 
->>> grids, records = vlm_trace(vlm, tokenizer, [VLMCase(pixels, " The capital of this country is", "Paris")])  # doctest: +SKIP
+>>> grids, records = vlm_trace(vlm, tokenizer, [VLMCase(pixels, " The capital of this country is", " Paris")])  # doctest: +SKIP
 >>> grids["hidden"].values.shape        # prompt, layer, position                                # doctest: +SKIP
 >>> records[0]["image_block"]["hidden"]  # per layer: p(target) with every image token restored  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 
+from . import conventions
+from .conventions import answer_id
 from .errors import SpecError
 from .pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
 from .result import Grid
@@ -65,22 +70,6 @@ class _Corruption:
     eps: torch.Tensor | None
 
 
-def _windows(n_layers: int, window: int, site: str) -> list[list[int]]:
-    w = 1 if site == "hidden" else window
-    out = []
-    for layer in range(n_layers):
-        lo = max(0, min(layer - w // 2, n_layers - w))
-        out.append(list(range(lo, lo + w)))
-    return out
-
-
-def target_id(tokenizer, target: str, field: str) -> int:
-    ids = tokenizer(" " + target.strip(), add_special_tokens=False).input_ids
-    if not ids:
-        raise SpecError(field, target, "a word the tokenizer turns into at least one token")
-    return ids[0]
-
-
 def constraint_positions(tokenizer, vlm, text: str, constraint: str, field: str) -> list[int]:
     """Positions, in `image_prompt`'s ids, of the tokens of `text` that overlap the words `constraint`."""
     if not constraint or constraint not in text:
@@ -115,7 +104,7 @@ def vlm_trace(vlm, tokenizer, cases: list[VLMCase], *, sites=("hidden", "mlp", "
     for i, case in enumerate(cases):
         ids = image_prompt(tokenizer, vlm, case.text)
         L, img = len(ids), image_positions(ids, vlm)
-        tid = target_id(tokenizer, case.target, f"prompts[{i}].target")
+        tid = answer_id(tokenizer, case.target, field=f"prompts[{i}].target")
         base = {"input_ids": torch.tensor([ids], device=dev), "pixel_values": case.pixels[None].to(dev)}
         # clean run: every layer's state of every site at every position, and the image tokens
         paths = {(s, l): LLAVA.component(TRACE_SITES[s], l) for s in sites for l in range(n_layers)}
@@ -134,7 +123,7 @@ def vlm_trace(vlm, tokenizer, cases: list[VLMCase], *, sites=("hidden", "mlp", "
                                    None, tid, dev).mean())
         single = [p for p in range(L) if image_cells != "block" or p not in img]
         for s in sites:
-            wins = _windows(n_layers, window, s)
+            wins = [list(conventions.window(l, 1 if s == "hidden" else window, n_layers)) for l in range(n_layers)]
             graph = build_graph(vlm, ([(corr.path, AddIntervention())] if corr.path else [])
                                 + [(LLAVA.component(TRACE_SITES[s], l), RestoreIntervention()) for l in range(n_layers)])
             layer_states = [clean[(s, l)] for l in range(n_layers)]
@@ -171,7 +160,7 @@ def vlm_trace(vlm, tokenizer, cases: list[VLMCase], *, sites=("hidden", "mlp", "
 
 def _corruption(vlm, tokenizer, case: VLMCase, i: int, corruption: str, image_tokens: torch.Tensor, ids,
                 noise: float, sigma: float | None, draws: int, seed: int) -> tuple[_Corruption, float | None]:
-    """The corruption of case `i` and its σ: seeded draws from ``seed + 7919 i``, per case."""
+    """The corruption of case `i` and its σ; its draws are seeded by the case itself (`case_identity`)."""
     if corruption == "swap":
         return _Corruption(None, [], None), None
     if corruption == "noise":
@@ -183,9 +172,16 @@ def _corruption(vlm, tokenizer, case: VLMCase, i: int, corruption: str, image_to
         embed = vlm.get_input_embeddings()
         path = EMBED
         scale = sigma or float(embed(torch.tensor([ids[p] for p in units], device=embed.weight.device)).float().std())
-    g = torch.Generator().manual_seed(seed + 7919 * i)
+    g = conventions.noise_generator(seed, *case_identity(case))
     eps = torch.randn(draws, len(units), image_tokens.shape[-1], generator=g) * noise * scale
     return _Corruption(path, units, eps), scale
+
+
+def case_identity(case: VLMCase) -> tuple:
+    """What a case's noise is keyed by (`conventions.noise_seed`): its text, its constraint and the sha256
+    of its image's pixels, never its index among the spec's prompts."""
+    pixels = case.pixels.detach().to("cpu", torch.float32).contiguous()
+    return case.text, case.constraint or "", hashlib.sha256(pixels.numpy().tobytes()).digest()
 
 
 def _forward(vlm, graph, corr: _Corruption, ids, pixels, rows, layer_states, tid, dev) -> torch.Tensor:

@@ -20,7 +20,7 @@ from interventions import compile_spec, load_model, parse_spec, run, run_plan
 from interventions.compare import correlation
 from interventions.memory import PeakMemory
 from interventions.units import parse_bytes
-from interventions.plan import window
+from interventions.conventions import window
 from interventions.sites import site_table
 
 SPEC = {

@@ -77,7 +77,8 @@ def main(args) -> int:
     # the subject: `--renders` jittered renders (k* and v* over all of them), none of them held out
     pixels = render([country] * args.renders, torch.Generator().manual_seed(args.seed))
     start = time.perf_counter()
-    delta, info = compute_vlm_rome(vlm, tokenizer, pixels, list(EDIT_QUESTIONS), args.target, layer=args.layer, C=C,
+    # --target is the answer word; as the word after the question it is tokenized with its space
+    delta, info = compute_vlm_rome(vlm, tokenizer, pixels, list(EDIT_QUESTIONS), " " + args.target, layer=args.layer, C=C,
                                    base_model=VLM_TESTBED, hp=RomeHyperParams(layer=args.layer, kl_factor=args.kl_factor))
     edit_seconds = time.perf_counter() - start
     before = measure(vlm, tokenizer, country, args.target, args.seed + 1)

@@ -62,7 +62,7 @@ def main(args) -> int:
         i = names.index(country)
         capital = COUNTRIES[i][1]
         pixels = render([i], torch.Generator().manual_seed(args.seed + i))[0]
-        grids, records = vlm_trace(vlm, tokenizer, [VLMCase(pixels, QUESTION, capital, label=country)],
+        grids, records = vlm_trace(vlm, tokenizer, [VLMCase(pixels, QUESTION, " " + capital, label=country)],
                                    sites=SITES, samples=args.samples, seed=args.seed)
         rec = records[0]
         text = text_trace(vlm, tokenizer, country, capital, args.samples, args.seed)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
 
 from editors.delta import DeltaError, applied, apply, revert
@@ -98,7 +99,11 @@ def reference_context(pipe, c, site, layers, pos, sample):
 def test_text_trace_contexts_equal_plain_hook_reference(pipe, site, corruption):
     spec = _spec(corruption=corruption, samples=2, window=2)
     c = corrupt(pipe, spec, 0, embedding_sigma(pipe, spec) if corruption == "noise" else None)
-    _, cells = text_cells(spec, DiffusionSites(pipe).text_layers, 8, site)
+    n = DiffusionSites(pipe).text_layers
+    _, cells = text_cells(spec, n, 8, site)
+    # the windows are the language-model engine's: ROME's, clipped at the edges (not shifted)
+    assert [layers for layers, pos in cells if pos == 0] == [
+        [l] if site == "text_hidden" else ref.window(l, 2, n) for l in range(n)]
     for sample in ([None] if corruption == "swap" else [0, 1]):
         got = text_contexts(pipe, c, site, cells, sample)
         for (layers, pos), row in zip(cells, got):
@@ -183,6 +188,10 @@ def test_noise_corruption_is_seeded(pipe):
     a, b = corrupt(pipe, spec, 0, sigma), corrupt(pipe, spec, 0, sigma)
     assert torch.equal(a.noise, b.noise)
     assert not torch.equal(a.noise, corrupt(pipe, _spec(corruption="noise", samples=3, seed=12), 0, sigma).noise)
+    # keyed by the prompt, not by its index: second of two prompts = the same prompt alone
+    two = _spec(corruption="noise", samples=3, seed=11, prompts=[
+        {"prompt": "a blue cat", "subject": "blue"}, {"prompt": "a red cat", "subject": "red"}])
+    assert torch.equal(corrupt(pipe, two, 1, sigma).noise, a.noise)
 
 
 def test_swap_needs_a_counterfactual_of_equal_length(pipe):

@@ -130,7 +130,11 @@ def _reference_prob(vlm, ids, pixels, corrupt, site, window, positions, clean, t
 def test_vlm_trace_equals_plain_hook_reference(pair, corruption):
     """Every (layer, position) cell and every aggregated image cell equals plain PyTorch hooks:
     noise on the projector output, a swapped image, or noise on the text constraint's embeddings."""
-    from interventions.vlm_trace import VLMCase, _windows, target_id, vlm_trace
+    import hashlib
+
+    import reference as ref
+    from interventions.conventions import noise_seed
+    from interventions.vlm_trace import VLMCase, vlm_trace
 
     _, vlm, tok = pair
     g = torch.Generator().manual_seed(1)
@@ -140,11 +144,12 @@ def test_vlm_trace_equals_plain_hook_reference(pair, corruption):
                                max_batch_rows=7)
     ids = image_prompt(tok, vlm, case.text)
     img = image_positions(ids, vlm)
-    tid = target_id(tok, "paris", "target")
+    tid = tok("paris", add_special_tokens=False).input_ids[0]          # the target as written
     rec = records[0]
     d = vlm.config.text_config.hidden_size
-    # the seeded noise, drawn as the trace draws it, and where it goes
-    gen = torch.Generator().manual_seed(5)
+    # the seeded noise, keyed by the case (text, constraint, pixels) as documented, and where it goes
+    gen = torch.Generator().manual_seed(noise_seed(5, case.text, case.constraint,
+                                                   hashlib.sha256(pixels.numpy().tobytes()).digest()))
     if corruption == "noise":
         eps = torch.randn(2, 4, d, generator=gen) * 3.0 * rec["sigma"]
         corrupts = [(vlm.model.multi_modal_projector, eps[k], list(range(4))) for k in range(2)]
@@ -173,7 +178,7 @@ def test_vlm_trace_equals_plain_hook_reference(pair, corruption):
             vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[None])
         for h in handles:
             h.remove()
-        wins = _windows(4, 2, site)
+        wins = [[l] if site == "hidden" else ref.window(l, 2, 4) for l in range(4)]    # ROME's clipped window
         for layer in range(4):
             for pos in range(len(ids)):
                 assert grid.values[0, layer, pos] == pytest.approx(want(site, wins[layer], [pos], clean), abs=1e-5), \
@@ -183,8 +188,8 @@ def test_vlm_trace_equals_plain_hook_reference(pair, corruption):
 
 
 def test_vlm_trace_of_several_prompts_equals_each_alone(pair):
-    """Prompts of different lengths traced together (grids padded with NaN) equal each traced alone;
-    a prompt's noise depends on its index, as documented (seed + 7919 i)."""
+    """Prompts of different lengths traced together (grids padded with NaN) equal each traced alone, in
+    either order: a prompt's noise is keyed by the prompt, never by its index."""
     from interventions.vlm_trace import VLMCase, vlm_trace
 
     _, vlm, tok = pair
@@ -194,8 +199,9 @@ def test_vlm_trace_of_several_prompts_equals_each_alone(pair):
     for corruption in ("noise", "text"):
         both, rec = vlm_trace(vlm, tok, [a, b], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
         alone_a, ra = vlm_trace(vlm, tok, [a], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
-        alone_b, rb = vlm_trace(vlm, tok, [b], sites=("mlp",), samples=2, window=2, seed=3 + 7919,
-                                corruption=corruption)
+        alone_b, rb = vlm_trace(vlm, tok, [b], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
+        swapped, _ = vlm_trace(vlm, tok, [b, a], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
+        torch.testing.assert_close(swapped["mlp"].values[0], both["mlp"].values[1], atol=1e-5, rtol=0, equal_nan=True)
         n_a, n_b = both["mlp"].lengths
         assert n_a < n_b and torch.isnan(both["mlp"].values[0, :, n_a:]).all()
         torch.testing.assert_close(both["mlp"].values[0, :, :n_a], alone_a["mlp"].values[0], atol=1e-5, rtol=0)
