@@ -10,6 +10,7 @@ True
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -141,6 +142,15 @@ class _Grid(_Language):
     method: Literal["exact", "attribution"] = Field(
         default="exact", description="`exact`: one patched run per cell; `attribution`: the first-order "
                                      "approximation of every cell from one forward and backward pass per prompt.")
+    steps: Int = Field(default=1, ge=1, le=256, description=(
+        "`method: attribution`: average the gradients at this many points on the straight path from the base "
+        "(corrupted) input embeddings to the source (clean) ones, as EAP-IG does; 1 is plain attribution patching."))
+
+    @model_validator(mode="after")
+    def _steps_need_attribution(self):
+        if self.steps > 1 and self.method != "attribution":
+            raise ValueError(f"`steps: {self.steps}` is for `method: attribution` (exact patching has no gradient)")
+        return self
 
     @field_validator("layers")
     @classmethod
@@ -728,6 +738,9 @@ def _problems(err: ValidationError, data: dict) -> list[str]:
             problems.append(f"`{field}`: missing; this field is required")
             continue
         wants = list(dict.fromkeys(_expected(e) for e in errors))
+        named = re.match(r"`(\w+)", wants[0])
+        if field == "spec" and named and named.group(1) in data:    # a whole-spec check that names its field
+            field, value = named.group(1), data[named.group(1)]
         custom = [w for w in wants if not w.startswith(("a ", "an ", "one of", "at least", "at most"))]
         text = "; ".join(custom) if custom else "expected " + " or ".join(wants)
         problems.append(f"`{field}`: got {short(value)}; {text}")

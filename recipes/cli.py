@@ -212,6 +212,12 @@ def cmd_trace_flags(args) -> int:
     return trace_flags(args)
 
 
+def cmd_attribution_steps(args) -> int:
+    from recipes.attribution_steps import main as measure
+
+    return measure(args)
+
+
 def cmd_bench_steer(args) -> int:
     from recipes.bench_steer import main as bench
 
@@ -330,6 +336,13 @@ def parser() -> argparse.ArgumentParser:
     bz.add_argument("--device", type=device_flag, default="cpu")
     bz.add_argument("--json", default=None, help="also write the numbers to this file")
     bz.set_defaults(fn=cmd_bench_erase)
+    at = sub.add_parser("attribution-steps", parents=[common], help="attribution (steps 1, 2, 4, 8) against exact "
+                                                                   "tracing on facts no recipe uses: Pearson r and time")
+    at.add_argument("--out", required=True)
+    at.add_argument("--model", default="smollm2-135m")
+    at.add_argument("--samples", type=positive_int, default=10)
+    at.add_argument("--seed", type=natural_int, default=0)
+    at.set_defaults(fn=cmd_attribution_steps)
     tf = sub.add_parser("trace-flags", parents=[common], help="VLM testbed: trace a capital fact with the country as an image and "
                                             "as text, side by side")
     tf.add_argument("--out", required=True)
