@@ -19,6 +19,7 @@ import torch
 
 from editors.delta import apply, revert
 from editors.erase import erase
+from interventions.errors import SpecError
 from interventions.spec import load_spec
 from recipes.diffusion import default_prompts, pipeline_for
 
@@ -30,6 +31,8 @@ def _sync(device: torch.device) -> None:
 
 def main(args) -> int:
     spec = load_spec(args.spec)
+    if spec.kind != "erase":
+        raise SpecError("--spec", args.spec, f"a `kind: erase` spec (this one is `kind: {spec.kind}`)")
     pipe = pipeline_for(spec, device=args.device)
     edit_s = []
     for _ in range(args.repeats):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -55,8 +54,10 @@ def measure(vlm, tokenizer, country: int, target: str, seed: int, n: int = 8) ->
 
 
 def main(args) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from interventions.atomic import atomic_folder
+    from recipes.checks import check_out
+
+    out = check_out(args.out, True, "the edit")
     names = [c for c, _ in COUNTRIES]
     if args.country not in names:
         from interventions.errors import SpecError, one_of
@@ -92,9 +93,10 @@ def main(args) -> int:
               "C_seconds": c_seconds, "before": before, "after": after,
               "specificity": specificity, "v_star_steps": len(info["history"]),
               "final_nll": info["history"][-1]["nll"]}
-    delta.with_metrics({"efficacy": after["efficacy"], "specificity": specificity}).save(
-        out / "delta.safetensors")
-    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+    with atomic_folder(out) as staging:
+        delta.with_metrics({"efficacy": after["efficacy"], "specificity": specificity}).save(
+            staging / "delta.safetensors")
+        atomic_write(staging / "report.json", json.dumps(report, indent=1).encode())
     stats = f" + the image-token keys of {args.image_stats} renders of every flag" if args.image_stats else ""
     print(f"ROME at layer {args.layer}, key at the image tokens of the {args.country} flag -> {args.target!r} "
           f"in {edit_seconds:.1f} s (C from text{stats}: {c_seconds:.1f} s)")

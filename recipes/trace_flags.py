@@ -47,18 +47,21 @@ def summarize(values: torch.Tensor, subject: list[int], last: int) -> dict:
 
 
 def main(args) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    vlm, tokenizer, meta = load_vlm_testbed()
+    from interventions.atomic import atomic_folder
+    from recipes.checks import check_out
+
+    out = check_out(args.out, True, "the comparison")
     names = [c for c, _ in COUNTRIES]
-    report = {"question": QUESTION, "samples": args.samples, "countries": {}}
-    panels = []
-    start = time.perf_counter()
-    for country in args.countries:
+    for country in args.countries:     # before the testbed loads
         if country not in names:
             from interventions.errors import SpecError, one_of
 
             raise SpecError("--countries", country, one_of(country, names))
+    vlm, tokenizer, meta = load_vlm_testbed()
+    report = {"question": QUESTION, "samples": args.samples, "countries": {}}
+    panels = []
+    start = time.perf_counter()
+    for country in args.countries:
         i = names.index(country)
         capital = COUNTRIES[i][1]
         pixels = render([i], torch.Generator().manual_seed(args.seed + i))[0]
@@ -82,8 +85,9 @@ def main(args) -> int:
               f"text clean {trec['clean_prob']:.2f} corrupted {trec['corrupted_prob']:.2f}")
     report["seconds"] = time.perf_counter() - start
     report["finding"] = finding(report)
-    atomic_write(out / "results.json", json.dumps(report, indent=1).encode())
-    figure(panels, out / "compare.png")
+    with atomic_folder(out) as staging:
+        atomic_write(staging / "results.json", json.dumps(report, indent=1).encode())
+        figure(panels, staging / "compare.png")
     print(report["finding"])
     print(f"wrote results.json, compare.png to {out} in {report['seconds']:.0f} s")
     return 0

@@ -184,6 +184,10 @@ BAD_COMMAND_LINES = [
     (["apply", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["compare", "{missing}", "{out}"], "result"),
     (["bench-trace", "--samples", "0"], "--samples"),
+    (["bench-erase", "--spec", "{spec}"], "`kind: erase`"),
+    (["trace-flags", "--out", "{out}", "--countries", "Atlantis"], "--countries"),
+    (["edit-flag", "--out", "{out}", "--country", "Atlantis"], "--country"),
+    (["attribution-steps", "--out", "{file}"], "--out"),
     (["nonsense"], "invalid choice"),
 ]
 
