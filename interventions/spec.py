@@ -10,7 +10,6 @@ True
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -19,7 +18,8 @@ from pydantic import (
     ValidationError, field_validator, model_validator,
 )
 
-from .errors import SpecError, one_of, short, suggest
+from .errors import SpecError, one_of, short
+from .messages import Catalogue, expected, problems, tag_problem
 from .specfile import load_yaml, read_spec_text
 
 #: Limits on what a spec may hold (stated in the README). A prompt or other text is at most
@@ -275,7 +275,7 @@ def check_hyperparameters(method: str, values: dict) -> dict:
         if e["type"] == "extra_forbidden":
             raise ValueError(f"unknown hyperparameter {key!r} for `method: {method}`; expected "
                              f"{one_of(key, model.model_fields)}") from None
-        raise ValueError(f"`{key}` must be {_expected(e)}") from None
+        raise ValueError(f"`{key}` must be {expected(e)}") from None
     return values
 
 
@@ -649,113 +649,7 @@ _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPro
                   for name in cls.model_fields})
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _is_type_tag(part) -> bool:
-    """pydantic names the branches of a union (`int`, `literal['auto']`, `tuple[int, ...]`, `function-after[...]`)
-    in an error's location; the user wrote no such field."""
-    return isinstance(part, str) and (part in ("int", "float", "str", "bool", "none", "dict", "list") or (
-        "[" in part and part.endswith("]")) or part in _TAGS)
-
-
-def _expected(e: dict) -> str:
-    """What one pydantic error says is allowed, in the user's terms."""
-    kind, ctx, value = e["type"], e.get("ctx") or {}, e.get("input")
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return "an integer (true/false is not one)" if isinstance(value, bool) else "an integer"
-    if kind in ("float_type", "float_parsing"):
-        return "a number (true/false is not one)" if isinstance(value, bool) else "a number"
-    if kind == "finite_number":
-        return "a finite number (not nan or inf)"
-    if kind in ("string_type", "string_sub_type"):
-        return "a text"
-    if kind == "literal_error":
-        return "one of " + ctx.get("expected", "") + suggest_literal(value, ctx.get("expected", ""))
-    if kind in ("tuple_type", "list_type"):
-        return "a list"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return "a mapping of field: value"
-    if kind == "too_short":
-        return f"at least {ctx.get('min_length')} item(s)" if isinstance(value, (list, tuple, dict)) else \
-            f"at least {ctx.get('min_length')} character(s)"
-    if kind == "missing":
-        return "a value: this field is required"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        word = {"greater_than": "greater than", "greater_than_equal": "at least", "less_than": "less than",
-                "less_than_equal": "at most"}[kind]
-        bound = next(iter(ctx.values()), "?")
-        return f"a number {word} {bound}"
-    return e["msg"].removeprefix("Value error, ")
-
-
-def suggest_literal(value, expected: str) -> str:
-    choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
-    return suggest(value, choices)
-
-
-def _suggest_field(e: dict) -> str:
-    name = next((p for p in reversed(e["loc"]) if isinstance(p, str) and not _is_type_tag(p)), "")
-    return suggest(name, [f for f in _FIELDS if f != name])
-
-
-def _elsewhere(data: dict, field: str) -> str:
-    """A hint when an unknown top-level field belongs to the same kind for another modality."""
-    kind = data.get("kind")
-    for (k, modality), cls in SPEC_CLASSES.items():
-        if k == kind and modality != modality_of(data) and field in cls.model_fields:
-            return f" (`{field}` is a field of `kind: {kind}` with `modality: {modality}`; add that line)"
-    return ""
-
-
-def _problems(err: ValidationError, data: dict) -> list[str]:
-    """One line per field: the errors of a union's branches (`layers: 'all' | [int, ...]`) are merged."""
-    grouped: dict[str, list[dict]] = {}
-    for e in err.errors():
-        field = _loc(tuple(p for p in e["loc"] if not _is_type_tag(p))) or "spec"
-        grouped.setdefault(field, []).append(e)
-    for field in list(grouped):
-        nested = any(other.startswith((f"{field}[", f"{field}.")) for other in grouped if other != field)
-        if nested:   # pydantic adds "at least 1 item after validation" when an item failed: said already
-            grouped[field] = [e for e in grouped[field] if e["type"] != "too_short"]
-    problems = []
-    for field, errors in grouped.items():
-        if not errors:
-            continue
-        value = errors[0].get("input")
-        if errors[0]["type"] == "extra_forbidden":
-            hint = _elsewhere(data, field) or _suggest_field(errors[0])
-            problems.append(f"`{field}`: unknown field{hint}; `lesion schema` lists the fields each kind takes")
-            continue
-        if errors[0]["type"] == "missing":
-            problems.append(f"`{field}`: missing; this field is required")
-            continue
-        wants = list(dict.fromkeys(_expected(e) for e in errors))
-        named = re.match(r"`(\w+)", wants[0])
-        if field == "spec" and named and named.group(1) in data:    # a whole-spec check that names its field
-            field, value = named.group(1), data[named.group(1)]
-        custom = [w for w in wants if not w.startswith(("a ", "an ", "one of", "at least", "at most"))]
-        text = "; ".join(custom) if custom else "expected " + " or ".join(wants)
-        problems.append(f"`{field}`: got {short(value)}; {text}")
-    hints = [p for p in problems if "add that line" in p]
-    return hints + [p for p in problems if p not in hints]
-
-
-def _tag_problem(data: dict) -> str:
-    kind, modality = data.get("kind"), modality_of(data)
-    if kind not in KINDS:
-        return f"`kind`: got {short(kind)}; expected {one_of(kind, KINDS)}"
-    allowed = [m for (k, m) in SPEC_CLASSES if k == kind]
-    how = "" if "modality" in data else " (implied by the spec's fields)"
-    takes = f"only {allowed[0]!r}" if len(allowed) == 1 else one_of(modality, allowed)
-    return f"`modality`: got {short(modality)}{how}; `kind: {kind}` takes {takes}"
+_CATALOGUE = Catalogue(SPEC_CLASSES, _FIELDS, KINDS, modality_of)
 
 
 def parse_spec(data: Any):
@@ -765,11 +659,11 @@ def parse_spec(data: Any):
     if "kind" not in data:
         raise SpecError("kind", None, one_of("", KINDS))
     if _tag(data) not in _TAGS:
-        raise SpecError.many([_tag_problem(data)])
+        raise SpecError.many([tag_problem(data, _CATALOGUE)])
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as err:
-        raise SpecError.many(_problems(err, data)) from None
+        raise SpecError.many(problems(err, data, _CATALOGUE)) from None
     except RecursionError:
         raise SpecError("spec", "<deeply nested value>", "a spec nested at most a few levels deep") from None
 

@@ -368,6 +368,7 @@ def test_a_delta_is_sealed_over_its_metadata_and_refuses_non_finite_changes(mode
 
 # ---------------------------------------------------------------------------------------------- doctests
 @pytest.mark.parametrize("name", ["interventions.errors", "interventions.specfile", "interventions.units",
+                                  "interventions.messages", "interventions.conventions", "interventions.tagged",
                                   "interventions.spec", "recipes.checks", "recipes.runners"])
 def test_module_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
