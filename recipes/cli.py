@@ -83,11 +83,17 @@ def _ship(args, spec) -> None:
 
 
 def _check_prompts(prompts: list[str]) -> None:
-    from interventions.spec import MAX_TEXT
+    """Each `--prompt` by the spec's own rule for texts, before anything heavy is imported."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from interventions.messages import expected
+    from interventions.spec import Text
 
     for i, p in enumerate(prompts):
-        if not p.strip() or len(p) > MAX_TEXT:
-            raise SpecError(f"--prompt (#{i + 1})", p, f"a non-empty text of at most {MAX_TEXT:,} characters")
+        try:
+            TypeAdapter(Text).validate_python(p)
+        except ValidationError as err:
+            raise SpecError(f"--prompt (#{i + 1})", p, expected(err.errors()[0])) from None
 
 
 def cmd_apply(args) -> int:
@@ -106,7 +112,6 @@ def cmd_apply(args) -> int:
         from recipes.vlm import run_apply as run_vlm_apply
 
         check_spec_files(parse_spec({"kind": "apply", "deltas": args.delta, "prompts": args.prompt}))
-
         for row in run_vlm_apply(args.model, args.delta, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                                  device=args.device):
             print(f"image {args.image}, prompt: {row['prompt']!r}\n  base:   {row['base']!r}\n  edited: {row['edited']!r}")
