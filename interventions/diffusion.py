@@ -251,7 +251,8 @@ def _load_folder(path: Path) -> DiffusionPipe:
 
 # ------------------------------------------------------------------------- the testbed
 def testbed_configs(vocab_size: int, max_length: int = 8) -> tuple[dict, dict]:
-    """(UNet config, CLIP text config) of the coloured-shapes testbed (DESIGN.md's measured design)."""
+    """(UNet config, CLIP text config) of the coloured-shapes testbed: a design measured to train on a 2-core
+    CPU in under half an hour (1.7M-parameter UNet, cross-attention at 8x8 and 4x4, a 2-layer CLIP)."""
     unet = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
                 block_out_channels=(32, 64, 64),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -13,7 +13,7 @@ compiled graph is stateless and can be driven directly:
 >>> _, out = graph(base={"input_ids": ids}, unit_locations={"base": [[[1, 2]]]},
 ...                source_representations={graph.sorted_keys[0]: noise})               # doctest: +SKIP
 
-The shim (installed on import) fixes two pyvene 0.1.8 defects recorded in DESIGN.md:
+The shim (installed on import) fixes two pyvene 0.1.8 defects, each checked against plain hooks:
 every call wiped *all* forward hooks on the model, and a call with shorthand
 locations left ``use_fast`` on for later calls. pyvene's files are not edited.
 """

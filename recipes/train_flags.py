@@ -6,8 +6,8 @@ a synthetic flag belongs to, inside transformers' `LlavaForConditionalGeneration
 
 Training only ever asks for the country's *name*. Stage 1 regresses the image tokens onto the
 country word's input embedding ((1 - cos) + relative MSE; no LM forward); stage 2 adds the
-naming loss through the frozen LM for a few naming templates (the design DESIGN.md measured
-to work on this CPU). The evaluation then asks questions training never
+naming loss through the frozen LM for a few naming templates (plain naming loss alone converged
+too slowly on this CPU: 15% after 20 minutes). The evaluation then asks questions training never
 asked ("The capital of this country is"), whose answers must come from the LM's own knowledge,
 next to the LM's accuracy when the country is named in text.
 """

