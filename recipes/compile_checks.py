@@ -161,19 +161,11 @@ def check_diffusion_apply(spec) -> str:
     return f"{len(spec.deltas)} delta(s) fit {spec.model}"
 
 
-CHECKS = {
-    ("trace", "language"): check_grid, ("patch", "language"): check_grid, ("edit", "language"): check_edit,
-    ("steer", "language"): check_steer, ("apply", "language"): check_apply,
-    ("trace", "vision-language"): check_vlm_trace, ("edit", "vision-language"): check_vlm_edit,
-    ("trace", "text-to-image"): check_diffusion_trace, ("erase", "text-to-image"): check_erase,
-    ("apply", "text-to-image"): check_diffusion_apply,
-}
-
-
 def compile_check(spec) -> str:
     """One line saying what was checked; raises on the first problem."""
     from recipes.checks import check_spec_files
+    from recipes.runners import RUNNERS
 
     check_spec_files(spec)
-    return f"ok: {spec.kind} spec ({spec.modality}), {CHECKS[(spec.kind, spec.modality)](spec)}"
+    return f"ok: {spec.kind} spec ({spec.modality}), {RUNNERS[(spec.kind, spec.modality)].check(spec)}"
 

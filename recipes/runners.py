@@ -1,4 +1,4 @@
-"""What `lesion run` does with each kind of spec: one table of runners, keyed by (kind, modality).
+"""What `lesion run` (and `validate --compile`) does with each kind of spec: one table, keyed by (kind, modality).
 
 >>> sorted(RUNNERS)[:3]
 [('apply', 'language'), ('apply', 'text-to-image'), ('edit', 'language')]
@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 from interventions.errors import SpecError
+from recipes import compile_checks as checks
 
 
 @dataclass(frozen=True)
 class Runner:
     run: Callable[..., int]
+    check: Callable[..., str]             # `validate --compile`: the spec against its model (compile_checks)
     flags: frozenset[str] = frozenset()   # optional `lesion run` flags it takes
     writes: bool = True                   # needs --out
     distributed: bool = False             # may run under torchrun
@@ -207,16 +209,17 @@ def run_diffusion_apply(spec, args, out: Path | None) -> int:
 
 _GRID = frozenset({"device_map", "offload_folder", "memory", "max_batch_rows"})
 RUNNERS: dict[tuple[str, str], Runner] = {
-    ("trace", "language"): Runner(run_grid, _GRID, distributed=True),
-    ("patch", "language"): Runner(run_grid, _GRID, distributed=True),
-    ("edit", "language"): Runner(run_edit, frozenset({"checkpoint"})),
-    ("steer", "language"): Runner(run_steer),
-    ("apply", "language"): Runner(run_apply, writes=False),
-    ("trace", "vision-language"): Runner(run_vlm_trace),
-    ("edit", "vision-language"): Runner(run_vlm_edit, frozenset({"checkpoint"})),
-    ("trace", "text-to-image"): Runner(run_diffusion_trace),
-    ("erase", "text-to-image"): Runner(run_erase, frozenset({"checkpoint"})),
-    ("apply", "text-to-image"): Runner(run_diffusion_apply, frozenset({"out"}), writes=False),
+    ("trace", "language"): Runner(run_grid, checks.check_grid, _GRID, distributed=True),
+    ("patch", "language"): Runner(run_grid, checks.check_grid, _GRID, distributed=True),
+    ("edit", "language"): Runner(run_edit, checks.check_edit, frozenset({"checkpoint"})),
+    ("steer", "language"): Runner(run_steer, checks.check_steer),
+    ("apply", "language"): Runner(run_apply, checks.check_apply, writes=False),
+    ("trace", "vision-language"): Runner(run_vlm_trace, checks.check_vlm_trace),
+    ("edit", "vision-language"): Runner(run_vlm_edit, checks.check_vlm_edit, frozenset({"checkpoint"})),
+    ("trace", "text-to-image"): Runner(run_diffusion_trace, checks.check_diffusion_trace),
+    ("erase", "text-to-image"): Runner(run_erase, checks.check_erase, frozenset({"checkpoint"})),
+    ("apply", "text-to-image"): Runner(run_diffusion_apply, checks.check_diffusion_apply, frozenset({"out"}),
+                                       writes=False),
 }
 #: The optional flags of `lesion run`, as argparse names them, and how the user spells them.
 OPTIONAL_FLAGS = {"device_map": "--device-map", "offload_folder": "--offload-folder", "memory": "--memory",

@@ -231,7 +231,8 @@ def test_a_crash_mid_run_leaves_no_folder_and_keeps_an_earlier_result(scene, tmp
         raise KeyboardInterrupt
 
     key = ("trace", "language")
-    monkeypatch.setitem(runners.RUNNERS, key, runners.Runner(crashing, runners.RUNNERS[key].flags))
+    monkeypatch.setitem(runners.RUNNERS, key, runners.Runner(crashing, runners.RUNNERS[key].check,
+                                                             runners.RUNNERS[key].flags))
     assert main(["run", scene["spec"], "--out", scene["out"]]) == 130
     assert not Path(scene["out"]).exists() and not list(tmp_path.glob(".out*"))
     Path(scene["out"]).mkdir()
