@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 from pydantic import ValidationError
@@ -33,9 +34,10 @@ class Catalogue:
     kinds: tuple[str, ...]
     modality_of: Callable[[dict], Any]
 
-    @property
-    def tags(self) -> set[str]:
-        return {f"{kind}:{modality}" for kind, modality in self.classes}
+    @cached_property
+    def tags(self) -> frozenset[str]:
+        """The discriminator's tags, ``kind:modality``, one per spec class."""
+        return frozenset(f"{kind}:{modality}" for kind, modality in self.classes)
 
 
 def _loc(loc: tuple) -> str:
@@ -48,7 +50,7 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def _is_type_tag(part, tags: set[str]) -> bool:
+def _is_type_tag(part, tags: frozenset[str]) -> bool:
     """pydantic names the branches of a union (`int`, `literal['auto']`, `tuple[int, ...]`, `function-after[...]`)
     in an error's location; the user wrote no such field."""
     return isinstance(part, str) and (part in ("int", "float", "str", "bool", "none", "dict", "list") or (

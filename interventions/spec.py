@@ -617,7 +617,6 @@ SPEC_CLASSES = {
     ("apply", "text-to-image"): DiffusionApplySpec,
 }
 KINDS = ("trace", "patch", "edit", "steer", "apply", "erase")
-_TAGS = {f"{kind}:{modality}" for kind, modality in SPEC_CLASSES}
 
 
 def modality_of(data: dict) -> Any:
@@ -658,7 +657,7 @@ def parse_spec(data: Any):
         raise SpecError("spec", data, "a mapping with a `kind:` field")
     if "kind" not in data:
         raise SpecError("kind", None, one_of("", KINDS))
-    if _tag(data) not in _TAGS:
+    if _tag(data) not in _CATALOGUE.tags:
         raise SpecError.many([tag_problem(data, _CATALOGUE)])
     try:
         return _ADAPTER.validate_python(data)
