@@ -24,6 +24,9 @@ effect is value − corrupted probability), and `meta.method` says "attribution"
 Gradients are read with plain autograd hooks on the site table's modules, not through pyvene:
 pyvene's collected states are copies off the autograd path. The parameters' `requires_grad`
 flags are switched off for the pass (only activations get gradients) and restored after.
+Every run is fed its input embeddings (``inputs_embeds``: the embedding lookup, or a VLM prompt's
+embeddings with its image features merged in), so the noise and the path act on them directly and
+the `embed` site's state and gradient are theirs; language models and VLMs take the same path.
 
 `metric: kl` has no first-order term (the KL is at its minimum at the base run), so it is
 refused.
@@ -36,10 +39,8 @@ import contextlib
 import torch
 
 from .engine import eval_mode, input_device, keeps_logits
-from .plan import EMBED, Plan, compile_spec
-from .prompts import pad_token_id, right_pad
+from .plan import EMBED, Plan, compile_spec, is_trace
 from .result import Result
-from .spec import TraceSpec
 
 
 @contextlib.contextmanager
@@ -67,9 +68,9 @@ def _sites_needed(plan: Plan) -> list[tuple[str, int | None]]:
 
 
 @contextlib.contextmanager
-def _capture(plan: Plan, nodes, store: dict, *, grads: bool, embed_add=None):
-    """Keep each node's state (``[batch, T, d]``) in `store`; with `grads`, retain their gradients.
-    `embed_add(embeds)` may return the embeddings to use instead (noise corruption)."""
+def _capture(plan: Plan, nodes, store: dict, *, grads: bool):
+    """Keep each layer node's state (``[batch, T, d]``) in `store`; with `grads`, retain their gradients.
+    The `embed` node is the input embeddings themselves, which the caller stores."""
     handles = []
 
     def keep(node, t):
@@ -77,17 +78,6 @@ def _capture(plan: Plan, nodes, store: dict, *, grads: bool, embed_add=None):
             t.retain_grad()
         store[node] = t
 
-    embed_module = plan.table.module(plan.model, EMBED)
-
-    def on_embed(module, args, out):
-        out = embed_add(out) if embed_add is not None else out
-        if grads:
-            out = out.detach().requires_grad_()
-        if (EMBED, None) in nodes:
-            keep((EMBED, None), out)
-        return out
-
-    handles.append(embed_module.register_forward_hook(on_embed))
     for node in nodes:
         site, layer = node
         if site == EMBED:
@@ -105,6 +95,15 @@ def _capture(plan: Plan, nodes, store: dict, *, grads: bool, embed_add=None):
             h.remove()
 
 
+def _embeddings(plan: Plan, enc, device) -> torch.Tensor:
+    """``(1, T, d)`` input embeddings of one prompt: its own (a VLM's, image features merged in) or the
+    embedding lookup of its ids (GPT-2's positions and Gemma's scaling stay where the model adds them)."""
+    if enc.embeds is not None:
+        return enc.embeds[None].to(device)
+    embed = plan.table.module(plan.model, EMBED)
+    return embed(torch.tensor([enc.ids], device=device))
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """At least float32 (float64 models stay float64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -119,55 +118,46 @@ def _metric_tensor(metric: str, logits: torch.Tensor, target: int, counterfactua
     raise ValueError(f"`metric`: {metric!r} has no first-order attribution; use 'prob' or 'logit_diff'")
 
 
-def run_attribution(spec, model, tokenizer) -> Result:
+def run_attribution(spec, model, tokenizer, *, processor=None) -> Result:
     """Every grid of `spec` by attribution patching (see the module docstring)."""
     from .engine import _result
 
-    plan = compile_spec(spec, model, tokenizer)
+    plan = compile_spec(spec, model, tokenizer, processor=processor)
     nodes = _sites_needed(plan)
     device = input_device(model)
-    pad = pad_token_id(tokenizer)
-    is_trace = isinstance(spec, TraceSpec)
+    trace = is_trace(spec)
     acc = {name: torch.zeros(len(plan.prompts), len(g.layers), max(len(p.columns) for p in plan.prompts),
                              dtype=torch.float64) for name, g in plan.grids.items()}
     baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
     clean_probs, base_top1 = torch.zeros(len(plan.prompts), dtype=torch.float64), {}
     cells = _cells_by_prompt(plan)
-    steps, metric = spec.steps, "prob" if is_trace else spec.metric
-    embed_module = plan.table.module(model, EMBED)
+    steps, metric = spec.steps, "prob" if trace else spec.metric
     with eval_mode(model), _no_param_grads(model):
         for i, prompt in enumerate(plan.prompts):
             source = {}
             with torch.no_grad(), _capture(plan, nodes, source, grads=False):
-                logits = _final_logits(model, right_pad([prompt.source.ids], pad, device))[0]
+                source_embeds = _embeddings(plan, prompt.source, device)
+                source[(EMBED, None)] = source_embeds
+                logits = _final_logits(model, source_embeds)[0]
             if prompt.target_id is None:
                 prompt.target_id = int(logits.argmax())
             clean_probs[i] = float(_wide(logits).softmax(-1)[prompt.target_id])
             rows = plan.variants
-            noise = plan.noise[i].to(device) if plan.noise is not None else None
-            subject = list(prompt.base.subject)
-
-            def add_noise(embeds, noise=noise, subject=subject):
-                if noise is None:
-                    return embeds
-                embeds = embeds.clone()
-                embeds[:, subject] += noise.to(embeds.dtype)
-                return embeds
-
-            inputs = right_pad([prompt.base.ids] * rows, pad, device)
-            source_embeds = embed_module(right_pad([prompt.source.ids], pad, device)["input_ids"]).detach()
+            with torch.no_grad():
+                base_embeds = _embeddings(plan, prompt.base, device).expand(rows, -1, -1).clone()
+                if plan.noise is not None:
+                    base_embeds[:, list(prompt.base.subject)] += plan.noise[i].to(device, base_embeds.dtype)
             grads, states = {}, {}
             for j in range(steps):
                 alpha, run = j / steps, {}
-
-                def embed_add(embeds, alpha=alpha):     # the base run's embeddings, moved α towards the source's
-                    embeds = add_noise(embeds)
-                    return embeds if alpha == 0 else (1 - alpha) * embeds + alpha * source_embeds.to(embeds.dtype)
-
-                with torch.enable_grad(), _capture(plan, nodes, run, grads=True, embed_add=embed_add):
-                    logits = _final_logits(model, inputs)
+                # the base run's embeddings, moved α towards the source's
+                embeds = base_embeds if alpha == 0 else (1 - alpha) * base_embeds + alpha * source_embeds
+                embeds = embeds.detach().requires_grad_()
+                run[(EMBED, None)] = embeds
+                with torch.enable_grad(), _capture(plan, nodes, run, grads=True):
+                    logits = _final_logits(model, embeds)
                     if j == 0:
-                        if not is_trace and prompt.counterfactual_id is None:
+                        if not trace and prompt.counterfactual_id is None:
                             prompt.counterfactual_id = int(logits[0].argmax())
                         base_top1[i] = int(logits[0].argmax())
                     values = _metric_tensor(metric, logits, prompt.target_id, prompt.counterfactual_id)
@@ -190,11 +180,13 @@ def run_attribution(spec, model, tokenizer) -> Result:
     return result
 
 
-def _final_logits(model, inputs: dict) -> torch.Tensor:
-    """``Float[Tensor, "rows vocab"]`` at the last position (all rows have the same length),
+def _final_logits(model, embeds: torch.Tensor) -> torch.Tensor:
+    """``Float[Tensor, "rows vocab"]`` at the last position of `embeds` ``(rows, T, d)`` (no padding),
     computing the LM head there only when the model allows it."""
+    inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                     device=embeds.device)}
     if keeps_logits(model):
-        inputs = {**inputs, "logits_to_keep": 1}
+        inputs["logits_to_keep"] = 1
     return model(**inputs, use_cache=False).logits[:, -1]
 
 

@@ -26,11 +26,10 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .metrics import score
-from .plan import Chunk, Plan, compile_spec
-from .prompts import pad_token_id, right_pad
+from .plan import Chunk, Plan, compile_spec, is_trace
+from .prompts import model_inputs, pad_token_id
 from .result import Grid, Result
 from .distributed import all_sum, world
-from .spec import TraceSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +46,16 @@ def eval_mode(model: torch.nn.Module):
             m.training = mode
 
 
-def run(spec, model, tokenizer, *, max_batch_rows: int | None = None, progress: bool | None = None,
+def run(spec, model, tokenizer, *, processor=None, max_batch_rows: int | None = None, progress: bool | None = None,
         share_prefix: bool = True, skip_layers: bool = True, memory: int | None = None) -> Result:
-    """Compile and run `spec` on a model the caller already has (`method: attribution` included)."""
+    """Compile and run a trace or patch `spec` on a model the caller already has (`method: attribution`
+    included): a language model, or a VLM for vision-language specs (`processor`: its image processor)."""
     if getattr(spec, "method", "exact") == "attribution":
         from .attribution import run_attribution
 
-        return run_attribution(spec, model, tokenizer)
-    plan = compile_spec(spec, model, tokenizer, max_batch_rows=max_batch_rows, share_prefix=share_prefix,
-                        skip_layers=skip_layers, memory=memory)
+        return run_attribution(spec, model, tokenizer, processor=processor)
+    plan = compile_spec(spec, model, tokenizer, processor=processor, max_batch_rows=max_batch_rows,
+                        share_prefix=share_prefix, skip_layers=skip_layers, memory=memory)
     return run_plan(plan, progress=progress)
 
 
@@ -93,7 +93,7 @@ def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
                     for row, top1 in zip(chunk.rows, logits.argmax(-1).tolist()):
                         base_top1[row.prompt] = top1
                         prompt = plan.prompts[row.prompt]
-                        if prompt.counterfactual_id is None and not isinstance(plan.spec, TraceSpec):
+                        if prompt.counterfactual_id is None and not is_trace(plan.spec):
                             prompt.counterfactual_id = top1
                 prompts = [plan.prompts[r.prompt] for r in chunk.rows]
                 reference = (source_logprobs[torch.tensor([r.prompt - block[0] for r in chunk.rows])]
@@ -119,7 +119,7 @@ def _quiet(progress: bool | None, plan: Plan) -> bool:
 
 
 def _metric(plan: Plan) -> str:
-    return "prob" if isinstance(plan.spec, TraceSpec) else plan.spec.metric
+    return "prob" if is_trace(plan.spec) else plan.spec.metric
 
 
 def input_device(model) -> torch.device:
@@ -143,7 +143,7 @@ def _last_logits(model, inputs: dict, last: list[int], call):
     allows, and the model's output."""
     if keeps_logits(model):
         keep = sorted(set(last))
-        inputs = {**inputs, "logits_to_keep": torch.tensor(keep, device=inputs["input_ids"].device)}
+        inputs = {**inputs, "logits_to_keep": torch.tensor(keep, device=inputs["attention_mask"].device)}
         out = call(inputs)
         index = [keep.index(p) for p in last]
     else:
@@ -159,15 +159,15 @@ def clean_pass(plan: Plan, block: list[int]) -> tuple[dict, torch.Tensor]:
     ``Float[Tensor, "prompt vocab"]`` log-probs, both indexed from ``block[0]``.
     """
     device = input_device(plan.model)
-    seqs = [plan.prompts[i].source.ids for i in block]
+    seqs = [plan.prompts[i].source for i in block]
     width = max(len(s) for s in seqs)
     parts: dict = {node: [] for node in plan.collect_nodes}
     logprobs = []
     size = plan.clean_rows
     for start in range(0, len(seqs), size):
         batch = seqs[start:start + size]
-        inputs = right_pad(batch, pad_token_id(plan.tokenizer), device)
-        every = [list(range(inputs["input_ids"].shape[1]))] * len(batch)
+        inputs = model_inputs(batch, pad_token_id(plan.tokenizer), device)
+        every = [list(range(inputs["attention_mask"].shape[1]))] * len(batch)
         locations = {"base": [every] * len(plan.collect_nodes)}
         last = [len(s) - 1 for s in batch]
 
@@ -221,8 +221,9 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
     """
     graph = plan.graphs[chunk.graph]
     p = chunk.prefix
-    inputs = right_pad([plan.prompts[r.prompt].base.ids[p:] for r in chunk.rows], pad_token_id(plan.tokenizer),
-                        input_device(plan.model))
+    inputs = model_inputs([plan.prompts[r.prompt].base for r in chunk.rows], pad_token_id(plan.tokenizer),
+                          input_device(plan.model), start=p)
+    width = inputs["attention_mask"].shape[1]       # the positions this chunk computes
     keep_kv = chunk.baseline and plan.shares_prefix
     if p:
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"].new_ones(len(chunk.rows), p),
@@ -246,7 +247,6 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
         for b, r in enumerate(chunk.rows):
             kv.setdefault((r.prompt, r.variant), {})["layers"] = (outputs, b)
     else:
-        width = inputs["input_ids"].shape[1]
         stored = [kv[(r.prompt, r.variant)]["layers"] for r in chunk.rows] if chunk.start else []
         with _skip_layers(plan.layer_modules[:chunk.start], stored, p, width):
             logits, out = _last_logits(plan.model, inputs, last, call)
@@ -350,25 +350,29 @@ def _stack_kv(states: list[tuple[list, int]], prefix: int) -> DynamicCache:
 def _result(plan: Plan, acc: dict, baseline: torch.Tensor, clean_probs: torch.Tensor,
             base_top1: dict) -> Result:
     records = []
+    trace = is_trace(plan.spec)
     for i, p in enumerate(plan.prompts):
+        shown = p.source if trace else p.base       # a trace shows its clean prompt, a patch its base
         record = {
-            "prompt": p.base.text if not isinstance(plan.spec, TraceSpec) else p.source.text,
-            "tokens": list(p.base.tokens if not isinstance(plan.spec, TraceSpec) else p.source.tokens),
-            "subject_positions": list(p.base.subject if not isinstance(plan.spec, TraceSpec) else p.source.subject),
+            "prompt": shown.text,
+            "tokens": list(shown.tokens),
+            "subject_positions": list(shown.subject),
             "columns": [label for label, _ in p.columns],
+            "column_positions": [list(positions) for _, positions in p.columns],
             "answer": plan.tokenizer.decode([p.target_id]),
             "answer_id": p.target_id,
             "clean_prob": float(clean_probs[i]),
         }
-        if isinstance(plan.spec, TraceSpec):
+        if trace:
             record["corrupted_prob"] = float(baseline[i])
-            if plan.spec.corruption == "swap":
+            if plan.spec.corruption == "swap" and p.base.text != p.source.text:
                 record["corrupted_prompt"] = p.base.text
         else:
             record.update(source=p.source.text, base_metric=float(baseline[i]),
                           counterfactual_target=plan.tokenizer.decode([p.counterfactual_id]),
                           counterfactual_id=p.counterfactual_id,
                           base_top1=plan.tokenizer.decode([base_top1[i]]))
+        record.update(p.record)
         records.append(record)
     lengths = [len(p.columns) for p in plan.prompts]
     grids = {}

@@ -65,6 +65,11 @@ class Prompt:
     columns: list[tuple[str, tuple[int, ...]]]
     target_id: int | None = None
     counterfactual_id: int | None = None
+    identity: tuple = ()          # what the prompt's noise is keyed by (`conventions.noise_seed`)
+    record: dict = field(default_factory=dict)   # modality-specific entries of its result record
+
+    def __post_init__(self):
+        self.identity = self.identity or (self.source.text, self.source.subject)
 
 
 @dataclass(frozen=True)
@@ -190,25 +195,32 @@ def resolve_layers(spec, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
-def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
-                 *, max_batch_rows: int | None = None, share_prefix: bool = True,
-                 skip_layers: bool = True, memory: int | None = None) -> Plan:
-    """Compile `spec` for `model` into a `Plan`. Raises `SpecError` for inputs the model cannot take.
+def compile_spec(spec, model: torch.nn.Module, tokenizer, *, processor=None, max_batch_rows: int | None = None,
+                 share_prefix: bool = True, skip_layers: bool = True, memory: int | None = None) -> Plan:
+    """Compile a trace or patch spec (language or vision-language) for `model` into a `Plan`.
+    Raises `SpecError` for inputs the model cannot take.
 
     `share_prefix=False` recomputes every row from position 0, and `skip_layers=False`
     from layer 0 (same results, slower). `memory` (bytes) bounds what the run allocates
     beyond the weights: 35% for the states of the prompts in flight, 35% for one forward
     pass, the rest headroom. Chunks hold at most `max_batch_rows` rows either way.
+    `processor`: a VLM's image processor, for image files (None: raw pixels in [0, 1]).
     """
     table = site_table(model)
     num_layers = table.num_layers(model)
     layers = resolve_layers(spec, num_layers)
-    if isinstance(spec, TraceSpec):
+    if spec.modality == "vision-language":
+        from .vlm import vlm_prompts          # prepares pixels, image-token positions and the embeddings
+
+        prompts = vlm_prompts(spec, model, tokenizer, processor)
+    elif is_trace(spec):
         prompts = _trace_prompts(spec, tokenizer)
-        grid_sites = {name: TRACE_SITES[name] for name in spec.sites}
     else:
         prompts = _patch_prompts(spec, tokenizer)
-        grid_sites = {site: site for site in spec.sites}
+    grid_sites = {name: TRACE_SITES[name] for name in spec.sites} if is_trace(spec) else {s: s for s in spec.sites}
+    # prompts run as embeddings (a VLM's image features merged in) have no embedding lookup to corrupt:
+    # their noise is added where the embeddings enter the first layer, which is the same tensor
+    noise_at = (EMBED, None) if prompts[0].source.embeds is None else ("block_input", 0)
     for site in grid_sites.values():
         table.component(site, 0)   # unknown site for this family -> SpecError
     grids, cells = {}, {}
@@ -216,13 +228,13 @@ def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
         layered = table.is_layered(site)
         size = 1 if (name == "hidden" or not layered) else spec.window
         axis = layers if layered else (0,)
-        grids[name] = GridAxes(name, site, axis, "prob" if isinstance(spec, TraceSpec) else spec.metric)
+        grids[name] = GridAxes(name, site, axis, "prob" if is_trace(spec) else spec.metric)
         cells[name] = [Cell(name, site, pi, li, ci, window(layer, size, num_layers) if layered else (),
                             cols[1])
                        for pi, p in enumerate(prompts) for li, layer in enumerate(axis)
                        for ci, cols in enumerate(p.columns)]
     noise, sigma, variants = None, None, 1
-    if isinstance(spec, TraceSpec) and spec.corruption == "noise":
+    if is_trace(spec) and spec.corruption in ("noise", "text"):
         sigma = spec.sigma if spec.sigma is not None else subject_sigma(model, table, prompts)
         noise = [draw_noise(spec, p, sigma, _embed_dim(model, table)) for p in prompts]
         variants = spec.samples
@@ -230,7 +242,7 @@ def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
     for name, site in grid_sites.items():
         used = sorted({layer for c in cells[name] for layer in c.layers}) if table.is_layered(site) else [None]
         nodes[site] = ([("noise", None)] if noise is not None else []) + [(site, layer) for layer in used]
-        graphs[site] = build_graph(model, [_node(table, n) for n in nodes[site]])
+        graphs[site] = build_graph(model, [_node(table, n, noise_at) for n in nodes[site]])
     collect_nodes = [n for site in nodes for n in nodes[site] if n[0] != "noise"]
     collect_graph = build_graph(model, [(table.component(s, l), CollectStates()) for s, l in collect_nodes])
     size = max_batch_rows or spec.max_batch_rows
@@ -257,6 +269,10 @@ def compile_spec(spec: TraceSpec | PatchSpec, model: torch.nn.Module, tokenizer,
                 layer_modules=[table.module(model, "block_output", i) for i in range(num_layers)])
 
 
+def is_trace(spec) -> bool:
+    return spec.kind == "trace"
+
+
 def first_difference(prompt: Prompt, noised: bool) -> int:
     """The first position where the base run's input differs from the source run's.
 
@@ -265,14 +281,18 @@ def first_difference(prompt: Prompt, noised: bool) -> int:
     """
     if noised:
         return min(prompt.base.subject)
-    same = [a == b for a, b in zip(prompt.base.ids, prompt.source.ids)]
+    base, source = prompt.base, prompt.source
+    if base.embeds is not None:
+        same = (base.embeds == source.embeds).all(-1).tolist()
+    else:
+        same = [a == b for a, b in zip(base.ids, source.ids)]
     return same.index(False) if False in same else len(same)
 
 
-def _node(table: SiteTable, node):
+def _node(table: SiteTable, node, noise_at: tuple[str, int | None]):
     site, layer = node
     if site == "noise":
-        return table.component(EMBED), AddIntervention()
+        return table.component(*noise_at), AddIntervention()
     return table.component(site, layer), RestoreIntervention()
 
 
@@ -438,15 +458,18 @@ def _embed_dim(model, table: SiteTable) -> int:
 
 @torch.no_grad()
 def subject_sigma(model, table: SiteTable, prompts: list[Prompt]) -> float:
-    """The std of the subject tokens' embeddings over all prompts (ROME's noise unit)."""
+    """The std of the subject tokens' input embeddings over all prompts (ROME's noise unit). A VLM's
+    subject is its image tokens (their projected features) or the constraint's words."""
     embed = table.module(model, EMBED)
-    vecs = [embed(torch.tensor([p.source.ids], device=embed.weight.device))[0, list(p.source.subject)]
+    vecs = [(p.source.embeds if p.source.embeds is not None else
+             embed(torch.tensor([p.source.ids], device=embed.weight.device))[0])[list(p.source.subject)].cpu()
             for p in prompts]
     return float(torch.cat(vecs).float().std())
 
 
-def draw_noise(spec: TraceSpec, prompt: Prompt, sigma: float, dim: int) -> torch.Tensor:
-    """(samples, n_subject, d) Gaussian noise times ``noise * sigma``, reproducible from `seed`."""
-    gen = noise_generator(spec.seed, prompt.source.text, prompt.source.subject)
+def draw_noise(spec, prompt: Prompt, sigma: float, dim: int) -> torch.Tensor:
+    """(samples, n_subject, d) Gaussian noise times ``noise * sigma``, reproducible from `seed`
+    and the prompt's identity."""
+    gen = noise_generator(spec.seed, *prompt.identity)
     z = torch.randn(spec.samples, len(prompt.source.subject), dim, generator=gen)
     return z * (spec.noise * sigma)

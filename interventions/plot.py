@@ -134,29 +134,39 @@ def diffusion_trace_heatmap(result, path: str | Path, *, max_prompts: int = 6) -
     plt.close(fig)
 
 
-def vlm_rows(record: dict, values, block=None) -> tuple[list[str], object]:
-    """A VLM trace grid with its image tokens collapsed: ``(row labels, (rows, layers) array)``.
+def image_cell_columns(record: dict) -> tuple[list[int], int | None]:
+    """Of a VLM record's grid columns: those restoring one image token each (in image order), and the
+    aggregated image column (None when not traced)."""
+    img = record.get("image_positions") or []
+    singles = {pos[0]: c for c, pos in enumerate(record["column_positions"]) if len(pos) == 1 and pos[0] in img}
+    return [singles[p] for p in img if p in singles], record.get("image_column")
 
-    Rows: the tokens before the image, ``[image: all N]`` (`block`: every image token restored at
-    once, per layer, when the trace computed it), ``[image: mean of N]`` (the mean single-token effect, when computed), then
-    the text tokens; positions of the corrupted words end in ``*``."""
+
+def vlm_rows(record: dict, values) -> tuple[list[str], object]:
+    """A VLM grid ``(layers, columns)`` with its image tokens collapsed: ``(row labels, (rows, layers) array)``.
+
+    Rows: the tokens before the image, ``[image: all N]`` (the aggregated image column, when traced),
+    ``[image: mean of N]`` (the mean single-token effect, when traced), then the text tokens; positions
+    of the corrupted words end in ``*``."""
     import numpy as np
 
-    img = record["image_positions"]
-    first, last = img[0], img[-1]
+    img = record.get("image_positions") or []
+    cols = record["column_positions"]
+    singles, block = image_cell_columns(record)
     subject = set(record["subject_positions"]) - set(img)
-    label = lambda k: repr(record["columns"][k])[1:-1] + ("*" if k in subject else "")   # noqa: E731
-    labels = [label(k) for k in range(first)]
-    rows = [values[:, k] for k in range(first)]
+    text = [c for c, pos in enumerate(cols) if len(pos) == 1 and pos[0] not in img]
+    label = lambda c: repr(record["columns"][c])[1:-1] + ("*" if cols[c][0] in subject else "")   # noqa: E731
+    before = [c for c in text if img and cols[c][0] < img[0]]
+    labels, rows = [label(c) for c in before], [values[:, c] for c in before]
     if block is not None:
-        labels.append(f"[image: all {len(img)}]" + ("*" if record.get("corruption") != "text" else ""))
-        rows.append(np.asarray(block))
-    singles = values[:, img]
-    if not np.isnan(singles).all():
+        labels.append(f"[image: all {len(img)}]" + ("*" if record.get("corruption") in ("noise", "swap") else ""))
+        rows.append(values[:, block])
+    if singles:
         labels.append(f"[image: mean of {len(img)}]")
-        rows.append(singles.mean(axis=1))
-    labels += [label(k) for k in range(last + 1, values.shape[1])]
-    rows += [values[:, k] for k in range(last + 1, values.shape[1])]
+        rows.append(values[:, singles].mean(axis=1))
+    after = [c for c in text if c not in before]
+    labels += [label(c) for c in after]
+    rows += [values[:, c] for c in after]
     return labels, np.stack(rows)
 
 
@@ -182,47 +192,50 @@ def patch_overlay(ax, pixels, patch_values, title: str) -> None:
 
 
 def vlm_trace_heatmap(result, images: list, path: str | Path, *, max_prompts: int = 6) -> None:
-    """Per prompt: one panel per site (image tokens collapsed, see `vlm_rows`), then the per-patch
-    effect of the first site at the layer where its mean image-token effect peaks, over the image."""
+    """Per prompt of a VLM trace or patch: one panel per site (image tokens collapsed, see `vlm_rows`),
+    then the per-patch effect of the first site at the layer where its mean image-token effect peaks,
+    over the image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = list(result.grids)
     prompts = result.prompts[:max_prompts]
-    height = max(len(p["tokens"]) - len(p["image_positions"]) + 2 for p in prompts)
+    height = max(len(p["columns"]) - len(image_cell_columns(p)[0]) + 2 for p in prompts)
     fig, axes = plt.subplots(len(prompts), len(names) + 1, squeeze=False,
                              figsize=(3.6 * len(names) + 3.6, (0.28 * height + 1.6) * len(prompts)))
     for i, record in enumerate(prompts):
-        low = record["corrupted_prob"]
+        trace = "corrupted_prob" in record
+        low = record["corrupted_prob"] if trace else None
+        how = f"{record['corruption']}-corrupted" if trace else f"patched from {record['source_image']}"
         for j, name in enumerate(names):
             grid, ax = result.grids[name], axes[i][j]
             values = grid.values[i, :, :grid.lengths[i]].numpy()
-            labels, rows = vlm_rows(record, values, record.get("image_block", {}).get(name))
+            labels, rows = vlm_rows(record, values)
             im = ax.imshow(rows, aspect="auto", cmap=CMAPS.get(name, "viridis"), vmin=low, interpolation="nearest")
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
             step = max(1, len(grid.layers) // 10)
             ax.set_xticks(range(0, len(grid.layers), step), [str(x) for x in grid.layers[::step]], fontsize=7)
             ax.set_xlabel("layer" + (" (window centre)" if name in ("mlp", "attention") else ""), fontsize=8)
-            ax.set_title(f"{TITLES.get(name, name)}, {record['corruption']}-corrupted\n"
-                         f"{record['prompt'][:44]} → {record['answer']!r}", fontsize=8)
+            ax.set_title(f"{TITLES.get(name, name)}, {how}\n{record['prompt'][:44]} → {record['answer']!r}",
+                         fontsize=8)
             bar = fig.colorbar(im, ax=ax, fraction=0.05)
             bar.ax.tick_params(labelsize=7)
-            bar.set_label(f"p({record['answer'].strip()})", fontsize=7)
+            bar.set_label(f"p({record['answer'].strip()})" if grid.metric == "prob" else grid.metric, fontsize=7)
         ax, name = axes[i][-1], names[0]
         grid = result.grids[name]
-        singles = grid.values[i][:, record["image_positions"]].numpy()
-        side = int(round(len(record["image_positions"]) ** 0.5))
-        if np.isnan(singles).all() or side * side != singles.shape[1]:
+        singles, _ = image_cell_columns(record)
+        side = int(round(len(singles) ** 0.5))
+        if not singles or side * side != len(singles) or images[i] is None:
             ax.axis("off")
-            ax.text(0.5, 0.5, "no per-patch cells\n(image_cells: block)" if np.isnan(singles).all()
+            ax.text(0.5, 0.5, "no per-patch cells\n(image_cells: block, or no image)" if not singles
                     else "image tokens are not a square grid", ha="center", va="center", fontsize=8)
             continue
-        layer = int(singles.mean(axis=1).argmax())
-        patch_overlay(ax, images[i], singles[layer].reshape(side, side),
-                      f"{name}: per-patch p({record['answer'].strip()}), layer {grid.layers[layer]}")
+        cells = grid.values[i][:, singles].numpy()
+        layer = int(cells.mean(axis=1).argmax())
+        patch_overlay(ax, images[i], cells[layer].reshape(side, side),
+                      f"{name}: per-patch {grid.metric}, layer {grid.layers[layer]}")
     if len(result.prompts) > max_prompts:
         fig.suptitle(f"first {max_prompts} of {len(result.prompts)} prompts; all values are in result.json")
     fig.tight_layout()

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,12 +19,18 @@ from .errors import SpecError
 
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenized prompt: ids, decoded tokens, and the subject's token positions."""
+    """A tokenized prompt: ids, decoded tokens, and the subject's token positions.
+
+    `embeds` ``(len, d)``, when set, is what the model runs on instead of the ids: a VLM prompt's
+    input embeddings with its image's features in place of the image tokens (`interventions.vlm`).
+    The engine feeds them as ``inputs_embeds``; `ids` still name the tokens.
+    """
 
     text: str
     ids: tuple[int, ...]
     tokens: tuple[str, ...]
     subject: tuple[int, ...] = ()
+    embeds: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -91,6 +97,21 @@ def pad_token_id(tokenizer) -> int:
         if tok_id is not None:
             return int(tok_id)
     return 0
+
+
+def model_inputs(prompts: list[Encoded], pad_id: int, device=None, *, start: int = 0) -> dict:
+    """The model's keyword inputs for `prompts` from position `start` on, right-padded: ``input_ids``,
+    or ``inputs_embeds`` (padded with zeros) for prompts that carry embeddings, and ``attention_mask``."""
+    if prompts[0].embeds is None:
+        return right_pad([p.ids[start:] for p in prompts], pad_id, device)
+    width = max(len(p) for p in prompts) - start
+    first = prompts[0].embeds
+    embeds = first.new_zeros(len(prompts), width, first.shape[-1])
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        embeds[i, :len(p) - start] = p.embeds[start:]
+        mask[i, :len(p) - start] = 1
+    return {"inputs_embeds": embeds.to(device), "attention_mask": mask.to(device)}
 
 
 def right_pad(seqs, pad_id: int, device=None) -> dict:

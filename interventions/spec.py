@@ -128,15 +128,13 @@ def _check_names(values: tuple[str, ...], allowed: tuple[str, ...] | dict) -> tu
     return values
 
 
-class _Grid(_Language):
+class _GridCore(_Spec):
+    """What every trace and patch grid takes, whatever the model."""
+
     model: Name = Field(default=DEFAULT_MODEL, description=(
         "`smollm2-135m`, `gemma3-270m`, a local Hugging Face directory, or a hub id (online only)."))
     layers: Literal["all"] | tuple[Int, ...] = Field(
         default="all", description="`all`, or layer indices (negative counts from the end).")
-    positions: tuple[Position, ...] = Field(
-        default=("all",), min_length=1,
-        description="Columns of the grid: `all` expands to one column per token; `subject` restores "
-                    "all subject tokens together in one column.")
     window: Int = Field(default=1, ge=1)
     max_batch_rows: Int = Field(default=48, ge=1, description="Rows per forward pass (a memory bound).")
     method: Literal["exact", "attribution"] = Field(
@@ -150,6 +148,9 @@ class _Grid(_Language):
     def _steps_need_attribution(self):
         if self.steps > 1 and self.method != "attribution":
             raise ValueError(f"`steps: {self.steps}` is for `method: attribution` (exact patching has no gradient)")
+        if self.method == "attribution" and getattr(self, "metric", None) == "kl":
+            raise ValueError("`method: attribution` cannot estimate `metric: kl` (its gradient at the base run "
+                             "is zero); use 'prob' or 'logit_diff'")
         return self
 
     @field_validator("layers")
@@ -158,6 +159,13 @@ class _Grid(_Language):
         if v != "all" and len(v) == 0:
             raise ValueError("layers must be 'all' or a non-empty list of integers")
         return v
+
+
+class _Grid(_GridCore, _Language):
+    positions: tuple[Position, ...] = Field(
+        default=("all",), min_length=1,
+        description="Columns of the grid: `all` expands to one column per token; `subject` restores "
+                    "all subject tokens together in one column.")
 
 
 class TraceSpec(_Grid):
@@ -187,13 +195,6 @@ class PatchSpec(_Grid):
     prompts: tuple[PatchPrompt, ...] = Field(min_length=1)
     sites: tuple[str, ...] = _sites_field(("block_output",), SITE_NAMES)
     metric: Literal["prob", "logit_diff", "kl"] = "prob"
-
-    @model_validator(mode="after")
-    def _attribution_metric(self):
-        if self.method == "attribution" and self.metric == "kl":
-            raise ValueError("`method: attribution` cannot estimate `metric: kl` (its gradient at the base run "
-                             "is zero); use 'prob' or 'logit_diff'")
-        return self
 
     @field_validator("sites")
     @classmethod
@@ -504,36 +505,57 @@ class DiffusionApplySpec(_Images):
 
 
 class VLMTracePrompt(_Spec):
-    """One image and a question about it: the text follows the image tokens."""
+    """One image and a question about it: the text follows the image tokens. Without `image`, a text-only
+    prompt (tokenized as a language-model prompt is)."""
 
-    image: Text = Field(description="`flag:<Country>` (the testbed's synthetic flag) or an image file.")
+    image: Text | None = Field(default=None, description="`flag:<Country>` (the testbed's synthetic flag) or an "
+                               "image file; none: a text-only prompt.")
     prompt: Text = Field(description="The text after the image, e.g. ' The capital of this country is'.")
-    target: Text = Field(description="The answer word whose probability is traced.")
+    target: Text = Field(description="The answer whose probability is traced, tokenized as written (' Paris').")
     counterfactual_image: Name | None = Field(default=None, description="For `corruption: swap`.")
     constraint: Text | None = Field(default=None, description="For `corruption: text`: the words of `prompt` whose "
                                    "token embeddings get the noise (the question's constraint, e.g. 'capital').")
 
 
-class VLMTraceSpec(_VisionLanguage):
+class VLMPatchPrompt(_Spec):
+    """Image-to-image (and text-to-text) activation patching: states of the run on `source_image` with
+    `source` are patched into the run on `image` with `base`. The two must give as many tokens."""
+
+    image: Text = Field(description="The base run's image: `flag:<Country>` or an image file.")
+    base: Text = Field(description="The base run's text after the image.")
+    source_image: Text | None = Field(default=None, description="The source run's image (default: `image`).")
+    source: Text | None = Field(default=None, description="The source run's text (default: `base`).")
+    target: Text | None = Field(default=None, description="Token whose metric is read; default: the source's top-1.")
+    counterfactual_target: Text | None = Field(default=None, description="For `logit_diff`; default: the base's "
+                                               "top-1.")
+
+
+_IMAGE_CELLS = Field(
+    default="both", description="Restore each image token on its own (`each`: the per-patch heatmap), all "
+    "image tokens at once (`block`: the aggregated cell; cheap with 576 image tokens), or `both`. Text "
+    "positions are always one column each.")
+
+
+class _VLMGrid(_GridCore, _VisionLanguage):
+    model: Name = Field(default=VLM_MODEL, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
+    image_cells: Literal["each", "block", "both"] = _IMAGE_CELLS
+
+
+class VLMTraceSpec(_VLMGrid):
     """Causal tracing in a vision-language model: corrupt the image (noise on its tokens, or a
     counterfactual image) or the text constraint (noise on its token embeddings), and restore the
-    language model's states over image and text positions."""
+    language model's states over image and text positions. Runs on the same engine as `TraceSpec`."""
 
     kind: Literal["trace"] = "trace"
-    model: Name = Field(default=VLM_MODEL, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
     prompts: tuple[VLMTracePrompt, ...] = Field(min_length=1)
     corruption: Literal["noise", "swap", "text"] = "noise"
     noise: Float = Field(default=3.0, gt=0, description="In units of `sigma`.")
-    sigma: Float | None = Field(default=None, gt=0, description="Default: the std of the clean image tokens "
-                                "(`noise`) or of the constraint's token embeddings (`text`).")
-    image_cells: Literal["each", "block", "both"] = Field(
-        default="both", description="Restore each image token on its own (`each`: the per-patch heatmap), all "
-        "image tokens at once (`block`: the aggregated cell; cheap with 576 image tokens), or `both`.")
-    samples: Int = Field(default=10, ge=1)
+    sigma: Float | None = Field(default=None, gt=0, description="Default: the std, over all prompts, of the clean "
+                                "image tokens (`noise`) or of the constraint's token embeddings (`text`).")
+    samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
     seed: Int = 0
     sites: tuple[str, ...] = _sites_field(("hidden", "mlp", "attention"), TRACE_SITES)
-    window: Int = Field(default=10, ge=1)
-    max_batch_rows: Int = Field(default=48, ge=1)
+    window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
 
     @field_validator("sites")
     @classmethod
@@ -543,12 +565,35 @@ class VLMTraceSpec(_VisionLanguage):
     @model_validator(mode="after")
     def _corruption_inputs(self):
         for i, p in enumerate(self.prompts):
+            if self.corruption in ("noise", "swap") and p.image is None:
+                raise ValueError(f"`corruption: {self.corruption}` corrupts the image: `prompts[{i}]` needs an "
+                                 "`image` (or use `corruption: text`)")
             if self.corruption == "swap" and p.counterfactual_image is None:
                 raise ValueError(f"`corruption: swap` needs `prompts[{i}].counterfactual_image`")
             if self.corruption == "text" and (p.constraint is None or p.constraint not in p.prompt):
                 raise ValueError(f"`corruption: text` needs `prompts[{i}].constraint`: words of the prompt "
                                  f"{p.prompt!r}, got {p.constraint!r}")
         return self
+
+
+#: The sites a VLM patch may restore: the language model's, except the embedding lookup, which a VLM
+#: prompt's image tokens do not pass through (`block_input` at layer 0 is the embeddings it receives).
+VLM_PATCH_SITES = tuple(s for s in SITE_NAMES if s != "embed")
+
+
+class VLMPatchSpec(_VLMGrid):
+    """Activation patching in a vision-language model: copy states of the source run (another image,
+    or another question) into the base run, one cell at a time. Runs on the same engine as `PatchSpec`."""
+
+    kind: Literal["patch"] = "patch"
+    prompts: tuple[VLMPatchPrompt, ...] = Field(min_length=1)
+    sites: tuple[str, ...] = _sites_field(("block_output",), VLM_PATCH_SITES)
+    metric: Literal["prob", "logit_diff", "kl"] = "prob"
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v):
+        return _check_names(v, VLM_PATCH_SITES)
 
 
 class VLMLocateSpec(_Spec):
@@ -612,7 +657,8 @@ class VLMEditSpec(_VisionLanguage):
 SPEC_CLASSES = {
     ("trace", "language"): TraceSpec, ("patch", "language"): PatchSpec, ("edit", "language"): EditSpec,
     ("steer", "language"): SteerSpec, ("apply", "language"): ApplySpec,
-    ("trace", "vision-language"): VLMTraceSpec, ("edit", "vision-language"): VLMEditSpec,
+    ("trace", "vision-language"): VLMTraceSpec, ("patch", "vision-language"): VLMPatchSpec,
+    ("edit", "vision-language"): VLMEditSpec,
     ("trace", "text-to-image"): DiffusionTraceSpec, ("erase", "text-to-image"): EraseSpec,
     ("apply", "text-to-image"): DiffusionApplySpec,
 }
@@ -644,7 +690,7 @@ Spec = Annotated[Union[tuple(Annotated[cls, Tag(f"{k}:{m}")] for (k, m), cls in 
 _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 #: Every field name of every spec class, for "did you mean" on an unknown field.
 _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
-                                   SteerPair, EraseConcept, VLMTracePrompt, VLMLocateSpec)
+                                   SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec)
                   for name in cls.model_fields})
 
 

@@ -153,13 +153,17 @@ def is_vlm_model(name: str) -> bool:
     return "llava" in name.lower()
 
 
-def load_vlm(name: str, *, device: str | torch.device = "cpu"):
-    """``(vlm, tokenizer, image_processor or None)`` for the testbed or a local LLaVA folder."""
+def load_vlm(name: str, *, device: str | torch.device = "cpu", device_map: str | dict | None = None,
+             offload_folder: str | Path | None = None):
+    """``(vlm, tokenizer, image_processor or None)`` for the testbed or a local LLaVA folder.
+
+    `device_map` spreads the model over devices through accelerate, as `models.load_model` does
+    (a local folder loads straight into place; the testbed, assembled in memory, is dispatched)."""
     from .errors import ModelNotAvailable
 
     if name == VLM_TESTBED:
-        vlm, tokenizer, _ = load_vlm_testbed(device=device)
-        return vlm, tokenizer, None
+        vlm, tokenizer, _ = load_vlm_testbed(device="cpu" if device_map is not None else device)
+        return (vlm if device_map is None else _dispatch(vlm, device_map, offload_folder)), tokenizer, None
     path = local_folder(name)
     if path is None:
         raise ModelNotAvailable(f"`model`: got {short(name)}; expected {VLM_TESTBED!r} or a local LLaVA folder "
@@ -167,7 +171,9 @@ def load_vlm(name: str, *, device: str | torch.device = "cpu"):
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     try:
-        vlm = LlavaForConditionalGeneration.from_pretrained(path).to(device).eval()
+        placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+        vlm = LlavaForConditionalGeneration.from_pretrained(path, **placement)
+        vlm = (vlm if device_map is not None else vlm.to(device)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
         raise ModelNotAvailable(f"`model`: {short(name)} is not a LLaVA folder that loads "
@@ -177,6 +183,17 @@ def load_vlm(name: str, *, device: str | torch.device = "cpu"):
     except (OSError, ValueError):
         processor = None           # a folder without a processor config: raw [0, 1] pixels (as the testbed)
     return vlm, tokenizer, processor
+
+
+def _dispatch(vlm, device_map: str | dict, offload_folder):
+    """Spread an in-memory VLM over devices as `from_pretrained(device_map=...)` would."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(vlm, no_split_module_classes=vlm._no_split_modules)
+    vlm = dispatch_model(vlm, device_map=device_map, offload_dir=str(offload_folder) if offload_folder else None)
+    vlm.hf_device_map = device_map
+    return vlm.eval()
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -197,9 +214,10 @@ def load_image(ref: str, vlm, processor=None, *, field: str = "image") -> torch.
             raise SpecError(field, ref, "flag:" + one_of(country, names).replace("one of ", "<one of ") + ">[@<seed>]")
         if seed and not seed.isdigit():
             raise SpecError(field, ref, f"flag:{country}@<seed>, the seed a non-negative integer")
-        if seed:
-            return render([names.index(country)], torch.Generator().manual_seed(int(seed)))[0]
-        return render([names.index(country)], torch.Generator().manual_seed(0), jitter=False)[0]
+        drawn = render([names.index(country)], torch.Generator().manual_seed(int(seed or 0)), jitter=bool(seed))
+        if drawn.shape[-1] != size:      # the flags are drawn at the testbed's size; another model's, scaled
+            drawn = torch.nn.functional.interpolate(drawn, size=(size, size), mode="nearest")
+        return drawn[0]
     path = Path(ref).expanduser()
     if not path.is_file():
         raise SpecError(field, ref, "`flag:<Country>[@<seed>]` or an existing image file")
@@ -228,3 +246,134 @@ def load_images(ref: str, vlm, processor=None, *, field: str = "images") -> list
             raise SpecError(field, ref, f"a folder holding image files ({', '.join(IMAGE_SUFFIXES)})")
         return [load_image(str(f), vlm, processor, field=field) for f in files]
     return [load_image(ref, vlm, processor, field=field)]
+
+
+class _Merged(Exception):
+    """Carries the language model's input embeddings out of a VLM forward that need not go further."""
+
+    def __init__(self, embeds: torch.Tensor):
+        self.embeds = embeds
+
+
+@torch.no_grad()
+def merged_embeddings(vlm, ids: list[int], pixels: torch.Tensor | None) -> torch.Tensor:
+    """``(len(ids), d)``: the input embeddings the language model receives for `ids` and `pixels`
+    ``(3, H, W)``: the text embeddings with the projected image features in place of the image
+    tokens, merged by the model's own code (read where they enter the language model; nothing after
+    that is computed). `pixels` None: a text-only prompt, its plain embeddings."""
+    from .engine import input_device
+
+    dev = input_device(vlm)
+    ids_t = torch.tensor([ids], device=dev)
+    if pixels is None:
+        return vlm.get_input_embeddings()(ids_t)[0]
+
+    def stop(module, args, kwargs):
+        raise _Merged(kwargs["inputs_embeds"])
+
+    handle = vlm.model.language_model.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        vlm.model(input_ids=ids_t, pixel_values=pixels[None].to(dev, vlm.get_input_embeddings().weight.dtype))
+    except _Merged as merged:
+        return merged.embeds[0]
+    finally:
+        handle.remove()
+    raise RuntimeError("the VLM never called its language model")
+
+
+def image_columns(tokens: tuple[str, ...], image: list[int], cells: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Grid columns over a VLM prompt: one per text token, and for the image tokens one each (`each`),
+    one aggregated column of all of them right after them (`block`), or both."""
+    out = []
+    for p, token in enumerate(tokens):
+        if p not in image or cells != "block":
+            out.append((token if p not in image else f"{IMAGE_TOKEN}{image.index(p)}", (p,)))
+        if image and p == image[-1] and cells != "each":
+            out.append((f"{IMAGE_TOKEN}×{len(image)}", tuple(image)))
+    return out
+
+
+def _pixels_identity(pixels: torch.Tensor) -> bytes:
+    """The sha256 of an image's pixels (what its noise is keyed by, with the prompt's text)."""
+    import hashlib
+
+    return hashlib.sha256(pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
+
+
+def _encoded(vlm, tokenizer, text: str, pixels, *, field: str, subject: str | None = None):
+    """A VLM prompt as the engine runs it: ids (``[lead] <image>×n text``), tokens and merged embeddings.
+    A text-only prompt is tokenized exactly as a language-model prompt (`prompts.encode`)."""
+    from dataclasses import replace
+
+    from .prompts import Encoded, encode
+
+    if pixels is None:
+        enc = encode(tokenizer, text, subject=subject, field=field)
+    else:
+        ids = tuple(image_prompt(tokenizer, vlm, text))
+        enc = Encoded(text, ids, tuple(tokenizer.decode([i]) for i in ids))
+    return replace(enc, embeds=merged_embeddings(vlm, list(enc.ids), pixels))
+
+
+def _constraint(tokenizer, vlm, enc, text: str, constraint: str, pixels, field: str) -> tuple[int, ...]:
+    """Positions in `enc` of the tokens of `text` that overlap the words `constraint`."""
+    if pixels is None:       # tokenized by `encode`, which located the constraint as the subject
+        return enc.subject
+    if not constraint or constraint not in text:
+        raise SpecError(field, constraint, f"words of the prompt {text!r}")
+    start = text.index(constraint)
+    end = start + len(constraint)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    lead = len(enc) - len(offsets)
+    return tuple(lead + i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start)
+
+
+def vlm_prompts(spec, vlm, tokenizer, processor=None) -> list:
+    """The engine's prompts (`interventions.plan.Prompt`) for a vision-language trace or patch spec:
+    images loaded, image-token positions found, embeddings merged; the corruption's positions are the
+    subject (image tokens for `noise`, the constraint's tokens for `text`)."""
+    from dataclasses import replace
+
+    from .conventions import answer_id
+    from .plan import Prompt
+    from .prompts import check_aligned
+
+    def image(ref, field):
+        return None if ref is None else load_image(ref, vlm, processor, field=field)
+
+    out = []
+    for i, p in enumerate(spec.prompts):
+        where = f"prompts[{i}]"
+        pixels = image(p.image, f"{where}.image")
+        if spec.kind == "trace":
+            constraint = p.constraint if spec.corruption == "text" else None
+            source = _encoded(vlm, tokenizer, p.prompt, pixels, field=where, subject=constraint)
+            img = image_positions(list(source.ids), vlm)
+            subject = (_constraint(tokenizer, vlm, source, p.prompt, constraint, pixels, f"{where}.constraint")
+                       if spec.corruption == "text" else tuple(img))
+            source = replace(source, subject=subject)
+            base = source
+            if spec.corruption == "swap":
+                other = image(p.counterfactual_image, f"{where}.counterfactual_image")
+                base = replace(source, embeds=merged_embeddings(vlm, list(source.ids), other))
+            record = {"label": p.image or "", "target": p.target, "corruption": spec.corruption,
+                      "image_positions": img, "counterfactual_image": p.counterfactual_image}
+            target, counterfactual = answer_id(tokenizer, p.target, field=f"{where}.target"), None
+            # a text-only prompt is keyed as a language-model prompt is: the same prompt, the same noise
+            identity = (p.prompt, subject) + ((_pixels_identity(pixels),) if pixels is not None else ())
+        else:
+            base = _encoded(vlm, tokenizer, p.base, pixels, field=where)
+            source_pixels = image(p.source_image, f"{where}.source_image") if p.source_image else pixels
+            source = _encoded(vlm, tokenizer, p.source if p.source is not None else p.base, source_pixels, field=where)
+            check_aligned(base, source, f"{where}.source")
+            img = image_positions(list(base.ids), vlm)
+            record = {"label": p.image, "source_image": p.source_image or p.image, "image_positions": img}
+            target = None if p.target is None else answer_id(tokenizer, p.target, field=f"{where}.target")
+            counterfactual = None if p.counterfactual_target is None else answer_id(
+                tokenizer, p.counterfactual_target, field=f"{where}.counterfactual_target")
+            identity = ()
+        columns = image_columns(base.tokens, img, spec.image_cells)
+        record["image_column"] = next((c for c, (_, pos) in enumerate(columns) if len(pos) > 1), None)
+        out.append(Prompt(base, source, columns, target_id=target, counterfactual_id=counterfactual,
+                          identity=identity, record=record))
+    return out

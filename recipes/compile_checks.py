@@ -4,13 +4,14 @@
     ok: edit spec, 1 request(s), rome at layer 12 of 30 in smollm2-135m
 
 What is checked, by kind:
-- trace / patch (language models): the whole plan compiles (sites, layers, positions, target tokens);
+- trace / patch (language models and VLMs): the whole plan compiles (sites, layers, positions, target
+  tokens; a VLM's images load and pass its vision tower);
 - edit: the layer(s) exist, each request's prompt takes its subject, each answer tokenizes, the
   corpus files exist (as every file a spec names: `recipes.checks.check_spec_files`);
 - steer: the layers exist, the prompts and the lexicon tokenize;
 - apply: each delta loads, passes its integrity checks and fits this base model (the weights are
   read, never written); the steering vector fits the model;
-- VLM trace / edit: the images load, the layer exists, the answers tokenize;
+- VLM edit: the images load, the layer exists, the answers tokenize;
 - text-to-image trace / erase / apply: the text-encoder layers exist, the concepts are in the
   tokenizer's vocabulary, the deltas fit the pipeline.
 
@@ -43,10 +44,17 @@ def _check_tokens(tokenizer, field: str, text: str) -> None:
 
 
 def check_grid(spec) -> str:
+    """Trace / patch, on a language model or a VLM: the whole plan compiles. For a VLM that loads its
+    images and runs its vision tower (the image features are part of the prompts' embeddings)."""
     from interventions import compile_spec, load_model
 
-    model, tokenizer = load_model(spec.model)
-    plan = compile_spec(spec, model, tokenizer)
+    if spec.modality == "vision-language":
+        from interventions.vlm import load_vlm
+
+        model, tokenizer, processor = load_vlm(spec.model)
+    else:
+        (model, tokenizer), processor = load_model(spec.model), None
+    plan = compile_spec(spec, model, tokenizer, processor=processor)
     return (f"{len(spec.prompts)} prompt(s), compiles to {len(plan.graphs)} graph(s) and {plan.num_rows} rows in "
             f"{len(plan.chunks)} chunk(s)")
 
@@ -95,18 +103,6 @@ def check_apply(spec) -> str:
     if spec.steer is not None:
         check_vector(model, load_vector(spec.steer))
     return f"{len(spec.deltas)} delta(s) fit {spec.model}" + (", and the steering vector" if spec.steer else "")
-
-
-def check_vlm_trace(spec) -> str:
-    from interventions.vlm import load_image, load_vlm
-
-    vlm, tokenizer, processor = load_vlm(spec.model)
-    for i, p in enumerate(spec.prompts):
-        load_image(p.image, vlm, processor, field=f"prompts[{i}].image")
-        if p.counterfactual_image is not None:
-            load_image(p.counterfactual_image, vlm, processor, field=f"prompts[{i}].counterfactual_image")
-        _check_tokens(tokenizer, f"prompts[{i}].target", p.target)
-    return f"{len(spec.prompts)} image prompt(s) on {spec.model}"
 
 
 def check_vlm_edit(spec) -> str:

@@ -32,7 +32,7 @@ class Runner:
 
 
 def run_grid(spec, args, out: Path | None) -> int:
-    """`kind: trace` / `kind: patch` on a language model: the batched engine."""
+    """`kind: trace` / `kind: patch` on a language model or a VLM: the one batched engine."""
     from interventions import load_model, run
     from interventions.distributed import local_device, world
     from interventions.memory import PeakMemory
@@ -41,22 +41,36 @@ def run_grid(spec, args, out: Path | None) -> int:
     from recipes.checks import parse_device_map
 
     memory = parse_bytes(args.memory, "--memory") if args.memory else None
-    model, tokenizer = load_model(spec.model, device=local_device(args.device),
-                                  device_map=parse_device_map(args.device_map), offload_folder=args.offload_folder)
+    placement = dict(device=local_device(args.device), device_map=parse_device_map(args.device_map),
+                     offload_folder=args.offload_folder)
+    vision = spec.modality == "vision-language"
+    if vision:
+        from interventions.vlm import load_vlm
+
+        model, tokenizer, processor = load_vlm(spec.model, **placement)
+    else:
+        (model, tokenizer), processor = load_model(spec.model, **placement), None
     start = time.perf_counter()
     with PeakMemory(input_device(model), model=model) as peak:
-        result = run(spec, model, tokenizer, max_batch_rows=args.max_batch_rows, progress=not args.quiet,
-                     memory=memory)
+        result = run(spec, model, tokenizer, processor=processor, max_batch_rows=args.max_batch_rows,
+                     progress=not args.quiet, memory=memory)
     seconds = time.perf_counter() - start
-    result.meta.update(memory_peak_bytes=peak.bytes, memory_peak_measured_by=peak.method)
+    result.meta.update(memory_peak_bytes=peak.bytes, memory_peak_measured_by=peak.method, seconds=round(seconds, 1))
     if world()[0] != 0:
         return 0
-    written = result.save(out)
+    written = result.save(out, heatmap=not vision)
+    if vision:
+        from interventions.plot import vlm_trace_heatmap
+        from recipes.vlm import images_of
+
+        vlm_trace_heatmap(result, images_of(result, model, processor), out / "heatmap.png")
+        written.append("heatmap.png")
     budget = f" (budget {human(memory)})" if memory else ""
     print(f"{spec.kind} of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['rows']} rows "
           f"in {seconds:.1f} s; peak memory beyond the weights {human(peak.bytes)}{budget}")
     for p in result.prompts:
-        line = f"  {p['prompt']!r} -> {p['answer']!r}: clean p={p['clean_prob']:.3f}"
+        label = f"{p['label']} + " if p.get("label") else ""
+        line = f"  {label}{p['prompt']!r} -> {p['answer']!r}: clean p={p['clean_prob']:.3f}"
         if "corrupted_prob" in p:
             line += f", corrupted p={p['corrupted_prob']:.3f}"
         if "base_metric" in p:
@@ -118,19 +132,6 @@ def run_steer(spec, args, out: Path) -> int:
                                f"rises up to coefficient {top:g}, then falls" if top is not None else
                                "does not rise from the first coefficient"))
     print(f"wrote vector.safetensors, generations.jsonl, results.json, table.md, steer.png to {args.out}")
-    return 0
-
-
-def run_vlm_trace(spec, args, out: Path) -> int:
-    """`kind: trace` on a LLaVA model (recipes/vlm.py)."""
-    from recipes.vlm import run_trace
-
-    result, seconds = run_trace(spec, out, device=args.device)
-    print(f"trace of {len(result.prompts)} image prompt(s) on {spec.model} in {seconds:.1f} s")
-    for p in result.prompts:
-        print(f"  {p['label']} +{p['prompt']!r} -> {p['answer']!r}: clean p={p['clean_prob']:.3f}, "
-              f"corrupted p={p['corrupted_prob']:.3f}")
-    print(f"wrote result.json, result.safetensors, spec.yaml, heatmap.png to {args.out}")
     return 0
 
 
@@ -214,7 +215,8 @@ RUNNERS: dict[tuple[str, str], Runner] = {
     ("edit", "language"): Runner(run_edit, checks.check_edit, frozenset({"checkpoint"})),
     ("steer", "language"): Runner(run_steer, checks.check_steer),
     ("apply", "language"): Runner(run_apply, checks.check_apply, writes=False),
-    ("trace", "vision-language"): Runner(run_vlm_trace, checks.check_vlm_trace),
+    ("trace", "vision-language"): Runner(run_grid, checks.check_grid, _GRID, distributed=True),
+    ("patch", "vision-language"): Runner(run_grid, checks.check_grid, _GRID, distributed=True),
     ("edit", "vision-language"): Runner(run_vlm_edit, checks.check_vlm_edit, frozenset({"checkpoint"})),
     ("trace", "text-to-image"): Runner(run_diffusion_trace, checks.check_diffusion_trace),
     ("erase", "text-to-image"): Runner(run_erase, checks.check_erase, frozenset({"checkpoint"})),

@@ -6,8 +6,11 @@ For each country, on the VLM testbed (SmolLM2-135M inside LLaVA, the trained fla
 
 - image: "<flag> This is the flag of a country whose capital is" -> capital; the image tokens are
   corrupted with 3σ noise and each (layer, position) state of the LM is restored in turn;
-- text: "The capital of <country> is" -> capital, with the LM's own trace (noise on the country's
-  token embedding), on the same language-model weights.
+- text: "The capital of <country> is" -> capital, noise on the country's token embeddings, on the
+  same language-model weights.
+
+Both are traces on the one engine (`interventions.run`), with its conventions: the same window rule
+(ROME's, clipped at the edges), noise keyed by the prompt, the target as written (" Paris").
 
 Writes ``results.json`` (every grid, the per-layer summaries) and ``compare.png``: the hidden-state
 heatmaps side by side, the MLP and attention effects at the subject (image tokens / country token)
@@ -26,18 +29,27 @@ from interventions.atomic import atomic_write
 from interventions.flags import COUNTRIES, render
 from interventions.plot import patch_overlay
 from interventions.vlm import load_vlm_testbed
-from interventions.vlm_trace import VLMCase, vlm_trace
 
 QUESTION = " This is the flag of a country whose capital is"
 SITES = ("hidden", "mlp", "attention")
 
 
 def text_trace(vlm, tokenizer, country: str, capital: str, samples: int, seed: int):
-    """The LM engine's trace of "The capital of <country> is" on the VLM's language model (text only)."""
+    """The trace of "The capital of <country> is" on the VLM's language model (text only)."""
     from interventions import parse_spec, run
 
     spec = parse_spec({"kind": "trace", "prompts": [{"prompt": f"The capital of {country} is", "subject": country,
                                                      "target": " " + capital}], "samples": samples, "seed": seed})
+    return run(spec, vlm, tokenizer, progress=False)
+
+
+def image_trace(vlm, tokenizer, image: str, capital: str, samples: int, seed: int):
+    """The trace of "<flag> This is the flag of a country whose capital is" with noise on the image tokens,
+    every image token its own column (so columns are positions)."""
+    from interventions import parse_spec, run
+
+    spec = parse_spec({"kind": "trace", "model": "llava-flags-smollm2", "image_cells": "each", "samples": samples,
+                       "seed": seed, "prompts": [{"image": image, "prompt": QUESTION, "target": " " + capital}]})
     return run(spec, vlm, tokenizer, progress=False)
 
 
@@ -64,10 +76,9 @@ def main(args) -> int:
     for country in args.countries:
         i = names.index(country)
         capital = COUNTRIES[i][1]
-        pixels = render([i], torch.Generator().manual_seed(args.seed + i))[0]
-        grids, records = vlm_trace(vlm, tokenizer, [VLMCase(pixels, QUESTION, " " + capital, label=country)],
-                                   sites=SITES, samples=args.samples, seed=args.seed)
-        rec = records[0]
+        pixels = render([i], torch.Generator().manual_seed(args.seed + i))[0]     # = flag:<country>@<seed + i>
+        image = image_trace(vlm, tokenizer, f"flag:{country}@{args.seed + i}", capital, args.samples, args.seed)
+        grids, rec = image.grids, image.prompts[0]
         text = text_trace(vlm, tokenizer, country, capital, args.samples, args.seed)
         trec = text.prompts[0]
         entry = {"capital": capital, "image": {"clean": rec["clean_prob"], "corrupted": rec["corrupted_prob"],

@@ -21,32 +21,22 @@ from interventions.plot import vlm_trace_heatmap
 from interventions.result import Result
 from interventions.spec import VLMTracePrompt, VLMTraceSpec
 from interventions.vlm import load_image, load_vlm
-from interventions.vlm_trace import VLMCase, vlm_trace
 
 
-def traced(spec, vlm, tokenizer, processor=None) -> tuple[Result, list[VLMCase]]:
-    """Run a `VLMTraceSpec` on a loaded VLM: its images loaded, ``(Result, the cases traced)``."""
-    cases = []
-    for i, p in enumerate(spec.prompts):
-        pixels = load_image(p.image, vlm, processor, field=f"prompts[{i}].image")
-        other = None if p.counterfactual_image is None else load_image(
-            p.counterfactual_image, vlm, processor, field=f"prompts[{i}].counterfactual_image")
-        cases.append(VLMCase(pixels, p.prompt, p.target, counterfactual=other, label=p.image, constraint=p.constraint))
+def traced(spec, vlm, tokenizer, processor=None, **options) -> Result:
+    """Run a vision-language trace or patch spec on a loaded VLM with the engine every grid runs on
+    (`interventions.run`); `options` as `run` takes them (memory, max_batch_rows, progress)."""
+    from interventions import run
+
     start = time.perf_counter()
-    grids, records = vlm_trace(vlm, tokenizer, cases, sites=spec.sites, corruption=spec.corruption,
-                               noise=spec.noise, samples=spec.samples, seed=spec.seed, window=spec.window,
-                               max_batch_rows=spec.max_batch_rows, sigma=spec.sigma,
-                               image_cells=spec.image_cells)
-    seconds = time.perf_counter() - start
-    return Result("trace", spec.model, spec, records, grids, {"seconds": round(seconds, 1)}), cases
+    result = run(spec, vlm, tokenizer, processor=processor, **options)
+    result.meta["seconds"] = round(time.perf_counter() - start, 1)
+    return result
 
 
-def run_trace(spec, out: Path, *, device: str = "cpu") -> tuple[Result, float]:
-    vlm, tokenizer, processor = load_vlm(spec.model, device=device)
-    result, cases = traced(spec, vlm, tokenizer, processor)
-    result.save(out, heatmap=False)
-    vlm_trace_heatmap(result, [c.pixels for c in cases], Path(out) / "heatmap.png")
-    return result, result.meta["seconds"]
+def images_of(result: Result, vlm, processor=None) -> list[torch.Tensor | None]:
+    """The base image of each prompt of a VLM result, for its heatmap (None: a text-only prompt)."""
+    return [load_image(p["label"], vlm, processor) if p.get("label") else None for p in result.prompts]
 
 
 def run_apply(model: str, delta_paths: list[str], image: str, prompts: list[str], *, max_new_tokens: int = 8,
@@ -83,8 +73,9 @@ def locate_layer(spec, vlm, tokenizer, processor=None) -> tuple[int, Result]:
                               seed=how.seed, sites=("mlp",), window=how.window, image_cells="block",
                               prompts=tuple(VLMTracePrompt(image=spec.image, prompt=q, target=spec.target_true)
                                             for q in spec.questions))
-    result, _ = traced(trace_spec, vlm, tokenizer, processor)
-    effect = torch.tensor([r["image_block"]["mlp"] for r in result.prompts]).mean(0)
+    result = traced(trace_spec, vlm, tokenizer, processor)
+    grid = result.grids["mlp"].values
+    effect = torch.stack([grid[i, :, r["image_column"]] for i, r in enumerate(result.prompts)]).mean(0)
     result.meta["effect"] = effect.tolist()
     return int(effect.argmax()), result
 

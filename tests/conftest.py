@@ -85,3 +85,21 @@ def tiny_folder(tmp_path, tokenizer, monkeypatch):
     make_model("llama", len(tokenizer)).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     return tmp_path
+
+
+@pytest.fixture()
+def float64_norms(monkeypatch):
+    """Llama's and Gemma 3's RMSNorm compute in float32 whatever the input; finite differences in
+    float64 need the whole model in float64, so the norms are replaced by the same formula in the
+    input's dtype for these tests."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def llama(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def gemma(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", llama)
+    monkeypatch.setattr(Gemma3RMSNorm, "forward", gemma)

@@ -31,6 +31,8 @@ SEEDS = {
     "apply": {"kind": "apply", "deltas": ["delta.safetensors"], "prompts": ["The Eiffel Tower is in"]},
     "trace-vlm": {"kind": "trace", "prompts": [{"image": "flag:France", "prompt": " The capital of this country is",
                                                 "target": " Paris"}]},
+    "patch-vlm": {"kind": "patch", "prompts": [{"image": "flag:France", "base": " The capital is",
+                                                "source_image": "flag:Italy"}]},
     "edit-vlm": {"kind": "edit", "image": "flag:France", "layer": 4, "questions": [" The capital is"],
                  "target_new": " Rome"},
     "trace-diffusion": {"kind": "trace", "modality": "text-to-image", "prompts": [
@@ -45,7 +47,7 @@ NEVER = [True, False, math.nan, math.inf, -math.inf, {"deep": {"er": [1]}}, [Tru
 #: Values no *text* field accepts, and none a number field accepts.
 NOT_TEXT = ["", "   ", "\n\t", 7, 2.5]
 NOT_NUMBER = ["3", "three", [1], ""]
-LIST_FIELDS_OF_TEXT = {"prompts", "paraphrases", "neighbours", "positive", "negative", "lexicon", "targets",
+LIST_FIELDS_OF_TEXT = {"prompts", "paraphrases", "neighbours", "lexicon", "targets",
                        "questions", "preserve", "templates", "fluency_prompts"}
 TEXT_FIELDS = {"prompt", "subject", "target", "base", "source", "target_new", "target_true", "concept", "image",
                "positive", "negative", "model", "counterfactual_subject"}

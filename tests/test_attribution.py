@@ -15,24 +15,6 @@ COLOSSEUM = {"prompt": "the colosseum is in the city of", "subject": "colosseum"
 PATCH = {"base": "the eiffel tower is located in the city of", "source": "the colosseum tower is located in the city of"}
 
 
-@pytest.fixture()
-def float64_norms(monkeypatch):
-    """Llama's and Gemma 3's RMSNorm compute in float32 whatever the input; finite differences in
-    float64 need the whole model in float64, so the norms are replaced by the same formula in the
-    input's dtype for these tests."""
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    def llama(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    def gemma(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
-
-    monkeypatch.setattr(LlamaRMSNorm, "forward", llama)
-    monkeypatch.setattr(Gemma3RMSNorm, "forward", gemma)
-
-
 def states(model, family, batch, site, layer, *, noise=None, subject=(), replace=None):
     """The state of `site` at `layer` ([rows, T, d]) and last-position logits, optionally with noise on
     the subject embeddings and the state replaced by `replace` (a function of the state)."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_model
+from conftest import make_model, make_tokenizer
 from recipes.cli import main
 
 ROOT = Path(__file__).parents[1]
@@ -24,6 +24,11 @@ TRACE = {"kind": "trace", "prompts": [{"prompt": "the eiffel tower is located in
 PATCH = {"kind": "patch", "prompts": [{"base": "the eiffel tower is located in the city of",
                                        "source": "the colosseum tower is located in the city of"}],
          "sites": ["block_output", "mlp_output"], "metric": "logit_diff", "max_batch_rows": 5}
+VLM_TRACE = {"kind": "trace", "samples": 2, "window": 2, "max_batch_rows": 6,
+             "prompts": [{"image": "flag:France", "prompt": " the capital of", "target": "paris"},
+                         {"image": "flag:Japan", "prompt": " its capital is", "target": "tokyo"}]}
+VLM_PATCH = {"kind": "patch", "sites": ["block_output", "mlp_output"], "max_batch_rows": 5,
+             "prompts": [{"image": "flag:France", "source_image": "flag:Italy", "base": " the capital of"}]}
 
 
 def free_port() -> int:
@@ -32,9 +37,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("data", [TRACE, PATCH], ids=["trace", "patch"])
+@pytest.mark.parametrize("data", [TRACE, PATCH, VLM_TRACE, VLM_PATCH],
+                         ids=["trace", "patch", "vlm-trace", "vlm-patch"])
 def test_two_process_torchrun_equals_one_process(tmp_path, tokenizer, data, capsys):
-    make_model("llama", len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    model = make_model("llama", len(tokenizer))
+    if any("image" in p for p in data["prompts"]):       # a tiny LLaVA around the tiny Llama
+        from interventions.vlm import VisionSpec, assemble_llava
+
+        model, tokenizer = assemble_llava(model, make_tokenizer(), VisionSpec(hidden_size=24, intermediate_size=48))
+    model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps(dict(data, model=str(tmp_path / "tiny"))))

@@ -69,7 +69,7 @@ def test_resource_bounds_and_strict_values_are_refused_for_their_reason(tmp_path
      "hyperparameters: {v_stpes: 5}\n", "did you mean 'v_steps'"),
     ("kind: trace\nmodel: shapes-diffusion\nattn_window: 2\nprompts: [{prompt: a red circle, subject: red}]\n",
      "add that line"),
-    ("kind: patch\nmodality: vision-language\nprompts: [{base: a, source: b}]\n", "`modality`"),
+    ("kind: patch\nmodality: vision-language\nprompts: [{base: a, source: b}]\n", "`prompts[0].image`"),
 ])
 def test_issue_examples_are_refused_on_one_line(text, needle):
     with pytest.raises(LesionError) as info:

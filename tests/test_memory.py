@@ -79,8 +79,8 @@ def test_budgeted_sweep_equals_the_unbudgeted_one(tiny, kind):
     assert [p["clean_prob"] for p in a.prompts] == pytest.approx([p["clean_prob"] for p in b.prompts], abs=TOL)
 
 
-def probe(budget: int | None) -> dict:
-    args = [sys.executable, str(HERE / "memory_probe.py")] + ([str(budget)] if budget else [])
+def probe(budget: int | None, *options: str) -> dict:
+    args = [sys.executable, str(HERE / "memory_probe.py")] + ([str(budget)] if budget else []) + list(options)
     proc = subprocess.run(args, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -93,6 +93,18 @@ def test_measured_peak_stays_within_the_budget():
     free, bound = probe(None), probe(budget)
     assert free["peak"] > 3 * budget
     assert bound["peak"] <= budget and bound["blocks"] > 1
+    for name, values in free["grids"].items():
+        assert torch.allclose(torch.tensor(values), torch.tensor(bound["grids"][name]), atol=TOL, equal_nan=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure the peak")
+def test_a_576_image_token_vlm_trace_stays_within_the_budget():
+    """LLaVA-1.5's shape (576 image tokens per prompt, 580 tokens in all): the VLM trace, on the same engine,
+    holds a 150 MB budget it would exceed almost four times over without one, with the same grids."""
+    budget = 150_000_000
+    free, bound = probe(None, "--vlm"), probe(budget, "--vlm")
+    assert free["tokens"] == 580 and free["peak"] > 3 * budget
+    assert bound["peak"] <= budget and bound["chunks"] > free["chunks"]
     for name, values in free["grids"].items():
         assert torch.allclose(torch.tensor(values), torch.tensor(bound["grids"][name]), atol=TOL, equal_nan=True)
 

@@ -95,175 +95,16 @@ def test_text_only_trace_runs_on_the_assembled_llava(pair):
         assert (a.grids[name].values - b.grids[name].values).abs().max() < 0.01
 
 
-# ------------------------------------------------------------------ trace over image tokens
-def _modules(vlm, site, layer):
-    block = vlm.model.language_model.layers[layer]
-    return {"hidden": block, "mlp": block.mlp, "attention": block.self_attn}[site]
-
-
-def _reference_prob(vlm, ids, pixels, corrupt, site, window, positions, clean, tid):
-    """One forward with plain hooks: `corrupt` = (module, noise, positions) adds the noise to that
-    module's output there (or None), then clean states are restored at `positions` in `window`."""
-    handles = []
-    if corrupt is not None:
-        module, eps, where = corrupt
-
-        def add(m, a, o):
-            o = o.clone()
-            o[:, where] += eps
-            return o
-        handles.append(module.register_forward_hook(add))
-    for layer in window:
-        def put(mod, args, out, layer=layer):
-            t = out[0] if isinstance(out, tuple) else out
-            t[:, positions] = clean[layer][positions]
-        handles.append(_modules(vlm, site, layer).register_forward_hook(put))
-    try:
-        with torch.no_grad():
-            return float(vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[None]).logits[0, -1].softmax(-1)[tid])
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@pytest.mark.parametrize("corruption", ["noise", "swap", "text"])
-def test_vlm_trace_equals_plain_hook_reference(pair, corruption):
-    """Every (layer, position) cell and every aggregated image cell equals plain PyTorch hooks:
-    noise on the projector output, a swapped image, or noise on the text constraint's embeddings."""
-    import hashlib
-
-    import reference as ref
-    from interventions.conventions import noise_seed
-    from interventions.vlm_trace import VLMCase, vlm_trace
-
-    _, vlm, tok = pair
-    g = torch.Generator().manual_seed(1)
-    pixels, other = torch.rand(2, 3, 32, 32, generator=g)
-    case = VLMCase(pixels, " the capital of", "paris", counterfactual=other, constraint="capital")
-    grids, records = vlm_trace(vlm, tok, [case], corruption=corruption, samples=2, window=2, seed=5,
-                               max_batch_rows=7)
-    ids = image_prompt(tok, vlm, case.text)
-    img = image_positions(ids, vlm)
-    tid = tok("paris", add_special_tokens=False).input_ids[0]          # the target as written
-    rec = records[0]
-    d = vlm.config.text_config.hidden_size
-    # the seeded noise, keyed by the case (text, constraint, pixels) as documented, and where it goes
-    gen = torch.Generator().manual_seed(noise_seed(5, case.text, case.constraint,
-                                                   hashlib.sha256(pixels.numpy().tobytes()).digest()))
-    if corruption == "noise":
-        eps = torch.randn(2, 4, d, generator=gen) * 3.0 * rec["sigma"]
-        corrupts = [(vlm.model.multi_modal_projector, eps[k], list(range(4))) for k in range(2)]
-    elif corruption == "text":
-        where = [p for p, t in enumerate(tok.convert_ids_to_tokens(ids)) if "capital" in t]
-        assert rec["subject_positions"] == where and len(where) >= 1
-        embeds = vlm.get_input_embeddings().weight[[ids[p] for p in where]].detach()
-        assert rec["sigma"] == pytest.approx(float(embeds.std()))
-        eps = torch.randn(2, len(where), d, generator=gen) * 3.0 * rec["sigma"]
-        corrupts = [(vlm.model.language_model.embed_tokens, eps[k], where) for k in range(2)]
-    else:
-        corrupts = [None]
-    corrupted_pixels = other if corruption == "swap" else pixels
-
-    def want(site, window, positions, clean):
-        return sum(_reference_prob(vlm, ids, corrupted_pixels, c, site, window, positions, clean, tid)
-                   for c in corrupts) / len(corrupts)
-
-    assert rec["corrupted_prob"] == pytest.approx(want("hidden", [], [], {}), abs=1e-5)
-    for site, grid in grids.items():
-        clean = {}
-        handles = [_modules(vlm, site, l).register_forward_hook(
-            lambda m, a, o, l=l: clean.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0].clone()))
-            for l in range(4)]
-        with torch.no_grad():
-            vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[None])
-        for h in handles:
-            h.remove()
-        wins = [[l] if site == "hidden" else ref.window(l, 2, 4) for l in range(4)]    # ROME's clipped window
-        for layer in range(4):
-            for pos in range(len(ids)):
-                assert grid.values[0, layer, pos] == pytest.approx(want(site, wins[layer], [pos], clean), abs=1e-5), \
-                    (site, layer, pos)
-            assert rec["image_block"][site][layer] == pytest.approx(want(site, wins[layer], img, clean), abs=1e-5)
-    assert abs(rec["clean_prob"] - rec["corrupted_prob"]) > 1e-3
-
-
-def test_vlm_trace_of_several_prompts_equals_each_alone(pair):
-    """Prompts of different lengths traced together (grids padded with NaN) equal each traced alone, in
-    either order: a prompt's noise is keyed by the prompt, never by its index."""
-    from interventions.vlm_trace import VLMCase, vlm_trace
-
-    _, vlm, tok = pair
-    g = torch.Generator().manual_seed(6)
-    a = VLMCase(torch.rand(3, 32, 32, generator=g), " the capital of", "paris", constraint="capital")
-    b = VLMCase(torch.rand(3, 32, 32, generator=g), " its capital city is in", "rome", constraint="capital city")
-    for corruption in ("noise", "text"):
-        both, rec = vlm_trace(vlm, tok, [a, b], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
-        alone_a, ra = vlm_trace(vlm, tok, [a], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
-        alone_b, rb = vlm_trace(vlm, tok, [b], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
-        swapped, _ = vlm_trace(vlm, tok, [b, a], sites=("mlp",), samples=2, window=2, seed=3, corruption=corruption)
-        torch.testing.assert_close(swapped["mlp"].values[0], both["mlp"].values[1], atol=1e-5, rtol=0, equal_nan=True)
-        n_a, n_b = both["mlp"].lengths
-        assert n_a < n_b and torch.isnan(both["mlp"].values[0, :, n_a:]).all()
-        torch.testing.assert_close(both["mlp"].values[0, :, :n_a], alone_a["mlp"].values[0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(both["mlp"].values[1], alone_b["mlp"].values[0], atol=1e-5, rtol=0)
-        assert rec[1]["image_block"]["mlp"] == pytest.approx(rb[0]["image_block"]["mlp"], abs=1e-5)
-        assert rec[0]["corrupted_prob"] == pytest.approx(ra[0]["corrupted_prob"], abs=1e-6)
-
-
-def test_vlm_trace_image_cells_block_skips_the_single_image_tokens(pair):
-    from interventions.vlm_trace import VLMCase, vlm_trace
-
-    _, vlm, tok = pair
-    pixels = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
-    case = VLMCase(pixels, " the capital of", "paris")
-    both, rb = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=2, image_cells="both")
-    block, rk = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=2, image_cells="block")
-    each, re = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=2, image_cells="each")
-    img = rb[0]["image_positions"]
-    text = [p for p in range(len(rb[0]["tokens"])) if p not in img]
-    assert torch.isnan(block["hidden"].values[0][:, img]).all()
-    torch.testing.assert_close(block["hidden"].values[0][:, text], both["hidden"].values[0][:, text])
-    torch.testing.assert_close(each["hidden"].values, both["hidden"].values)
-    assert rk[0]["image_block"] == rb[0]["image_block"] and "image_block" not in re[0]
-
-
-def test_vlm_trace_refuses_bad_corruption_input(pair):
-    from interventions.vlm_trace import VLMCase, vlm_trace
-
-    _, vlm, tok = pair
-    pixels = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
-    with pytest.raises(SpecError, match=r"prompts\[0\]\.constraint.*words of the prompt"):
-        vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris", constraint="Paris")], corruption="text")
-    with pytest.raises(SpecError, match=r"prompts\[0\]\.constraint"):
-        vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris")], corruption="text")
-    with pytest.raises(SpecError, match=r"prompts\[0\]\.counterfactual_image"):
-        vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris")], corruption="swap")
-    with pytest.raises(SpecError, match="image_cells.*'each', 'block', 'both'"):
-        vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris")], image_cells="all")
-
-
-def test_vlm_trace_noise_is_seeded_and_batch_size_free(pair):
-    from interventions.vlm_trace import VLMCase, vlm_trace
-
-    _, vlm, tok = pair
-    pixels = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))
-    case = VLMCase(pixels, " the capital of", "paris")
-    a, _ = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=3, seed=9, max_batch_rows=5)
-    b, _ = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=3, seed=9, max_batch_rows=200)
-    c, _ = vlm_trace(vlm, tok, [case], sites=("hidden",), samples=3, seed=10, max_batch_rows=200)
-    torch.testing.assert_close(a["hidden"].values, b["hidden"].values, atol=1e-5, rtol=0)
-    assert not torch.allclose(a["hidden"].values, c["hidden"].values)
-
-
+# ------------------------------------------------------------------ VLM specs through the CLI
 @pytest.mark.parametrize("corruption", ["noise", "text"])
 def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path, corruption):
-    """`kind: trace` with an image, on a LLaVA folder: the CLI's grids and aggregated image cells
-    equal the API's, for image noise and for noise on the text constraint."""
+    """`kind: trace` with an image, on a LLaVA folder: the CLI's grids equal the API's (`interventions.run`,
+    which tests/test_vlm_engine.py checks against plain hooks), for image noise and for noise on the
+    text constraint; the heatmap is drawn."""
     import json
 
-    from interventions.flags import COUNTRIES, render
+    from interventions import run
     from interventions.spec import VLMTraceSpec, dump_spec, load_yaml, parse_spec
-    from interventions.vlm_trace import VLMCase, vlm_trace
     from recipes.cli import main as cli
 
     _, vlm, tok = pair
@@ -278,13 +119,11 @@ def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path, corru
     (tmp_path / "spec.yaml").write_text(dump_spec(spec))
     assert cli(["run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out")]) == 0
     got = json.loads((tmp_path / "out" / "result.json").read_text())
-    pixels = render([[c for c, _ in COUNTRIES].index("Japan")], torch.Generator().manual_seed(0), jitter=False)[0]
-    grids, records = vlm_trace(vlm, tok, [VLMCase(pixels, " the capital of", "paris", constraint="capital")],
-                               sites=("hidden", "mlp"), samples=2, window=2, corruption=corruption)
+    want = run(spec, vlm, tok)
     for site in ("hidden", "mlp"):
-        torch.testing.assert_close(torch.tensor(got["grids"][site]["values"][0]), grids[site].values[0],
+        torch.testing.assert_close(torch.tensor(got["grids"][site]["values"][0]), want.grids[site].values[0],
                                    atol=1e-5, rtol=0)
-        assert got["prompts"][0]["image_block"][site] == pytest.approx(records[0]["image_block"][site], abs=1e-5)
+    assert got["prompts"][0]["column_positions"] == want.prompts[0]["column_positions"]
     assert (tmp_path / "out" / "heatmap.png").stat().st_size > 10_000
     with pytest.raises(SpecError, match="flag:"):
         from interventions.vlm import load_image
@@ -311,7 +150,7 @@ def test_vlm_specs_compile_against_a_llava_folder_of_any_name(pair, tmp_path, ca
         code = cli(["validate", str(tmp_path / "spec.yaml"), "--compile"])
         captured = capsys.readouterr()
         results.append((code, (captured.out if code == 0 else captured.err).strip().splitlines()[-1]))  # after the load bar
-    assert results[0][0] == 0 and results[0][1].startswith("ok: trace spec (vision-language), 1 image prompt(s)")
+    assert results[0][0] == 0 and results[0][1].startswith("ok: trace spec (vision-language), 1 prompt(s), compiles to 3 graph(s)")
     assert results[1][0] == 2 and "`prompts[0].image`" in results[1][1] and "Atlantis" in results[1][1]
     n = vlm.config.text_config.num_hidden_layers
     assert results[2] == (2, f"error: `layer`: got 99; expected a layer from 0 to {n - 1} (the model has {n})")
@@ -549,9 +388,9 @@ def test_llava15_folder_runs_trace_edit_and_apply_specs_with_image_files(llava15
     the API on the processor's pixels."""
     import json
 
+    from interventions import run
     from interventions.spec import dump_spec, parse_spec
-    from interventions.vlm import load_image, load_vlm
-    from interventions.vlm_trace import VLMCase, vlm_trace
+    from interventions.vlm import load_vlm
     from recipes.cli import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
@@ -563,11 +402,11 @@ def test_llava15_folder_runs_trace_edit_and_apply_specs_with_image_files(llava15
     assert cli(["run", str(tmp_path / "trace.yaml"), "--out", str(tmp_path / "trace")]) == 0
     got = json.loads((tmp_path / "trace" / "result.json").read_text())
     vlm, tok, processor = load_vlm(str(llava15))
-    case = VLMCase(load_image(a, vlm, processor), " the capital of", "paris", counterfactual=load_image(b, vlm, processor))
-    grids, records = vlm_trace(vlm, tok, [case], sites=("hidden",), corruption="swap", window=2, image_cells="block")
+    want = run(parse_spec(trace), vlm, tok, processor=processor)
     values = torch.tensor([[float("nan") if x is None else x for x in row] for row in got["grids"]["hidden"]["values"][0]])
-    torch.testing.assert_close(values, grids["hidden"].values[0], atol=1e-5, rtol=0, equal_nan=True)
-    assert got["prompts"][0]["image_block"]["hidden"] == pytest.approx(records[0]["image_block"]["hidden"], abs=1e-5)
+    torch.testing.assert_close(values, want.grids["hidden"].values[0], atol=1e-5, rtol=0, equal_nan=True)
+    column = got["prompts"][0]["image_column"]
+    assert got["prompts"][0]["column_positions"][column] == want.prompts[0]["image_positions"]
     edit = {"kind": "edit", "model": str(llava15), "layer": 2, "image": a, "questions": [" the capital of"],
             "target_new": "rome", "other_images": [b], "kl_prompt": " a", "hyperparameters": {"v_steps": 5},
             "mom2_tokens": 100}
