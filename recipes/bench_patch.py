@@ -26,7 +26,7 @@ import torch
 from interventions import compile_spec, load_model, parse_spec, run, run_plan
 from interventions.compare import correlation
 from interventions.sites import site_table
-from recipes.bench_trace import _sync, plain_and_attribution, print_report
+from recipes.bench_trace import sync, plain_and_attribution, print_report
 
 COUNTRIES = ["France", "Japan", "Italy", "Spain", "Germany", "China", "India", "Russia", "Canada", "Brazil",
              "Egypt", "Greece", "Mexico", "Poland", "Sweden", "Norway", "Kenya", "Peru", "Chile", "Turkey",
@@ -88,16 +88,16 @@ def main(args) -> int:
                        "sites": ["block_output"], "metric": "logit_diff", "max_batch_rows": args.max_batch_rows})
     warm = parse_spec({**spec.model_dump(mode="json"), "prompts": spec.model_dump(mode="json")["prompts"][:2]})
     run(warm, model, tokenizer)       # warm-up
-    _sync(args.device)
+    sync(args.device)
     t0 = time.perf_counter()
     plan = compile_spec(spec, model, tokenizer)
     result = run_plan(plan, progress=False)
-    _sync(args.device)
+    sync(args.device)
     t1 = time.perf_counter()
     k = min(args.reference_prompts or len(plan.prompts), len(plan.prompts))
     which = [round(j * len(plan.prompts) / k) for j in range(k)]
     reference = reference_loop(model, tokenizer, plan, result, which)
-    _sync(args.device)
+    sync(args.device)
     t2 = time.perf_counter()
     plain, attribution, attribution_s = plain_and_attribution(model, tokenizer, spec, plan, result.meta["rows"], args)
     values = result.grids["block_output"].values

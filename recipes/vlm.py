@@ -1,12 +1,11 @@
-"""Vision-language jobs behind `lesion run`: `kind: trace` and `kind: edit` on a LLaVA model, and
-`lesion apply --image`.
+"""Vision-language jobs behind `lesion run` and `lesion apply --image`: `kind: edit` on a LLaVA model
+(ROME keyed at the image tokens, with `layer: auto` from an image-noise trace), greedy answers with
+deltas applied, and the images a VLM trace's heatmap draws.
 
-    lesion run recipes/trace_flag_france.yaml --out runs/trace_flag_france
     lesion run recipes/edit_flag_france.yaml --out runs/edit_flag_france [--checkpoint NAME]
 
-Writes result.json, result.safetensors and spec.yaml as the language-model trace does, and
-heatmap.png: per prompt and site, layers × (tokens before the image, the aggregated image cells,
-the text tokens), and the per-patch effect over the image (`interventions.plot.vlm_trace_heatmap`).
+VLM traces and patches (`lesion run recipes/trace_flag_france.yaml`) run on the engine every grid
+runs on (`recipes.runners.run_grid`); their heatmap.png is `interventions.plot.vlm_trace_heatmap`.
 """
 
 from __future__ import annotations
@@ -17,21 +16,9 @@ from pathlib import Path
 
 import torch
 
-from interventions.plot import vlm_trace_heatmap
 from interventions.result import Result
 from interventions.spec import VLMTracePrompt, VLMTraceSpec
 from interventions.vlm import load_image, load_vlm
-
-
-def traced(spec, vlm, tokenizer, processor=None, **options) -> Result:
-    """Run a vision-language trace or patch spec on a loaded VLM with the engine every grid runs on
-    (`interventions.run`); `options` as `run` takes them (memory, max_batch_rows, progress)."""
-    from interventions import run
-
-    start = time.perf_counter()
-    result = run(spec, vlm, tokenizer, processor=processor, **options)
-    result.meta["seconds"] = round(time.perf_counter() - start, 1)
-    return result
 
 
 def images_of(result: Result, vlm, processor=None) -> list[torch.Tensor | None]:
@@ -73,7 +60,9 @@ def locate_layer(spec, vlm, tokenizer, processor=None) -> tuple[int, Result]:
                               seed=how.seed, sites=("mlp",), window=how.window, image_cells="block",
                               prompts=tuple(VLMTracePrompt(image=spec.image, prompt=q, target=spec.target_true)
                                             for q in spec.questions))
-    result = traced(trace_spec, vlm, tokenizer, processor)
+    from interventions import run
+
+    result = run(trace_spec, vlm, tokenizer, processor=processor)
     grid = result.grids["mlp"].values
     effect = torch.stack([grid[i, :, r["image_column"]] for i, r in enumerate(result.prompts)]).mean(0)
     result.meta["effect"] = effect.tolist()

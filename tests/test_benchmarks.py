@@ -28,6 +28,26 @@ def test_bench_trace_agrees_with_its_reference(folder):
             "attribution_correlation_hidden"} <= set(report)
 
 
+def test_bench_trace_on_a_vlm_agrees_with_its_reference(folder, capsys):
+    """On a LLaVA folder: cells over every position (each image token) and the aggregated image cell,
+    against a reference loop that runs the whole LLaVA forward (pixels in) per cell; the last line
+    printed is the report as one JSON object."""
+    from conftest import make_tokenizer
+    from interventions.vlm import VisionSpec, assemble_llava
+
+    vlm, tok = assemble_llava(make_model("llama", len(make_tokenizer())), make_tokenizer(),
+                              VisionSpec(hidden_size=24, intermediate_size=48))
+    vlm.save_pretrained(folder / "llava")
+    tok.save_pretrained(folder / "llava")
+    capsys.readouterr()
+    assert main(["bench-trace", "--model", str(folder / "llava"), "--samples", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    columns = report["tokens"] + 1                      # every position, and the aggregated image cell
+    assert report["image_tokens"] == 4 and report["cells"] == 3 * 4 * columns
+    assert report["max_abs_diff"] <= 1e-4
+    assert {"speedup", "attribution_speedup", "attribution_r", "lesion_over_plain_forward"} <= set(report)
+
+
 def test_bench_patch_agrees_with_its_reference(folder):
     assert main(["bench-patch", "--model", str(folder / "tiny"), "--prompts", "6", "--reference-prompts", "3",
                  "--json", str(folder / "p.json")]) == 0
