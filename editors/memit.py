@@ -23,7 +23,7 @@ from interventions.sites import site_table
 from .delta import Delta, apply, revert
 from interventions.prompts import pad_token_id, right_pad
 
-from .rome import (EditRequest, RomeHyperParams, _encode, _hook, _is_conv1d, compute_k_star, compute_v_star,
+from .rome import (EditRequest, RomeHyperParams, encode_at, hooked, is_conv1d, compute_k_star, compute_v_star,
                    context_templates, weight_name)
 from .stats import second_moments
 
@@ -59,10 +59,10 @@ class MemitHyperParams:
 def block_outputs(model, tokenizer, layer: int, requests: list[EditRequest]) -> torch.Tensor:
     """Residual (block output) at each request's subject-last token on the plain prompt: [n, d]."""
     module = site_table(model).module(model, "block_output", layer)
-    encoded = [_encode(tokenizer, *r.text(), len(r.subject)) for r in requests]
+    encoded = [encode_at(tokenizer, *r.text(), len(r.subject)) for r in requests]
     inputs = right_pad([ids for ids, _ in encoded], pad_token_id(tokenizer), next(model.parameters()).device)
     keep = {}
-    with _hook(module, lambda m, a, out: keep.__setitem__("h", out[0] if isinstance(out, tuple) else out)):
+    with hooked(module, lambda m, a, out: keep.__setitem__("h", out[0] if isinstance(out, tuple) else out)):
         model(**inputs, use_cache=False)
     return keep["h"][torch.arange(len(encoded)), torch.tensor([i for _, i in encoded])].float()
 
@@ -102,7 +102,7 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperP
             R = (z - current).T / (len(hp.layers) - i)
             u, v = layer_update(K.cpu(), R.cpu(), C[layer].cpu(), hp.mom2_update_weight)
             module = table.module(model, "mlp_key", layer)
-            pair = (v.T, u.T) if _is_conv1d(module) else (u, v)
+            pair = (v.T, u.T) if is_conv1d(module) else (u, v)
             name = weight_name(model, layer)
             step = Delta.from_factors(model, {name: pair}, method="memit-step", base_model=base_model)
             apply(model, step)

@@ -94,7 +94,7 @@ def context_templates(model, tokenizer, lengths=((5, 10), (10, 10)), seed: int =
     return out
 
 
-def _encode(tokenizer, text: str, start: int, length: int) -> tuple[list[int], int]:
+def encode_at(tokenizer, text: str, start: int, length: int) -> tuple[list[int], int]:
     """Token ids of `text` and the index of the last token overlapping chars [start, start+length)."""
     enc = tokenizer(text, return_offsets_mapping=True)
     end = start + length
@@ -105,7 +105,7 @@ def _encode(tokenizer, text: str, start: int, length: int) -> tuple[list[int], i
 
 
 @contextmanager
-def _hook(module, fn, pre: bool = False):
+def hooked(module, fn, pre: bool = False):
     handle = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
     try:
         yield
@@ -114,7 +114,7 @@ def _hook(module, fn, pre: bool = False):
 
 
 @contextmanager
-def _frozen(model):
+def frozen_parameters(model):
     """No parameter gradients while optimising δ; flags restored afterwards."""
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -130,10 +130,10 @@ def _frozen(model):
 def compute_k_star(model, tokenizer, layer: int, request: EditRequest, templates: list[str]) -> torch.Tensor:
     """Mean key at the subject's last token over the context templates: ``Float[Tensor, "d_mlp"]``."""
     module = site_table(model).module(model, "mlp_key", layer)
-    encoded = [_encode(tokenizer, *request.text(t), len(request.subject)) for t in templates]
+    encoded = [encode_at(tokenizer, *request.text(t), len(request.subject)) for t in templates]
     inputs = right_pad([ids for ids, _ in encoded], pad_token_id(tokenizer), next(model.parameters()).device)
     keep = {}
-    with _hook(module, lambda m, args: keep.__setitem__("k", args[0]), pre=True):
+    with hooked(module, lambda m, args: keep.__setitem__("k", args[0]), pre=True):
         model(**inputs, use_cache=False)
     rows = torch.arange(len(encoded))
     return keep["k"][rows, torch.tensor([i for _, i in encoded])].float().mean(0)
@@ -146,9 +146,9 @@ def compute_v_star(model, tokenizer, layer: int, request: EditRequest, templates
     module = site_table(model).module(model, site, layer)
     device = next(model.parameters()).device
     target = tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
-    rewrite = [_encode(tokenizer, *request.text(t), len(request.subject)) for t in templates]
+    rewrite = [encode_at(tokenizer, *request.text(t), len(request.subject)) for t in templates]
     kl_req = EditRequest("{} is a", request.subject, request.target_new)
-    kl_ids, kl_idx = _encode(tokenizer, *kl_req.text(), len(request.subject))
+    kl_ids, kl_idx = encode_at(tokenizer, *kl_req.text(), len(request.subject))
     seqs = [ids + target[:-1] for ids, _ in rewrite] + [kl_ids]
     lookup = torch.tensor([i for _, i in rewrite] + [kl_idx], device=device)
     inputs = right_pad(seqs, pad_token_id(tokenizer), device)
@@ -177,7 +177,7 @@ def compute_v_star(model, tokenizer, layer: int, request: EditRequest, templates
             kl_init["p"] = kl_logp.detach().clone()
         return nll, torch.nn.functional.kl_div(kl_logp, kl_init["p"], log_target=True, reduction="sum")
 
-    with _frozen(model), _hook(module, add_delta), torch.enable_grad():
+    with frozen_parameters(model), hooked(module, add_delta), torch.enable_grad():
         history = optimise_delta(delta, state, hp, losses)
         with torch.no_grad():
             logp = model(**inputs, use_cache=False).logits.float().log_softmax(-1)
@@ -211,7 +211,7 @@ def optimise_delta(delta: torch.Tensor, state: dict, hp: RomeHyperParams, losses
     return history
 
 
-def _is_conv1d(module) -> bool:
+def is_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D"   # GPT-2 stores [in, out]
 
 
@@ -253,9 +253,9 @@ def compute_rome(model, tokenizer, request: EditRequest, hp: RomeHyperParams, *,
         model.train(was_training)
     module = table.module(model, "mlp_key", hp.layer)
     W = module.weight.detach().float().cpu()
-    W = W.T if _is_conv1d(module) else W
+    W = W.T if is_conv1d(module) else W
     lam, left = rank_one_update(W, C.cpu(), k_star.cpu(), v_star.cpu(), hp.mom2_ridge)
-    factors = (left.T, lam.T) if _is_conv1d(module) else (lam, left)
+    factors = (left.T, lam.T) if is_conv1d(module) else (lam, left)
     hyper = {**asdict(hp), "context_templates": [list(x) for x in hp.context_templates]}
     delta = Delta.from_factors(model, {weight_name(model, hp.layer): factors}, method="rome", base_model=base_model,
                                hyperparameters=hyper, spec=spec or {"requests": [asdict(request)]},

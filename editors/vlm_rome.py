@@ -29,7 +29,7 @@ from interventions.sites import LLAVA
 from interventions.vlm import image_positions, image_prompt
 
 from .delta import Delta
-from .rome import RomeHyperParams, _frozen, _hook, optimise_delta, rank_one_update, weight_name
+from .rome import RomeHyperParams, frozen_parameters, hooked, optimise_delta, rank_one_update, weight_name
 
 
 def _images(pixels: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def compute_k_star(vlm, tokenizer, pixels, questions: list[str], layer: int) -> 
     """Mean key (input of the MLP's output projection) over the image tokens, the images and the questions."""
     inputs, key_at, _ = _batch(vlm, tokenizer, pixels, questions)
     keep = {}
-    with _hook(LLAVA.module(vlm, "mlp_key", layer), lambda m, args: keep.__setitem__("k", args[0]), pre=True):
+    with hooked(LLAVA.module(vlm, "mlp_key", layer), lambda m, args: keep.__setitem__("k", args[0]), pre=True):
         vlm(**inputs)
     return torch.cat([keep["k"][r, pos] for r, pos in enumerate(key_at)]).float().mean(0)
 
@@ -74,7 +74,7 @@ def image_key_moment(vlm, tokenizer, images: torch.Tensor, layer: int, *, batch:
     at = image_positions(ids, vlm)
     dev = next(vlm.parameters()).device
     total, count, keep = None, 0, {}
-    with _hook(module, lambda m, args: keep.__setitem__("k", args[0]), pre=True):
+    with hooked(module, lambda m, args: keep.__setitem__("k", args[0]), pre=True):
         for lo in range(0, len(images), batch):
             chunk = images[lo:lo + batch].to(dev)
             vlm(input_ids=torch.tensor([ids] * len(chunk), device=dev), pixel_values=chunk, use_cache=False)
@@ -133,7 +133,7 @@ def compute_v_star(vlm, tokenizer, pixels, questions: list[str], target_new: str
         kl = torch.nn.functional.kl_div(kl_logp, kl_init["p"], log_target=True, reduction="sum") / n_img
         return nll, kl
 
-    with _frozen(vlm), _hook(module, add_delta), torch.enable_grad():
+    with frozen_parameters(vlm), hooked(module, add_delta), torch.enable_grad():
         history = optimise_delta(delta, state, hp, losses)
     return (state["init"] + delta.detach()).float(), {"history": history,
                                                       "delta_norm": float(delta.detach().norm())}

@@ -28,7 +28,7 @@ from editors.rome import compute_rome
 from editors.stats import stats_paths
 from interventions import SpecError, load_model, load_spec
 from interventions.prompts import pad_token_id
-from recipes.edit import _corpus, _statistics, edit_request, hyperparameters
+from recipes.edit import corpus_texts, key_statistics, edit_request, hyperparameters
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The capital of France is", "My favourite food is"]
 
@@ -59,10 +59,10 @@ def main(args) -> int:
         raise SpecError("--spec", args.spec, "a `kind: edit`, `method: rome` spec with an integer `layer`")
     model, tokenizer = load_model(spec.model)
     layers = sorted({spec.layer, *args.memit_layers})
-    paths = stats_paths(model, layers, _corpus(spec), max_tokens=spec.mom2_tokens,
+    paths = stats_paths(model, layers, corpus_texts(spec), max_tokens=spec.mom2_tokens,
                         corpus_name="files" if spec.corpus else "model-samples")
     cached = {layer: path.exists() for layer, path in paths.items()}
-    C, stats_seconds = _timed(lambda: _statistics(spec, model, tokenizer, layers))
+    C, stats_seconds = _timed(lambda: key_statistics(spec, model, tokenizer, layers))
     report = {"model": spec.model, "threads": torch.get_num_threads(), "statistics_cached": cached,
               "statistics_seconds": stats_seconds}
     requests = [edit_request(r) for r in spec.requests]

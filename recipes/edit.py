@@ -48,7 +48,7 @@ def edit_request(r) -> EditRequest:
     return EditRequest(r.prompt, r.subject, r.target_new, r.target_true)
 
 
-def _corpus(spec: EditSpec) -> list[str] | None:
+def corpus_texts(spec: EditSpec) -> list[str] | None:
     if not spec.corpus:
         return None
     texts = []
@@ -59,8 +59,8 @@ def _corpus(spec: EditSpec) -> list[str] | None:
     return texts
 
 
-def _statistics(spec: EditSpec, model, tokenizer, layers) -> dict[int, torch.Tensor]:
-    return second_moments(model, tokenizer, layers, _corpus(spec), max_tokens=spec.mom2_tokens,
+def key_statistics(spec: EditSpec, model, tokenizer, layers) -> dict[int, torch.Tensor]:
+    return second_moments(model, tokenizer, layers, corpus_texts(spec), max_tokens=spec.mom2_tokens,
                           corpus_name="files" if spec.corpus else "model-samples")
 
 
@@ -87,7 +87,7 @@ def compute_edit(spec: EditSpec, model, tokenizer) -> tuple[Delta, list[dict]]:
         raise SpecError(field, spec.layer if spec.method == "rome" else list(spec.layers),
                         f"layers in [0, {n_layers - 1}] (the model has {n_layers})")
     hp = hyperparameters(spec)
-    C = _statistics(spec, model, tokenizer, layers)
+    C = key_statistics(spec, model, tokenizer, layers)
     requests = [edit_request(r) for r in spec.requests]
     if spec.method == "memit":
         delta, info = compute_memit(model, tokenizer, requests, hp, base_model=spec.model, C=C,

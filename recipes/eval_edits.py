@@ -16,7 +16,7 @@ from editors.delta import applied
 from editors.evaluate import evaluate, mean_present
 from editors.rome import compute_rome
 from interventions import load_model, load_spec
-from recipes.edit import _statistics, edit_request, fmt_metric, hyperparameters, resolve_layers
+from recipes.edit import key_statistics, edit_request, fmt_metric, hyperparameters, resolve_layers
 
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency")
 
@@ -32,7 +32,7 @@ def main(args) -> int:
     spec, _ = resolve_layers(spec, model, tokenizer)
     hp = hyperparameters(spec)
     requests = spec.requests[: args.limit] if args.limit else spec.requests
-    C = _statistics(spec, model, tokenizer, [spec.layer])[spec.layer]
+    C = key_statistics(spec, model, tokenizer, [spec.layer])[spec.layer]
     rows, seconds = [], []
     for i, r in enumerate(requests):
         before = evaluate(model, tokenizer, [r], fluency_prompts=[r.subject])
