@@ -120,7 +120,7 @@ def _metric_tensor(metric: str, logits: torch.Tensor, target: int, counterfactua
 
 def run_attribution(spec, model, tokenizer, *, processor=None) -> Result:
     """Every grid of `spec` by attribution patching (see the module docstring)."""
-    from .engine import _result
+    from .engine import assemble_result
 
     plan = compile_spec(spec, model, tokenizer, processor=processor)
     nodes = _sites_needed(plan)
@@ -173,7 +173,7 @@ def run_attribution(spec, model, tokenizer, *, processor=None) -> Result:
             for cell in cells[i]:
                 acc[cell.grid][i, cell.layer_index, cell.column] = baseline[i] + sum(
                     float(terms[(cell.site, l)][list(cell.positions)].sum()) for l in (cell.layers or (None,)))
-    result = _result(plan, acc, baseline, clean_probs, base_top1)
+    result = assemble_result(plan, acc, baseline, clean_probs, base_top1)
     result.meta.update(method="attribution", steps=steps, rows=len(plan.prompts) * (steps * plan.variants + 1),
                        forward_passes=len(plan.prompts) * (steps + 1), backward_passes=len(plan.prompts) * steps)
     result.meta.pop("cells_equal_to_baseline", None)

@@ -10,9 +10,12 @@ True
   near the edges the window is smaller, never shifted: centre 0 with window 10 restores layers
   0–4. Every window-based comparison across layers therefore compares the same layers.
 - **Noise seed.** A prompt's corruption noise is drawn from a generator seeded by the sha256 of
-  the spec's `seed` and the prompt's own identity (its text, its subject or constraint, its
-  image's pixels): never from its index in the spec. A prompt traced alone or among others, in
-  any order, gets the same noise.
+  the spec's `seed` and the prompt's own identity (its text, the positions of its corrupted
+  tokens, and its image's pixels if it has one; `interventions.plan.Prompt.identity`): never from
+  its index in the spec. A prompt traced alone or among others, in any order, gets the same
+  noise; a text-only prompt gets the same noise through a VLM as through its language model.
+- **Noise scale.** σ is the std of the corrupted input embeddings pooled over the spec's prompts
+  (`interventions.plan.subject_sigma`), for language models and VLMs alike.
 - **Target tokenization.** A target (an answer whose probability is read) is tokenized as
   written, with no space added or stripped; its first token is scored, as ROME scores
   multi-token answers. Write `" Paris"` for the word after "is".

@@ -111,7 +111,7 @@ def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
         all_sum(acc.values())            # torchrun: every cell was computed by exactly one process
         for cell in plan.noop_cells:
             acc[cell.grid][cell.prompt, cell.layer_index, cell.column] = baseline[cell.prompt]
-    return _result(plan, acc, baseline, clean_probs, base_top1)
+    return assemble_result(plan, acc, baseline, clean_probs, base_top1)
 
 
 def _quiet(progress: bool | None, plan: Plan) -> bool:
@@ -347,8 +347,10 @@ def _stack_kv(states: list[tuple[list, int]], prefix: int) -> DynamicCache:
     return cache
 
 
-def _result(plan: Plan, acc: dict, baseline: torch.Tensor, clean_probs: torch.Tensor,
-            base_top1: dict) -> Result:
+def assemble_result(plan: Plan, acc: dict, baseline: torch.Tensor, clean_probs: torch.Tensor,
+                    base_top1: dict) -> Result:
+    """The `Result` of a run (exact or attribution): one record per prompt, the grids (NaN past a
+    prompt's columns), and what ran in `meta`."""
     records = []
     trace = is_trace(plan.spec)
     for i, p in enumerate(plan.prompts):

@@ -212,6 +212,10 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, processor=None, max
     if spec.modality == "vision-language":
         from .vlm import vlm_prompts          # prepares pixels, image-token positions and the embeddings
 
+        if table.family != "llava":
+            raise SpecError("model", getattr(model.config, "model_type", None),
+                            "a LLaVA-architecture model (model_type 'llava'), because the spec is "
+                            "`modality: vision-language`; the loaded model is a language model")
         prompts = vlm_prompts(spec, model, tokenizer, processor)
     elif is_trace(spec):
         prompts = _trace_prompts(spec, tokenizer)

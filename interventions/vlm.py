@@ -163,7 +163,7 @@ def load_vlm(name: str, *, device: str | torch.device = "cpu", device_map: str |
 
     if name == VLM_TESTBED:
         vlm, tokenizer, _ = load_vlm_testbed(device="cpu" if device_map is not None else device)
-        return (vlm if device_map is None else _dispatch(vlm, device_map, offload_folder)), tokenizer, None
+        return (vlm if device_map is None else dispatch(vlm, device_map, offload_folder)), tokenizer, None
     path = local_folder(name)
     if path is None:
         raise ModelNotAvailable(f"`model`: got {short(name)}; expected {VLM_TESTBED!r} or a local LLaVA folder "
@@ -185,7 +185,7 @@ def load_vlm(name: str, *, device: str | torch.device = "cpu", device_map: str |
     return vlm, tokenizer, processor
 
 
-def _dispatch(vlm, device_map: str | dict, offload_folder):
+def dispatch(vlm, device_map: str | dict, offload_folder):
     """Spread an in-memory VLM over devices as `from_pretrained(device_map=...)` would."""
     from accelerate import dispatch_model, infer_auto_device_map
 

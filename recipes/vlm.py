@@ -82,7 +82,7 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     from interventions.sites import LLAVA
     from interventions.spec import spec_to_dict
     from interventions.vlm import load_images, top_answers
-    from recipes.edit import _statistics, hyperparameters
+    from recipes.edit import key_statistics, hyperparameters
 
     out = Path(out)
     vlm, tokenizer, processor = load_vlm(spec.model, device=device)
@@ -101,7 +101,7 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
         raise SpecError("layer", spec.layer, f"a layer in [0, {n_layers - 1}] (the language model has {n_layers})")
     hp = hyperparameters(spec)
     start = time.perf_counter()
-    C = _statistics(spec, vlm, tokenizer, [spec.layer])[spec.layer]
+    C = key_statistics(spec, vlm, tokenizer, [spec.layer])[spec.layer]
     seconds["statistics"] = time.perf_counter() - start
     image_keys = n_images = 0
     if spec.image_corpus:

@@ -296,7 +296,7 @@ def test_image_token_attribution_equals_finite_differences(pair, corruption, flo
 
 def test_vlm_trace_under_device_map_equals_one_device(pair, tmp_path):
     """accelerate's dispatch (two language-model layers on "disk") gives the single-device grids."""
-    from interventions.vlm import _dispatch
+    from interventions.vlm import dispatch
 
     _, vlm, tok = pair
     import copy
@@ -307,10 +307,20 @@ def test_vlm_trace_under_device_map_equals_one_device(pair, tmp_path):
                "model.language_model.layers.1": "disk", "model.language_model.layers.2": "cpu",
                "model.language_model.layers.3": "disk", "model.language_model.norm": "cpu",
                "model.language_model.rotary_emb": "cpu", "lm_head": "cpu"}
-    spread = _dispatch(spread, mapping, tmp_path / "offload")
+    spread = dispatch(spread, mapping, tmp_path / "offload")
     assert spread.model.language_model.layers[1].mlp.down_proj.weight.device.type == "meta"
     spec = parse_spec({"kind": "trace", "model": "m", "samples": 2, "window": 2,
                        "prompts": [{"image": "flag:Chile", "prompt": QUESTION, "target": "santiago"}]})
     one, many = run(spec, vlm, tok), run(spec, spread, tok)
     for name in one.grids:
         torch.testing.assert_close(one.grids[name].values, many.grids[name].values, atol=1e-5, rtol=0)
+
+
+def test_a_vision_language_spec_on_a_language_model_names_the_field(pair):
+    from interventions import SpecError
+
+    lm, _, tok = pair
+    spec = parse_spec({"kind": "trace", "model": "m", "prompts": [{"image": "flag:France", "prompt": QUESTION,
+                                                                    "target": "paris"}]})
+    with pytest.raises(SpecError, match=r"`model`: got 'llama'; expected a LLaVA-architecture model"):
+        run(spec, lm, tok)
