@@ -11,8 +11,16 @@ holds at most ``max_batch_rows`` rows that share one graph.
 >>> plan.unit_locations(plan.chunks[0])["base"][1][:2]           # doctest: +SKIP
 [[5], [6]]
 
+One plan serves language models and VLMs. A vision-language spec's prompts come
+from `interventions.vlm.vlm_prompts`, which only prepares inputs: the token ids
+(image tokens included), the image-token positions, and the language model's input
+embeddings with the image features merged in (`Encoded.embeds`). From there on
+everything here and in `engine` is the same; the noise node sits on the embedding
+lookup's output, or on layer 0's input for prompts that run as embeddings.
+
 The only model computation in compiling is the embedding lookup that measures
-the noise scale σ when the spec does not give `sigma`.
+the noise scale σ when the spec does not give `sigma`, and, for a VLM, its vision
+tower and projector, once per image.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ VLM_SPEC = {
     "sites": ["hidden", "mlp", "attention"], "window": 10, "seed": 0,
 }
 SITES = {"hidden": "block_output", "mlp": "mlp_output", "attention": "attention_output"}
+#: Path-integrated attribution is also timed and scored at these numbers of steps.
+STEPS = (2, 4, 8)
 
 
 @torch.inference_mode()
@@ -70,8 +72,9 @@ def rome_loop(model, plan, answer: int, inputs: dict, noised: tuple) -> dict[str
 
     grids = {}
     for name, site in SITES.items():
-        grid = torch.zeros(n, len(prompt.columns))
-        for layer in range(n):
+        axis = plan.grids[name].layers           # the plan's layers (the warm-up's is one layer)
+        grid = torch.zeros(len(axis), len(prompt.columns))
+        for row, layer in enumerate(axis):
             layers = (layer,) if name == "hidden" else window(layer, 10, n)
             for column, (_, positions) in enumerate(prompt.columns):
                 handles = [module.register_forward_hook(add_noise)]
@@ -82,7 +85,7 @@ def rome_loop(model, plan, answer: int, inputs: dict, noised: tuple) -> dict[str
                 finally:
                     for h in handles:
                         h.remove()
-                grid[layer, column] = probs[:, answer].mean()
+                grid[row, column] = probs[:, answer].mean()
         grids[name] = grid
     return grids
 
@@ -177,6 +180,14 @@ def main(args) -> int:
     diff = max(float((result.grids[k].values[0] - reference[k]).abs().max()) for k in SITES)
     cells = sum(g.values[0].numel() for g in result.grids.values())
     correlations = {k: round(correlation(result, attribution, k), 3) for k in SITES}
+    integrated = {}                 # path-integrated attribution (`steps`): cost and fidelity per k
+    for k in STEPS:
+        start = time.perf_counter()
+        estimate = run(spec.model_copy(update={"method": "attribution", "steps": k}), model, tokenizer)
+        sync(args.device)
+        seconds = time.perf_counter() - start
+        integrated[k] = {"s": round(seconds, 2), "speedup": round(ref_s / seconds, 1),
+                         "r_hidden": round(correlation(result, estimate, "hidden"), 3)}
     report = {
         "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
         "tokens": len(plan.prompts[0].base), "image_tokens": len(plan.prompts[0].record.get("image_positions", [])),
@@ -190,5 +201,6 @@ def main(args) -> int:
         "attribution_s": round(attribution_s, 2), "attribution_speedup": round(ref_s / attribution_s, 1),
         "attribution_r": correlations["hidden"],
         **{f"attribution_correlation_{k}": r for k, r in correlations.items()},
+        "attribution_steps": integrated,
     }
     return print_report(report, args.json, diff, 1e-4)
