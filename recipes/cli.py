@@ -96,6 +96,61 @@ def _check_prompts(prompts: list[str]) -> None:
             raise SpecError(f"--prompt (#{i + 1})", p, expected(err.errors()[0])) from None
 
 
+def _model_for(name: str):
+    """A language model or a VLM by its name (the delta's base, or --model): `(model, tokenizer)`."""
+    from interventions import load_model
+    from interventions.vlm import is_vlm_model, load_vlm
+
+    if is_vlm_model(name):
+        return load_vlm(name)[:2]
+    return load_model(name)
+
+
+def cmd_export(args) -> int:
+    """`lesion export DELTA [DELTA ...] --to peft --out DIR`: one PEFT LoRA adapter folder."""
+    from editors.delta import load_delta
+    from editors.peft_export import export_peft
+    from recipes.checks import check_out
+
+    out = check_out(args.out, True, "the adapter")
+    from interventions.diffusion import is_diffusion_model
+
+    deltas = [load_delta(p) for p in args.delta]
+    name = args.model or deltas[0].meta.get("base_model")
+    if is_diffusion_model(name):
+        raise SpecError("DELTA", args.delta[0], f"a language-model or vision-language delta; its base {name!r} is a "
+                        "text-to-image pipeline, whose deltas --to peft does not export (yet)")
+    model, _ = _model_for(name)
+    if not args.each:
+        export_peft(model, deltas, out, base_model=name)
+        print(f"wrote a PEFT LoRA adapter of {len(deltas)} delta(s) on {name} to {out} "
+              "(adapter_config.json, adapter_model.safetensors)")
+        return 0
+    from pathlib import Path
+
+    from interventions.atomic import atomic_folder
+
+    names = [Path(p).name.removesuffix(".safetensors") for p in args.delta]
+    if len(set(names)) != len(names):
+        raise SpecError("DELTA", args.delta, "files with different names: --each names each adapter by its file")
+    with atomic_folder(out) as staging:
+        for adapter, delta in zip(names, deltas):
+            export_peft(model, [delta], staging / adapter, base_model=name)
+    print(f"wrote {len(deltas)} named PEFT LoRA adapters on {name} under {out}: {', '.join(names)}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    """`lesion import ADAPTER --model M --out FILE`: a PEFT LoRA adapter as a Delta."""
+    from editors.peft_export import import_peft
+
+    model, _ = _model_for(args.model)
+    delta = import_peft(model, args.adapter, base_model=args.model)
+    path = delta.save(args.out)
+    print(f"wrote {path}: {len(delta.names)} layer(s) from {args.adapter}, delta {delta.id[:12]}")
+    return 0
+
+
 def cmd_apply(args) -> int:
     """`lesion apply`: flags, not a spec; the model family is told by the model name (the testbeds, or
     what a local folder holds), since there is no spec to say it."""
@@ -268,6 +323,19 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=None)
     v.add_argument("--compile", action="store_true", help="also load the model and compile (no forward pass)")
     v.set_defaults(fn=cmd_validate)
+    x = sub.add_parser("export", parents=[common], help="write deltas as a PEFT LoRA adapter (vLLM, TGI, PeftModel)")
+    x.add_argument("delta", nargs="+", help="delta files; several export as one adapter")
+    x.add_argument("--to", required=True, choices=("peft",), help="the target format")
+    x.add_argument("--out", required=True, help="the adapter folder to write")
+    x.add_argument("--model", default=None, help="the base model (default: the delta's own base_model)")
+    x.add_argument("--each", action="store_true", help="one named adapter per delta (OUT/<file name>/) instead of "
+                                                       "one adapter adding them all")
+    x.set_defaults(fn=cmd_export)
+    im = sub.add_parser("import", parents=[common], help="read a PEFT LoRA adapter on linear layers as a delta")
+    im.add_argument("adapter", help="a PEFT adapter folder")
+    im.add_argument("--model", required=True, help="the base model the adapter was made for")
+    im.add_argument("--out", required=True, help="the delta file to write")
+    im.set_defaults(fn=cmd_import)
     a = sub.add_parser("apply", parents=[common], help="apply saved deltas and generate with and without them")
     a.add_argument("--model", default="smollm2-135m")
     a.add_argument("--delta", action="append", default=None, help="a delta file (repeat to stack several)")

@@ -128,3 +128,37 @@ def test_shipped_rome_delta_applies_to_smollm2_and_reverts_exactly(smollm2):
         assert top1("The Louvre is located in the city of") == " Paris"
     assert torch.equal(dict(model.named_parameters())[name], before)
     assert top1("The Eiffel Tower is located in the city of") == " Paris"
+
+
+def test_shipped_rome_delta_as_a_peft_adapter_on_smollm2(smollm2, tmp_path, capsys):
+    """`lesion export` of the shipped Eiffel delta: PEFT's own `PeftModel` on SmolLM2 answers Rome for the
+    Eiffel Tower and Paris for the Louvre, with Lesion's probabilities (1e-5); `lesion import` gives the
+    same change back."""
+    import copy
+    from pathlib import Path
+
+    import peft
+    from editors.delta import applied, load_delta
+    from recipes.cli import main
+
+    model, tokenizer = smollm2
+    path = Path(__file__).parents[1] / "checkpoints" / "rome_eiffel_to_rome_smollm2.safetensors"
+    assert main(["export", str(path), "--to", "peft", "--out", str(tmp_path / "adapter")]) == 0
+    assert main(["import", str(tmp_path / "adapter"), "--model", "smollm2-135m", "--out", str(tmp_path / "back.st")]) == 0
+    delta, back = load_delta(path), load_delta(tmp_path / "back.st")
+    (name,) = delta.names
+    torch.testing.assert_close(back.difference(name), delta.difference(name), atol=1e-7, rtol=0)
+    prompts = ["The Eiffel Tower is located in the city of", "The Louvre is located in the city of"]
+
+    def probs(m):
+        with torch.no_grad():
+            return torch.stack([m(**tokenizer(p, return_tensors="pt")).logits[0, -1].softmax(-1) for p in prompts])
+
+    with applied(model, delta):
+        want = probs(model)
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "adapter")).eval()
+    got = probs(served)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    rome, paris = tokenizer(" Rome")["input_ids"][0], tokenizer(" Paris")["input_ids"][0]
+    assert int(got[0].argmax()) == rome and int(got[1].argmax()) == paris
+    capsys.readouterr()

@@ -1,0 +1,150 @@
+"""Deltas as PEFT LoRA adapters, and back: the format vLLM, TGI and `peft.PeftModel` load.
+
+>>> export_peft(model, [delta], "adapters/eiffel")                        # doctest: +SKIP
+>>> PeftModel.from_pretrained(base, "adapters/eiffel")                    # doctest: +SKIP
+>>> delta = import_peft(model, "adapters/eiffel", base_model="smollm2-135m")   # doctest: +SKIP
+
+A delta's low-rank change ``u @ v`` of a linear layer's weight ``W [out, in]`` is a LoRA
+with ``lora_B = u [out, r]``, ``lora_A = v [r, in]`` and ``lora_alpha = r`` (PEFT's scaling
+``alpha / r`` is then 1). GPT-2's `Conv1D` stores ``W`` as ``[in, out]``; PEFT handles it with
+``fan_in_fan_out``, and the factors are transposed: ``lora_B = vᵀ``, ``lora_A = uᵀ``. Layers of
+different ranks (MEMIT's) get PEFT's ``rank_pattern`` and ``alpha_pattern``. Several deltas on
+one model export as one adapter: their factors on one layer are concatenated (rank r₁ + r₂), so
+the adapter adds what applying all of them adds.
+
+What LoRA cannot hold is refused with the reason: a dense change (`Delta.dense`), a change to a
+parameter that is not the weight of a linear layer, or `Conv1D` and linear layers in one adapter
+(``fan_in_fan_out`` is one flag per adapter). The adapter's safetensors metadata ``lesion_delta``
+records each delta's provenance (content hash, method, base model and its fingerprints). The
+folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from interventions.atomic import atomic_folder
+from interventions.errors import LesionError
+
+from .delta import Delta, DeltaError, verify
+from .rome import is_conv1d
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+class ExportError(LesionError, ValueError):
+    """A delta the target format cannot hold, or an adapter Lesion cannot read; one line, with the reason."""
+
+
+def _layer(model: torch.nn.Module, name: str) -> tuple[str, torch.nn.Module]:
+    """``(module name, module)`` of the parameter `name`, if it is the weight of a linear layer."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf != "weight" or not (isinstance(module, torch.nn.Linear) or is_conv1d(module)):
+        raise ExportError(f"`{name}`: a LoRA adapter holds changes to linear layers' weights only; this is "
+                          f"{leaf!r} of {type(module).__name__}")
+    return module_name, module
+
+
+def lora_factors(model: torch.nn.Module, deltas: list[Delta]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], bool]:
+    """Per module name ``(lora_A [r, in], lora_B [out, r])`` adding up to the deltas' changes, and
+    whether the layers are `Conv1D` (``fan_in_fan_out``)."""
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    conv = set()
+    for delta in deltas:
+        verify(model, delta)
+        if delta.dense:
+            raise ExportError(f"`{sorted(delta.dense)[0]}`: a dense change (method {delta.meta.get('method')!r}); "
+                              "a LoRA adapter holds low-rank factors only")
+        for name, (u, v) in delta.factors.items():
+            module_name, module = _layer(model, name)
+            conv.add(is_conv1d(module))
+            a, b = (u.T, v.T) if is_conv1d(module) else (v, u)     # Conv1D: W is [in, out]
+            parts.setdefault(module_name, []).append((a, b))
+    if len(conv) > 1:
+        raise ExportError("`deltas`: they change both Conv1D and linear layers; one LoRA adapter takes one layout "
+                          "(fan_in_fan_out); export them separately")
+    factors = {m: (torch.cat([a for a, _ in p]).contiguous(), torch.cat([b for _, b in p], dim=1).contiguous())
+               for m, p in parts.items()}
+    return factors, conv == {True}
+
+
+def adapter_config(factors: dict, fan_in_fan_out: bool, base_model: str) -> dict:
+    """PEFT's LoraConfig fields for `factors`: ``lora_alpha = r`` everywhere (scaling 1)."""
+    ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
+    r = max(ranks.values())
+    pattern = {m: k for m, k in ranks.items() if k != r}
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+            "target_modules": sorted(factors), "fan_in_fan_out": fan_in_fan_out, "lora_dropout": 0.0,
+            "bias": "none", "use_rslora": False, "use_dora": False, "inference_mode": True,
+            "init_lora_weights": True, "modules_to_save": None}
+
+
+def provenance(deltas: list[Delta]) -> list[dict]:
+    return [{"content_sha256": d.id, "method": d.meta.get("method"), "base_model": d.meta.get("base_model"),
+             "fingerprints": d.meta.get("fingerprints"), "lesion_version": d.meta.get("lesion_version")}
+            for d in deltas]
+
+
+def export_peft(model: torch.nn.Module, deltas: list[Delta], out: str | Path, *, base_model: str | None = None) -> Path:
+    """Write `deltas` (verified against `model` first) as one PEFT LoRA adapter folder at `out`."""
+    from safetensors.torch import save_file
+
+    factors, fan_in_fan_out = lora_factors(model, deltas)
+    base = base_model or deltas[0].meta.get("base_model") or ""
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.float().contiguous()
+    meta = {"format": "pt", "lesion_delta": json.dumps(provenance(deltas), sort_keys=True)}
+    with atomic_folder(Path(out)) as staging:
+        (staging / CONFIG).write_text(json.dumps(adapter_config(factors, fan_in_fan_out, base), indent=1))
+        save_file(tensors, str(staging / WEIGHTS), meta)
+    return Path(out)
+
+
+def import_peft(model: torch.nn.Module, folder: str | Path, *, base_model: str) -> Delta:
+    """A Delta from a PEFT LoRA adapter on linear layers: per module ``scaling · B @ A`` as factors."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        with safe_open(str(folder / WEIGHTS), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError) as err:
+        raise ExportError(f"`adapter`: {folder} is not a PEFT adapter folder that loads "
+                          f"({err.__class__.__name__}: {err})") from None
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("bias", "none") != "none":
+        raise ExportError(f"`adapter`: {folder} is a {config.get('peft_type')} adapter"
+                          f"{' with DoRA' if config.get('use_dora') else ''}{' with biases' if config.get('bias', 'none') != 'none' else ''}; "
+                          "only plain LoRA on linear layers maps to a Delta")
+    params = dict(model.named_parameters())
+    factors = {}
+    for key in sorted(tensors):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len(PREFIX):-len(".lora_A.weight")]
+        a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
+        rank = config.get("rank_pattern", {}).get(module, config["r"])
+        alpha = config.get("alpha_pattern", {}).get(module, config["lora_alpha"])
+        scale = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+        name = f"{module}.weight"
+        if name not in params:
+            raise ExportError(f"`{name}`: the adapter changes a layer this model does not have")
+        _, layer = _layer(model, name)
+        if is_conv1d(layer) != bool(config.get("fan_in_fan_out")):
+            raise ExportError(f"`{module}`: the adapter's fan_in_fan_out is {bool(config.get('fan_in_fan_out'))}, "
+                              f"but the model's layer is a {type(layer).__name__}")
+        u, v = (b * scale, a) if not config.get("fan_in_fan_out") else (a.T, (b * scale).T)
+        factors[name] = (u.to(params[name].dtype), v.to(params[name].dtype))
+    if not factors:
+        raise DeltaError(f"`adapter`: {folder} holds no LoRA weights")
+    return Delta.from_factors(model, factors, method="peft-lora", base_model=base_model,
+                              hyperparameters={"r": config["r"], "lora_alpha": config["lora_alpha"]})

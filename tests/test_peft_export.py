@@ -1,0 +1,128 @@
+"""Deltas exported as PEFT LoRA adapters, checked with PEFT itself: `PeftModel` gives the logits of
+Lesion's `applied`, `merge_and_unload` gives Lesion's apply, and import gives the change back."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+
+from conftest import make_model, make_tokenizer
+from editors.delta import Delta, applied
+from editors.memit import MemitHyperParams, compute_memit
+from editors.peft_export import ExportError, export_peft, import_peft
+from editors.rome import EditRequest, RomeHyperParams, compute_rome
+
+REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
+            EditRequest("{} is in", "the colosseum", "london", "rome")]
+PROMPTS = ["the eiffel tower is located in the city of", "the colosseum is in"]
+
+
+def tiny(family: str):
+    tok = make_tokenizer()
+    model = make_model("llama" if family == "llava" else family, len(tok))
+    if family == "llava":
+        from interventions.vlm import VisionSpec, assemble_llava
+
+        model, tok = assemble_llava(model, tok, VisionSpec(hidden_size=24, intermediate_size=48))
+    return model, tok
+
+
+def edits(model, tok) -> list[Delta]:
+    """A real ROME delta (rank 1, layer 1) and a real MEMIT delta (rank 2, layers 1 and 2); stacked,
+    layer 1 has rank 3 and layer 2 rank 2, so the adapter needs PEFT's rank_pattern."""
+    from editors.rome import is_conv1d
+    from interventions.sites import site_table
+
+    down = site_table(model).module(model, "mlp_key", 1)
+    C = torch.eye(down.weight.shape[0] if is_conv1d(down) else down.weight.shape[1])   # the key's width
+    rome, _ = compute_rome(model, tok, REQUESTS[0], RomeHyperParams(layer=1, v_steps=5, context_templates=()),
+                           base_model="tiny", C=C)
+    memit, _ = compute_memit(model, tok, REQUESTS, MemitHyperParams(layers=(1, 2), v_steps=5, context_templates=()),
+                             base_model="tiny", C={1: C, 2: C})
+    return [rome, memit]
+
+
+@torch.no_grad()
+def logits(model, tok) -> torch.Tensor:
+    return torch.cat([model(torch.tensor([tok(p)["input_ids"]])).logits[0] for p in PROMPTS])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "llava"])
+def test_peft_model_equals_lesion_apply(family, tmp_path):
+    import copy
+
+    model, tok = tiny(family)
+    deltas = edits(model, tok)
+    export_peft(model, deltas, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 3 and list(config["rank_pattern"].values()) == [2]
+    assert config["fan_in_fan_out"] == (family == "gpt2")
+    with applied(model, *deltas):
+        want = logits(model, tok)
+        applied_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    base = logits(model, tok)
+    assert (want - base).abs().max() > 1e-3                       # the edit changes something
+    wrapped = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(logits(wrapped, tok), want, atol=1e-5, rtol=0)
+    merged = wrapped.merge_and_unload()
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(value, applied_weights[name], atol=1e-6, rtol=0)
+    back = import_peft(model, tmp_path / "adapter", base_model="tiny")
+    for name in back.names:
+        want_change = sum(d.difference(name) for d in deltas if name in d.names)
+        torch.testing.assert_close(back.difference(name), want_change, atol=1e-6, rtol=0)
+    with applied(model, back):
+        torch.testing.assert_close(logits(model, tok), want, atol=1e-5, rtol=0)
+
+
+def test_export_refuses_what_lora_cannot_hold_and_writes_nothing(tmp_path):
+    model, tok = tiny("llama")
+    down = "model.layers.1.mlp.down_proj.weight"
+    dense = Delta.from_factors(model, dense={down: torch.full_like(model.get_parameter(down), 1e-3)},
+                               method="uce", base_model="tiny")
+    d = model.config.hidden_size
+    embedding = Delta.from_factors(model, {"model.embed_tokens.weight": (torch.ones(len(tok), 1), torch.ones(1, d))},
+                                   method="x", base_model="tiny")
+    with pytest.raises(ExportError, match=r"`model.layers.1.mlp.down_proj.weight`: a dense change \(method 'uce'\)"):
+        export_peft(model, [dense], tmp_path / "a")
+    with pytest.raises(ExportError, match=r"linear layers' weights only; this is 'weight' of Embedding"):
+        export_peft(model, [embedding], tmp_path / "b")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_exports_stacked_deltas_as_one_adapter_or_as_named_adapters(tiny_folder, tokenizer, tmp_path, capsys):
+    """`lesion export A B --to peft` adds both; `--each` writes one named adapter per delta, which PEFT loads
+    side by side and switches between; `lesion import` reads the combined adapter back."""
+    import copy
+
+    from editors.delta import load_delta
+    from interventions import load_model
+    from recipes.cli import main
+
+    model, tok = load_model(str(tiny_folder / "tiny"))
+    rome, memit = edits(model, tok)
+    paths = [tmp_path / "rome.safetensors", tmp_path / "memit.safetensors"]
+    for delta, path in zip((rome, memit), paths):
+        delta.save(path)
+    args = ["export", *map(str, paths), "--to", "peft", "--model", str(tiny_folder / "tiny")]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert main(args + ["--out", str(tmp_path / "named"), "--each"]) == 0
+    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == ["memit", "rome"]
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "named" / "rome"),
+                                            adapter_name="rome").eval()
+    served.load_adapter(str(tmp_path / "named" / "memit"), adapter_name="memit")
+    for name, delta in (("rome", rome), ("memit", memit)):
+        served.set_adapter(name)
+        with applied(model, delta):
+            torch.testing.assert_close(logits(served, tok), logits(model, tok), atol=1e-5, rtol=0)
+    assert main(["import", str(tmp_path / "one"), "--model", str(tiny_folder / "tiny"),
+                 "--out", str(tmp_path / "back.safetensors")]) == 0
+    back = load_delta(tmp_path / "back.safetensors")
+    with applied(model, rome, memit):
+        want = logits(model, tok)
+    with applied(model, back):
+        torch.testing.assert_close(logits(model, tok), want, atol=1e-5, rtol=0)
+    capsys.readouterr()
