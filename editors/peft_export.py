@@ -34,6 +34,7 @@ from .rome import is_conv1d
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PREFIX = "base_model.model."
 
 
@@ -41,10 +42,13 @@ class ExportError(LesionError, ValueError):
     """A delta the target format cannot hold, or an adapter Lesion cannot read; one line, with the reason."""
 
 
-def _layer(model: torch.nn.Module, name: str) -> tuple[str, torch.nn.Module]:
-    """``(module name, module)`` of the parameter `name`, if it is the weight of a linear layer."""
+def _layer(model, name: str) -> tuple[str, torch.nn.Module]:
+    """``(module name, module)`` of the parameter `name`, if it is the weight of a linear layer. `model`
+    is a module, or a text-to-image pipeline whose parameters are named ``unet.…``, ``text_encoder.…``."""
     module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
+    module = model
+    for part in module_name.split(".") if module_name else ():
+        module = getattr(module, part)
     if leaf != "weight" or not (isinstance(module, torch.nn.Linear) or is_conv1d(module)):
         raise ExportError(f"`{name}`: a LoRA adapter holds changes to linear layers' weights only; this is "
                           f"{leaf!r} of {type(module).__name__}")
@@ -106,6 +110,28 @@ def export_peft(model: torch.nn.Module, deltas: list[Delta], out: str | Path, *,
     with atomic_folder(Path(out)) as staging:
         (staging / CONFIG).write_text(json.dumps(adapter_config(factors, fan_in_fan_out, base), indent=1))
         save_file(tensors, str(staging / WEIGHTS), meta)
+    return Path(out)
+
+
+def export_diffusers(pipe, deltas: list[Delta], out: str | Path) -> Path:
+    """Write text-to-image `deltas` (UNet and text-encoder layers) as LoRA weights that diffusers'
+    ``StableDiffusionPipeline.load_lora_weights(out)`` loads: ``pytorch_lora_weights.safetensors`` with
+    keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and ``text_encoder.<module>…``. With no
+    alphas in the file, diffusers gives every module ``alpha = rank`` (scaling 1), as exported here."""
+    from safetensors.torch import save_file
+
+    factors, fan_in_fan_out = lora_factors(pipe, deltas)
+    if fan_in_fan_out:
+        raise ExportError("`deltas`: Conv1D layers; a diffusers pipeline's LoRA layers are linear")
+    tensors = {}
+    for module, (a, b) in factors.items():
+        if not module.startswith(("unet.", "text_encoder.")):
+            raise ExportError(f"`{module}`: diffusers LoRA weights hold the UNet and the text encoder only")
+        tensors[f"{module}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"{module}.lora_B.weight"] = b.float().contiguous()
+    with atomic_folder(Path(out)) as staging:
+        save_file(tensors, str(staging / DIFFUSERS_WEIGHTS),
+                  {"format": "pt", "lesion_delta": json.dumps(provenance(deltas), sort_keys=True)})
     return Path(out)
 
 

@@ -107,7 +107,8 @@ def _model_for(name: str):
 
 
 def cmd_export(args) -> int:
-    """`lesion export DELTA [DELTA ...] --to peft --out DIR`: one PEFT LoRA adapter folder."""
+    """`lesion export DELTA [DELTA ...] --to peft|diffusers --out DIR`: one PEFT LoRA adapter folder, or
+    diffusers LoRA weights."""
     from editors.delta import load_delta
     from editors.peft_export import export_peft
     from recipes.checks import check_out
@@ -117,9 +118,20 @@ def cmd_export(args) -> int:
 
     deltas = [load_delta(p) for p in args.delta]
     name = args.model or deltas[0].meta.get("base_model")
-    if is_diffusion_model(name):
-        raise SpecError("DELTA", args.delta[0], f"a language-model or vision-language delta; its base {name!r} is a "
-                        "text-to-image pipeline, whose deltas --to peft does not export (yet)")
+    if is_diffusion_model(name) != (args.to == "diffusers"):
+        raise SpecError("--to", args.to, "'diffusers' for a text-to-image delta" if is_diffusion_model(name) else
+                        f"'peft' for a language-model or vision-language delta (its base is {name!r})")
+    if args.to == "diffusers":
+        from editors.peft_export import export_diffusers
+        from interventions.diffusion import load_pipeline
+
+        if args.each:
+            raise SpecError("--each", True, "nothing with --to diffusers (one pipeline loads one set of LoRA weights "
+                                            "per call; export each delta on its own)")
+        export_diffusers(load_pipeline(name), deltas, out)
+        print(f"wrote diffusers LoRA weights of {len(deltas)} delta(s) on {name} to {out} "
+              "(pytorch_lora_weights.safetensors; StableDiffusionPipeline.load_lora_weights loads it)")
+        return 0
     model, _ = _model_for(name)
     if not args.each:
         export_peft(model, deltas, out, base_model=name)
@@ -323,9 +335,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=None)
     v.add_argument("--compile", action="store_true", help="also load the model and compile (no forward pass)")
     v.set_defaults(fn=cmd_validate)
-    x = sub.add_parser("export", parents=[common], help="write deltas as a PEFT LoRA adapter (vLLM, TGI, PeftModel)")
+    x = sub.add_parser("export", parents=[common], help="write deltas as LoRA weights that serving libraries load "
+                                                        "(PEFT: vLLM, TGI, PeftModel; diffusers)")
     x.add_argument("delta", nargs="+", help="delta files; several export as one adapter")
-    x.add_argument("--to", required=True, choices=("peft",), help="the target format")
+    x.add_argument("--to", required=True, choices=("peft", "diffusers"),
+                   help="peft: a PEFT LoRA adapter (language models, VLMs); diffusers: LoRA weights for "
+                        "StableDiffusionPipeline.load_lora_weights (text-to-image deltas)")
     x.add_argument("--out", required=True, help="the adapter folder to write")
     x.add_argument("--model", default=None, help="the base model (default: the delta's own base_model)")
     x.add_argument("--each", action="store_true", help="one named adapter per delta (OUT/<file name>/) instead of "

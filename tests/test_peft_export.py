@@ -126,3 +126,71 @@ def test_cli_exports_stacked_deltas_as_one_adapter_or_as_named_adapters(tiny_fol
     with applied(model, back):
         torch.testing.assert_close(logits(model, tok), want, atol=1e-5, rtol=0)
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("kind", [dict(method="uce"), dict(method="time", preserve=()),
+                                  dict(edit="text_encoder", layer=1)], ids=["uce", "time", "diff-quickfix"])
+def test_diffusers_pipeline_with_load_lora_weights_equals_lesion_apply(kind, tmp_path):
+    """A plain diffusers `StableDiffusionPipeline` (tiny, seeded) that loads the exported LoRA weights with
+    `load_lora_weights` makes the images the same pipeline makes with Lesion's apply, within 1e-5
+    (pixels in [0, 1], 3 DDIM steps, same seed): UCE and TIME on the UNet's `attn2.to_k`/`to_v`,
+    Diff-QuickFix on a text-encoder `out_proj`."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_tiny import tiny_sd
+    from editors.erase import erase
+    from editors.peft_export import export_diffusers
+    from interventions.spec import EraseSpec
+
+    pipe = tiny_sd()
+    spec = EraseSpec(**{**dict(model="tiny-sd-0", concepts=[{"concept": "red", "guide": "blue"}],
+                               preserve=["green", "yellow"], templates=["a {} cat", "a {} dog"], lam=0.1), **kind})
+    delta = erase(spec, pipe)
+    export_diffusers(pipe, [delta], tmp_path / "lora")
+
+    def diffusers_pipeline(unet, text_encoder):
+        return StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet,
+                                       scheduler=copy.deepcopy(pipe.scheduler), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+    def images(sd):
+        return sd(["a red cat", "a green dog"], num_inference_steps=3, guidance_scale=3.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(0), height=16, width=16).images
+
+    with applied(pipe, delta):
+        want = images(diffusers_pipeline(pipe.unet, pipe.text_encoder))
+    base = images(diffusers_pipeline(pipe.unet, pipe.text_encoder))
+    served = diffusers_pipeline(copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder))
+    served.load_lora_weights(str(tmp_path / "lora"))
+    got = images(served)
+    assert (want - base).abs().max() > 1e-3                    # the edit changes the images
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_cli_exports_the_shipped_erase_delta_for_diffusers(tmp_path, capsys):
+    """`lesion export` of the shipped UCE delta (the shapes testbed): diffusers-format LoRA weights for its 14
+    projections, whose B @ A is the delta's change; `--to peft` names the right target instead."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from editors.delta import load_delta
+    from recipes.cli import main
+
+    path = Path(__file__).parents[1] / "checkpoints" / "erase_red_uce_shapes.safetensors"
+    assert main(["export", str(path), "--to", "diffusers", "--out", str(tmp_path / "lora")]) == 0
+    delta = load_delta(path)
+    with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        assert json.loads(f.metadata()["lesion_delta"])[0]["content_sha256"] == delta.id
+    assert len(tensors) == 2 * len(delta.names) == 28
+    for name in delta.names:
+        module = name.removesuffix(".weight")
+        got = tensors[f"{module}.lora_B.weight"] @ tensors[f"{module}.lora_A.weight"]
+        torch.testing.assert_close(got, delta.difference(name), atol=1e-6, rtol=0)
+    capsys.readouterr()
+    assert main(["export", str(path), "--to", "peft", "--out", str(tmp_path / "no")]) == 2
+    assert "expected 'diffusers' for a text-to-image delta" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
