@@ -107,22 +107,35 @@ def _model_for(name: str):
 
 
 def cmd_export(args) -> int:
-    """`lesion export DELTA [DELTA ...] --to peft|diffusers --out DIR`: one PEFT LoRA adapter folder, or
-    diffusers LoRA weights."""
+    """`lesion export DELTA [DELTA ...] --to peft|diffusers --out DIR` (one PEFT LoRA adapter folder, or
+    diffusers LoRA weights), or `--merged` (the edited model as a Hugging Face folder)."""
     from editors.delta import load_delta
-    from editors.peft_export import export_peft
+    from editors.export import export_peft
     from recipes.checks import check_out
 
     out = check_out(args.out, True, "the adapter")
     from interventions.diffusion import is_diffusion_model
 
+    if (args.to is None) == (not args.merged):
+        raise SpecError("--to", args.to, "one of 'peft', 'diffusers', or --merged instead of --to (not both)")
     deltas = [load_delta(p) for p in args.delta]
     name = args.model or deltas[0].meta.get("base_model")
+    if args.merged:
+        if is_diffusion_model(name) or args.each:
+            raise SpecError("--merged", True, "a language-model or vision-language delta, without --each "
+                            f"(got {'a text-to-image base' if is_diffusion_model(name) else '--each'})")
+        from editors.export import export_merged
+
+        model, tokenizer = _model_for(name)
+        export_merged(model, tokenizer, deltas, out)
+        print(f"wrote {name} with {len(deltas)} delta(s) merged to {out} (a Hugging Face folder; config.json "
+              "readable by transformers 4.x and 5.x)")
+        return 0
     if is_diffusion_model(name) != (args.to == "diffusers"):
         raise SpecError("--to", args.to, "'diffusers' for a text-to-image delta" if is_diffusion_model(name) else
                         f"'peft' for a language-model or vision-language delta (its base is {name!r})")
     if args.to == "diffusers":
-        from editors.peft_export import export_diffusers
+        from editors.export import export_diffusers
         from interventions.diffusion import load_pipeline
 
         if args.each:
@@ -154,7 +167,7 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     """`lesion import ADAPTER --model M --out FILE`: a PEFT LoRA adapter as a Delta."""
-    from editors.peft_export import import_peft
+    from editors.export import import_peft
 
     model, _ = _model_for(args.model)
     delta = import_peft(model, args.adapter, base_model=args.model)
@@ -338,11 +351,13 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", parents=[common], help="write deltas as LoRA weights that serving libraries load "
                                                         "(PEFT: vLLM, TGI, PeftModel; diffusers)")
     x.add_argument("delta", nargs="+", help="delta files; several export as one adapter")
-    x.add_argument("--to", required=True, choices=("peft", "diffusers"),
+    x.add_argument("--to", default=None, choices=("peft", "diffusers"),
                    help="peft: a PEFT LoRA adapter (language models, VLMs); diffusers: LoRA weights for "
                         "StableDiffusionPipeline.load_lora_weights (text-to-image deltas)")
     x.add_argument("--out", required=True, help="the adapter folder to write")
     x.add_argument("--model", default=None, help="the base model (default: the delta's own base_model)")
+    x.add_argument("--merged", action="store_true", help="instead of --to: the whole edited model as a Hugging Face "
+                                                         "folder, for engines that take merged weights")
     x.add_argument("--each", action="store_true", help="one named adapter per delta (OUT/<file name>/) instead of "
                                                        "one adapter adding them all")
     x.set_defaults(fn=cmd_export)

@@ -1,4 +1,5 @@
-"""Deltas as PEFT LoRA adapters, and back: the format vLLM, TGI and `peft.PeftModel` load.
+"""Deltas in the formats serving libraries load: PEFT LoRA adapters (and back), diffusers LoRA weights,
+and whole merged Hugging Face folders.
 
 >>> export_peft(model, [delta], "adapters/eiffel")                        # doctest: +SKIP
 >>> PeftModel.from_pretrained(base, "adapters/eiffel")                    # doctest: +SKIP
@@ -29,7 +30,7 @@ import torch
 from interventions.atomic import atomic_folder
 from interventions.errors import LesionError
 
-from .delta import Delta, DeltaError, verify
+from .delta import Delta, DeltaError, applied, verify
 from .rome import is_conv1d
 
 CONFIG = "adapter_config.json"
@@ -132,6 +133,43 @@ def export_diffusers(pipe, deltas: list[Delta], out: str | Path) -> Path:
     with atomic_folder(Path(out)) as staging:
         save_file(tensors, str(staging / DIFFUSERS_WEIGHTS),
                   {"format": "pt", "lesion_delta": json.dumps(provenance(deltas), sort_keys=True)})
+    return Path(out)
+
+
+def portable_config(config: dict) -> dict:
+    """`config` (a ``config.json`` as transformers 5 writes it) with the RoPE base frequencies also where
+    transformers 4.x reads them: 4.x ignores ``rope_parameters`` and silently falls back to its default
+    (SmolLM2's 100,000 read as 10,000). Adds top-level ``rope_theta`` (the full-attention layers') and, for
+    Gemma 3, ``rope_local_base_freq`` (the sliding-window layers'); transformers 5 reads them consistently."""
+    out = dict(config)
+    rope = config.get("rope_parameters") or {}
+    full = rope.get("full_attention", rope)
+    if "rope_theta" in full and "rope_theta" not in out:
+        out["rope_theta"] = full["rope_theta"]
+    if "rope_theta" in rope.get("sliding_attention", {}) and "rope_local_base_freq" not in out:
+        out["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    return out
+
+
+def export_merged(model: torch.nn.Module, tokenizer, deltas: list[Delta], out: str | Path) -> Path:
+    """The whole edited model (`deltas` applied, verified first) as a Hugging Face folder, its config
+    readable by transformers 4.x and 5.x (`portable_config`; the tokenizer named by a class both know);
+    the model is reverted afterwards, bit for bit."""
+    with applied(model, *deltas), atomic_folder(Path(out)) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        config = json.loads((staging / "config.json").read_text())
+        config["lesion_deltas"] = provenance(deltas)
+        for key in ("text_config",):      # a VLM keeps its language model's RoPE in text_config
+            if isinstance(config.get(key), dict):
+                config[key] = portable_config(config[key])
+        (staging / "config.json").write_text(json.dumps(portable_config(config), indent=2, sort_keys=True))
+        tokenizer_config = staging / "tokenizer_config.json"
+        if tokenizer_config.is_file():    # transformers 5's generic class name is unknown to 4.x
+            data = json.loads(tokenizer_config.read_text())
+            if data.get("tokenizer_class") == "TokenizersBackend":
+                data["tokenizer_class"] = "PreTrainedTokenizerFast"
+                tokenizer_config.write_text(json.dumps(data, indent=2))
     return Path(out)
 
 

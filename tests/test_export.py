@@ -12,7 +12,7 @@ import torch
 from conftest import make_model, make_tokenizer
 from editors.delta import Delta, applied
 from editors.memit import MemitHyperParams, compute_memit
-from editors.peft_export import ExportError, export_peft, import_peft
+from editors.export import ExportError, export_peft, import_peft
 from editors.rome import EditRequest, RomeHyperParams, compute_rome
 
 REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -141,7 +141,7 @@ def test_diffusers_pipeline_with_load_lora_weights_equals_lesion_apply(kind, tmp
 
     from diffusion_tiny import tiny_sd
     from editors.erase import erase
-    from editors.peft_export import export_diffusers
+    from editors.export import export_diffusers
     from interventions.spec import EraseSpec
 
     pipe = tiny_sd()
@@ -194,3 +194,48 @@ def test_cli_exports_the_shipped_erase_delta_for_diffusers(tmp_path, capsys):
     assert main(["export", str(path), "--to", "peft", "--out", str(tmp_path / "no")]) == 2
     assert "expected 'diffusers' for a text-to-image delta" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+def test_merged_export_is_a_folder_transformers_loads_with_the_edit(tiny_folder, tmp_path, capsys):
+    """`lesion export --merged`: a Hugging Face folder whose model gives Lesion's applied logits; its
+    config also names the RoPE base where transformers 4.x reads it (top-level `rope_theta`), and its
+    tokenizer by a class 4.x knows; the base model is left bit for bit as it was."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from interventions import load_model
+    from recipes.cli import main
+
+    model, tok = load_model(str(tiny_folder / "tiny"))
+    rome, memit = edits(model, tok)
+    rome.save(tmp_path / "rome.safetensors")
+    memit.save(tmp_path / "memit.safetensors")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert main(["export", str(tmp_path / "rome.safetensors"), str(tmp_path / "memit.safetensors"), "--merged",
+                 "--model", str(tiny_folder / "tiny"), "--out", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert [d["content_sha256"] for d in config["lesion_deltas"]] == [rome.id, memit.id]
+    tokenizer_class = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert tokenizer_class != "TokenizersBackend"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    merged_tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged_tok("the colosseum is in")["input_ids"] == tok("the colosseum is in")["input_ids"]
+    with applied(model, rome, memit):
+        want = logits(model, tok)
+    torch.testing.assert_close(logits(merged, tok), want, atol=1e-6, rtol=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "rome.safetensors"), "--to", "peft", "--merged",
+                 "--out", str(tmp_path / "both")]) == 2
+    assert "--to" in capsys.readouterr().err and not (tmp_path / "both").exists()
+
+
+def test_portable_config_names_gemma3_s_two_rope_bases():
+    from editors.export import portable_config
+
+    config = {"model_type": "gemma3_text", "rope_parameters": {
+        "full_attention": {"rope_theta": 1_000_000.0, "rope_type": "default"},
+        "sliding_attention": {"rope_theta": 10_000.0, "rope_type": "default"}}}
+    out = portable_config(config)
+    assert (out["rope_theta"], out["rope_local_base_freq"]) == (1_000_000.0, 10_000.0)
+    assert out["rope_parameters"] == config["rope_parameters"]
