@@ -173,6 +173,101 @@ def export_merged(model: torch.nn.Module, tokenizer, deltas: list[Delta], out: s
     return Path(out)
 
 
+#: transformers model types llama.cpp serves, and the GGUF architecture that names their tensors.
+GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "gemma3_text": "gemma3"}
+
+
+def _gguf_arch(model) -> str:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in GGUF_ARCHES:
+        raise ExportError(f"`model`: {model_type!r}; a GGUF adapter is for llama.cpp's Llama-family and Gemma 3 "
+                          f"language models ({', '.join(GGUF_ARCHES)})")
+    return GGUF_ARCHES[model_type]
+
+
+def _write_gguf(out: Path, fill) -> Path:
+    """Write a GGUF file atomically: `fill(writer)` into a temporary file beside `out`, then rename."""
+    import os
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = fill(tmp)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def export_gguf_lora(model: torch.nn.Module, deltas: list[Delta], out: str | Path) -> Path:
+    """`deltas` as a llama.cpp LoRA adapter (``--lora FILE``), for a Llama-family or Gemma 3 model.
+
+    Tensors ``blk.N.<name>.weight.lora_a`` ``[r, in]`` and ``.lora_b`` ``[out, r]`` (GGUF lists the
+    dimensions reversed), named as llama.cpp names the base weights; ``adapter.lora.alpha`` is 0, which
+    llama.cpp reads as scale 1 for every tensor whatever its rank."""
+    import gguf
+
+    arch = _gguf_arch(model)
+    factors, _ = lora_factors(model, deltas)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+
+    def fill(path):
+        writer = gguf.GGUFWriter(path, arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+        writer.add_string("lesion.deltas", json.dumps(provenance(deltas), sort_keys=True))
+        for module, (a, b) in factors.items():
+            name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+            if name is None:
+                raise ExportError(f"`{module}`: llama.cpp has no tensor for this layer of a {arch} model")
+            writer.add_tensor(f"{name}.lora_a", a.float().numpy())
+            writer.add_tensor(f"{name}.lora_b", b.float().numpy())
+        return writer
+
+    return _write_gguf(Path(out), fill)
+
+
+def export_control_vector(vector, model, out: str | Path) -> Path:
+    """A steering vector as a llama.cpp control vector (``--control-vector FILE``, or
+    ``--control-vector-scaled FILE COEF`` for `lesion apply --steer ... --coef COEF`).
+
+    llama.cpp adds ``direction.N`` to the residual stream after layer N (N ≥ 1) at every position,
+    which is a vector at `block_output` of layer N applied to all positions (`apply_to: all`); other
+    sites, and layer 0, are refused. The vector is written unscaled."""
+    import gguf
+
+    from interventions.steer import check_vector
+
+    check_vector(model, vector)
+    arch = _gguf_arch(model)
+    if vector.site != "block_output":
+        raise ExportError(f"`steer`: site {vector.site!r}; a llama.cpp control vector is added to the residual "
+                          "stream after a layer (site 'block_output')")
+    if 0 in vector.layers:
+        raise ExportError("`steer`: layer 0; llama.cpp applies control vectors after layers 1 and up")
+
+    def fill(path):
+        writer = gguf.GGUFWriter(path, "controlvector")
+        writer.add_string("controlvector.model_hint", arch)
+        writer.add_int32("controlvector.layer_count", len(vector.layers))
+        writer.add_string("lesion.steer", json.dumps({k: vector.meta.get(k) for k in ("model", "method", "site")},
+                                                     sort_keys=True))
+        for layer in vector.layers:
+            writer.add_tensor(f"direction.{layer}", vector.vectors[layer].float().numpy())
+        return writer
+
+    return _write_gguf(Path(out), fill)
+
+
 def import_peft(model: torch.nn.Module, folder: str | Path, *, base_model: str) -> Delta:
     """A Delta from a PEFT LoRA adapter on linear layers: per module ``scaling · B @ A`` as factors."""
     from safetensors import safe_open

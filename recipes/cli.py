@@ -113,11 +113,21 @@ def cmd_export(args) -> int:
     from editors.export import export_peft
     from recipes.checks import check_out
 
-    out = check_out(args.out, True, "the adapter")
+    if args.to == "gguf":       # one file, not a folder
+        from pathlib import Path
+
+        out = Path(args.out)
+        if out.is_dir() or out.suffix != ".gguf":
+            raise SpecError("--out", args.out, "a .gguf file path (not a folder)")
+    else:
+        out = check_out(args.out, True, "the adapter")
     from interventions.diffusion import is_diffusion_model
 
     if (args.to is None) == (not args.merged):
-        raise SpecError("--to", args.to, "one of 'peft', 'diffusers', or --merged instead of --to (not both)")
+        raise SpecError("--to", args.to, "one of 'peft', 'diffusers', 'gguf', or --merged instead of --to "
+                                         "(not both)")
+    if args.to == "gguf":
+        return _export_gguf(args, out)
     deltas = [load_delta(p) for p in args.delta]
     name = args.model or deltas[0].meta.get("base_model")
     if args.merged:
@@ -162,6 +172,39 @@ def cmd_export(args) -> int:
         for adapter, delta in zip(names, deltas):
             export_peft(model, [delta], staging / adapter, base_model=name)
     print(f"wrote {len(deltas)} named PEFT LoRA adapters on {name} under {out}: {', '.join(names)}")
+    return 0
+
+
+def _export_gguf(args, out) -> int:
+    """`--to gguf`: deltas as a llama.cpp LoRA adapter, or one steering vector as a control vector."""
+    from editors.delta import load_delta
+    from editors.export import export_control_vector, export_gguf_lora
+    from interventions.steer import META_KEY as STEER_KEY, load_vector
+    from interventions.tagged import existing_file
+
+    if args.each:
+        raise SpecError("--each", True, "nothing with --to gguf (llama.cpp takes several --lora files itself)")
+    if existing_file(args.delta[0]):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(args.delta[0], "pt") as f:
+                steer = STEER_KEY in (f.metadata() or {})
+        except Exception:   # noqa: BLE001 - load_delta below says what is wrong with the file
+            steer = False
+        if steer:
+            if len(args.delta) > 1:
+                raise SpecError("DELTA", args.delta, "one steering vector file for a control vector")
+            vector = load_vector(args.delta[0])
+            model, _ = _model_for(args.model or vector.meta.get("model"))
+            export_control_vector(vector, model, out)
+            print(f"wrote a llama.cpp control vector (layers {vector.layers}, unscaled) to {out}; llama.cpp: "
+                  f"--control-vector-scaled {out} COEF")
+            return 0
+    deltas = [load_delta(p) for p in args.delta]
+    model, _ = _model_for(args.model or deltas[0].meta.get("base_model"))
+    export_gguf_lora(model, deltas, out)
+    print(f"wrote a llama.cpp LoRA adapter of {len(deltas)} delta(s) to {out}; llama.cpp: --lora {out}")
     return 0
 
 
@@ -350,10 +393,11 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=cmd_validate)
     x = sub.add_parser("export", parents=[common], help="write deltas as LoRA weights that serving libraries load "
                                                         "(PEFT: vLLM, TGI, PeftModel; diffusers)")
-    x.add_argument("delta", nargs="+", help="delta files; several export as one adapter")
-    x.add_argument("--to", default=None, choices=("peft", "diffusers"),
+    x.add_argument("delta", nargs="+", help="delta files (several export as one adapter), or one steering vector")
+    x.add_argument("--to", default=None, choices=("peft", "diffusers", "gguf"),
                    help="peft: a PEFT LoRA adapter (language models, VLMs); diffusers: LoRA weights for "
-                        "StableDiffusionPipeline.load_lora_weights (text-to-image deltas)")
+                        "StableDiffusionPipeline.load_lora_weights (text-to-image deltas); gguf: a llama.cpp "
+                        "LoRA adapter (deltas) or control vector (a steering vector file)")
     x.add_argument("--out", required=True, help="the adapter folder to write")
     x.add_argument("--model", default=None, help="the base model (default: the delta's own base_model)")
     x.add_argument("--merged", action="store_true", help="instead of --to: the whole edited model as a Hugging Face "
