@@ -298,6 +298,12 @@ def cmd_bench_trace(args) -> int:
     return bench(args)
 
 
+def cmd_bench_serve(args) -> int:
+    from recipes.bench_serve import main as bench
+
+    return bench(args)
+
+
 def cmd_bench_patch(args) -> int:
     from recipes.bench_patch import main as bench
 
@@ -446,6 +452,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--memory", default=None, metavar="SIZE", help="run Lesion exact under this memory budget "
                                                                   "and report its measured peak")
     b.set_defaults(fn=cmd_bench_trace)
+    bs = sub.add_parser("bench-serve", parents=[common], help="generation speed with the shipped edit in llama.cpp "
+                                                              "(LoRA) and transformers + PEFT (unmerged, merged)")
+    bs.add_argument("--tokens", type=positive_int, default=64)
+    bs.add_argument("--repeats", type=positive_int, default=3)
+    bs.set_defaults(fn=cmd_bench_serve)
     bp = sub.add_parser("bench-patch", parents=[common], help="benchmark a 100-prompt patching sweep against a one-forward-per-cell "
                                             "reference loop")
     bp.add_argument("--model", default="smollm2-135m")

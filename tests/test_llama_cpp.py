@@ -130,3 +130,18 @@ def test_control_vector_steers_llama_cpp_the_way_lesion_steers(smollm2, tmp_path
     capsys.readouterr()
     print(f"sea-lexicon share, coef {COEF}: llama.cpp {base_cpp:.3f} -> {steered_cpp:.3f}; Lesion {base:.3f} -> {steered:.3f}")
     assert steered > base and steered_cpp > base_cpp
+
+
+def test_bench_serve_reports_every_setting_and_ends_with_json(capsys):
+    """`lesion bench-serve` (short): llama.cpp with and without the LoRA, transformers base, PEFT unmerged and
+    merged; the edit shows in both engines' text; the last line is the report. No timing is asserted."""
+    import json
+
+    from recipes.cli import main
+
+    assert main(["bench-serve", "--tokens", "4", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("llama_cpp_lora_over_base", "peft_merged_over_base", "peft_unmerged_over_base"):
+        assert report[key] > 0
+    assert report["llama_cpp_lora_first_words"].startswith(" Rome")
+    assert report["peft_merged_first_words"].startswith(" Rome") and report["merged_equals_unmerged_tokens"]
