@@ -97,21 +97,41 @@ def provenance(deltas: list[Delta]) -> list[dict]:
             for d in deltas]
 
 
-def export_peft(model: torch.nn.Module, deltas: list[Delta], out: str | Path, *, base_model: str | None = None) -> Path:
-    """Write `deltas` (verified against `model` first) as one PEFT LoRA adapter folder at `out`."""
-    from safetensors.torch import save_file
+#: The parts of a text-to-image pipeline a delta may change; each gets its own PEFT adapter.
+PIPELINE_PARTS = ("unet", "text_encoder")
 
+
+def export_peft(model, deltas: list[Delta], out: str | Path, *, base_model: str | None = None) -> Path:
+    """Write `deltas` (verified against `model` first) as one PEFT LoRA adapter folder at `out`.
+
+    For a text-to-image pipeline, one adapter per part the deltas change, in ``out/unet`` and
+    ``out/text_encoder``: `PeftModel.from_pretrained(pipe.unet, out/"unet")` loads the UNet's."""
     factors, fan_in_fan_out = lora_factors(model, deltas)
     base = base_model or deltas[0].meta.get("base_model") or ""
+    with atomic_folder(Path(out)) as staging:
+        if not isinstance(model, torch.nn.Module):       # a pipeline: its parts are the models PEFT wraps
+            for part in PIPELINE_PARTS:
+                mine = {m.removeprefix(f"{part}."): f for m, f in factors.items() if m.startswith(f"{part}.")}
+                if mine:
+                    _write_adapter(staging / part, mine, fan_in_fan_out, f"{base}/{part}", deltas, task_type=None)
+        else:
+            _write_adapter(staging, factors, fan_in_fan_out, base, deltas, task_type="CAUSAL_LM")
+    return Path(out)
+
+
+def _write_adapter(folder: Path, factors: dict, fan_in_fan_out: bool, base: str, deltas: list[Delta], *,
+                   task_type: str | None) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (a, b) in factors.items():
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a.float().contiguous()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.float().contiguous()
-    meta = {"format": "pt", "lesion_delta": json.dumps(provenance(deltas), sort_keys=True)}
-    with atomic_folder(Path(out)) as staging:
-        (staging / CONFIG).write_text(json.dumps(adapter_config(factors, fan_in_fan_out, base), indent=1))
-        save_file(tensors, str(staging / WEIGHTS), meta)
-    return Path(out)
+    config = {**adapter_config(factors, fan_in_fan_out, base), "task_type": task_type}
+    (folder / CONFIG).write_text(json.dumps(config, indent=1))
+    save_file(tensors, str(folder / WEIGHTS), {"format": "pt", "lesion_delta": json.dumps(provenance(deltas),
+                                                                                          sort_keys=True)})
 
 
 def export_diffusers(pipe, deltas: list[Delta], out: str | Path) -> Path:

@@ -141,17 +141,22 @@ def cmd_export(args) -> int:
         print(f"wrote {name} with {len(deltas)} delta(s) merged to {out} (a Hugging Face folder; config.json "
               "readable by transformers 4.x and 5.x)")
         return 0
-    if is_diffusion_model(name) != (args.to == "diffusers"):
-        raise SpecError("--to", args.to, "'diffusers' for a text-to-image delta" if is_diffusion_model(name) else
-                        f"'peft' for a language-model or vision-language delta (its base is {name!r})")
-    if args.to == "diffusers":
+    if args.to == "diffusers" and not is_diffusion_model(name):
+        raise SpecError("--to", args.to, f"'peft' or 'gguf' for a language-model or vision-language delta (its base "
+                        f"is {name!r})")
+    if is_diffusion_model(name):
         from editors.export import export_diffusers
         from interventions.diffusion import load_pipeline
 
         if args.each:
-            raise SpecError("--each", True, "nothing with --to diffusers (one pipeline loads one set of LoRA weights "
-                                            "per call; export each delta on its own)")
-        export_diffusers(load_pipeline(name), deltas, out)
+            raise SpecError("--each", True, "nothing for a text-to-image delta (export each delta on its own)")
+        pipe = load_pipeline(name)
+        if args.to == "peft":
+            export_peft(pipe, deltas, out, base_model=name)
+            print(f"wrote PEFT LoRA adapters of {len(deltas)} delta(s) on {name} to {out}, one per part it changes "
+                  "(unet/, text_encoder/)")
+            return 0
+        export_diffusers(pipe, deltas, out)
         print(f"wrote diffusers LoRA weights of {len(deltas)} delta(s) on {name} to {out} "
               "(pytorch_lora_weights.safetensors; StableDiffusionPipeline.load_lora_weights loads it)")
         return 0

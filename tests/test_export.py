@@ -4,6 +4,7 @@ Lesion's `applied`, `merge_and_unload` gives Lesion's apply, and import gives th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import peft
 import pytest
@@ -13,6 +14,8 @@ from conftest import make_model, make_tokenizer
 from editors.delta import Delta, applied
 from editors.memit import MemitHyperParams, compute_memit
 from editors.export import ExportError, export_peft, import_peft
+
+ROOT = Path(__file__).parents[1]
 from editors.rome import EditRequest, RomeHyperParams, compute_rome
 
 REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -167,6 +170,24 @@ def test_diffusers_pipeline_with_load_lora_weights_equals_lesion_apply(kind, tmp
     got = images(served)
     assert (want - base).abs().max() > 1e-3                    # the edit changes the images
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # the same delta as PEFT adapters, one per part it changes, on the bare UNet / text encoder
+    export_peft(pipe, [delta], tmp_path / "peft")
+    part = "text_encoder" if kind.get("edit") == "text_encoder" else "unet"
+    assert [p.name for p in (tmp_path / "peft").iterdir()] == [part]
+    wrapped = peft.PeftModel.from_pretrained(copy.deepcopy(getattr(pipe, part)), str(tmp_path / "peft" / part)).eval()
+    with torch.no_grad():
+        if part == "unet":
+            x, t, e = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 500]), \
+                torch.randn(2, 8, 24, generator=torch.Generator().manual_seed(2))
+            with applied(pipe, delta):
+                expected = pipe.unet(x, t, e).sample
+            got_part = wrapped(x, t, e).sample
+        else:
+            ids = pipe.tokenize(["a red cat", "a green dog"])
+            with applied(pipe, delta):
+                expected = pipe.text_encoder(ids).last_hidden_state
+            got_part = wrapped(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got_part, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_cli_exports_the_shipped_erase_delta_for_diffusers(tmp_path, capsys):
@@ -190,9 +211,12 @@ def test_cli_exports_the_shipped_erase_delta_for_diffusers(tmp_path, capsys):
         module = name.removesuffix(".weight")
         got = tensors[f"{module}.lora_B.weight"] @ tensors[f"{module}.lora_A.weight"]
         torch.testing.assert_close(got, delta.difference(name), atol=1e-6, rtol=0)
+    assert main(["export", str(path), "--to", "peft", "--out", str(tmp_path / "peft")]) == 0
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["unet"]     # UCE changes the UNet only
     capsys.readouterr()
-    assert main(["export", str(path), "--to", "peft", "--out", str(tmp_path / "no")]) == 2
-    assert "expected 'diffusers' for a text-to-image delta" in capsys.readouterr().err
+    assert main(["export", str(ROOT / "checkpoints" / "rome_eiffel_to_rome_smollm2.safetensors"), "--to",
+                 "diffusers", "--out", str(tmp_path / "no")]) == 2
+    assert "expected 'peft' or 'gguf' for a language-model" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
 
 
