@@ -551,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist = sys.modules.get("torch.distributed")   # only if this run imported it
         if dist is not None and dist.is_available() and dist.is_initialized():
+            # every process leaves together: one that tore its group down while rank 0 was still writing
+            # the result aborted now and then in gloo ("terminate called without an active exception")
+            dist.barrier()
             dist.destroy_process_group()
 
 
