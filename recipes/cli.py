@@ -536,12 +536,15 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    finished = False
     try:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        return args.fn(args)
+        status = args.fn(args)
+        finished = True
+        return status
     except LesionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -551,9 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist = sys.modules.get("torch.distributed")   # only if this run imported it
         if dist is not None and dist.is_available() and dist.is_initialized():
-            # every process leaves together: one that tore its group down while rank 0 was still writing
-            # the result aborted now and then in gloo ("terminate called without an active exception")
-            dist.barrier()
+            # after a finished run every process leaves together: one that tore its group down while rank 0
+            # was still writing the result aborted once in gloo ("terminate called without an active
+            # exception"); after an error nobody waits, so a process that failed alone cannot hang the others
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
