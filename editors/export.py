@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from interventions.atomic import atomic_folder
+from interventions.atomic import atomic_folder, atomic_path
 from interventions.errors import LesionError
 
 from .delta import Delta, DeltaError, applied, verify
@@ -206,25 +206,14 @@ def _gguf_arch(model) -> str:
 
 
 def _write_gguf(out: Path, fill) -> Path:
-    """Write a GGUF file atomically: `fill(writer)` into a temporary file beside `out`, then rename."""
-    import os
-    import tempfile
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    os.close(fd)
-    try:
+    """Write a GGUF file atomically (`atomic_path`): `fill(path)` returns the writer."""
+    with atomic_path(out) as tmp:
         writer = fill(tmp)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return Path(out)
 
 
 def export_gguf_lora(model: torch.nn.Module, deltas: list[Delta], out: str | Path) -> Path:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from interventions.prompts import pad_token_id, right_pad
+from interventions.prompts import overlapping, pad_token_id, right_pad
 from interventions.sites import site_table
 
 from .delta import Delta
@@ -98,7 +98,7 @@ def encode_at(tokenizer, text: str, start: int, length: int) -> tuple[list[int],
     """Token ids of `text` and the index of the last token overlapping chars [start, start+length)."""
     enc = tokenizer(text, return_offsets_mapping=True)
     end = start + length
-    hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
+    hits = overlapping(enc["offset_mapping"], start, end)
     if not hits:
         raise ValueError(f"`subject`: no token covers it in {text!r}")
     return list(enc["input_ids"]), hits[-1]

@@ -35,6 +35,7 @@ import torch
 from . import conventions
 from .diffusion import DiffusionPipe, DiffusionSites
 from .errors import SpecError
+from .prompts import overlapping
 from .pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
 from .result import Grid, Result
 
@@ -61,7 +62,7 @@ def subject_positions(pipe: DiffusionPipe, prompt: str, subject: str, field: str
     end = start + len(subject)
     enc = pipe.tokenizer(prompt, return_offsets_mapping=True, padding="max_length",
                          max_length=pipe.tokenizer.model_max_length, truncation=True)
-    out = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
+    out = overlapping(enc["offset_mapping"], start, end)
     if not out:
         raise SpecError(field, subject, f"a substring of {prompt!r} that covers at least one token")
     unk = pipe.tokenizer.unk_token_id

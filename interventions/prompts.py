@@ -36,6 +36,12 @@ class Encoded:
         return len(self.ids)
 
 
+def overlapping(offsets, start: int, end: int) -> list[int]:
+    """Indices of the tokens whose characters (``offsets``: the tokenizer's ``(a, b)`` per token)
+    overlap the characters ``[start, end)``; empty tokens (specials, pads) never do."""
+    return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+
+
 def encode(tokenizer, text: str, *, subject: str | None = None, field: str) -> Encoded:
     """Tokenize `text` (with the tokenizer's special tokens) and locate `subject` in it.
 
@@ -50,7 +56,7 @@ def encode(tokenizer, text: str, *, subject: str | None = None, field: str) -> E
     if start < 0:
         raise SpecError(f"{field}.subject", subject, f"a substring of the prompt {text!r}")
     end = start + len(subject)
-    positions = tuple(i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start)
+    positions = tuple(overlapping(enc["offset_mapping"], start, end))
     if not positions:
         raise SpecError(f"{field}.subject", subject, f"text that covers at least one token of {text!r}")
     return Encoded(text, ids, tokens, positions)

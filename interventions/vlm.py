@@ -319,13 +319,15 @@ def _constraint(tokenizer, vlm, enc, text: str, constraint: str, pixels, field: 
     """Positions in `enc` of the tokens of `text` that overlap the words `constraint`."""
     if pixels is None:       # tokenized by `encode`, which located the constraint as the subject
         return enc.subject
+    from .prompts import overlapping
+
     if not constraint or constraint not in text:
         raise SpecError(field, constraint, f"words of the prompt {text!r}")
     start = text.index(constraint)
     end = start + len(constraint)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     lead = len(enc) - len(offsets)
-    return tuple(lead + i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start)
+    return tuple(lead + i for i in overlapping(offsets, start, end))
 
 
 def vlm_prompts(spec, vlm, tokenizer, processor=None) -> list:
