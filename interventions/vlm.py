@@ -185,6 +185,16 @@ def load_vlm(name: str, *, device: str | torch.device = "cpu", device_map: str |
     return vlm, tokenizer, processor
 
 
+def load_language_or_vision(name: str, *, vision: bool, **placement):
+    """``(model, tokenizer, image processor or None)``: a VLM (`load_vlm`) when `vision`, else a language
+    model (`models.load_model`); `placement` (device, device_map, offload_folder) as both take it."""
+    from .models import load_model
+
+    if vision:
+        return load_vlm(name, **placement)
+    return (*load_model(name, **placement), None)
+
+
 def dispatch(vlm, device_map: str | dict, offload_folder):
     """Spread an in-memory VLM over devices as `from_pretrained(device_map=...)` would."""
     from accelerate import dispatch_model, infer_auto_device_map

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from interventions import compile_spec, load_model, parse_spec, run, run_plan
+from interventions import compile_spec, parse_spec, run, run_plan
 from interventions.compare import correlation
 from interventions.conventions import window
 from interventions.engine import input_device
@@ -151,13 +151,10 @@ def sync(device: str) -> None:
 
 
 def main(args) -> int:
-    from interventions.vlm import is_vlm_model, load_vlm
+    from interventions.vlm import is_vlm_model, load_language_or_vision
 
     vision = is_vlm_model(args.model)     # a command-line model name, not a spec: its files are read
-    if vision:
-        model, tokenizer, _ = load_vlm(args.model, device=args.device)
-    else:
-        model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer, _ = load_language_or_vision(args.model, vision=vision, device=args.device)
     base = VLM_SPEC if vision else SPEC
     spec = parse_spec({**base, "model": args.model, "samples": args.samples, "max_batch_rows": args.max_batch_rows})
     plan = compile_spec(spec, model, tokenizer)

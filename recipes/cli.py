@@ -98,12 +98,9 @@ def _check_prompts(prompts: list[str]) -> None:
 
 def _model_for(name: str):
     """A language model or a VLM by its name (the delta's base, or --model): `(model, tokenizer)`."""
-    from interventions import load_model
-    from interventions.vlm import is_vlm_model, load_vlm
+    from interventions.vlm import is_vlm_model, load_language_or_vision
 
-    if is_vlm_model(name):
-        return load_vlm(name)[:2]
-    return load_model(name)
+    return load_language_or_vision(name, vision=is_vlm_model(name))[:2]
 
 
 def cmd_export(args) -> int:

@@ -46,14 +46,10 @@ def _check_tokens(tokenizer, field: str, text: str) -> None:
 def check_grid(spec) -> str:
     """Trace / patch, on a language model or a VLM: the whole plan compiles. For a VLM that loads its
     images and runs its vision tower (the image features are part of the prompts' embeddings)."""
-    from interventions import compile_spec, load_model
+    from interventions import compile_spec
+    from interventions.vlm import load_language_or_vision
 
-    if spec.modality == "vision-language":
-        from interventions.vlm import load_vlm
-
-        model, tokenizer, processor = load_vlm(spec.model)
-    else:
-        (model, tokenizer), processor = load_model(spec.model), None
+    model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")
     plan = compile_spec(spec, model, tokenizer, processor=processor)
     return (f"{len(spec.prompts)} prompt(s), compiles to {len(plan.graphs)} graph(s) and {plan.num_rows} rows in "
             f"{len(plan.chunks)} chunk(s)")

@@ -33,7 +33,8 @@ class Runner:
 
 def run_grid(spec, args, out: Path | None) -> int:
     """`kind: trace` / `kind: patch` on a language model or a VLM: the one batched engine."""
-    from interventions import load_model, run
+    from interventions import run
+    from interventions.vlm import load_language_or_vision
     from interventions.distributed import local_device, world
     from interventions.memory import PeakMemory
     from interventions.units import human, parse_bytes
@@ -44,12 +45,7 @@ def run_grid(spec, args, out: Path | None) -> int:
     placement = dict(device=local_device(args.device), device_map=parse_device_map(args.device_map),
                      offload_folder=args.offload_folder)
     vision = spec.modality == "vision-language"
-    if vision:
-        from interventions.vlm import load_vlm
-
-        model, tokenizer, processor = load_vlm(spec.model, **placement)
-    else:
-        (model, tokenizer), processor = load_model(spec.model, **placement), None
+    model, tokenizer, processor = load_language_or_vision(spec.model, vision=vision, **placement)
     start = time.perf_counter()
     with PeakMemory(input_device(model), model=model) as peak:
         result = run(spec, model, tokenizer, processor=processor, max_batch_rows=args.max_batch_rows,
