@@ -33,6 +33,7 @@ class SiteTable:
     family: str
     layers: str
     sites: dict[str, tuple[str, str]] = field(default_factory=dict)
+    final_norm: str = "model.norm"     # the norm between the last block and the unembedding
 
     def component(self, site: str, layer: int | None = None) -> str:
         """The pyvene component string of `site` at `layer`."""
@@ -51,6 +52,18 @@ class SiteTable:
 
     def num_layers(self, model: torch.nn.Module) -> int:
         return len(get_module(model, self.layers))
+
+    def readout(self, model: torch.nn.Module):
+        """``h -> logits``: the model's own final norm, unembedding and (Gemma) logit soft-capping, applied
+        to a residual state (the logit lens). On the last block's output it gives the model's logits."""
+        norm, head = get_module(model, self.final_norm), model.get_output_embeddings()
+        config = getattr(model.config, "text_config", model.config)
+        cap = getattr(config, "final_logit_softcapping", None)
+
+        def logits(h: torch.Tensor) -> torch.Tensor:
+            out = head(norm(h))
+            return out if cap is None else torch.tanh(out / cap) * cap
+        return logits
 
 
 _PART = re.compile(r"([A-Za-z_][A-Za-z_0-9]*)((?:\[\d+\])*)")
@@ -85,7 +98,7 @@ GPT2 = SiteTable("gpt2", "transformer.h", {
     "mlp_output": ("transformer.h[{}].mlp", "output"),
     "attention_output": ("transformer.h[{}].attn", "output"),
     "mlp_key": ("transformer.h[{}].mlp.c_proj", "input"),
-})
+}, final_norm="transformer.ln_f")
 LLAMA = SiteTable("llama", "model.layers", dict(_DECODER))
 # Gemma 3 scales its embeddings inside the embedding module, so `embed` is the scaled value;
 # `mlp_output` is the MLP before the post-feed-forward norm.
@@ -97,7 +110,7 @@ LLAVA = SiteTable("llava", f"{_LM}.layers", {
     **{name: (path.replace("model.", f"{_LM}.", 1), hook) for name, (path, hook) in _DECODER.items()},
     "vision_block_output": ("model.vision_tower.encoder.layers[{}]", "output"),
     "projector_output": ("model.multi_modal_projector", "output"),
-})
+}, final_norm=f"{_LM}.norm")
 
 FAMILIES: dict[str, SiteTable] = {t.family: t for t in (GPT2, LLAMA, GEMMA3, LLAVA)}
 #: transformers `config.model_type` -> family

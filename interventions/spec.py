@@ -63,7 +63,7 @@ DEFAULT_MODEL = "smollm2-135m"
 VLM_MODEL = "llava-flags-smollm2"
 DIFFUSION_MODEL = "shapes-diffusion"
 #: What kind of model a spec is for. It is part of the spec: written as `modality:`, or implied by
-#: the spec's own fields (`image:` means vision-language; `kind: erase` means text-to-image), never
+#: the spec's own fields (`image:` means vision-language; `kind: erase` and `kind: daam` mean text-to-image), never
 #: read from the model's name or from files on disk.
 MODALITIES = ("language", "vision-language", "text-to-image")
 
@@ -83,7 +83,7 @@ class _VisionLanguage(_Spec):
 
 class _TextToImage(_Spec):
     modality: Literal["text-to-image"] = Field(
-        default="text-to-image", description="A text-to-image pipeline; implied by `kind: erase`, required "
+        default="text-to-image", description="A text-to-image pipeline; implied by `kind: erase` or `daam`, required "
                                              "for `trace` and `apply` on one.")
 
 
@@ -653,6 +653,200 @@ class VLMEditSpec(_VisionLanguage):
         return self
 
 
+class LensPrompt(_Spec):
+    """A prompt whose states are read through a lens (or knocked out): `target` defaults to the model's
+    own top-1 answer at the last position."""
+
+    prompt: Text
+    target: Text | None = Field(default=None, description="The answer whose probability is read, tokenized as "
+                                "written (' Paris'); default: the model's top-1 at the last position.")
+    subject: Text | None = Field(default=None, description="Substring of `prompt`; needed by `subject*` "
+                                 "positions and by `block: [subject]`.")
+
+
+class VLMLensPrompt(_Spec):
+    """An image (optional) and the text after it, read through a lens (or knocked out)."""
+
+    image: Text | None = Field(default=None, description="`flag:<Country>[@<seed>]` or an image file; none: a "
+                               "text-only prompt.")
+    prompt: Text
+    target: Text | None = Field(default=None, description="As for a language model's lens prompt.")
+    constraint: Text | None = Field(default=None, description="Words of `prompt` (the question's constraint); "
+                                    "needed by `block: [constraint]`.")
+
+
+class _LensCore(_Spec):
+    layers: Literal["all"] | tuple[Int, ...] = Field(
+        default="all", description="`all`, or layer indices (negative counts from the end).")
+    max_batch_rows: Int = Field(default=48, ge=1, description="Rows per forward pass (a memory bound).")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_nonempty(cls, v):
+        if v != "all" and len(v) == 0:
+            raise ValueError("layers must be 'all' or a non-empty list of integers")
+        return v
+
+
+class _Lens(_LensCore):
+    kind: Literal["lens"] = "lens"
+    top_k: Int = Field(default=5, ge=1, le=100, description="Tokens listed per cell, most probable first.")
+    tuned: Name | None = Field(default=None, description="A tuned lens file (`lesion train-lens`): its grid "
+                               "`tuned_lens` is read next to the logit lens.")
+
+
+class LensSpec(_Lens, _Language):
+    """The logit lens (nostalgebraist 2020) and the tuned lens (Belrose et al. 2023): each layer's residual
+    state, read through the model's own final norm and unembedding (after a learned affine translator
+    for the tuned lens), at every layer x position."""
+
+    model: Name = Field(default=DEFAULT_MODEL)
+    prompts: tuple[LensPrompt, ...] = Field(min_length=1)
+    positions: tuple[Position, ...] = Field(
+        default=("all",), min_length=1, description="Columns: `all` is one column per token; a selector naming "
+        "several tokens (`subject`) reads the last of them.")
+
+
+class VLMLensSpec(_Lens, _VisionLanguage):
+    """The logit and tuned lens over a VLM's language model: what each image token and text token
+    'says' at each layer. Columns are every position (image tokens one each)."""
+
+    model: Name = Field(default=VLM_MODEL)
+    prompts: tuple[VLMLensPrompt, ...] = Field(min_length=1)
+
+
+#: What attention knockout may block: edges from these positions to the target position.
+KNOCKOUT_SOURCES = ("subject", "others", "self", "all")
+VLM_KNOCKOUT_SOURCES = ("image", "constraint", "others", "self", "all")
+
+
+class _Knockout(_LensCore):
+    kind: Literal["knockout"] = "knockout"
+    window: Int = Field(default=9, ge=1, description="Layers blocked together, centred on each layer (Geva et "
+                        "al. 2023 use 9), by the same window rule as a trace's.")
+    targets: tuple[Position, ...] = Field(
+        default=("last",), min_length=1, description="The positions whose attention is cut (the grid's columns).")
+
+
+class KnockoutSpec(_Knockout, _Language):
+    """Attention knockout (Geva et al. 2023): block the attention edges from a set of positions to the
+    target position over a window of layers, and read p(answer). One grid per blocked set."""
+
+    model: Name = Field(default=DEFAULT_MODEL)
+    prompts: tuple[LensPrompt, ...] = Field(min_length=1)
+    block: tuple[str, ...] = _sites_field(("subject", "others", "self"), KNOCKOUT_SOURCES, description=(
+        "Edges cut, one grid each: from the `subject` tokens, from every `others` position (neither subject "
+        "nor target), from the target to itself (`self`), or from `all` positions."))
+
+    @field_validator("block")
+    @classmethod
+    def _block(cls, v):
+        return _check_names(v, KNOCKOUT_SOURCES)
+
+    @model_validator(mode="after")
+    def _subjects(self):
+        for i, p in enumerate(self.prompts):
+            if "subject" in self.block and p.subject is None:
+                raise ValueError(f"`block: [subject]` needs `prompts[{i}].subject`")
+        return self
+
+
+class VLMKnockoutSpec(_Knockout, _VisionLanguage):
+    """Attention knockout in a VLM's language model: cut the edges from the image tokens, the question's
+    constraint or the other positions to the last token (Basu et al. 2024)."""
+
+    model: Name = Field(default=VLM_MODEL)
+    prompts: tuple[VLMLensPrompt, ...] = Field(min_length=1)
+    block: tuple[str, ...] = _sites_field(("image", "constraint", "others", "self"), VLM_KNOCKOUT_SOURCES,
+                                          description="As for a language model, with `image` and `constraint`.")
+
+    @field_validator("block")
+    @classmethod
+    def _block(cls, v):
+        return _check_names(v, VLM_KNOCKOUT_SOURCES)
+
+    @model_validator(mode="after")
+    def _sources(self):
+        for i, p in enumerate(self.prompts):
+            if "image" in self.block and p.image is None:
+                raise ValueError(f"`block: [image]` needs `prompts[{i}].image`")
+            if "constraint" in self.block and (p.constraint is None or p.constraint not in p.prompt):
+                raise ValueError(f"`block: [constraint]` needs `prompts[{i}].constraint`: words of the prompt "
+                                 f"{p.prompt!r}, got {p.constraint!r}")
+        return self
+
+
+class ProbeExample(_Spec):
+    """A labelled input: its states are the probe's features."""
+
+    prompt: Text
+    label: Text
+    image: Text | None = Field(default=None, description="A VLM example's image (`flag:<Country>[@<seed>]` or a "
+                               "file).")
+    group: Text | None = Field(default=None, description="The input's type for the control task: examples of "
+                               "one group share a random control label (default: the image, else the prompt).")
+
+
+#: Positions a probe reads: a token selector, or (VLMs) the mean over the image tokens.
+PROBE_POSITIONS = ("last", "image")
+
+
+class _Probe(_LensCore):
+    kind: Literal["probe"] = "probe"
+    examples: tuple[ProbeExample, ...] = Field(min_length=4)
+    positions: tuple[Union[Int, Literal["last", "image"]], ...] = Field(
+        default=("last",), min_length=1, description="Where the states are read: `last`, an index, or `image` "
+                                                     "(the mean over the image tokens).")
+    site: Literal["block_output", "block_input", "mlp_output", "attention_output"] = "block_output"
+    heldout: Float = Field(default=0.3, gt=0, lt=1, description="Share of the examples held out (stratified by "
+                           "label) for the accuracy.")
+    l2: Float = Field(default=1.0, gt=0, description="L2 penalty on the weights (scikit-learn's 1/C), on "
+                      "standardized features.")
+    control: bool = Field(default=True, description="Also fit the control task (Hewitt & Liang 2019): each "
+                          "`group` gets a random label; selectivity = accuracy - control accuracy.")
+    seed: Int = 0
+
+    @model_validator(mode="after")
+    def _labels(self):
+        if len({e.label for e in self.examples}) < 2:
+            raise ValueError("`examples` need at least two different labels")
+        return self
+
+
+class ProbeSpec(_Probe, _Language):
+    """Linear probes (multinomial logistic regression) on a site's states, per layer x position, with held-out
+    accuracy and a control task; each label's probe direction is saved as a concept vector (TCAV-style)
+    in the steering-vector format."""
+
+    model: Name = Field(default=DEFAULT_MODEL)
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if "image" in self.positions:
+            raise ValueError("`positions: [image]` is for a vision-language model (examples with `image`)")
+        return self
+
+
+class VLMProbeSpec(_Probe, _VisionLanguage):
+    """Linear probes on a VLM's language-model states (image tokens included)."""
+
+    model: Name = Field(default=VLM_MODEL)
+
+
+class DaamSpec(_Images):
+    """Cross-attention attribution maps (DAAM, Tang et al. 2023): for each word of the prompt, the UNet's
+    cross-attention to its tokens summed over steps, layers and heads, upscaled to the image and overlaid
+    on it. On the shapes testbed each map is scored against the object's mask (IoU)."""
+
+    kind: Literal["daam"] = "daam"
+    model: Name = Field(default=DIFFUSION_MODEL)
+    prompts: tuple[Text, ...] = Field(min_length=1)
+    words: tuple[Text, ...] = Field(default=(), description="The words mapped; default: every word of each prompt.")
+    images: Int = Field(default=8, ge=1)
+    threshold: Float = Field(default=0.4, gt=0, lt=1, description="A map's pixels above this share of its maximum "
+                             "form its region (DAAM's tau).")
+
+
 #: The spec classes by (kind, modality): the discriminator of `Spec`.
 SPEC_CLASSES = {
     ("trace", "language"): TraceSpec, ("patch", "language"): PatchSpec, ("edit", "language"): EditSpec,
@@ -661,21 +855,25 @@ SPEC_CLASSES = {
     ("edit", "vision-language"): VLMEditSpec,
     ("trace", "text-to-image"): DiffusionTraceSpec, ("erase", "text-to-image"): EraseSpec,
     ("apply", "text-to-image"): DiffusionApplySpec,
+    ("lens", "language"): LensSpec, ("lens", "vision-language"): VLMLensSpec,
+    ("knockout", "language"): KnockoutSpec, ("knockout", "vision-language"): VLMKnockoutSpec,
+    ("probe", "language"): ProbeSpec, ("probe", "vision-language"): VLMProbeSpec,
+    ("daam", "text-to-image"): DaamSpec,
 }
-KINDS = ("trace", "patch", "edit", "steer", "apply", "erase")
+KINDS = ("trace", "patch", "edit", "steer", "apply", "erase", "lens", "knockout", "probe", "daam")
 
 
 def modality_of(data: dict) -> Any:
-    """A spec's modality from what it says: `modality:` if given; else `kind: erase` means text-to-image,
+    """A spec's modality from what it says: `modality:` if given; else `kind: erase` or `daam` means text-to-image,
     and an `image:` (on the edit, or on any trace prompt) means vision-language; else language.
     Neither the model's name nor any file is consulted."""
     if "modality" in data:
         return data["modality"]
-    if data.get("kind") == "erase":
+    if data.get("kind") in ("erase", "daam"):
         return "text-to-image"
-    prompts = data.get("prompts")
-    has_image = "image" in data or (isinstance(prompts, (list, tuple)) and any(
-        isinstance(p, dict) and "image" in p for p in prompts))
+    has_image = "image" in data or any(
+        isinstance(rows, (list, tuple)) and any(isinstance(p, dict) and "image" in p for p in rows)
+        for rows in (data.get("prompts"), data.get("examples")))
     return "vision-language" if has_image else "language"
 
 
@@ -690,7 +888,8 @@ Spec = Annotated[Union[tuple(Annotated[cls, Tag(f"{k}:{m}")] for (k, m), cls in 
 _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 #: Every field name of every spec class, for "did you mean" on an unknown field.
 _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
-                                   SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec)
+                                   SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec,
+                                   LensPrompt, VLMLensPrompt, ProbeExample)
                   for name in cls.model_fields})
 
 

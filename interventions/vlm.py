@@ -310,7 +310,7 @@ def _pixels_identity(pixels: torch.Tensor) -> bytes:
     return hashlib.sha256(pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
 
 
-def _encoded(vlm, tokenizer, text: str, pixels, *, field: str, subject: str | None = None):
+def encode_with_image(vlm, tokenizer, text: str, pixels, *, field: str, subject: str | None = None):
     """A VLM prompt as the engine runs it: ids (``[lead] <image>×n text``), tokens and merged embeddings.
     A text-only prompt is tokenized exactly as a language-model prompt (`prompts.encode`)."""
     from dataclasses import replace
@@ -325,7 +325,7 @@ def _encoded(vlm, tokenizer, text: str, pixels, *, field: str, subject: str | No
     return replace(enc, embeds=merged_embeddings(vlm, list(enc.ids), pixels))
 
 
-def _constraint(tokenizer, vlm, enc, text: str, constraint: str, pixels, field: str) -> tuple[int, ...]:
+def constraint_positions(tokenizer, vlm, enc, text: str, constraint: str, pixels, field: str) -> tuple[int, ...]:
     """Positions in `enc` of the tokens of `text` that overlap the words `constraint`."""
     if pixels is None:       # tokenized by `encode`, which located the constraint as the subject
         return enc.subject
@@ -359,9 +359,9 @@ def vlm_prompts(spec, vlm, tokenizer, processor=None) -> list:
         pixels = image(p.image, f"{where}.image")
         if spec.kind == "trace":
             constraint = p.constraint if spec.corruption == "text" else None
-            source = _encoded(vlm, tokenizer, p.prompt, pixels, field=where, subject=constraint)
+            source = encode_with_image(vlm, tokenizer, p.prompt, pixels, field=where, subject=constraint)
             img = image_positions(list(source.ids), vlm)
-            subject = (_constraint(tokenizer, vlm, source, p.prompt, constraint, pixels, f"{where}.constraint")
+            subject = (constraint_positions(tokenizer, vlm, source, p.prompt, constraint, pixels, f"{where}.constraint")
                        if spec.corruption == "text" else tuple(img))
             source = replace(source, subject=subject)
             base = source
@@ -374,9 +374,9 @@ def vlm_prompts(spec, vlm, tokenizer, processor=None) -> list:
             # a text-only prompt is keyed as a language-model prompt is: the same prompt, the same noise
             identity = (p.prompt, subject) + ((_pixels_identity(pixels),) if pixels is not None else ())
         else:
-            base = _encoded(vlm, tokenizer, p.base, pixels, field=where)
+            base = encode_with_image(vlm, tokenizer, p.base, pixels, field=where)
             source_pixels = image(p.source_image, f"{where}.source_image") if p.source_image else pixels
-            source = _encoded(vlm, tokenizer, p.source if p.source is not None else p.base, source_pixels, field=where)
+            source = encode_with_image(vlm, tokenizer, p.source if p.source is not None else p.base, source_pixels, field=where)
             check_aligned(base, source, f"{where}.source")
             img = image_positions(list(base.ids), vlm)
             record = {"label": p.image, "source_image": p.source_image or p.image, "image_positions": img}

@@ -300,6 +300,12 @@ def cmd_bench_trace(args) -> int:
     return bench(args)
 
 
+def cmd_train_lens(args) -> int:
+    from recipes.train_lens import main as train
+
+    return train(args)
+
+
 def cmd_bench_serve(args) -> int:
     from recipes.bench_serve import main as bench
 
@@ -479,6 +485,19 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--new-tokens", type=positive_int, default=32)
     be.add_argument("--json", default=None, help="also write the numbers to this file")
     be.set_defaults(fn=cmd_bench_edit)
+    tl = sub.add_parser("train-lens", parents=[common], help="train a tuned lens (Belrose et al. 2023) on text the "
+                                                            "model writes itself, and save it as safetensors")
+    tl.add_argument("--model", default="smollm2-135m")
+    tl.add_argument("--out", required=True, help="the tuned lens file to write")
+    tl.add_argument("--texts", type=positive_int, default=160, help="texts sampled from the model")
+    tl.add_argument("--length", type=positive_int, default=64, help="tokens per sampled text")
+    tl.add_argument("--rank", type=natural_int, default=64, help="translator rank (0: full d x d)")
+    tl.add_argument("--steps", type=positive_int, default=150)
+    tl.add_argument("--batch-tokens", type=positive_int, default=128)
+    tl.add_argument("--lr", type=finite_float, default=1e-3)
+    tl.add_argument("--max-tokens", type=positive_int, default=8192)
+    tl.add_argument("--seed", type=natural_int, default=0)
+    tl.set_defaults(fn=cmd_train_lens)
     bs = sub.add_parser("bench-steer", parents=[common], help="benchmark steered against plain generation (tokens per second)")
     bs.add_argument("--model", default="smollm2-135m")
     bs.add_argument("--vector", default=None, help="a vector file (default: estimate recipes/steer_ocean.yaml's)")

@@ -61,6 +61,22 @@ def make_model(family: str, vocab_size: int):
 FAMILIES = ("gpt2", "llama", "gemma3")
 
 
+def make_vlm_pair():
+    """(lm, vlm, tokenizer): a tiny seeded LLaVA around a tiny Llama. The tokenizer knows <image> before the
+    LM is made, and the LM's rows for it are the VLM's, so that the two compute the same text logits exactly."""
+    from interventions.vlm import IMAGE_TOKEN, VisionSpec, assemble_llava
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    lm = make_model("llama", len(tok))
+    vision = VisionSpec(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    vlm, tok = assemble_llava(lm, tok, vision)
+    with torch.no_grad():
+        lm.get_input_embeddings().weight.copy_(vlm.get_input_embeddings().weight)
+        lm.lm_head.weight.copy_(vlm.lm_head.weight)
+    return lm, vlm, tok
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

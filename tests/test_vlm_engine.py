@@ -14,13 +14,12 @@ import pytest
 import torch
 
 import reference as ref
-from conftest import make_model, make_tokenizer
+from conftest import make_vlm_pair
 from interventions import compile_spec, parse_spec, run
 from interventions.conventions import noise_generator
 from interventions.flags import COUNTRIES, render
-from interventions.vlm import IMAGE_TOKEN, VisionSpec, assemble_llava, image_positions, image_prompt
+from interventions.vlm import IMAGE_TOKEN, image_positions, image_prompt
 
-VISION = VisionSpec(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 QUESTION = " the capital of"
 SPEED_PATHS = [dict(), dict(share_prefix=False, skip_layers=False), dict(share_prefix=False),
                dict(skip_layers=False), dict(max_batch_rows=3)]
@@ -28,16 +27,7 @@ SPEED_PATHS = [dict(), dict(share_prefix=False, skip_layers=False), dict(share_p
 
 @pytest.fixture(scope="module")
 def pair():
-    """(lm, vlm, tokenizer): the tokenizer knows <image> before the LM is made, and the LM's rows for it
-    are the VLM's, so that the two models compute the same text logits exactly."""
-    tok = make_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    lm = make_model("llama", len(tok))
-    vlm, tok = assemble_llava(lm, tok, VISION)
-    with torch.no_grad():
-        lm.get_input_embeddings().weight.copy_(vlm.get_input_embeddings().weight)
-        lm.lm_head.weight.copy_(vlm.lm_head.weight)
-    return lm, vlm, tok
+    return make_vlm_pair()
 
 
 def flag(country: str) -> torch.Tensor:
