@@ -798,8 +798,11 @@ class _Probe(_LensCore):
         default=("last",), min_length=1, description="Where the states are read: `last`, an index, or `image` "
                                                      "(the mean over the image tokens).")
     site: Literal["block_output", "block_input", "mlp_output", "attention_output"] = "block_output"
-    heldout: Float = Field(default=0.3, gt=0, lt=1, description="Share of the examples held out (stratified by "
-                           "label) for the accuracy.")
+    heldout: Float = Field(default=0.3, gt=0, lt=1, description="Share held out (stratified by label) for the "
+                           "accuracy.")
+    split: Literal["examples", "groups"] = Field(
+        default="examples", description="Hold out examples (a group's other examples may be trained on), or whole "
+        "groups (the probe must generalise to inputs of unseen types; the control task is then at chance).")
     l2: Float = Field(default=1.0, gt=0, description="L2 penalty on the weights (scikit-learn's 1/C), on "
                       "standardized features.")
     control: bool = Field(default=True, description="Also fit the control task (Hewitt & Liang 2019): each "
@@ -842,6 +845,9 @@ class DaamSpec(_Images):
     model: Name = Field(default=DIFFUSION_MODEL)
     prompts: tuple[Text, ...] = Field(min_length=1)
     words: tuple[Text, ...] = Field(default=(), description="The words mapped; default: every word of each prompt.")
+    layers: Literal["all"] | tuple[Int, ...] = Field(
+        default="all", description="The cross-attention (`attn2`) layers summed, as indices in the UNet's order "
+                                   "(down, mid, up blocks); `all` is DAAM's choice.")
     images: Int = Field(default=8, ge=1)
     threshold: Float = Field(default=0.4, gt=0, lt=1, description="A map's pixels above this share of its maximum "
                              "form its region (DAAM's tau).")

@@ -273,8 +273,9 @@ def cmd_validate(args) -> int:
         print(compile_check(spec))
         return 0
     items = spec.requests if spec.kind == "edit" and spec.modality == "language" else \
-        spec.concepts if spec.kind == "erase" else getattr(spec, "prompts", None) or getattr(spec, "questions", ())
-    noun = {"edit": "request", "erase": "concept"}.get(spec.kind, "prompt")
+        spec.concepts if spec.kind == "erase" else getattr(spec, "prompts", None) or getattr(spec, "questions", None) \
+        or getattr(spec, "examples", ())
+    noun = {"edit": "request", "erase": "concept", "probe": "example"}.get(spec.kind, "prompt")
     if spec.kind == "edit" and spec.modality == "vision-language":
         noun = "question"
     print(f"ok: {spec.kind} spec ({spec.modality}), {len(items)} {noun}(s), model {spec.model}")

@@ -13,7 +13,11 @@ What is checked, by kind:
   read, never written); the steering vector fits the model;
 - VLM edit: the images load, the layer exists, the answers tokenize;
 - text-to-image trace / erase / apply: the text-encoder layers exist, the concepts are in the
-  tokenizer's vocabulary, the deltas fit the pipeline.
+  tokenizer's vocabulary, the deltas fit the pipeline;
+- lens / knockout / probe (language models and VLMs): the layers exist, every prompt (and image)
+  prepares, its targets tokenize and its named positions exist; the tuned lens fits the model;
+  knockout's model family takes the attention-scores site;
+- daam: the layers exist and every word is a word of its prompt within the tokenizer's length.
 
 A failed check raises `SpecError` (or `DeltaError`) naming the field.
 """
@@ -151,6 +155,49 @@ def check_diffusion_apply(spec) -> str:
     pipe = _pipeline(spec)
     _check_deltas(pipe, spec.deltas)
     return f"{len(spec.deltas)} delta(s) fit {spec.model}"
+
+
+def check_reading(spec) -> str:
+    """lens / knockout / probe: layers, prompts (images loaded), targets, named positions."""
+    from interventions.lens import load_tuned_lens, prepare, readings, resolve_layers
+    from interventions.prompts import columns
+    from interventions.vlm import load_language_or_vision
+
+    model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")
+    n = _layer_count(model)
+    resolve_layers(spec.layers, n)
+    if spec.kind == "probe":
+        for i, e in enumerate(spec.examples):
+            prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor, image=e.image,
+                    vision=spec.modality == "vision-language")
+        return f"{len(spec.examples)} example(s), {len({e.label for e in spec.examples})} labels, {n} layers"
+    prompts = readings(spec, model, tokenizer, processor)
+    if spec.kind == "knockout":
+        from interventions.knockout import attention_modules
+
+        attention_modules(model)
+        for r in prompts:
+            columns(spec.targets, r.enc, "targets")
+    elif spec.modality == "language":
+        for r in prompts:
+            columns(spec.positions, r.enc, "positions")
+    if getattr(spec, "tuned", None):
+        load_tuned_lens(spec.tuned, model)
+    return f"{len(prompts)} prompt(s), {n} layers"
+
+
+def check_daam(spec) -> str:
+    from interventions.daam import word_tokens
+    from interventions.diffusion import cross_attention_layers
+
+    pipe = _pipeline(spec)
+    n = len(cross_attention_layers(pipe.unet))
+    if spec.layers != "all":
+        _check_layers("layers", spec.layers, n)
+    for i, prompt in enumerate(spec.prompts):
+        for word in spec.words or prompt.split():
+            word_tokens(pipe, prompt, word, f"words (prompts[{i}])")
+    return f"{len(spec.prompts)} prompt(s), {n} cross-attention layers"
 
 
 def compile_check(spec) -> str:

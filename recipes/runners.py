@@ -204,7 +204,32 @@ def run_diffusion_apply(spec, args, out: Path | None) -> int:
     return 0
 
 
+def run_lens(spec, args, out: Path) -> int:
+    from recipes.lenses import run_lens as lens
+
+    return lens(spec, args, out)
+
+
+def run_knockout(spec, args, out: Path) -> int:
+    from recipes.lenses import run_knockout as knockout
+
+    return knockout(spec, args, out)
+
+
+def run_probe(spec, args, out: Path) -> int:
+    from recipes.lenses import run_probe as probe
+
+    return probe(spec, args, out)
+
+
+def run_daam(spec, args, out: Path) -> int:
+    from recipes.lenses import run_daam as daam
+
+    return daam(spec, args, out)
+
+
 _GRID = frozenset({"device_map", "offload_folder", "memory", "max_batch_rows"})
+_ROWS = frozenset({"max_batch_rows"})
 RUNNERS: dict[tuple[str, str], Runner] = {
     ("trace", "language"): Runner(run_grid, checks.check_grid, _GRID, distributed=True),
     ("patch", "language"): Runner(run_grid, checks.check_grid, _GRID, distributed=True),
@@ -218,6 +243,13 @@ RUNNERS: dict[tuple[str, str], Runner] = {
     ("erase", "text-to-image"): Runner(run_erase, checks.check_erase, frozenset({"checkpoint"})),
     ("apply", "text-to-image"): Runner(run_diffusion_apply, checks.check_diffusion_apply, frozenset({"out"}),
                                        writes=False),
+    ("lens", "language"): Runner(run_lens, checks.check_reading, _ROWS),
+    ("lens", "vision-language"): Runner(run_lens, checks.check_reading, _ROWS),
+    ("knockout", "language"): Runner(run_knockout, checks.check_reading, _ROWS),
+    ("knockout", "vision-language"): Runner(run_knockout, checks.check_reading, _ROWS),
+    ("probe", "language"): Runner(run_probe, checks.check_reading),
+    ("probe", "vision-language"): Runner(run_probe, checks.check_reading),
+    ("daam", "text-to-image"): Runner(run_daam, checks.check_daam),
 }
 #: The optional flags of `lesion run`, as argparse names them, and how the user spells them.
 OPTIONAL_FLAGS = {"device_map": "--device-map", "offload_folder": "--offload-folder", "memory": "--memory",
