@@ -82,8 +82,8 @@ def features(spec, model, tokenizer, processor=None) -> tuple[list[int], dict[tu
     """(layers, {(layer, position label): Float[Tensor, "example d"]})."""
     vision = spec.modality == "vision-language"
     layers = resolve_layers(spec.layers, site_table(model).num_layers(model))
-    readings = [prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor, image=e.image,
-                        vision=vision) for i, e in enumerate(spec.examples)]
+    readings = [prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor,
+                        image=getattr(e, "image", None), vision=vision) for i, e in enumerate(spec.examples)]
     states, _ = collect_states(model, tokenizer, [r.enc for r in readings], layers, site=spec.site,
                                max_rows=spec.max_batch_rows)
     out = {}
@@ -111,7 +111,7 @@ def run_probe(spec, model, tokenizer, processor=None) -> dict:
     and the concept vectors of the best cell, ``{label: (layer, Float[Tensor, "d"])}``."""
     names = sorted({e.label for e in spec.examples})
     y = torch.tensor([names.index(e.label) for e in spec.examples])
-    groups = [e.group or e.image or e.prompt for e in spec.examples]
+    groups = [e.group or getattr(e, "image", None) or e.prompt for e in spec.examples]
     train, test = stratified_split(y.tolist(), spec.heldout, spec.seed,
                                    groups if spec.split == "groups" else None)
     control = torch.tensor(control_labels(groups, y.tolist(), spec.seed))

@@ -781,10 +781,14 @@ class ProbeExample(_Spec):
 
     prompt: Text
     label: Text
-    image: Text | None = Field(default=None, description="A VLM example's image (`flag:<Country>[@<seed>]` or a "
-                               "file).")
     group: Text | None = Field(default=None, description="The input's type for the control task: examples of "
                                "one group share a random control label (default: the image, else the prompt).")
+
+
+class VLMProbeExample(ProbeExample):
+    """A labelled image (optional) and the text after it."""
+
+    image: Text | None = Field(default=None, description="`flag:<Country>[@<seed>]` or an image file.")
 
 
 #: Positions a probe reads: a token selector, or (VLMs) the mean over the image tokens.
@@ -793,7 +797,6 @@ PROBE_POSITIONS = ("last", "image")
 
 class _Probe(_LensCore):
     kind: Literal["probe"] = "probe"
-    examples: tuple[ProbeExample, ...] = Field(min_length=4)
     positions: tuple[Union[Int, Literal["last", "image"]], ...] = Field(
         default=("last",), min_length=1, description="Where the states are read: `last`, an index, or `image` "
                                                      "(the mean over the image tokens).")
@@ -822,6 +825,7 @@ class ProbeSpec(_Probe, _Language):
     in the steering-vector format."""
 
     model: Name = Field(default=DEFAULT_MODEL)
+    examples: tuple[ProbeExample, ...] = Field(min_length=4)
 
     @model_validator(mode="after")
     def _text_only(self):
@@ -834,6 +838,7 @@ class VLMProbeSpec(_Probe, _VisionLanguage):
     """Linear probes on a VLM's language-model states (image tokens included)."""
 
     model: Name = Field(default=VLM_MODEL)
+    examples: tuple[VLMProbeExample, ...] = Field(min_length=4)
 
 
 class DaamSpec(_Images):
@@ -895,7 +900,7 @@ _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 #: Every field name of every spec class, for "did you mean" on an unknown field.
 _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
                                    SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec,
-                                   LensPrompt, VLMLensPrompt, ProbeExample)
+                                   LensPrompt, VLMLensPrompt, VLMProbeExample)
                   for name in cls.model_fields})
 
 
@@ -956,7 +961,13 @@ def spec_schema() -> dict:
         if branch is None:
             continue
         required = set(branch.get("required", [])) | {"kind"}
-        if modality == "text-to-image" and kind != "erase":
+        if modality == "text-to-image" and kind not in ("erase", "daam"):
             required.add("modality")
         branch["required"] = sorted(required)
+        if modality == "vision-language":    # as `modality_of`: said, or implied by an image somewhere
+            props = branch.get("properties", {})
+            implied = [{"required": ["modality"]}] + ([{"required": ["image"]}] if "image" in props else [])
+            implied += [{"required": [rows], "properties": {rows: {"contains": {"required": ["image"]}}}}
+                        for rows in ("prompts", "examples") if rows in props]
+            branch["anyOf"] = implied
     return schema

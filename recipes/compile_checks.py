@@ -168,8 +168,8 @@ def check_reading(spec) -> str:
     resolve_layers(spec.layers, n)
     if spec.kind == "probe":
         for i, e in enumerate(spec.examples):
-            prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor, image=e.image,
-                    vision=spec.modality == "vision-language")
+            prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor,
+                    image=getattr(e, "image", None), vision=spec.modality == "vision-language")
         return f"{len(spec.examples)} example(s), {len({e.label for e in spec.examples})} labels, {n} layers"
     prompts = readings(spec, model, tokenizer, processor)
     if spec.kind == "knockout":

@@ -186,7 +186,7 @@ def run_probe(spec, args, out: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------ daam
-def daam_figure(images: list[torch.Tensor], maps: list[dict], prompts: list[str], path: Path, *, per_prompt: int = 2):
+def daam_figure(images: list[torch.Tensor], maps: list[dict], prompts: list[str], path: Path, *, per_prompt: int = 1):
     plt = _plt()
     rows = [(i, k) for i in range(len(prompts)) for k in range(min(per_prompt, len(images[i])))]
     cols = 1 + max(len(m) for m in maps)
@@ -207,7 +207,7 @@ def daam_figure(images: list[torch.Tensor], maps: list[dict], prompts: list[str]
 
 
 def run_daam(spec, args, out: Path) -> int:
-    from interventions.daam import iou, word_maps
+    from interventions.daam import iou, outline, word_maps
     from interventions.diffusion import TESTBED
     from interventions.shapes import BRIGHT, COLOURS, SHAPES
     from interventions.spec import dump_spec
@@ -228,6 +228,8 @@ def run_daam(spec, args, out: Path) -> int:
         if spec.model == TESTBED:
             truth = images.max(1).values > BRIGHT        # the evaluator's bright pixels: the object
             row["iou"] = {w: float(iou(m > spec.threshold, truth.to(m.device)).mean()) for w, m in maps.items()}
+            edge = outline(truth).to(images.device)
+            row["iou_outline"] = {w: float(iou(m > spec.threshold, edge).mean()) for w, m in maps.items()}
         rows.append(row)
         for w, m in maps.items():
             tensors[f"{i}.{w}"] = m.contiguous().cpu()
@@ -235,12 +237,15 @@ def run_daam(spec, args, out: Path) -> int:
     report = {"model": spec.model, "threshold": spec.threshold, "layers": spec.layers, "images_per_prompt": spec.images,
               "seconds": round(seconds, 1), "prompts": rows}
     if spec.model == TESTBED:
-        def mean(kind):
-            vals = [v for r in rows for w, v in r["iou"].items() if w in kind]
+        def mean(kind, key="iou"):
+            vals = [v for r in rows for w, v in r[key].items() if w in kind]
             return sum(vals) / len(vals) if vals else None
-        report["mean_iou"] = {"shape_word": mean(SHAPES), "colour_word": mean(COLOURS),
-                              "other_words": mean([w for r in rows for w in r["words"] if w not in SHAPES + COLOURS])}
-        report["truth"] = f"the object's mask: pixels whose largest channel exceeds {BRIGHT} (the evaluator's rule)"
+        others = [w for r in rows for w in r["words"] if w not in SHAPES + COLOURS]
+        for key in ("iou", "iou_outline"):
+            report[f"mean_{key}"] = {"shape_word": mean(SHAPES, key), "colour_word": mean(COLOURS, key),
+                                     "other_words": mean(others, key)}
+        report["truth"] = (f"the object's mask: pixels whose largest channel exceeds {BRIGHT} (the evaluator's rule); "
+                           "outline: the 1-pixel band on either side of its edge")
     atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     atomic_write(out / "spec.yaml", dump_spec(spec).encode())
     atomic_save_file(tensors, out / "maps.safetensors", {"axes": json.dumps(["image", "height", "width"])})
@@ -251,5 +256,8 @@ def run_daam(spec, args, out: Path) -> int:
         print(f"  mean IoU with the object's mask (maps > {spec.threshold}): shape word {m['shape_word']:.2f}, "
               f"colour word {m['colour_word']:.2f}" + (f", other words {m['other_words']:.2f}"
                                                        if m["other_words"] is not None else ""))
+        m = report["mean_iou_outline"]
+        print(f"  mean IoU with the object's outline: shape word {m['shape_word']:.2f}, colour word "
+              f"{m['colour_word']:.2f}")
     print(f"wrote report.json, spec.yaml, maps.safetensors, daam.png to {args.out}")
     return 0

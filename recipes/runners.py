@@ -1,7 +1,7 @@
 """What `lesion run` (and `validate --compile`) does with each kind of spec: one table, keyed by (kind, modality).
 
 >>> sorted(RUNNERS)[:3]
-[('apply', 'language'), ('apply', 'text-to-image'), ('edit', 'language')]
+[('apply', 'language'), ('apply', 'text-to-image'), ('daam', 'text-to-image')]
 >>> sorted(RUNNERS[("trace", "language")].flags)
 ['device_map', 'max_batch_rows', 'memory', 'offload_folder']
 
