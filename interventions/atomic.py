@@ -44,8 +44,10 @@ def atomic_save_file(tensors: dict, path: str | Path, metadata: dict[str, str] |
 OUTPUT_NAMES = frozenset({
     "result.json", "result.safetensors", "spec.yaml", "heatmap.png", "delta.safetensors", "metrics.json",
     "report.json", "table.md", "grid.png", "vector.safetensors", "generations.jsonl", "results.json", "steer.png",
-    "locate", "compare.png",
+    "locate", "compare.png", "lens.png", "knockout.png", "probe.png", "daam.png", "maps.safetensors",
 })
+#: Name patterns of outputs named after a spec's values: a probe's concept vectors, one per label.
+OUTPUT_PATTERNS = ("concept_*.safetensors",)
 
 
 def replaceable(path: str | Path) -> bool:
@@ -53,7 +55,8 @@ def replaceable(path: str | Path) -> bool:
     path = Path(path)
     if not path.exists():
         return True
-    return path.is_dir() and all(p.name in OUTPUT_NAMES for p in path.iterdir())
+    return path.is_dir() and all(p.name in OUTPUT_NAMES or any(p.match(g) for g in OUTPUT_PATTERNS)
+                                 for p in path.iterdir())
 
 
 @contextlib.contextmanager

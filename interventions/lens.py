@@ -160,11 +160,12 @@ class TunedLens(nn.Module):
         return h if t is None else t(h)
 
     def save(self, path: str | Path) -> Path:
+        """Written in float16 (half the size; a lens needs no more precision), read back as float32."""
         from .atomic import atomic_save_file
 
         meta = {"format": "lesion-tuned-lens", "d": str(self.d), "rank": str(self.rank or "full"),
                 "layers": json.dumps(self.layers), "meta": json.dumps(self.meta)}
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().half().contiguous() for k, v in self.state_dict().items()}
         atomic_save_file(tensors, Path(path), meta)
         return Path(path)
 
@@ -192,7 +193,7 @@ def load_tuned_lens(path: str | Path, model, *, field: str = "tuned") -> TunedLe
                         f"it is for width {d} with layers up to {max(layers)}")
     rank = None if meta["rank"] == "full" else int(meta["rank"])
     lens = TunedLens(d, layers, rank, json.loads(meta.get("meta", "{}")))
-    lens.load_state_dict(tensors)
+    lens.load_state_dict({k: v.float() for k, v in tensors.items()})
     return lens.eval()
 
 
