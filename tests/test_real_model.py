@@ -162,3 +162,53 @@ def test_shipped_rome_delta_as_a_peft_adapter_on_smollm2(smollm2, tmp_path, caps
     rome, paris = tokenizer(" Rome")["input_ids"][0], tokenizer(" Paris")["input_ids"][0]
     assert int(got[0].argmax()) == rome and int(got[1].argmax()) == paris
     capsys.readouterr()
+
+
+def test_lens_recipe_on_smollm2_with_the_shipped_tuned_lens(tmp_path):
+    """`lesion run recipes/lens_eiffel.yaml`: " Paris" becomes top-1 late (27 through the logit lens, 26 through
+    the shipped tuned lens when measured), never before layer 22, and the last layer is the model's own output."""
+    import json
+
+    from recipes.cli import main as cli
+
+    assert cli(["run", "recipes/lens_eiffel.yaml", "--out", str(tmp_path / "lens")]) == 0
+    result = json.loads((tmp_path / "lens" / "result.json").read_text())
+    p = result["prompts"][0]
+    assert 23 <= p["logit_lens_first_top1_layer"] <= 29 and 22 <= p["tuned_lens_first_top1_layer"] <= 29
+    assert p["tuned_lens_settled_layer"] <= p["logit_lens_settled_layer"]
+    last = [row[-1] for row in result["grids"]["logit_lens"]["values"][0]]
+    assert last[-1] == pytest.approx(p["clean_prob"], abs=1e-5) and max(last[:20]) < 0.01
+    assert (tmp_path / "lens" / "lens.png").stat().st_size > 0
+
+
+def test_knockout_recipe_on_smollm2_finds_the_subject_edges_late(tmp_path):
+    """Cutting subject -> last in 9-layer windows centred 21-24 drops p(answer) by at least 30% on average
+    over the recipe's three facts; in windows centred 0-9 by less than 15%."""
+    import json
+
+    from recipes.cli import main as cli
+
+    assert cli(["run", "recipes/knockout_eiffel.yaml", "--out", str(tmp_path / "ko")]) == 0
+    result = json.loads((tmp_path / "ko" / "result.json").read_text())
+    clean = torch.tensor([p["clean_prob"] for p in result["prompts"]])
+    change = torch.tensor(result["grids"]["subject"]["values"])[:, :, 0] / clean[:, None] - 1
+    mean = change.mean(0)
+    assert mean[21:25].min() <= -0.3 and mean[:10].min() > -0.15
+
+
+def test_probe_on_smollm2_text_saves_concept_vectors(smollm2, tmp_path):
+    """A text probe end to end on the real model: continents of countries named in text, whole countries held out."""
+    from interventions.flags import COUNTRIES
+    from interventions.steer import check_vector, load_vector
+    from recipes.lenses import write_probe
+
+    asia, americas = {"Japan", "China", "Korea"}, {"Cuba", "Canada", "Chile"}
+    examples = [{"prompt": f"{c} is a country in", "label": "Asia" if c in asia else "Americas" if c in americas
+                 else "Europe", "group": c} for c, _ in COUNTRIES if c not in ("Russia", "Kenya", "Egypt")]
+    model, tokenizer = smollm2
+    spec = parse_spec({"kind": "probe", "model": "smollm2-135m", "layers": [0, 10, 20, 29], "split": "groups",
+                       "examples": examples})
+    report = write_probe(spec, model, tokenizer, None, tmp_path)
+    assert report["test"] >= 3 and all(0 <= a <= 1 for row in report["accuracy"] for a in row)
+    for name in report["concept_vectors"]:
+        check_vector(model, load_vector(tmp_path / name))

@@ -104,3 +104,15 @@ def test_trace_cli_on_testbed(tmp_path, capsys):
     assert hidden[:, 2].min() >= 0.75 and hidden[:, 3:].max() <= 0.25
     assert {"heatmap.png", "result.json", "result.safetensors", "spec.yaml"} <= {f.name for f in out.iterdir()}
     assert "cross_attention: best" in capsys.readouterr().out
+
+
+def test_daam_on_the_testbed_maps_the_colour_word_onto_the_object(tmp_path):
+    """`lesion run` of a DAAM spec: the colour word's map overlaps the object far more than "a" does
+    (the shape word's map outlines the object; README, kind: daam)."""
+    spec = (ROOT / "recipes" / "daam_shapes.yaml").read_text().replace("images: 16", "images: 4")
+    (tmp_path / "daam.yaml").write_text(spec)
+    assert cli(["run", str(tmp_path / "daam.yaml"), "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    m = report["mean_iou"]
+    assert m["colour_word"] >= 0.4 and m["colour_word"] > m["shape_word"] > m["other_words"]
+    assert (tmp_path / "run" / "daam.png").stat().st_size > 0 and (tmp_path / "run" / "maps.safetensors").is_file()

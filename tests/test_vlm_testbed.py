@@ -42,3 +42,19 @@ def test_testbed_names_held_out_flags_and_keeps_the_language_model(testbed):
         want = lm(ids).logits
         got = vlm(input_ids=ids).logits[..., :want.shape[-1]]
     assert torch.equal(got, want)
+
+
+def test_knockout_of_the_image_tokens_matters_only_late(testbed):
+    """Cutting image -> last over 9-layer windows: p(Paris) falls by more than half in the window centred on
+    layer 25 and by less than 10% in the window centred on layer 3 (the recipe's finding, with margins)."""
+    from interventions import parse_spec
+    from interventions.knockout import run_knockout
+
+    vlm, tokenizer, _ = testbed
+    spec = parse_spec({"kind": "knockout", "model": "llava-flags-smollm2", "window": 9, "block": ["image"],
+                       "layers": [3, 25], "prompts": [{"image": "flag:France", "target": " Paris",
+                                                      "prompt": " This is the flag of a country whose capital is"}]})
+    result = run_knockout(spec, vlm, tokenizer)
+    clean = result.prompts[0]["clean_prob"]
+    early, late = (float(v) / clean - 1 for v in result.grids["image"].values[0, :, 0])
+    assert clean > 0.5 and late < -0.5 and early > -0.1
