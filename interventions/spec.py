@@ -287,6 +287,19 @@ def _hyperparameters_field(*methods: str):
         f"Overrides of the method's defaults ({', '.join(methods)}): typed, so a misspelt name is refused."))
 
 
+class RequestsFile(_Spec):
+    """Edit requests read from a file, so that thousands need not sit in the spec: CounterFact's JSON
+    (``requested_rewrite`` records, as `recipes/make_facts.py` writes them), zsRE's JSON (``src``,
+    ``subject``, ``alt``, ``answers``, ``rephrase``; no neighbourhood prompts), or YAML/JSON lists of
+    `requests` entries. Read by `recipes.edit.resolve_requests`."""
+
+    path: Name
+    split: Literal["all", "tune", "eval"] = Field(default="all", description="Only the records of this `split` "
+                                                  "(records without one count as `eval`).")
+    offset: Int = Field(default=0, ge=0, description="Skip this many records (after the split).")
+    limit: Int | None = Field(default=None, ge=1, description="Then take at most this many.")
+
+
 class EditSpec(_Language):
     """A weight edit (ROME or MEMIT) written as a Delta, with CounterFact-style metrics."""
 
@@ -298,7 +311,9 @@ class EditSpec(_Language):
     layers: tuple[Int, ...] | Literal["auto"] | None = Field(
         default=None, description="MEMIT: the increasing range of MLP layers, or `auto` (from a trace).")
     locate: LocateSpec = Field(default_factory=LocateSpec, description="The trace behind `auto`.")
-    requests: tuple[EditRequestSpec, ...] = Field(min_length=1)
+    requests: tuple[EditRequestSpec, ...] = Field(default=(), description="The facts to rewrite (and/or "
+                                                  "`requests_from`).")
+    requests_from: RequestsFile | None = Field(default=None, description="More requests, read from a file.")
     hyperparameters: dict[str, Int | Float] = _hyperparameters_field("rome", "memit")
     corpus: tuple[Name, ...] = Field(
         default=(), description="Text files for the key statistics; empty: text sampled from the model itself.")
@@ -313,6 +328,8 @@ class EditSpec(_Language):
 
     @model_validator(mode="after")
     def _layers_for_method(self):
+        if not self.requests and self.requests_from is None:
+            raise ValueError("give `requests` (a list of facts) and/or `requests_from` (a file of them)")
         if self.method == "rome" and (self.layer is None or self.layers is not None):
             raise ValueError("`method: rome` takes `layer: <int>` (and no `layers`)")
         if self.method == "rome" and self.layer != "auto" and self.layer < 0:
@@ -900,7 +917,7 @@ _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 #: Every field name of every spec class, for "did you mean" on an unknown field.
 _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
                                    SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec,
-                                   LensPrompt, VLMLensPrompt, VLMProbeExample)
+                                   LensPrompt, VLMLensPrompt, VLMProbeExample, RequestsFile)
                   for name in cls.model_fields})
 
 

@@ -54,7 +54,9 @@ def tokens_per_second(model, tokenizer, prompts: list[str], new_tokens: int) -> 
 
 
 def main(args) -> int:
-    spec = load_spec(args.spec)
+    from recipes.requests import resolve_requests
+
+    spec = resolve_requests(load_spec(args.spec))
     if spec.kind != "edit" or spec.method != "rome" or spec.layer == "auto":
         raise SpecError("--spec", args.spec, "a `kind: edit`, `method: rome` spec with an integer `layer`")
     model, tokenizer = load_model(spec.model)

@@ -278,7 +278,8 @@ def cmd_validate(args) -> int:
     noun = {"edit": "request", "erase": "concept", "probe": "example"}.get(spec.kind, "prompt")
     if spec.kind == "edit" and spec.modality == "vision-language":
         noun = "question"
-    print(f"ok: {spec.kind} spec ({spec.modality}), {len(items)} {noun}(s), model {spec.model}")
+    more = f" + those of {spec.requests_from.path}" if getattr(spec, "requests_from", None) else ""
+    print(f"ok: {spec.kind} spec ({spec.modality}), {len(items)} {noun}(s){more}, model {spec.model}")
     return 0
 
 

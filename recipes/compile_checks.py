@@ -62,7 +62,9 @@ def check_grid(spec) -> str:
 def check_edit(spec) -> str:
     from editors.rome import EditRequest
     from interventions import load_model
+    from recipes.requests import resolve_requests
 
+    spec = resolve_requests(spec)
     model, tokenizer = load_model(spec.model)
     n = _layer_count(model)
     layers = [spec.layer] if spec.method == "rome" else spec.layers

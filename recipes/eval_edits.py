@@ -22,7 +22,9 @@ METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency")
 
 
 def main(args) -> int:
-    spec = load_spec(args.spec)
+    from recipes.requests import resolve_requests
+
+    spec = resolve_requests(load_spec(args.spec))
     if spec.kind != "edit" or spec.method != "rome":
         from interventions import SpecError
 

@@ -79,7 +79,9 @@ def run_grid(spec, args, out: Path | None) -> int:
 def run_edit(spec, args, out: Path) -> int:
     from interventions import load_model
     from recipes.edit import fmt_metric, run_edit as edit
+    from recipes.requests import resolve_requests
 
+    spec = resolve_requests(spec)
     model, tokenizer = load_model(spec.model, device=args.device)
     start = time.perf_counter()
     report = edit(spec, model, tokenizer, out)
