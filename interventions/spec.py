@@ -117,14 +117,15 @@ def _sites_field(default: tuple[str, ...], allowed, description: str = ""):
                  json_schema_extra={"items": {"type": "string", "enum": list(allowed)}, "uniqueItems": True})
 
 
-def _check_names(values: tuple[str, ...], allowed: tuple[str, ...] | dict) -> tuple[str, ...]:
+def _check_names(values: tuple[str, ...], allowed: tuple[str, ...] | dict, what: str = "site") -> tuple[str, ...]:
     for v in values:
         if v not in allowed:
-            hint = "" if v not in DIFFUSION_TRACE_SITES else \
-                f"; {v!r} is a text-to-image site: add `modality: text-to-image`"
-            raise ValueError(f"unknown site {short(v)}; expected {one_of(v, allowed)}{hint}")
+            hint = f"; {v!r} is a text-to-image site: add `modality: text-to-image`" if v in DIFFUSION_TRACE_SITES \
+                else f"; {v!r} is for a vision-language model: give the prompts an `image`" \
+                if what == "position set" and v in ("image", "constraint") else ""
+            raise ValueError(f"unknown {what} {short(v)}; expected {one_of(v, allowed)}{hint}")
     if len(set(values)) != len(values):
-        raise ValueError(f"sites must not repeat, got {list(values)}")
+        raise ValueError(f"{what}s must not repeat, got {list(values)}")
     return values
 
 
@@ -758,7 +759,7 @@ class KnockoutSpec(_Knockout, _Language):
     @field_validator("block")
     @classmethod
     def _block(cls, v):
-        return _check_names(v, KNOCKOUT_SOURCES)
+        return _check_names(v, KNOCKOUT_SOURCES, "position set")
 
     @model_validator(mode="after")
     def _subjects(self):
@@ -780,7 +781,7 @@ class VLMKnockoutSpec(_Knockout, _VisionLanguage):
     @field_validator("block")
     @classmethod
     def _block(cls, v):
-        return _check_names(v, VLM_KNOCKOUT_SOURCES)
+        return _check_names(v, VLM_KNOCKOUT_SOURCES, "position set")
 
     @model_validator(mode="after")
     def _sources(self):

@@ -124,12 +124,14 @@ def check_out(out: str | None, needed: bool, what: str) -> Path | None:
 
 
 def check_spec_files(spec) -> None:
-    """The files a spec names (deltas, a steering vector, corpus files, a requests file) exist: checked before a model
+    """The files a spec names (deltas, a steering vector, corpus files, a requests file, a tuned lens) exist: checked before a model
     loads, so a typo costs no load. Their content is checked when they are read."""
     named = [(f"{field}[{i}]", path) for field in ("deltas", "corpus") for i, path in
              enumerate(getattr(spec, field, None) or ())]
     if getattr(spec, "steer", None) is not None:
         named.append(("steer", spec.steer))
+    if getattr(spec, "tuned", None) is not None:
+        named.append(("tuned", spec.tuned))
     if getattr(spec, "requests_from", None) is not None:
         named.append(("requests_from.path", spec.requests_from.path))
     for field, path in named:
