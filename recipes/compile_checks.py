@@ -170,8 +170,14 @@ def check_reading(spec) -> str:
     resolve_layers(spec.layers, n)
     if spec.kind == "probe":
         for i, e in enumerate(spec.examples):
-            prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor,
-                    image=getattr(e, "image", None), vision=spec.modality == "vision-language")
+            r = prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor,
+                        image=getattr(e, "image", None), vision=spec.modality == "vision-language")
+            for sel in spec.positions:
+                if sel == "image" and "image" not in r.groups:
+                    raise SpecError(f"examples[{i}].image", None, "an image for `positions: [image]`")
+                if isinstance(sel, int) and not -len(r.enc) <= sel < len(r.enc):
+                    raise SpecError("positions", sel, f"a position in [-{len(r.enc)}, {len(r.enc) - 1}] for "
+                                    f"examples[{i}] ({len(r.enc)} tokens)")
         return f"{len(spec.examples)} example(s), {len({e.label for e in spec.examples})} labels, {n} layers"
     prompts = readings(spec, model, tokenizer, processor)
     if spec.kind == "knockout":
