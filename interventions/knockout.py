@@ -31,7 +31,8 @@ from torch import nn
 
 from .conventions import window
 from .errors import SpecError
-from .lens import Reading, readings, resolve_layers
+from .lens import Reading, readings
+from .plan import resolve_layers
 from .prompts import columns as position_columns, model_inputs, pad_token_id
 from .pv import AddIntervention, build_graph
 from .result import Grid, Result
@@ -123,15 +124,9 @@ def blocked_positions(r: Reading, source: str, target: int) -> tuple[int, ...]:
     return tuple(p for p in r.groups.get(source, ()) if p <= target)
 
 
-@torch.no_grad()
-def run_knockout(spec, model, tokenizer, *, processor=None, max_batch_rows: int | None = None) -> Result:
-    """`kind: knockout`: one grid per `block` entry, p(target) with those edges cut, [prompt][layer][target]."""
-    from .engine import eval_mode, input_device
-
-    table = site_table(model)
-    n = table.num_layers(model)
-    layers = resolve_layers(spec.layers, n)
-    prompts = readings(spec, model, tokenizer, processor)
+def knockout_targets(spec, prompts: list[Reading]) -> list[list[tuple[str, int]]]:
+    """Per prompt, the (label, position) of each target column, every `block` entry checked to cut at
+    least one edge into each target."""
     targets = []
     for i, r in enumerate(prompts):
         cols = position_columns(spec.targets, r.enc, "targets")
@@ -143,6 +138,19 @@ def run_knockout(spec, model, tokenizer, *, processor=None, max_batch_rows: int 
                                     f"prompts[{i}] ({r.enc.text!r}): it has none")
                 if source in ("self", "all") and t == 0:
                     raise SpecError("targets", label, "a target after the first token (the first attends only to itself)")
+    return targets
+
+
+@torch.no_grad()
+def run_knockout(spec, model, tokenizer, *, processor=None, max_batch_rows: int | None = None) -> Result:
+    """`kind: knockout`: one grid per `block` entry, p(target) with those edges cut, [prompt][layer][target]."""
+    from .engine import eval_mode, input_device
+
+    table = site_table(model)
+    n = table.num_layers(model)
+    layers = list(resolve_layers(spec, n))
+    prompts = readings(spec, model, tokenizer, processor)
+    targets = knockout_targets(spec, prompts)
     # rows: (prompt, source, layer index, column) or (prompt, None, None, None) for the plain run
     rows = [(i, None, None, None) for i in range(len(prompts))]
     rows += [(i, s, k, c) for i in range(len(prompts)) for s in spec.block for k in range(len(layers))

@@ -30,6 +30,7 @@ from torch import nn
 
 from .conventions import answer_id
 from .errors import SpecError
+from .plan import resolve_layers
 from .prompts import Encoded, columns as position_columns, encode, model_inputs, pad_token_id
 from .pv import CollectStates, build_graph
 from .result import Grid, Result
@@ -83,18 +84,6 @@ def readings(spec, model, tokenizer, processor=None) -> list[Reading]:
         r.record = {"prompt": p.prompt, **({"image": p.image} if vision else {}),
                     **{f"{k}_positions": list(v) for k, v in r.groups.items()}}
         out.append(r)
-    return out
-
-
-def resolve_layers(layers, n: int, field: str = "layers") -> list[int]:
-    """`all` or indices (negative from the end) as model layer indices, each checked."""
-    if layers == "all":
-        return list(range(n))
-    out = []
-    for k, layer in enumerate(layers):
-        if not -n <= layer < n:
-            raise SpecError(f"{field}[{k}]", layer, f"a layer index in [-{n}, {n - 1}] ({n} layers)")
-        out.append(layer % n)
     return out
 
 
@@ -265,7 +254,7 @@ def train_tuned_lens(model, tokenizer, texts: list[str], *, rank: int | None = 6
 
 
 # --------------------------------------------------------------------------- the lens spec
-def _lens_columns(spec, r: Reading, field: str) -> list[tuple[str, int]]:
+def lens_columns(spec, r: Reading, field: str = "positions") -> list[tuple[str, int]]:
     """(label, position) per column: every token, or the spec's selectors (the last token of a set)."""
     selectors = getattr(spec, "positions", ("all",))
     return [(label, pos[-1]) for label, pos in position_columns(selectors, r.enc, field)]
@@ -277,10 +266,10 @@ def run_lens(spec, model, tokenizer, *, processor=None, max_batch_rows: int | No
     with ``*_rank`` grids (the target's rank, 0 = top-1) and the top-k tokens of every cell."""
     table = site_table(model)
     n = table.num_layers(model)
-    layers = resolve_layers(spec.layers, n)
+    layers = list(resolve_layers(spec, n))
     tuned = None if spec.tuned is None else load_tuned_lens(spec.tuned, model)
     prompts = readings(spec, model, tokenizer, processor)
-    cols = [_lens_columns(spec, r, "positions") for r in prompts]
+    cols = [lens_columns(spec, r) for r in prompts]
     states, last_logits = collect_states(model, tokenizer, [r.enc for r in prompts], layers,
                                          max_rows=max_batch_rows or spec.max_batch_rows)
     readout = table.readout(model)

@@ -24,7 +24,8 @@ import random
 import torch
 
 from .errors import SpecError
-from .lens import collect_states, prepare, resolve_layers
+from .lens import collect_states, prepare
+from .plan import resolve_layers
 from .sites import site_table
 
 
@@ -78,31 +79,42 @@ def _accuracy(x, y, train, test, classes, l2):
     return float((pred == y[test]).double().mean()), w, b, mean, std
 
 
-def features(spec, model, tokenizer, processor=None) -> tuple[list[int], dict[tuple[int, str], torch.Tensor]]:
-    """(layers, {(layer, position label): Float[Tensor, "example d"]})."""
+def read_positions(r, sel, i: int) -> list[int]:
+    """The positions of example `i` (a `lens.Reading`) whose states a probe at `sel` averages."""
+    n = len(r.enc)
+    if sel == "image":
+        if "image" not in r.groups:
+            raise SpecError(f"examples[{i}].image", None, "an image for `positions: [image]`")
+        return list(r.groups["image"])
+    if sel == "last":
+        return [n - 1]
+    if not -n <= sel < n:
+        raise SpecError("positions", sel, f"a position in [-{n}, {n - 1}] for examples[{i}] ({n} tokens)")
+    return [sel % n]
+
+
+def example_readings(spec, model, tokenizer, processor=None) -> list:
+    """Each example prepared (image loaded), its positions checked against every `positions` entry."""
     vision = spec.modality == "vision-language"
-    layers = resolve_layers(spec.layers, site_table(model).num_layers(model))
     readings = [prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor,
                         image=getattr(e, "image", None), vision=vision) for i, e in enumerate(spec.examples)]
+    for i, r in enumerate(readings):
+        for sel in spec.positions:
+            read_positions(r, sel, i)
+    return readings
+
+
+def features(spec, model, tokenizer, processor=None) -> tuple[list[int], dict[tuple[int, str], torch.Tensor]]:
+    """(layers, {(layer, position label): Float[Tensor, "example d"]})."""
+    layers = list(resolve_layers(spec, site_table(model).num_layers(model)))
+    readings = example_readings(spec, model, tokenizer, processor)
     states, _ = collect_states(model, tokenizer, [r.enc for r in readings], layers, site=spec.site,
                                max_rows=spec.max_batch_rows)
     out = {}
     for k, layer in enumerate(layers):
         for sel in spec.positions:
-            rows = []
-            for i, (r, s) in enumerate(zip(readings, states)):
-                n = len(r.enc)
-                if sel == "image":
-                    if "image" not in r.groups:
-                        raise SpecError(f"examples[{i}].image", None, "an image for `positions: [image]`")
-                    rows.append(s[k, list(r.groups["image"])].mean(0))
-                elif sel == "last":
-                    rows.append(s[k, n - 1])
-                else:
-                    if not -n <= sel < n:
-                        raise SpecError("positions", sel, f"a position in [-{n}, {n - 1}] for examples[{i}] ({n} tokens)")
-                    rows.append(s[k, sel % n])
-            out[(layer, str(sel))] = torch.stack(rows)
+            out[(layer, str(sel))] = torch.stack([s[k, read_positions(r, sel, i)].mean(0)
+                                                  for i, (r, s) in enumerate(zip(readings, states))])
     return layers, out
 
 

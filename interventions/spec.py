@@ -11,7 +11,7 @@ True
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     AfterValidator, AllowInfNan, BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, TypeAdapter,
@@ -740,26 +740,29 @@ VLM_KNOCKOUT_SOURCES = ("image", "constraint", "others", "self", "all")
 
 class _Knockout(_LensCore):
     kind: Literal["knockout"] = "knockout"
+    SOURCES: ClassVar[tuple[str, ...]] = ()      # the position sets `block` may name
     window: Int = Field(default=9, ge=1, description="Layers blocked together, centred on each layer (Geva et "
                         "al. 2023 use 9), by the same window rule as a trace's.")
     targets: tuple[Position, ...] = Field(
         default=("last",), min_length=1, description="The positions whose attention is cut (the grid's columns).")
+
+    @field_validator("block", check_fields=False)
+    @classmethod
+    def _block(cls, v):
+        return _check_names(v, cls.SOURCES, "position set")
 
 
 class KnockoutSpec(_Knockout, _Language):
     """Attention knockout (Geva et al. 2023): block the attention edges from a set of positions to the
     target position over a window of layers, and read p(answer). One grid per blocked set."""
 
+    SOURCES: ClassVar[tuple[str, ...]] = KNOCKOUT_SOURCES
     model: Name = Field(default=DEFAULT_MODEL)
     prompts: tuple[LensPrompt, ...] = Field(min_length=1)
     block: tuple[str, ...] = _sites_field(("subject", "others", "self"), KNOCKOUT_SOURCES, description=(
         "Edges cut, one grid each: from the `subject` tokens, from every `others` position (neither subject "
         "nor target), from the target to itself (`self`), or from `all` positions."))
 
-    @field_validator("block")
-    @classmethod
-    def _block(cls, v):
-        return _check_names(v, KNOCKOUT_SOURCES, "position set")
 
     @model_validator(mode="after")
     def _subjects(self):
@@ -773,15 +776,12 @@ class VLMKnockoutSpec(_Knockout, _VisionLanguage):
     """Attention knockout in a VLM's language model: cut the edges from the image tokens, the question's
     constraint or the other positions to the last token (Basu et al. 2024)."""
 
+    SOURCES: ClassVar[tuple[str, ...]] = VLM_KNOCKOUT_SOURCES
     model: Name = Field(default=VLM_MODEL)
     prompts: tuple[VLMLensPrompt, ...] = Field(min_length=1)
     block: tuple[str, ...] = _sites_field(("image", "constraint", "others", "self"), VLM_KNOCKOUT_SOURCES,
                                           description="As for a language model, with `image` and `constraint`.")
 
-    @field_validator("block")
-    @classmethod
-    def _block(cls, v):
-        return _check_names(v, VLM_KNOCKOUT_SOURCES, "position set")
 
     @model_validator(mode="after")
     def _sources(self):

@@ -161,34 +161,27 @@ def check_diffusion_apply(spec) -> str:
 
 def check_reading(spec) -> str:
     """lens / knockout / probe: layers, prompts (images loaded), targets, named positions."""
-    from interventions.lens import load_tuned_lens, prepare, readings, resolve_layers
-    from interventions.prompts import columns
+    from interventions.lens import lens_columns, load_tuned_lens, readings
+    from interventions.plan import resolve_layers
     from interventions.vlm import load_language_or_vision
 
     model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")
     n = _layer_count(model)
-    resolve_layers(spec.layers, n)
+    resolve_layers(spec, n)
     if spec.kind == "probe":
-        for i, e in enumerate(spec.examples):
-            r = prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor,
-                        image=getattr(e, "image", None), vision=spec.modality == "vision-language")
-            for sel in spec.positions:
-                if sel == "image" and "image" not in r.groups:
-                    raise SpecError(f"examples[{i}].image", None, "an image for `positions: [image]`")
-                if isinstance(sel, int) and not -len(r.enc) <= sel < len(r.enc):
-                    raise SpecError("positions", sel, f"a position in [-{len(r.enc)}, {len(r.enc) - 1}] for "
-                                    f"examples[{i}] ({len(r.enc)} tokens)")
+        from interventions.probe import example_readings
+
+        example_readings(spec, model, tokenizer, processor)
         return f"{len(spec.examples)} example(s), {len({e.label for e in spec.examples})} labels, {n} layers"
     prompts = readings(spec, model, tokenizer, processor)
     if spec.kind == "knockout":
-        from interventions.knockout import attention_modules
+        from interventions.knockout import attention_modules, knockout_targets
 
         attention_modules(model)
+        knockout_targets(spec, prompts)
+    else:
         for r in prompts:
-            columns(spec.targets, r.enc, "targets")
-    elif spec.modality == "language":
-        for r in prompts:
-            columns(spec.positions, r.enc, "positions")
+            lens_columns(spec, r)
     if getattr(spec, "tuned", None):
         load_tuned_lens(spec.tuned, model)
     return f"{len(prompts)} prompt(s), {n} layers"

@@ -27,6 +27,18 @@ def _load(spec, args):
     return load_language_or_vision(spec.model, vision=spec.modality == "vision-language", device=args.device)
 
 
+def _grid_run(spec, args, out: Path, compute, figure, picture: str):
+    """Load the model, run `compute` (a lens or knockout) timed, save its result and `figure` as `picture`:
+    ``(result, names written)``."""
+    model, tokenizer, processor = _load(spec, args)
+    start = time.perf_counter()
+    result = compute(spec, model, tokenizer, processor=processor, max_batch_rows=args.max_batch_rows)
+    result.meta["seconds"] = round(time.perf_counter() - start, 1)
+    written = result.save(out, heatmap=False)
+    figure(result, out / picture)
+    return result, written + [picture]
+
+
 # ------------------------------------------------------------------------------------------ lens
 def lens_figure(result, path: Path, *, max_prompts: int = 4) -> None:
     """p(target) per layer x position for each lens, the top-1 token written in each cell."""
@@ -61,12 +73,7 @@ def lens_figure(result, path: Path, *, max_prompts: int = 4) -> None:
 def run_lens(spec, args, out: Path) -> int:
     from interventions.lens import run_lens as lens
 
-    model, tokenizer, processor = _load(spec, args)
-    start = time.perf_counter()
-    result = lens(spec, model, tokenizer, processor=processor, max_batch_rows=args.max_batch_rows)
-    result.meta["seconds"] = round(time.perf_counter() - start, 1)
-    written = result.save(out, heatmap=False)
-    lens_figure(result, out / "lens.png")
+    result, written = _grid_run(spec, args, out, lens, lens_figure, "lens.png")
     print(f"lens of {len(result.prompts)} prompt(s) on {spec.model}, {len(result.meta['layers'])} layers, in "
           f"{result.meta['seconds']} s")
     for p in result.prompts:
@@ -76,7 +83,7 @@ def run_lens(spec, args, out: Path) -> int:
                 line += (f" {name}: top-1 first at layer {p[f'{name}_first_top1_layer']}, from layer "
                          f"{p[f'{name}_settled_layer']} on;")
         print(line)
-    print(f"wrote {', '.join(written + ['lens.png'])} to {args.out}")
+    print(f"wrote {', '.join(written)} to {args.out}")
     return 0
 
 
@@ -105,12 +112,7 @@ def knockout_figure(result, path: Path) -> None:
 def run_knockout(spec, args, out: Path) -> int:
     from interventions.knockout import run_knockout as knockout
 
-    model, tokenizer, processor = _load(spec, args)
-    start = time.perf_counter()
-    result = knockout(spec, model, tokenizer, processor=processor, max_batch_rows=args.max_batch_rows)
-    result.meta["seconds"] = round(time.perf_counter() - start, 1)
-    written = result.save(out, heatmap=False)
-    knockout_figure(result, out / "knockout.png")
+    result, written = _grid_run(spec, args, out, knockout, knockout_figure, "knockout.png")
     print(f"knockout of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['rows']} rows in "
           f"{result.meta['seconds']} s (window {spec.window})")
     for i, p in enumerate(result.prompts):
@@ -120,7 +122,7 @@ def run_knockout(spec, args, out: Path) -> int:
                 change = (grid.values[i, :, c] / p["clean_prob"] - 1) * 100
                 k = int(change.argmin())
                 print(f"    {name} -> {col}: largest drop {float(change[k]):+.0f}% at layer {grid.layers[k]}")
-    print(f"wrote {', '.join(written + ['knockout.png'])} to {args.out}")
+    print(f"wrote {', '.join(written)} to {args.out}")
     return 0
 
 
