@@ -8,6 +8,10 @@
    - ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹, the minimiser of ‖ΔW K − R‖² + λ tr(ΔW C_l ΔWᵀ).
 3. The updates are reverted; the result is one Delta with rank ≤ n factors per layer.
 
+AlphaEdit (Fang et al. 2025) is the same loop with step 2's update replaced by one projected onto
+the null space of the layer's preserved keys (`projected_update`), and, in sequential editing, the
+keys of earlier batches kept as constraints too.
+
 >>> delta, details = compute_memit(model, tokenizer, requests, MemitHyperParams(layers=(2, 3, 4, 5, 6)),
 ...                                base_model="smollm2-135m")                                 # doctest: +SKIP
 """
@@ -18,14 +22,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from interventions.prompts import pad_token_id, right_pad
 from interventions.sites import site_table
 
 from .delta import Delta, apply, revert
-from interventions.prompts import pad_token_id, right_pad
-
-from .rome import (EditRequest, RomeHyperParams, encode_at, hooked, is_conv1d, compute_k_star, compute_v_star,
-                   context_templates, weight_name)
+from .rome import (EditRequest, RomeHyperParams, as_factors, compute_keys, compute_targets, context_templates,
+                   encode_at, hooked, weight_name)
 from .stats import second_moments
+
+#: MEMIT's context templates: the plain prompt and five generated 10-token prefixes.
+MEMIT_TEMPLATES = ((10, 5),)
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class MemitHyperParams:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     mom2_update_weight: float = 15_000.0
-    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    context_templates: tuple[tuple[int, int], ...] = MEMIT_TEMPLATES
     mom2_tokens: int = 20_000
     seed: int = 0
 
@@ -53,6 +59,22 @@ class MemitHyperParams:
         return RomeHyperParams(layer=self.layers[-1], v_steps=self.v_steps, v_lr=self.v_lr,
                                v_weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
                                kl_factor=self.kl_factor, context_templates=self.context_templates, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class AlphaEditHyperParams(MemitHyperParams):
+    """AlphaEdit (Fang et al. 2025): MEMIT's targets and layers, each layer's update projected onto the
+    null space of its preserved keys. `nullspace_threshold`: eigenvalues of C below it span that null
+    space (AlphaEdit: 0.02); `l2`: the ridge on the update (AlphaEdit: 10 on Llama-3, 1 elsewhere)."""
+
+    nullspace_threshold: float = 2e-2
+    l2: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nullspace_threshold <= 0 or self.l2 <= 0:
+            raise ValueError(f"`nullspace_threshold` and `l2` must be positive, got "
+                             f"{self.nullspace_threshold} and {self.l2}")
 
 
 @torch.no_grad()
@@ -74,45 +96,76 @@ def layer_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, weight: floa
     return R.float(), right.float()
 
 
+def null_space_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """P = U Uᵀ over the eigenvectors of C whose eigenvalues are below `threshold` (AlphaEdit's P):
+    the directions the preserved keys (whose second moment C is) hardly use; ``(P, their number)``."""
+    values, vectors = torch.linalg.eigh(C.double())
+    U = vectors[:, values < threshold]
+    return U @ U.T, U.shape[1]
+
+
+def projected_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, previous: torch.Tensor,
+                     l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's update as factors (R [out, n], (A⁻¹PK)ᵀ [n, in]) of
+    ``ΔW = R Kᵀ P A⁻¹``, ``A = P (K Kᵀ + K_p K_pᵀ) P + l2 I``: the minimiser of ‖ΔW K − R‖² + ‖ΔW K_p‖²
+    + l2 ‖ΔW‖² over updates in the null space (ΔW = ΔW P). `previous` is K_p K_pᵀ, the keys of earlier
+    sequential batches. With l2 > 0, A⁻¹PK lies in P's range, so ΔW sends every preserved key
+    (PK₀ ≈ 0) to (almost) zero."""
+    K, P, previous = K.double(), P.double(), previous.double()
+    A = P @ (K @ K.T + previous) @ P + l2 * torch.eye(P.shape[0], dtype=P.dtype)
+    return R.float(), torch.linalg.solve(A, P @ K).T.float()          # A is symmetric: (A⁻¹PK)ᵀ = KᵀPA⁻¹
+
+
 def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperParams, *, base_model: str,
                   C: dict[int, torch.Tensor] | None = None, corpus: list[str] | None = None,
-                  spec: dict | None = None, z: torch.Tensor | None = None) -> tuple[Delta, dict]:
-    """All `requests` in one Delta; the model is unchanged afterwards. `z` (``[n, d]``): targets
-    from an earlier call's details, to try other layer hyperparameters without re-optimising them."""
+                  spec: dict | None = None, z: torch.Tensor | None = None, templates: list[str] | None = None,
+                  previous: dict[int, torch.Tensor] | None = None) -> tuple[Delta, dict]:
+    """All `requests` in one Delta (MEMIT, or AlphaEdit when `hp` is `AlphaEditHyperParams`); the model
+    is unchanged afterwards. `z` (``[n, d]``): targets from an earlier call's details, to try other
+    layer hyperparameters without re-optimising them. `templates`: context templates drawn earlier.
+    AlphaEdit's `previous`: per layer, K_p K_pᵀ of the keys edited by earlier batches (details'
+    ``keys_outer`` gives this batch's, to add for the next)."""
     table = site_table(model)
     n_layers = table.num_layers(model)
     if hp.layers[0] < 0 or hp.layers[-1] >= n_layers:
         raise ValueError(f"`layers`: got {list(hp.layers)}; expected layers in [0, {n_layers - 1}]")
+    alpha = isinstance(hp, AlphaEditHyperParams)
     C = dict(C or {})
     missing = [layer for layer in hp.layers if layer not in C]
     if missing:
         C.update(second_moments(model, tokenizer, missing, corpus, max_tokens=hp.mom2_tokens))
     was_training = model.training
-    steps, factors, info = [], {}, []
+    steps, factors, info, outer = [], {}, [], {}
     try:
         model.eval()
-        templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
-        z_hp = hp.z_hyperparameters()
+        if templates is None:
+            templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
         if z is None:
-            z = torch.stack([compute_v_star(model, tokenizer, hp.layers[-1], r, templates, z_hp,
-                                            site="block_output")[0] for r in requests])
+            z, _ = compute_targets(model, tokenizer, hp.layers[-1], requests, templates, hp.z_hyperparameters(),
+                                   site="block_output")
         for i, layer in enumerate(hp.layers):
-            K = torch.stack([compute_k_star(model, tokenizer, layer, r, templates) for r in requests], dim=1)
+            K = compute_keys(model, tokenizer, layer, requests, templates).T.cpu()
             current = block_outputs(model, tokenizer, hp.layers[-1], requests)
-            R = (z - current).T / (len(hp.layers) - i)
-            u, v = layer_update(K.cpu(), R.cpu(), C[layer].cpu(), hp.mom2_update_weight)
-            module = table.module(model, "mlp_key", layer)
-            pair = (v.T, u.T) if is_conv1d(module) else (u, v)
+            R = (z - current).T.cpu() / (len(hp.layers) - i)
             name = weight_name(model, layer)
-            step = Delta.from_factors(model, {name: pair}, method="memit-step", base_model=base_model)
+            row = {"layer": layer, "residual_norm": float(R.norm(dim=0).mean() * (len(hp.layers) - i))}
+            if alpha:
+                P, kept = null_space_projector(C[layer].cpu(), hp.nullspace_threshold)
+                before = (previous or {}).get(layer, torch.zeros(K.shape[0], K.shape[0]))
+                pair = as_factors(model, layer, *projected_update(K, R, P, before, hp.l2))
+                outer[layer] = (K.double() @ K.double().T).float()
+                row["null_space_dims"] = kept
+            else:
+                pair = as_factors(model, layer, *layer_update(K, R, C[layer].cpu(), hp.mom2_update_weight))
+            factors[name] = pair
+            step = Delta.from_factors(model, {name: pair}, method="update-step", base_model=base_model)
             apply(model, step)
             steps.append(step)
-            factors[name] = pair
-            info.append({"layer": layer, "residual_norm": float(R.norm(dim=0).mean() * (len(hp.layers) - i))})
+            info.append(row)
     finally:
         revert(model, *steps)
         model.train(was_training)
     hyper = {**asdict(hp), "layers": list(hp.layers), "context_templates": [list(x) for x in hp.context_templates]}
-    delta = Delta.from_factors(model, factors, method="memit", base_model=base_model, hyperparameters=hyper,
-                               spec=spec or {"requests": [asdict(r) for r in requests]})
-    return delta, {"z": z, "layers": info, "templates": templates}
+    delta = Delta.from_factors(model, factors, method="alphaedit" if alpha else "memit", base_model=base_model,
+                               hyperparameters=hyper, spec=spec or {"requests": [asdict(r) for r in requests]})
+    return delta, {"z": z, "layers": info, "templates": templates, "keys_outer": outer}

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from interventions.prompts import overlapping, pad_token_id, right_pad
-from interventions.sites import site_table
+from interventions.sites import get_module, site_table
 
 from .delta import Delta
 from .stats import OPENINGS, model_samples, second_moment
@@ -126,88 +126,201 @@ def frozen_parameters(model):
             p.requires_grad_(flags[n])
 
 
+class _Replay(torch.nn.Module):
+    """Stands in for a decoder layer below the edit: returns the output that layer gave on the first
+    pass, whatever its input (which is the same every pass). Attributes such as ``attention_type``
+    are the real layer's."""
+
+    def __init__(self, layer: torch.nn.Module, output):
+        super().__init__()
+        self.__dict__["_layer"] = layer                     # not registered: no second copy of its weights
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
+
+
+@contextmanager
+def replaying(model, below: int, output):
+    """Within the block, decoder layers ``0 .. below-1`` return `output` (layer ``below-1``'s cached
+    output) instead of computing: a forward costs only the layers from `below` on. The layers are put
+    back afterwards, also on error."""
+    table = site_table(model)
+    swapped = []
+    try:
+        for layer in range(below):
+            path = table.component("block_output", layer)
+            holder = get_module(model, path.rsplit("[", 1)[0])
+            real = holder[layer]
+            holder[layer] = _Replay(real, output)
+            swapped.append((holder, layer, real))
+        yield
+    finally:
+        for holder, layer, real in swapped:
+            holder[layer] = real
+
+
+def request_keys(tokenizer, request: "EditRequest", templates: list[str]) -> list[tuple[list[int], int]]:
+    """(token ids, subject-last index) of the request's prompt behind each template."""
+    return [encode_at(tokenizer, *request.text(t), len(request.subject)) for t in templates]
+
+
 @torch.no_grad()
-def compute_k_star(model, tokenizer, layer: int, request: EditRequest, templates: list[str]) -> torch.Tensor:
-    """Mean key at the subject's last token over the context templates: ``Float[Tensor, "d_mlp"]``."""
+def compute_keys(model, tokenizer, layer: int, requests: list["EditRequest"], templates: list[str],
+                 batch: int = 64) -> torch.Tensor:
+    """Each request's key (input of layer `layer`'s MLP output projection) at the subject's last token,
+    averaged over `templates`: ``Float[Tensor, "n d_mlp"]``. ROME's k*; MEMIT's and EMMET's K columns."""
     module = site_table(model).module(model, "mlp_key", layer)
-    encoded = [encode_at(tokenizer, *request.text(t), len(request.subject)) for t in templates]
-    inputs = right_pad([ids for ids, _ in encoded], pad_token_id(tokenizer), next(model.parameters()).device)
+    device = next(model.parameters()).device
+    encoded = [e for r in requests for e in request_keys(tokenizer, r, templates)]
+    keys = []
     keep = {}
     with hooked(module, lambda m, args: keep.__setitem__("k", args[0]), pre=True):
-        model(**inputs, use_cache=False)
-    rows = torch.arange(len(encoded))
-    return keep["k"][rows, torch.tensor([i for _, i in encoded])].float().mean(0)
+        for start in range(0, len(encoded), batch):
+            part = encoded[start:start + batch]
+            model(**right_pad([ids for ids, _ in part], pad_token_id(tokenizer), device), use_cache=False)
+            keys.append(keep["k"][torch.arange(len(part)), torch.tensor([i for _, i in part])].float())
+    return torch.cat(keys).reshape(len(requests), len(templates), -1).mean(1)
 
 
-def compute_v_star(model, tokenizer, layer: int, request: EditRequest, templates: list[str],
-                   hp: RomeHyperParams, site: str = "mlp_output") -> tuple[torch.Tensor, dict]:
-    """The output of `site` (ROME: the MLP; MEMIT: the block) at the subject's last token that makes
-    the model answer `target_new`."""
-    module = site_table(model).module(model, site, layer)
+def compute_k_star(model, tokenizer, layer: int, request: "EditRequest", templates: list[str]) -> torch.Tensor:
+    """ROME's k* of one request: ``Float[Tensor, "d_mlp"]`` (see `compute_keys`)."""
+    return compute_keys(model, tokenizer, layer, [request], templates)[0]
+
+
+def compute_targets(model, tokenizer, layer: int, requests: list["EditRequest"], templates: list[str],
+                    hp: "RomeHyperParams", site: str = "mlp_output", *, fast: bool = True) -> tuple[torch.Tensor, dict]:
+    """For each request, the output of `site` (ROME, EMMET: the MLP; MEMIT, AlphaEdit: the block) at
+    layer `layer`, at the subject's last token, that makes the model answer `target_new`:
+    ``(Float[Tensor, "n d"], details)``.
+
+    All requests are optimised together: one δ row per request, added at its own rows; the loss is
+    the sum of the requests' losses, so with Adam (elementwise) each row follows the path it would
+    follow alone (`optimise_delta`). Each request's rows are its prompt behind every template, plus
+    "{subject} is a" for the KL term.
+
+    `fast`: the layers below `layer` are computed once and their output reused (`replaying`), and the
+    vocabulary projection is applied only where a loss reads it. `fast=False` runs the whole model
+    every step: the plain path, which the fast one must reproduce.
+    """
+    table = site_table(model)
+    module = table.module(model, site, layer)
     device = next(model.parameters()).device
-    target = tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
-    rewrite = [encode_at(tokenizer, *request.text(t), len(request.subject)) for t in templates]
-    kl_req = EditRequest("{} is a", request.subject, request.target_new)
-    kl_ids, kl_idx = encode_at(tokenizer, *kl_req.text(), len(request.subject))
-    seqs = [ids + target[:-1] for ids, _ in rewrite] + [kl_ids]
-    lookup = torch.tensor([i for _, i in rewrite] + [kl_idx], device=device)
+    n = len(requests)
+    seqs, lookup, owner, answers, kl_at = [], [], [], [], []
+    first_row = []
+    for i, request in enumerate(requests):
+        target = tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
+        first_row.append(len(seqs))
+        for ids, at in request_keys(tokenizer, request, templates):
+            row = len(seqs)
+            seqs.append(ids + target[:-1])
+            lookup.append(at)
+            owner.append(i)
+            answers += [(row, len(ids) - 1 + j, tok, i, len(templates) * len(target)) for j, tok in enumerate(target)]
+        kl_ids, kl_idx = encode_at(tokenizer, *EditRequest("{} is a", request.subject, request.target_new).text(),
+                                   len(request.subject))
+        kl_at.append((len(seqs), len(kl_ids) - 1))
+        seqs.append(kl_ids)
+        lookup.append(kl_idx)
+        owner.append(i)
     inputs = right_pad(seqs, pad_token_id(tokenizer), device)
-    answer_at = [len(ids) - 1 + j for ids, _ in rewrite for j in range(len(target))]
-    answer_row = [r for r in range(len(rewrite)) for _ in target]
-    answer_tok = torch.tensor(target * len(rewrite), device=device)
     rows = torch.arange(len(seqs), device=device)
-    delta = torch.zeros(model.get_input_embeddings().weight.shape[1], device=device, requires_grad=True)
-    state = {}
+    lookup = torch.tensor(lookup, device=device)
+    owner = torch.tensor(owner, device=device)
+    a_row, a_pos, a_tok, a_req, a_norm = (torch.tensor(x, device=device) for x in zip(*answers))
+    kl_row, kl_pos = (torch.tensor(x, device=device) for x in zip(*kl_at))
+    width = model.get_input_embeddings().weight.shape[1]
+    delta = torch.zeros(n, width, device=device, requires_grad=True)
+    state, kl_init = {}, {}
+    last = table.module(model, "block_output", table.num_layers(model) - 1)
+    readout = table.readout(model)
+    below = {}
 
     def add_delta(m, args, out):
         h = out[0] if isinstance(out, tuple) else out
         if "init" not in state:
-            state["init"] = h[0, lookup[0]].detach().clone()
+            state["init"] = h[torch.tensor(first_row, device=device), lookup[first_row]].detach().clone()
         h = h.clone()
-        h[rows, lookup] = h[rows, lookup] + delta
+        h[rows, lookup] = h[rows, lookup] + delta[owner]
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    kl_init = {}
+    def keep_last(m, args, out):
+        below["last"] = out[0] if isinstance(out, tuple) else out
+
+    def logits_at(rows_, positions):
+        """Log-probabilities at (rows_, positions): from the last block's output (fast), or the logits."""
+        if not fast:
+            return model(**inputs, use_cache=False).logits[rows_, positions].float().log_softmax(-1)
+        with hooked(last, keep_last):
+            if layer > 0 and "output" not in below:         # first pass: whole model, keep layer-1's output
+                lower = table.module(model, "block_output", layer - 1)
+                with hooked(lower, lambda m, a, out: below.__setitem__("output", out)):
+                    model(**inputs, use_cache=False, logits_to_keep=1)
+            else:
+                with replaying(model, layer, below.get("output")):
+                    model(**inputs, use_cache=False, logits_to_keep=1)
+        return readout(below["last"][rows_, positions]).float().log_softmax(-1)
 
     def losses():
-        logp = model(**inputs, use_cache=False).logits.float().log_softmax(-1)
-        nll = -logp[torch.tensor(answer_row), torch.tensor(answer_at), answer_tok].sum() / len(rewrite) / len(target)
-        kl_logp = logp[-1, len(kl_ids) - 1]
+        logp = logits_at(torch.cat([a_row, kl_row]), torch.cat([a_pos, kl_pos]))
+        picked = logp[: len(a_row)].gather(1, a_tok[:, None])[:, 0]
+        nll = torch.zeros(n, device=device).index_add(0, a_req, -picked / a_norm)
+        kl_logp = logp[len(a_row):]
         if "p" not in kl_init:
             kl_init["p"] = kl_logp.detach().clone()
-        return nll, torch.nn.functional.kl_div(kl_logp, kl_init["p"], log_target=True, reduction="sum")
+        kl = torch.nn.functional.kl_div(kl_logp, kl_init["p"], log_target=True, reduction="none").sum(-1)
+        return nll, kl
 
     with frozen_parameters(model), hooked(module, add_delta), torch.enable_grad():
         history = optimise_delta(delta, state, hp, losses)
         with torch.no_grad():
-            logp = model(**inputs, use_cache=False).logits.float().log_softmax(-1)
-            final = -logp[torch.tensor(answer_row), torch.tensor(answer_at), answer_tok].reshape(len(rewrite), -1)
+            final, _ = losses()
     return (state["init"] + delta.detach()).float(), {
-        "history": history, "v_init_norm": float(state["init"].norm()), "delta_norm": float(delta.detach().norm()),
-        "final_nll_per_template": final.mean(1).tolist()}
+        "history": history, "v_init_norm": state["init"].norm(dim=1).tolist(),
+        "delta_norm": delta.detach().norm(dim=1).tolist(), "final_nll": final.tolist()}
 
 
-def optimise_delta(delta: torch.Tensor, state: dict, hp: RomeHyperParams, losses) -> list[dict]:
+def optimise_delta(delta: torch.Tensor, state: dict, hp: "RomeHyperParams", losses) -> list[dict]:
     """ROME's search for v*: Adam on δ (added to the edited site by the caller's hook) against
     NLL + `kl_factor` · KL + `v_weight_decay` · (|δ| / |v_init|)², δ's norm clamped to
-    `clamp_norm_factor` · |v_init|; stops early once the NLL is below 0.05. `losses()` runs the
-    model and returns ``(nll, kl)``; the hook stores the unedited value in ``state["init"]``."""
+    `clamp_norm_factor` · |v_init|; stops once the NLL is below 0.05. `losses()` runs the model and
+    returns ``(nll, kl)``; the hook stores the unedited value in ``state["init"]``.
+
+    δ is ``[d]`` (one request) or ``[n, d]`` (one row per request, with ``state["init"]`` and the
+    losses per row). The rows are independent: the loss is their sum, Adam works elementwise, each
+    row is clamped by its own norm, and a row whose NLL is below 0.05 is frozen from then on, as a
+    request optimised alone would stop there.
+    """
+    rows = delta if delta.dim() == 2 else delta[None]
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    done = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
     history = []
     for step in range(hp.v_steps):
         opt.zero_grad()
-        nll, kl = losses()
-        decay = hp.v_weight_decay * (delta.norm() / state["init"].norm()) ** 2
+        nll, kl = (x.reshape(-1) for x in losses())
+        init_norm = state["init"].reshape(rows.shape).norm(dim=1)
+        decay = hp.v_weight_decay * (rows.norm(dim=1) / init_norm) ** 2
         loss = nll + hp.kl_factor * kl + decay
-        history.append({"step": step, "nll": nll.item(), "kl": kl.item(), "loss": loss.item()})
-        if nll.item() < 5e-2:
+        history.append({"step": step, "nll": nll.mean().item(), "kl": kl.mean().item(),
+                        "loss": loss.mean().item(), "done": int(done.sum())})
+        done |= nll.detach() < 5e-2
+        if bool(done.all()):
             break
-        loss.backward()
+        frozen = rows.detach()[done].clone()
+        loss.sum().backward()
         opt.step()
         with torch.no_grad():
-            limit = hp.clamp_norm_factor * state["init"].norm()
-            if delta.norm() > limit:
-                delta.mul_(limit / delta.norm())
+            limit = hp.clamp_norm_factor * init_norm[:, None]
+            norms = rows.norm(dim=1, keepdim=True)
+            rows.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)))
+            rows[done] = frozen
     return history
 
 
@@ -222,43 +335,72 @@ def weight_name(model, layer: int) -> str:
 
 
 def rank_one_update(W: torch.Tensor, C: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor,
-                    ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Λ [out, 1], (C⁻¹k*)ᵀ [1, in]) with ``(W + Λ (C⁻¹k*)ᵀ) k* = v*``. W is [out, in]."""
+                    ridge: float = 0.0, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Λ [out, 1], (C⁻¹k*)ᵀ [1, in]) with ``Λ = (v* − W key) / ((C⁻¹k*)ᵀ key)``, so that
+    ``(W + Λ (C⁻¹k*)ᵀ) key = v*``. W is [out, in].
+
+    r-ROME: `key` is k* itself (the default), the template-averaged key whose positions the v*
+    optimisation edited. ROME as published: `key` is the key of the plain prompt (no prefix), while
+    C⁻¹k* uses the averaged one; the layer then maps the plain key, not k*, to v*.
+    """
+    key = k_star if key is None else key
     C = C.double()
     C = C + ridge * torch.trace(C) / C.shape[0] * torch.eye(C.shape[0], dtype=C.dtype)
     left = torch.linalg.solve(C, k_star.double())
-    lam = (v_star.double() - W.double() @ k_star.double()) / (left @ k_star.double())
+    lam = (v_star.double() - W.double() @ key.double()) / (left @ key.double())
     return lam[:, None].float(), left[None, :].float()
+
+
+#: ROME's two variants: the published update, and r-ROME's (Gupta et al. 2024), whose key is consistent.
+ROME_METHODS = ("rome", "r-rome")
+
+
+def weight_matrix(model, layer: int) -> torch.Tensor:
+    """The edited projection's weight as [out, in] float32 on the CPU (GPT-2's Conv1D transposed)."""
+    module = site_table(model).module(model, "mlp_key", layer)
+    W = module.weight.detach().float().cpu()
+    return W.T if is_conv1d(module) else W
+
+
+def as_factors(model, layer: int, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ``u @ v`` ([out, r] @ [r, in]) in the parameter's own layout (GPT-2: transposed)."""
+    module = site_table(model).module(model, "mlp_key", layer)
+    return (v.T, u.T) if is_conv1d(module) else (u, v)
 
 
 def compute_rome(model, tokenizer, request: EditRequest, hp: RomeHyperParams, *, base_model: str,
                  C: torch.Tensor | None = None, corpus: list[str] | None = None,
-                 spec: dict | None = None) -> tuple[Delta, dict]:
-    """The ROME edit of one request: ``(rank-one Delta, details)``; the model is left unchanged.
+                 spec: dict | None = None, method: str = "rome",
+                 templates: list[str] | None = None) -> tuple[Delta, dict]:
+    """The ROME (`method` ``rome``) or r-ROME (``r-rome``) edit of one request: ``(rank-one Delta,
+    details)``; the model is left unchanged. `templates`: context templates drawn earlier (a
+    sequential run draws them once, as ROME caches them); by default drawn from the model now.
 
-    `details` holds k*, v*, the context templates and the optimisation history.
+    `details` holds k*, the plain prompt's key, v*, the templates and the optimisation history.
     """
+    if method not in ROME_METHODS:
+        raise ValueError(f"`method`: got {method!r}; expected one of {', '.join(ROME_METHODS)}")
     table = site_table(model)
     if not 0 <= hp.layer < table.num_layers(model):
         raise ValueError(f"`layer`: got {hp.layer}; expected a layer in [0, {table.num_layers(model) - 1}]")
     was_training = model.training
     model.eval()
     try:
-        templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
+        if templates is None:
+            templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
         k_star = compute_k_star(model, tokenizer, hp.layer, request, templates)
-        v_star, info = compute_v_star(model, tokenizer, hp.layer, request, templates, hp)
+        k_plain = compute_k_star(model, tokenizer, hp.layer, request, ["{}"])
+        (v_star,), info = compute_targets(model, tokenizer, hp.layer, [request], templates, hp)
         if C is None:
             C = second_moment(model, tokenizer, hp.layer, corpus, max_tokens=hp.mom2_tokens)
     finally:
         model.train(was_training)
-    module = table.module(model, "mlp_key", hp.layer)
-    W = module.weight.detach().float().cpu()
-    W = W.T if is_conv1d(module) else W
-    lam, left = rank_one_update(W, C.cpu(), k_star.cpu(), v_star.cpu(), hp.mom2_ridge)
-    factors = (left.T, lam.T) if is_conv1d(module) else (lam, left)
+    key = k_star if method == "r-rome" else k_plain
+    lam, left = rank_one_update(weight_matrix(model, hp.layer), C.cpu(), k_star.cpu(), v_star.cpu(), hp.mom2_ridge,
+                                key=key.cpu())
     hyper = {**asdict(hp), "context_templates": [list(x) for x in hp.context_templates]}
-    delta = Delta.from_factors(model, {weight_name(model, hp.layer): factors}, method="rome", base_model=base_model,
-                               hyperparameters=hyper, spec=spec or {"requests": [asdict(request)]},
-                               metrics={"v_star_nll": sum(info["final_nll_per_template"])
-                                        / len(info["final_nll_per_template"])})
-    return delta, {"k_star": k_star, "v_star": v_star, "templates": templates, **info}
+    delta = Delta.from_factors(model, {weight_name(model, hp.layer): as_factors(model, hp.layer, lam, left)},
+                               method=method, base_model=base_model, hyperparameters=hyper,
+                               spec=spec or {"requests": [asdict(request)]},
+                               metrics={"v_star_nll": info["final_nll"][0]})
+    return delta, {"k_star": k_star, "k_plain": k_plain, "v_star": v_star, "templates": templates, **info}

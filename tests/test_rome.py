@@ -24,15 +24,17 @@ def prob(model, tokenizer, text, target):
         return float(model(ids).logits[0, -1].softmax(-1)[tokenizer.convert_tokens_to_ids(target)])
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=[("llama", "r-rome"), ("gpt2", "r-rome"), ("llama", "rome")],
+                ids=["llama-r-rome", "gpt2-r-rome", "llama-rome"])
 def edit(request, tokenizer, tmp_path_factory):
-    model = make_model(request.param, len(tokenizer))
+    family, method = request.param
+    model = make_model(family, len(tokenizer))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
     C = second_moment(model, tokenizer, HP.layer, CORPUS, max_tokens=HP.mom2_tokens,
                       cache_dir=tmp_path_factory.mktemp("stats"))
-    delta, details = compute_rome(model, tokenizer, REQUEST, HP, base_model="tiny", C=C)
-    return request.param, model, delta, details, weights, flags, C
+    delta, details = compute_rome(model, tokenizer, REQUEST, HP, base_model="tiny", C=C, method=method)
+    return family, model, delta, details, weights, flags, C
 
 
 def test_computing_leaves_the_model_unchanged(edit):
@@ -42,14 +44,43 @@ def test_computing_leaves_the_model_unchanged(edit):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def test_edited_layer_maps_k_star_to_v_star(edit):
+def test_edited_layer_maps_its_key_to_v_star(edit):
+    """r-ROME maps k* (the templates' mean key) to v*; ROME as published maps the plain prompt's key
+    there instead, and sends k* elsewhere: r-ROME's point."""
     family, model, delta, details, _, _, _ = edit
     name = weight_name(model, HP.layer)
     with applied(model, delta):
         W = dict(model.named_parameters())[name].detach()
         W = W.T if family == "gpt2" else W
-        out = W @ details["k_star"]
-    assert torch.allclose(out, details["v_star"], rtol=1e-4, atol=1e-4)
+        key = details["k_star"] if delta.meta["method"] == "r-rome" else details["k_plain"]
+        out, at_k_star = W @ key, W @ details["k_star"]
+    # float32 factors; ROME's Λ is large where the plain key is far from k*
+    assert torch.allclose(out, details["v_star"], rtol=1e-4, atol=1e-4 if delta.meta["method"] == "r-rome" else 2e-3)
+    if delta.meta["method"] == "rome":
+        assert not torch.allclose(at_k_star, details["v_star"], rtol=1e-2, atol=1e-2)
+
+
+def test_r_rome_uses_the_optimisations_key(tokenizer):
+    """The key in r-ROME's update is the mean of the keys at exactly the positions where v*'s
+    optimisation added δ: each template's row at its subject-last token (read by a plain hook on the
+    projection's input during the optimisation's first forward)."""
+    from editors.rome import compute_targets, context_templates, request_keys
+
+    model = make_model("llama", len(tokenizer))
+    templates = context_templates(model, tokenizer, HP.context_templates, HP.seed)
+    keys = []
+    proj = model.model.layers[HP.layer].mlp.down_proj
+    handle = proj.register_forward_pre_hook(lambda m, a: keys.append(a[0].detach().clone()))
+    try:
+        compute_targets(model, tokenizer, HP.layer, [REQUEST], templates, RomeHyperParams(layer=HP.layer, v_steps=1),
+                        fast=False)
+    finally:
+        handle.remove()
+    positions = [i for _, i in request_keys(tokenizer, REQUEST, templates)]
+    used = torch.stack([keys[0][row, at] for row, at in enumerate(positions)]).mean(0)
+    _, details = compute_rome(model, tokenizer, REQUEST, HP, base_model="tiny", C=torch.eye(proj.in_features),
+                              method="r-rome", templates=templates)
+    assert len(templates) == 5 and torch.allclose(details["k_star"], used, atol=1e-6)
 
 
 def test_update_is_rank_one(edit):
@@ -65,7 +96,7 @@ def test_edited_forward_outputs_v_star_at_the_subject(edit, tokenizer):
     model, the MLP output at the subject's last token is v*, and p(new target) rises.
     (Other positions' MLP outputs change too, by Λ (C⁻¹k*)ᵀk, so p(new) is not v*'s exactly.)"""
     family, model, _, _, _, _, C = edit
-    delta, details = compute_rome(model, tokenizer, REQUEST, PLAIN, base_model="tiny", C=C)
+    delta, details = compute_rome(model, tokenizer, REQUEST, PLAIN, base_model="tiny", C=C, method="r-rome")
     assert details["templates"] == ["{}"]
     text = "the eiffel tower is located in the city of"
     block = (model.transformer.h if family == "gpt2" else model.model.layers)[PLAIN.layer]
