@@ -131,6 +131,20 @@ class Delta:
         return atomic_save_file(tensors, path, {META_KEY: json.dumps(meta, sort_keys=True)})
 
 
+def stack(model: torch.nn.Module, deltas: list[Delta], **meta) -> Delta:
+    """One Delta whose change is the sum of `deltas`' (all made against `model`'s base): factors are
+    concatenated along the rank (``[u₁ u₂ …] @ [v₁; v₂; …] = Σ uᵢ vᵢ``), dense changes added. `meta`:
+    `Delta.from_factors`'s keywords (method, base_model, …)."""
+    names = sorted({n for d in deltas for n in d.factors})
+    factors = {n: (torch.cat([d.factors[n][0] for d in deltas if n in d.factors], 1),
+                   torch.cat([d.factors[n][1] for d in deltas if n in d.factors], 0)) for n in names}
+    dense = {}
+    for d in deltas:
+        for n, change in d.dense.items():
+            dense[n] = dense[n] + change if n in dense else change
+    return Delta.from_factors(model, factors, dense, **meta)
+
+
 def integrity_hash(meta: dict) -> str:
     """sha256 of the metadata (which holds the tensors' content hash), itself excluded."""
     body = {k: v for k, v in meta.items() if k != "integrity_sha256"}

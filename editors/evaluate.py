@@ -36,21 +36,73 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
 
 
 @torch.no_grad()
+def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch: int = 64) -> list[float]:
+    """Mean log-probability of each target's tokens after its prompt (teacher forced), one float per
+    ``(prompt, target)`` pair. Pairs that need the same token sequence (a one-token target after the
+    same prompt) share one row; rows run `batch` at a time, right-padded."""
+    device = next(model.parameters()).device
+    asks, rows = [], {}
+    for prompt, target in pairs:
+        tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt)["input_ids"]
+        seq = tuple(ids + tgt[:-1])
+        asks.append((rows.setdefault(seq, len(rows)), len(ids), tgt))
+    seqs = list(rows)
+    by_row: dict[int, list[int]] = {}
+    for k, (row, _, _) in enumerate(asks):
+        by_row.setdefault(row, []).append(k)
+    out = [0.0] * len(asks)
+    for start in range(0, len(seqs), batch):
+        part = seqs[start:start + batch]
+        logits = model(**right_pad(part, pad_token_id(tokenizer), device), use_cache=False).logits
+        for i in range(len(part)):
+            for k in by_row[start + i]:
+                _, at, tgt = asks[k]
+                out[k] = continuation_logprob(logits[i], at, tgt)
+    return out
+
+
 def target_logprobs(model, tokenizer, prompts: list[str], target: str) -> list[float]:
     """Mean log-probability of `target`'s tokens after each prompt: one float per prompt."""
-    device = next(model.parameters()).device
-    tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
-    seqs = [tokenizer(p)["input_ids"] + tgt for p in prompts]
-    logits = model(**right_pad(seqs, pad_token_id(tokenizer), device)).logits
-    return [continuation_logprob(logits[i], len(s) - len(tgt), tgt) for i, s in enumerate(seqs)]
+    return score_pairs(model, tokenizer, [(p, target) for p in prompts])
 
 
 def prefers(model, tokenizer, prompts: list[str], first: str, second: str) -> list[bool]:
     """For each prompt: is `first` more probable than `second`?"""
     if not prompts:
         return []
-    a, b = target_logprobs(model, tokenizer, prompts, first), target_logprobs(model, tokenizer, prompts, second)
-    return [x > y for x, y in zip(a, b)]
+    scores = score_pairs(model, tokenizer, [(p, t) for p in prompts for t in (first, second)])
+    return [a > b for a, b in zip(scores[::2], scores[1::2])]
+
+
+@torch.no_grad()
+def top1_accuracy(model, tokenizer, facts: list[tuple[str, str]], *, batch: int = 64) -> float:
+    """The share of ``(prompt, answer)`` facts whose answer's first token is the greedy next token."""
+    device = next(model.parameters()).device
+    hits = 0
+    for start in range(0, len(facts), batch):
+        part = facts[start:start + batch]
+        seqs = [tokenizer(p)["input_ids"] for p, _ in part]
+        logits = model(**right_pad(seqs, pad_token_id(tokenizer), device), use_cache=False).logits
+        for i, (s, (_, answer)) in enumerate(zip(seqs, part)):
+            hits += int(logits[i, len(s) - 1].argmax()) == tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+    return hits / len(facts)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, *, window: int = 256) -> float:
+    """exp(mean next-token NLL) of `text`, in non-overlapping windows of `window` tokens."""
+    ids = tokenizer(text)["input_ids"]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        part = torch.tensor([ids[start:start + window + 1]], device=device)
+        if part.shape[1] < 2:
+            break
+        logp = model(input_ids=part[:, :-1], use_cache=False).logits.float().log_softmax(-1)
+        total -= float(logp[0].gather(1, part[0, 1:, None]).sum())
+        count += part.shape[1] - 1
+    return math.exp(total / count)
 
 
 @torch.no_grad()

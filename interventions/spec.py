@@ -246,13 +246,31 @@ class _OptimiserHyperparameters(_Spec):
     clamp_norm_factor: Float | None = Field(default=None, gt=0, description="Bound on the change's norm, as a "
                                             "multiple of the original's (ROME 4, MEMIT 0.75).")
     kl_factor: Float | None = Field(default=None, ge=0, description="Weight of the essence KL term (0.0625).")
+    context_templates: tuple[tuple[Int, Int], ...] | None = Field(
+        default=None, description="Generated prefixes behind the prompt, as [tokens, how many] pairs (ROME "
+        "[[5, 10], [10, 10]]; MEMIT, AlphaEdit [[10, 5]]); [] for the plain prompt only.")
     seed: Int | None = None
+
+    @field_validator("context_templates")
+    @classmethod
+    def _templates(cls, v):
+        if v is not None and any(length < 1 or count < 1 for length, count in v):
+            raise ValueError(f"`context_templates` must be [tokens, how many] pairs of positive integers, got "
+                             f"{[list(x) for x in v]}")
+        return v
 
 
 class RomeHyperparameters(_OptimiserHyperparameters):
-    """Overrides of ROME's defaults (``editors.rome.RomeHyperParams``)."""
+    """Overrides of ROME's and r-ROME's defaults (``editors.rome.RomeHyperParams``)."""
 
     mom2_ridge: Float | None = Field(default=None, ge=0, description="Ridge added to C, x its mean eigenvalue.")
+
+
+class EmmetHyperparameters(RomeHyperparameters):
+    """Overrides of EMMET's defaults (``editors.emmet.EmmetHyperParams``)."""
+
+    equality_ridge: Float | None = Field(default=None, ge=0, description="Ridge on K^T C^-1 K, x its mean "
+                                         "diagonal (0.001); 0: the exact equalities.")
 
 
 class MemitHyperparameters(_OptimiserHyperparameters):
@@ -261,8 +279,21 @@ class MemitHyperparameters(_OptimiserHyperparameters):
     mom2_update_weight: Float | None = Field(default=None, ge=0, description="lambda: weight of C (15,000).")
 
 
+class AlphaEditHyperparameters(_OptimiserHyperparameters):
+    """Overrides of AlphaEdit's defaults (``editors.memit.AlphaEditHyperParams``)."""
+
+    nullspace_threshold: Float | None = Field(default=None, gt=0, description="Eigenvalues of C below this "
+                                              "span the null space the update lives in (0.02).")
+    l2: Float | None = Field(default=None, gt=0, description="Ridge on the update (1).")
+
+
 #: The typed hyperparameters of each edit method; `validate` catches a typo such as `v_stpes`.
-HYPERPARAMETERS = {"rome": RomeHyperparameters, "memit": MemitHyperparameters}
+HYPERPARAMETERS = {"rome": RomeHyperparameters, "r-rome": RomeHyperparameters, "emmet": EmmetHyperparameters,
+                   "memit": MemitHyperparameters, "alphaedit": AlphaEditHyperparameters}
+#: Edit methods that edit one layer (`layer:`); the others spread the edit over `layers:`.
+ONE_LAYER_METHODS = ("rome", "r-rome", "emmet")
+#: Edit methods that compute a whole batch of requests at once; ROME and r-ROME take one at a time.
+BATCH_METHODS = ("emmet", "memit", "alphaedit")
 
 
 def check_hyperparameters(method: str, values: dict) -> dict:
@@ -301,21 +332,43 @@ class RequestsFile(_Spec):
     limit: Int | None = Field(default=None, ge=1, description="Then take at most this many.")
 
 
+class SequentialSpec(_Spec):
+    """Sequential editing: the requests in batches, each computed on the model with the earlier batches
+    applied, measured as it goes (`recipes.sequential`)."""
+
+    batch_size: Int = Field(default=1, ge=1, description="Requests per batch (ROME and r-ROME: 1).")
+    eval_every: Int = Field(default=1, ge=1, description="Measure after every this many batches (and after "
+                            "the last).")
+    sample: Int = Field(default=200, ge=1, description="Paraphrase and neighbourhood prompts are measured on "
+                        "at most this many of the edits so far, evenly spaced (efficacy on all of them).")
+    fluency_prompts: Int = Field(default=8, ge=1, description="Fluency: generations from the subjects of the "
+                                 "run's first this many requests.")
+    heldout: Name | None = Field(default=None, description="A JSON file with `heldout_known` facts (prompt, "
+                                 "answer) never edited; default: the `requests_from` file's.")
+    text: Name | None = Field(default=None, description="A held-out text whose perplexity is tracked; default: "
+                              "the one shipped with the fact sets.")
+
+
 class EditSpec(_Language):
-    """A weight edit (ROME or MEMIT) written as a Delta, with CounterFact-style metrics."""
+    """A weight edit (ROME, r-ROME, EMMET, MEMIT or AlphaEdit) written as a Delta, with CounterFact-style
+    metrics."""
 
     kind: Literal["edit"] = "edit"
     model: Name = Field(default=DEFAULT_MODEL)
-    method: Literal["rome", "memit"] = "rome"
+    method: Literal["rome", "r-rome", "emmet", "memit", "alphaedit"] = "rome"
     layer: Int | Literal["auto"] | None = Field(
-        default=None, description="ROME: the MLP layer whose output projection is edited, or `auto` (from a trace).")
+        default=None, description="ROME, r-ROME, EMMET: the MLP layer whose output projection is edited, or "
+                                  "`auto` (from a trace).")
     layers: tuple[Int, ...] | Literal["auto"] | None = Field(
-        default=None, description="MEMIT: the increasing range of MLP layers, or `auto` (from a trace).")
+        default=None, description="MEMIT, AlphaEdit: the increasing range of MLP layers, or `auto` (from a trace).")
     locate: LocateSpec = Field(default_factory=LocateSpec, description="The trace behind `auto`.")
     requests: tuple[EditRequestSpec, ...] = Field(default=(), description="The facts to rewrite (and/or "
                                                   "`requests_from`).")
     requests_from: RequestsFile | None = Field(default=None, description="More requests, read from a file.")
-    hyperparameters: dict[str, Int | Float] = _hyperparameters_field("rome", "memit")
+    hyperparameters: dict[str, Int | Float | tuple[tuple[Int, Int], ...]] = _hyperparameters_field(
+        "rome", "emmet", "memit", "alphaedit")
+    sequential: SequentialSpec | None = Field(default=None, description="Edit in batches, each on the model "
+                                              "with the earlier ones applied, measuring after each.")
     corpus: tuple[Name, ...] = Field(
         default=(), description="Text files for the key statistics; empty: text sampled from the model itself.")
     mom2_tokens: Int = Field(default=20_000, ge=100)
@@ -331,18 +384,24 @@ class EditSpec(_Language):
     def _layers_for_method(self):
         if not self.requests and self.requests_from is None:
             raise ValueError("give `requests` (a list of facts) and/or `requests_from` (a file of them)")
-        if self.method == "rome" and (self.layer is None or self.layers is not None):
-            raise ValueError("`method: rome` takes `layer: <int>` (and no `layers`)")
-        if self.method == "rome" and self.layer != "auto" and self.layer < 0:
-            raise ValueError(f"`layer` must be a non-negative integer or 'auto', got {self.layer}")
-        if self.method == "memit":
-            if self.layers is None or self.layer is not None:
-                raise ValueError("`method: memit` takes `layers: [<int>, ...]` or `layers: auto` (and no `layer`)")
-            if self.layers == "auto":
-                return self
-            if not self.layers or list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 0:
-                raise ValueError(f"`layers` must be increasing non-negative integers, got {list(self.layers)}")
+        if self.method in ONE_LAYER_METHODS:
+            if self.layer is None or self.layers is not None:
+                raise ValueError(f"`method: {self.method}` takes `layer: <int>` (and no `layers`)")
+            if self.layer != "auto" and self.layer < 0:
+                raise ValueError(f"`layer` must be a non-negative integer or 'auto', got {self.layer}")
+            return self
+        if self.layers is None or self.layer is not None:
+            raise ValueError(f"`method: {self.method}` takes `layers: [<int>, ...]` or `layers: auto` (and no `layer`)")
+        if self.layers == "auto":
+            return self
+        if not self.layers or list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 0:
+            raise ValueError(f"`layers` must be increasing non-negative integers, got {list(self.layers)}")
         return self
+
+    @property
+    def edit_layers(self) -> list[int]:
+        """The layers the edit writes (resolved specs only)."""
+        return [self.layer] if self.method in ONE_LAYER_METHODS else list(self.layers)
 
 
 #: Where a steering vector is read and added (the residual stream by default).

@@ -61,21 +61,27 @@ def check_grid(spec) -> str:
 
 def check_edit(spec) -> str:
     from editors.rome import EditRequest
+    from interventions.spec import ONE_LAYER_METHODS
     from interventions import load_model
     from recipes.requests import resolve_requests
 
     spec = resolve_requests(spec)
     model, tokenizer = load_model(spec.model)
     n = _layer_count(model)
-    layers = [spec.layer] if spec.method == "rome" else spec.layers
-    if layers not in ("auto", ["auto"]):
-        _check_layers("layer" if spec.method == "rome" else "layers", list(layers), n)
+    one = spec.method in ONE_LAYER_METHODS
+    if (spec.layer if one else spec.layers) != "auto":
+        _check_layers("layer" if one else "layers", spec.edit_layers, n)
+    if spec.sequential is not None:
+        from recipes.sequential import ScaleProbe
+
+        ScaleProbe.from_spec(spec)
     for i, r in enumerate(spec.requests):
         EditRequest(r.prompt, r.subject, r.target_new, r.target_true)
         for name in ("target_new", "target_true"):
             _check_tokens(tokenizer, f"requests[{i}].{name}", getattr(r, name))
-    where = f"layer {spec.layer}" if spec.method == "rome" else f"layers {spec.layers}"
-    return f"{len(spec.requests)} request(s), {spec.method} at {where} of {n} in {spec.model}"
+    where = f"layer {spec.layer}" if one else f"layers {spec.layers}"
+    batches = f", sequential in batches of {spec.sequential.batch_size}" if spec.sequential else ""
+    return f"{len(spec.requests)} request(s), {spec.method} at {where} of {n} in {spec.model}{batches}"
 
 
 def check_steer(spec) -> str:

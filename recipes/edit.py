@@ -12,30 +12,35 @@ from pathlib import Path
 
 import torch
 
-from editors.delta import Delta, applied, apply, load_delta, revert
+from editors.delta import Delta, applied, apply, load_delta, revert, stack
 from editors.evaluate import evaluate
 from editors.locate import Located, locate_layers
-from editors.memit import MemitHyperParams, compute_memit
-from editors.rome import EditRequest, RomeHyperParams, compute_rome
+from editors.emmet import EmmetHyperParams, compute_emmet
+from editors.memit import AlphaEditHyperParams, MemitHyperParams, compute_memit
+from editors.rome import EditRequest, RomeHyperParams, compute_rome, context_templates
 from editors.stats import second_moments
 from interventions.errors import SpecError
 from interventions.prompts import pad_token_id
-from interventions.spec import ApplySpec, EditSpec, spec_to_dict
+from interventions.spec import BATCH_METHODS, ONE_LAYER_METHODS, ApplySpec, EditSpec, spec_to_dict
 
 
-def hyperparameters(spec: EditSpec) -> RomeHyperParams | MemitHyperParams:
+#: Each edit method's hyperparameter class; the one-layer methods take `layer`, the others `layers`.
+HYPERPARAMETER_CLASSES = {"rome": RomeHyperParams, "r-rome": RomeHyperParams, "emmet": EmmetHyperParams,
+                          "memit": MemitHyperParams, "alphaedit": AlphaEditHyperParams}
+
+
+def hyperparameters(spec: EditSpec):
     """The method's hyperparameters: its defaults with the spec's overrides (whose names and types the
     spec already checked against `interventions.spec.HYPERPARAMETERS`)."""
-    cls, where = (RomeHyperParams, {"layer": spec.layer}) if spec.method == "rome" else \
-        (MemitHyperParams, {"layers": spec.layers})
+    where = {"layer": spec.layer} if spec.method in ONE_LAYER_METHODS else {"layers": spec.layers}
     try:
-        return cls(**where, mom2_tokens=spec.mom2_tokens, **spec.hyperparameters)
+        return HYPERPARAMETER_CLASSES[spec.method](**where, mom2_tokens=spec.mom2_tokens, **spec.hyperparameters)
     except ValueError as err:
         raise SpecError("hyperparameters", dict(spec.hyperparameters), str(err)) from None
 
 
 def delta_layers(spec: EditSpec) -> list[int]:
-    return [spec.layer] if spec.method == "rome" else list(spec.layers)
+    return spec.edit_layers
 
 
 def fmt_metric(x: float | None) -> str:
@@ -66,49 +71,103 @@ def key_statistics(spec: EditSpec, model, tokenizer, layers) -> dict[int, torch.
 
 def resolve_layers(spec: EditSpec, model, tokenizer) -> tuple[EditSpec, Located | None]:
     """`layer: auto` / `layers: auto` replaced by the layers a causal trace picks (see editors.locate)."""
-    auto = spec.layer == "auto" if spec.method == "rome" else spec.layers == "auto"
-    if not auto:
+    one = spec.method in ONE_LAYER_METHODS
+    if (spec.layer if one else spec.layers) != "auto":
         return spec, None
     found = locate_layers(model, tokenizer, spec.requests, spec.locate, model_name=spec.model)
-    update = {"layer": found.layer} if spec.method == "rome" else {"layers": found.layers}
-    return spec.model_copy(update=update), found
+    return spec.model_copy(update={"layer": found.layer} if one else {"layers": found.layers}), found
 
 
-def compute_edit(spec: EditSpec, model, tokenizer) -> tuple[Delta, list[dict]]:
-    """ROME: each request in turn, each computed with the earlier ones applied, combined into one
-    rank-n Delta. MEMIT: all requests at once. The model is unchanged afterwards.
-    `spec` must have its layers resolved (`resolve_layers`)."""
-    if spec.layer == "auto" or spec.layers == "auto":
-        raise ValueError("compute_edit needs resolved layers: call resolve_layers(spec, model, tokenizer) first")
-    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    layers = [spec.layer] if spec.method == "rome" else list(spec.layers)
-    if max(layers) >= n_layers:
-        field = "layer" if spec.method == "rome" else "layers"
-        raise SpecError(field, spec.layer if spec.method == "rome" else list(spec.layers),
-                        f"layers in [0, {n_layers - 1}] (the model has {n_layers})")
-    hp = hyperparameters(spec)
-    C = key_statistics(spec, model, tokenizer, layers)
+def batch_size(spec: EditSpec) -> int:
+    """Requests per batch: `sequential.batch_size`; without it, one (ROME, r-ROME) or all (the others)."""
+    if spec.sequential is not None:
+        return spec.sequential.batch_size
+    return len(spec.requests) if spec.method in BATCH_METHODS else 1
+
+
+class Editor:
+    """Computes a spec's edit batch by batch, each batch on the model with the earlier ones applied.
+
+    The model always holds exactly its base weights plus `stacked` (the concatenation of the batches'
+    factors, one Delta), so a sequential run ends with the delta that reproduces it. The context
+    templates are drawn once, on the unedited model (as ROME and MEMIT cache them); AlphaEdit's
+    earlier keys (K_p K_pᵀ) carry over from batch to batch. `close()` restores the model.
+    """
+
+    def __init__(self, spec: EditSpec, model, tokenizer):
+        if spec.layer == "auto" or spec.layers == "auto":
+            raise ValueError("Editor needs resolved layers: call resolve_layers(spec, model, tokenizer) first")
+        n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        layers = spec.edit_layers
+        if max(layers) >= n_layers:
+            one = spec.method in ONE_LAYER_METHODS
+            raise SpecError("layer" if one else "layers", spec.layer if one else list(spec.layers),
+                            f"layers in [0, {n_layers - 1}] (the model has {n_layers})")
+        self.spec, self.model, self.tokenizer = spec, model, tokenizer
+        self.hp = hyperparameters(spec)
+        self.C = key_statistics(spec, model, tokenizer, layers)
+        self.templates = context_templates(model, tokenizer, self.hp.context_templates, self.hp.seed)
+        self.previous: dict[int, torch.Tensor] = {}
+        self.stacked: Delta | None = None
+        self.details: list[dict] = []
+        self.spec_dict = spec_to_dict(spec)
+
+    def batch(self, requests: list[EditRequest]) -> Delta:
+        """One batch's Delta, computed on the model as it is now (not applied)."""
+        spec, model, tok, hp = self.spec, self.model, self.tokenizer, self.hp
+        common = dict(base_model=spec.model, templates=self.templates)
+        if spec.method in ("memit", "alphaedit"):
+            delta, info = compute_memit(model, tok, requests, hp, C=self.C, previous=self.previous, **common)
+            for layer, outer in info["keys_outer"].items():
+                self.previous[layer] = self.previous.get(layer, 0) + outer
+            self.details.append({"requests": len(requests), "layers": info["layers"]})
+        elif spec.method == "emmet":
+            delta, info = compute_emmet(model, tok, requests, hp, C=self.C[spec.layer], **common)
+            self.details.append({"requests": len(requests), "final_nll": info["final_nll"]})
+        else:
+            (request,) = requests
+            delta, info = compute_rome(model, tok, request, hp, C=self.C[spec.layer], method=spec.method, **common)
+            self.details.append({"subject": request.subject, "v_star_nll": info["final_nll"][0]})
+        return delta
+
+    def step(self, requests: list[EditRequest]) -> Delta:
+        """Compute one batch and add it to the model; returns the batch's own Delta."""
+        delta = self.batch(requests)
+        parts = [d for d in (self.stacked, delta) if d is not None]
+        stacked = stack(self.model, parts, method=self.spec.method, base_model=self.spec.model,
+                        hyperparameters=delta.meta["hyperparameters"], spec=self.spec_dict)
+        if self.stacked is not None:
+            revert(self.model, self.stacked)
+        apply(self.model, stacked)
+        self.stacked = stacked
+        return delta
+
+    def close(self) -> None:
+        if self.stacked is not None:
+            revert(self.model, self.stacked)
+
+
+def batches(requests: list, size: int) -> list[list]:
+    return [requests[i:i + size] for i in range(0, len(requests), size)]
+
+
+def compute_edit(spec: EditSpec, model, tokenizer, on_batch=None) -> tuple[Delta, list[dict]]:
+    """The spec's edit as one Delta (see `Editor`): ROME and r-ROME request by request, the batch methods
+    all at once, or `sequential.batch_size` at a time. `on_batch(done, editor)` runs after each batch,
+    with the edits so far applied. The model is unchanged afterwards. `spec` must have its layers
+    resolved (`resolve_layers`)."""
+    editor = Editor(spec, model, tokenizer)
     requests = [edit_request(r) for r in spec.requests]
-    if spec.method == "memit":
-        delta, info = compute_memit(model, tokenizer, requests, hp, base_model=spec.model, C=C,
-                                    spec=spec_to_dict(spec))
-        return delta, info["layers"]
-    C = C[spec.layer]
-    parts, details = [], []
     try:
-        for request in requests:
-            delta, info = compute_rome(model, tokenizer, request, hp, base_model=spec.model, C=C)
-            apply(model, delta)
-            parts.append(delta)
-            details.append({"subject": request.subject, "v_star_nll": delta.meta["metrics"]["v_star_nll"]})
+        done = 0
+        for part in batches(requests, batch_size(spec)):
+            editor.step(part)
+            done += len(part)
+            if on_batch is not None:
+                on_batch(done, editor)
     finally:
-        revert(model, *parts)
-    (name,) = parts[0].names
-    u = torch.cat([d.factors[name][0] for d in parts], dim=1)
-    v = torch.cat([d.factors[name][1] for d in parts], dim=0)
-    combined = Delta.from_factors(model, {name: (u, v)}, method="rome", base_model=spec.model,
-                                  hyperparameters=parts[0].meta["hyperparameters"], spec=spec_to_dict(spec))
-    return combined, details
+        editor.close()
+    return editor.stacked, editor.details
 
 
 def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
@@ -119,6 +178,14 @@ def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
     if found is not None:
         found.result.save(out / "locate")
         seconds["locate"] = time.perf_counter() - start
+    if spec.sequential is not None:
+        from recipes.sequential import run_sequential
+
+        report = run_sequential(spec, model, tokenizer, out, compute_edit)
+        report.update(layers=delta_layers(spec), located=found.summary() if found else None,
+                      seconds={**seconds, **report["seconds"]})
+        (out / "metrics.json").write_text(json.dumps(report, indent=1))
+        return report
     start = time.perf_counter()
     delta, details = compute_edit(spec, model, tokenizer)
     seconds["edit (statistics included)"] = time.perf_counter() - start

@@ -86,15 +86,24 @@ def run_edit(spec, args, out: Path) -> int:
     start = time.perf_counter()
     report = edit(spec, model, tokenizer, out)
     layers = report["layers"]
-    where = f"layer {layers[0]}" if spec.method == "rome" else f"layers {layers}"
+    where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers}"
     if report["located"]:
         where += f" (auto: from the MLP trace at {report['located']['position']}, written to {args.out}/locate)"
     print(f"{spec.method} edit of {len(spec.requests)} fact(s) at {where} of {spec.model} "
           f"in {time.perf_counter() - start:.1f} s: {Path(args.out) / report['delta']} ({report['bytes']} bytes)")
     print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
-    print("| metric | unedited | edited |\n|---|---|---|")
-    for key in ("efficacy", "paraphrase", "neighbourhood", "fluency"):
-        print(f"| {key} | {fmt_metric(report['before'][key])} | {fmt_metric(report['after'][key])} |")
+    if "rows" in report:                                   # sequential: the curve's first and last rows
+        from recipes.sequential import CURVE_METRICS
+
+        first, last = report["rows"][0], report["rows"][-1]
+        print(f"| metric | unedited | after {last['edits']} edits |\n|---|---|---|")
+        for key in CURVE_METRICS:
+            print(f"| {key} | {fmt_metric(first[key])} | {fmt_metric(last[key])} |")
+        print(f"curves: {Path(args.out) / 'curves.json'}, {Path(args.out) / 'curves.png'}")
+    else:
+        print("| metric | unedited | edited |\n|---|---|---|")
+        for key in ("efficacy", "paraphrase", "neighbourhood", "fluency"):
+            print(f"| {key} | {fmt_metric(report['before'][key])} | {fmt_metric(report['after'][key])} |")
     args.shipping = dict(method=spec.method, edited=report["edited"], layers=layers, metrics=report["metrics"],
                          located=report["located"], lesion_version=report["lesion_version"],
                          note=f"C from {spec.mom2_tokens:,} tokens of " + (

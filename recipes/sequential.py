@@ -1,0 +1,157 @@
+"""Sequential editing measured as it goes: the curves the literature uses to show collapse.
+
+    lesion run recipes/sequential_smollm2_alphaedit.yaml --out runs/seq_alphaedit
+
+A `kind: edit` spec with ``sequential: {batch_size: N, eval_every: K}`` edits its requests N at a
+time, each batch computed on the model with the earlier batches applied (`recipes.edit.Editor`).
+Before the first batch, after every K batches and after the last, it measures the model as it is
+then (`ScaleProbe`):
+
+- efficacy: of all the edits so far, the share whose prompt prefers ``target_new`` to ``target_true``
+  (mean log-probability of the target's tokens, as CounterFact);
+- paraphrase, neighbourhood: the share of paraphrases preferring ``target_new``, and of neighbour
+  prompts still preferring ``target_true``, over at most `sample` of the edits so far, evenly spaced;
+- fluency: the n-gram entropy of generations from the subjects of the run's first requests;
+- held-out accuracy: top-1 on facts the unedited model knows, which are never edited;
+- perplexity of a fixed held-out text.
+
+At 0 edits the edit metrics are read on the run's requests before any edit (efficacy is then the
+share the model already prefers, about 0). The run writes ``curves.json`` (one row per measurement,
+with seconds spent editing so far), ``curves.png`` and the stacked ``delta.safetensors``, which
+reproduces the sequential run when applied to the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from editors.evaluate import fluency, perplexity, prefers, score_pairs, top1_accuracy
+from interventions.errors import SpecError
+
+#: The held-out text whose perplexity the curves track, shipped with the fact sets.
+DEFAULT_TEXT = Path(__file__).parent / "facts" / "heldout_text.txt"
+#: What each measurement row holds, in the order of the figure's panels.
+CURVE_METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency", "heldout_accuracy", "perplexity")
+
+
+def evenly_spaced(items: list, k: int) -> list:
+    """At most `k` of `items`, evenly spaced, first included."""
+    if len(items) <= k:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)] if k > 1 else items[:1]
+
+
+def read_heldout(spec) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` of the held-out known facts: `sequential.heldout`, else the requests file's."""
+    path = spec.sequential.heldout or (spec.requests_from.path if spec.requests_from else None)
+    field = "sequential.heldout"
+    if path is None or not Path(path).is_file():
+        raise SpecError(field, path, "a JSON file with a `heldout_known` list of {prompt, answer} facts (the fact "
+                        "sets in recipes/facts/ have one)")
+    try:
+        facts = json.loads(Path(path).read_text(encoding="utf-8")).get("heldout_known")
+    except (json.JSONDecodeError, AttributeError):
+        facts = None
+    if not facts or not all(isinstance(f, dict) and {"prompt", "answer"} <= set(f) for f in facts):
+        raise SpecError(field, path, "a JSON file with a non-empty `heldout_known` list of {prompt, answer} facts")
+    return [(f["prompt"], f["answer"]) for f in facts]
+
+
+@dataclass
+class ScaleProbe:
+    """What a sequential run measures after its batches; see the module's docstring."""
+
+    heldout: list[tuple[str, str]]
+    text: str
+    fluency_prompts: list[str]
+    sample: int
+
+    @classmethod
+    def from_spec(cls, spec) -> "ScaleProbe":
+        path = Path(spec.sequential.text) if spec.sequential.text else DEFAULT_TEXT
+        if not path.is_file():
+            raise SpecError("sequential.text", str(path), "an existing text file")
+        return cls(read_heldout(spec), path.read_text(encoding="utf-8"),
+                   [r.subject for r in spec.requests[: spec.sequential.fluency_prompts]], spec.sequential.sample)
+
+    def measure(self, model, tokenizer, edited: list) -> dict:
+        row = {}
+        scores = score_pairs(model, tokenizer, [(r.prompt.replace("{}", r.subject), t) for r in edited
+                                                for t in (r.target_new, r.target_true)])
+        row["efficacy"] = sum(a > b for a, b in zip(scores[::2], scores[1::2])) / len(edited)
+        some = evenly_spaced(edited, self.sample)
+        para = [x for r in some for x in prefers(model, tokenizer, list(r.paraphrases), r.target_new, r.target_true)]
+        near = [x for r in some for x in prefers(model, tokenizer, list(r.neighbours), r.target_true, r.target_new)]
+        row["paraphrase"] = sum(para) / len(para) if para else None
+        row["neighbourhood"] = sum(near) / len(near) if near else None
+        row["fluency"] = fluency(model, tokenizer, self.fluency_prompts)
+        row["heldout_accuracy"] = top1_accuracy(model, tokenizer, self.heldout)
+        row["perplexity"] = perplexity(model, tokenizer, self.text)
+        return row
+
+
+def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
+    """Edit batch by batch, measuring as configured; write curves.json, curves.png and the delta."""
+    probe = ScaleProbe.from_spec(spec)
+    every = spec.sequential.eval_every
+    total = len(spec.requests)
+    rows, clock = [], {"editing": 0.0, "since": time.perf_counter(), "batches": 0}
+
+    def record(done: int, seconds: float) -> None:
+        start = time.perf_counter()
+        row = {"edits": done, "edit_seconds": seconds,
+               **probe.measure(model, tokenizer, list(spec.requests[:done]) or list(spec.requests))}
+        row["measure_seconds"] = time.perf_counter() - start
+        rows.append(row)
+        print(f"[{done}/{total} edits] " + ", ".join(
+            f"{k} {row[k]:.3f}" for k in CURVE_METRICS if row[k] is not None) + f" ({seconds:.0f} s editing)",
+            flush=True)
+        (out / "curves.json").write_text(json.dumps({"method": spec.method, "rows": rows}, indent=1))
+
+    def on_batch(done: int, editor) -> None:
+        clock["editing"] += time.perf_counter() - clock["since"]
+        clock["batches"] += 1
+        if clock["batches"] % every == 0 or done == total:
+            record(done, clock["editing"])
+        clock["since"] = time.perf_counter()
+
+    out.mkdir(parents=True, exist_ok=True)
+    record(0, 0.0)
+    clock["since"] = time.perf_counter()
+    delta, details = compute_edit(spec, model, tokenizer, on_batch=on_batch)
+    final = rows[-1]
+    delta = delta.with_metrics({k: final[k] for k in CURVE_METRICS})
+    path = delta.save(out / "delta.safetensors")
+    plot_curves({spec.method: rows}, out / "curves.png",
+                title=f"{spec.method}, batches of {spec.sequential.batch_size}, {spec.model}")
+    return {"delta": path.name, "bytes": path.stat().st_size, "rows": rows, "details": details,
+            "metrics": delta.meta["metrics"], "edited": delta.names, "lesion_version": delta.meta.get("lesion_version"),
+            "seconds": {"edit (statistics included)": final["edit_seconds"],
+                        "measure": sum(r["measure_seconds"] for r in rows)}}
+
+
+def plot_curves(curves: dict[str, list[dict]], path: str | Path, *, title: str = "") -> None:
+    """One panel per metric against the number of edits, one line per method (log-scaled x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, metric in zip(axes.flat, CURVE_METRICS):
+        for method, rows in curves.items():
+            points = [(max(r["edits"], 1), r[metric]) for r in rows if r[metric] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xlabel("edits (0 drawn at 1)")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
