@@ -241,47 +241,66 @@ def compute_targets(model, tokenizer, layer: int, requests: list["EditRequest"],
     state, kl_init = {}, {}
     last = table.module(model, "block_output", table.num_layers(model) - 1)
     readout = table.readout(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
     below = {}
+
+    now = {"rows": rows, "lookup": lookup, "owner": owner}          # the rows the current pass runs
 
     def add_delta(m, args, out):
         h = out[0] if isinstance(out, tuple) else out
         if "init" not in state:
             state["init"] = h[torch.tensor(first_row, device=device), lookup[first_row]].detach().clone()
         h = h.clone()
-        h[rows, lookup] = h[rows, lookup] + delta[owner]
+        h[now["rows"], now["lookup"]] = h[now["rows"], now["lookup"]] + delta[now["owner"]]
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     def keep_last(m, args, out):
         below["last"] = out[0] if isinstance(out, tuple) else out
 
-    def logits_at(rows_, positions):
-        """Log-probabilities at (rows_, positions): from the last block's output (fast), or the logits."""
-        if not fast:
-            return model(**inputs, use_cache=False).logits[rows_, positions].float().log_softmax(-1)
+    def run_rows(sel: torch.Tensor) -> torch.Tensor:
+        """The last block's output on rows `sel` (fast path): the first pass runs the whole model and
+        keeps layer-1's output; later passes replay it, on the rows of requests still optimising."""
+        now.update(rows=torch.arange(len(sel), device=device), lookup=lookup[sel], owner=owner[sel])
+        part = {k: v[sel] for k, v in inputs.items()}
         with hooked(last, keep_last):
-            if layer > 0 and "output" not in below:         # first pass: whole model, keep layer-1's output
+            if layer > 0 and "output" not in below:
                 lower = table.module(model, "block_output", layer - 1)
                 with hooked(lower, lambda m, a, out: below.__setitem__("output", out)):
-                    model(**inputs, use_cache=False, logits_to_keep=1)
+                    model(**part, use_cache=False, logits_to_keep=1)
             else:
-                with replaying(model, layer, below.get("output")):
-                    model(**inputs, use_cache=False, logits_to_keep=1)
-        return readout(below["last"][rows_, positions]).float().log_softmax(-1)
+                cached = below.get("output")
+                if cached is not None:
+                    cached = cached[sel] if torch.is_tensor(cached) else (cached[0][sel], *cached[1:])
+                with replaying(model, layer, cached):
+                    model(**part, use_cache=False, logits_to_keep=1)
+        return below["last"]
 
-    def losses():
-        logp = logits_at(torch.cat([a_row, kl_row]), torch.cat([a_pos, kl_pos]))
+    def losses(active: torch.Tensor):
+        """(NLL, KL) per request; only `active` requests' values are computed on the fast path (the
+        others are 0: `optimise_delta` has frozen them)."""
+        ask_rows, ask_pos = torch.cat([a_row, kl_row]), torch.cat([a_pos, kl_pos])
+        if fast:
+            sel = active[owner].nonzero()[:, 0]
+            remap = torch.full((len(seqs),), -1, device=device, dtype=torch.long)
+            remap[sel] = torch.arange(len(sel), device=device)
+            keep = active[torch.cat([a_req, torch.arange(n, device=device)])]
+            h = run_rows(sel)[remap[ask_rows[keep]], ask_pos[keep]]
+            logp = torch.zeros(len(ask_rows), vocab, device=device)
+            logp = logp.index_put((keep.nonzero()[:, 0],), readout(h).float().log_softmax(-1))
+        else:
+            logp = model(**inputs, use_cache=False).logits[ask_rows, ask_pos].float().log_softmax(-1)
         picked = logp[: len(a_row)].gather(1, a_tok[:, None])[:, 0]
         nll = torch.zeros(n, device=device).index_add(0, a_req, -picked / a_norm)
         kl_logp = logp[len(a_row):]
         if "p" not in kl_init:
             kl_init["p"] = kl_logp.detach().clone()
         kl = torch.nn.functional.kl_div(kl_logp, kl_init["p"], log_target=True, reduction="none").sum(-1)
-        return nll, kl
+        return nll, kl * active
 
     with frozen_parameters(model), hooked(module, add_delta), torch.enable_grad():
         history = optimise_delta(delta, state, hp, losses)
         with torch.no_grad():
-            final, _ = losses()
+            final, _ = losses(torch.ones(n, dtype=torch.bool, device=device))
     return (state["init"] + delta.detach()).float(), {
         "history": history, "v_init_norm": state["init"].norm(dim=1).tolist(),
         "delta_norm": delta.detach().norm(dim=1).tolist(), "final_nll": final.tolist()}
@@ -290,8 +309,9 @@ def compute_targets(model, tokenizer, layer: int, requests: list["EditRequest"],
 def optimise_delta(delta: torch.Tensor, state: dict, hp: "RomeHyperParams", losses) -> list[dict]:
     """ROME's search for v*: Adam on δ (added to the edited site by the caller's hook) against
     NLL + `kl_factor` · KL + `v_weight_decay` · (|δ| / |v_init|)², δ's norm clamped to
-    `clamp_norm_factor` · |v_init|; stops once the NLL is below 0.05. `losses()` runs the model and
-    returns ``(nll, kl)``; the hook stores the unedited value in ``state["init"]``.
+    `clamp_norm_factor` · |v_init|; stops once the NLL is below 0.05. `losses(active)` runs the model
+    and returns ``(nll, kl)``, where only the `active` rows' values matter; the hook stores the
+    unedited value in ``state["init"]``.
 
     δ is ``[d]`` (one request) or ``[n, d]`` (one row per request, with ``state["init"]`` and the
     losses per row). The rows are independent: the loss is their sum, Adam works elementwise, each
@@ -304,17 +324,18 @@ def optimise_delta(delta: torch.Tensor, state: dict, hp: "RomeHyperParams", loss
     history = []
     for step in range(hp.v_steps):
         opt.zero_grad()
-        nll, kl = (x.reshape(-1) for x in losses())
+        active = ~done
+        nll, kl = (x.reshape(-1) for x in losses(active))
         init_norm = state["init"].reshape(rows.shape).norm(dim=1)
         decay = hp.v_weight_decay * (rows.norm(dim=1) / init_norm) ** 2
         loss = nll + hp.kl_factor * kl + decay
-        history.append({"step": step, "nll": nll.mean().item(), "kl": kl.mean().item(),
-                        "loss": loss.mean().item(), "done": int(done.sum())})
-        done |= nll.detach() < 5e-2
+        history.append({"step": step, "nll": nll[active].mean().item(), "kl": kl[active].mean().item(),
+                        "loss": loss[active].mean().item(), "optimising": int(active.sum())})
+        done |= active & (nll.detach() < 5e-2)
         if bool(done.all()):
             break
         frozen = rows.detach()[done].clone()
-        loss.sum().backward()
+        loss[~done].sum().backward()
         opt.step()
         with torch.no_grad():
             limit = hp.clamp_norm_factor * init_norm[:, None]

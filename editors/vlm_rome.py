@@ -124,7 +124,7 @@ def compute_v_star(vlm, tokenizer, pixels, questions: list[str], target_new: str
         h[rows, lookup] = h[rows, lookup] + delta
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    def losses():
+    def losses(active=None):
         logp = vlm(**batch).logits.float().log_softmax(-1)
         nll = -logp[torch.tensor(answer_row), torch.tensor(answer_at), answer_tok].mean()
         kl_logp = logp[n:, kl_at]

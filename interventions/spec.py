@@ -339,12 +339,14 @@ class SequentialSpec(_Spec):
     batch_size: Int = Field(default=1, ge=1, description="Requests per batch (ROME and r-ROME: 1).")
     eval_every: Int = Field(default=1, ge=1, description="Measure after every this many batches (and after "
                             "the last).")
+    eval_at: tuple[Int, ...] = Field(default=(), description="Also measure once this many edits are done "
+                                     "(e.g. [10] with ROME's batches of one).")
     sample: Int = Field(default=200, ge=1, description="Paraphrase and neighbourhood prompts are measured on "
                         "at most this many of the edits so far, evenly spaced (efficacy on all of them).")
     fluency_prompts: Int = Field(default=8, ge=1, description="Fluency: generations from the subjects of the "
                                  "run's first this many requests.")
     heldout: Name | None = Field(default=None, description="A JSON file with `heldout_known` facts (prompt, "
-                                 "answer) never edited; default: the `requests_from` file's.")
+                                 "answer) never edited; default: the `requests_from` file's (set when it is read).")
     text: Name | None = Field(default=None, description="A held-out text whose perplexity is tracked; default: "
                               "the one shipped with the fact sets.")
 

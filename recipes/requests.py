@@ -84,8 +84,11 @@ def read_requests(source, *, field: str = "requests_from") -> list:
 
 
 def resolve_requests(spec):
-    """`spec` with `requests_from` read into `requests` (after the spec's own) and cleared."""
+    """`spec` with `requests_from` read into `requests` (after the spec's own) and cleared; a sequential
+    run's held-out facts default to that file's (`sequential.heldout`)."""
     if getattr(spec, "requests_from", None) is None:
         return spec
-    return spec.model_copy(update={"requests": (*spec.requests, *read_requests(spec.requests_from)),
-                                   "requests_from": None})
+    update = {"requests": (*spec.requests, *read_requests(spec.requests_from)), "requests_from": None}
+    if getattr(spec, "sequential", None) is not None and spec.sequential.heldout is None:
+        update["sequential"] = spec.sequential.model_copy(update={"heldout": spec.requests_from.path})
+    return spec.model_copy(update=update)

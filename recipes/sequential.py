@@ -44,10 +44,8 @@ def evenly_spaced(items: list, k: int) -> list:
     return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)] if k > 1 else items[:1]
 
 
-def read_heldout(spec) -> list[tuple[str, str]]:
-    """``(prompt, answer)`` of the held-out known facts: `sequential.heldout`, else the requests file's."""
-    path = spec.sequential.heldout or (spec.requests_from.path if spec.requests_from else None)
-    field = "sequential.heldout"
+def read_heldout(path, field: str = "sequential.heldout") -> list[tuple[str, str]]:
+    """``(prompt, answer)`` of the held-out known facts in a fact-set file (its ``heldout_known``)."""
     if path is None or not Path(path).is_file():
         raise SpecError(field, path, "a JSON file with a `heldout_known` list of {prompt, answer} facts (the fact "
                         "sets in recipes/facts/ have one)")
@@ -74,7 +72,7 @@ class ScaleProbe:
         path = Path(spec.sequential.text) if spec.sequential.text else DEFAULT_TEXT
         if not path.is_file():
             raise SpecError("sequential.text", str(path), "an existing text file")
-        return cls(read_heldout(spec), path.read_text(encoding="utf-8"),
+        return cls(read_heldout(spec.sequential.heldout), path.read_text(encoding="utf-8"),
                    [r.subject for r in spec.requests[: spec.sequential.fluency_prompts]], spec.sequential.sample)
 
     def measure(self, model, tokenizer, edited: list) -> dict:
@@ -114,7 +112,7 @@ def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
     def on_batch(done: int, editor) -> None:
         clock["editing"] += time.perf_counter() - clock["since"]
         clock["batches"] += 1
-        if clock["batches"] % every == 0 or done == total:
+        if clock["batches"] % every == 0 or done == total or done in spec.sequential.eval_at:
             record(done, clock["editing"])
         clock["since"] = time.perf_counter()
 
