@@ -69,10 +69,14 @@ def target_logprobs(model, tokenizer, prompts: list[str], target: str) -> list[f
 
 def prefers(model, tokenizer, prompts: list[str], first: str, second: str) -> list[bool]:
     """For each prompt: is `first` more probable than `second`?"""
-    if not prompts:
-        return []
-    scores = score_pairs(model, tokenizer, [(p, t) for p in prompts for t in (first, second)])
-    return [a > b for a, b in zip(scores[::2], scores[1::2])]
+    return prefers_each(model, tokenizer, [(p, first, second) for p in prompts])
+
+
+def prefers_each(model, tokenizer, asks: list[tuple[str, str, str]]) -> list[bool]:
+    """For each ``(prompt, first, second)``: is `first` more probable than `second` after the prompt?
+    All scored in one batched pass (`score_pairs`)."""
+    scores = score_pairs(model, tokenizer, [(p, t) for p, a, b in asks for t in (a, b)])
+    return [x > y for x, y in zip(scores[::2], scores[1::2])]
 
 
 @torch.no_grad()

@@ -477,11 +477,15 @@ def parser() -> argparse.ArgumentParser:
     bp.add_argument("--device", type=device_flag, default="cpu")
     bp.add_argument("--json", default=None, help="also write the numbers to this file")
     bp.set_defaults(fn=cmd_bench_patch)
-    be = sub.add_parser("bench-edit", parents=[common], help="benchmark ROME/MEMIT edit time, delta size, apply time, and "
+    be = sub.add_parser("bench-edit", parents=[common], help="benchmark every edit method's time and peak memory, delta size, apply time, and "
                                            "generation speed edited against base")
-    be.add_argument("--spec", default="recipes/counterfact_smollm2.yaml", help="a `method: rome` edit spec")
-    be.add_argument("--rome", type=positive_int, default=5, help="time ROME on the first N requests")
-    be.add_argument("--memit", type=natural_int, default=21, help="time one MEMIT batch of the first N requests (0: skip)")
+    be.add_argument("--spec", default="recipes/bench_edit_smollm2.yaml",
+                    help="a `kind: edit` spec with a `layer` (ROME, r-ROME, EMMET): model, requests, hyperparameters")
+    be.add_argument("--methods", nargs="+", default=["rome", "r-rome", "emmet", "memit", "alphaedit"],
+                    choices=["rome", "r-rome", "emmet", "memit", "alphaedit"])
+    be.add_argument("--rome", type=positive_int, default=5, help="time ROME and r-ROME on the first N requests")
+    be.add_argument("--batch", type=positive_int, default=100, help="time one EMMET/MEMIT/AlphaEdit batch of the "
+                                                                   "first N requests")
     be.add_argument("--memit-layers", type=natural_int, nargs="+", default=[2, 3, 4, 5, 6])
     be.add_argument("--repeats", type=positive_int, default=5, help="alternating base/edited generation rounds")
     be.add_argument("--new-tokens", type=positive_int, default=32)

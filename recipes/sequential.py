@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from editors.evaluate import fluency, perplexity, prefers, score_pairs, top1_accuracy
+from editors.evaluate import fluency, perplexity, prefers_each, top1_accuracy
 from interventions.errors import SpecError
 
 #: The held-out text whose perplexity the curves track, shipped with the fact sets.
@@ -58,6 +58,14 @@ def read_heldout(path, field: str = "sequential.heldout") -> list[tuple[str, str
     return [(f["prompt"], f["answer"]) for f in facts]
 
 
+def share_preferring(model, tokenizer, asks: list[tuple[str, str, str]]) -> float | None:
+    """The share of ``(prompt, first, second)`` where `first` is more probable than `second` after the
+    prompt (all scored in one batched pass); None when there is nothing to ask."""
+    if not asks:
+        return None
+    return sum(prefers_each(model, tokenizer, asks)) / len(asks)
+
+
 @dataclass
 class ScaleProbe:
     """What a sequential run measures after its batches; see the module's docstring."""
@@ -76,15 +84,13 @@ class ScaleProbe:
                    [r.subject for r in spec.requests[: spec.sequential.fluency_prompts]], spec.sequential.sample)
 
     def measure(self, model, tokenizer, edited: list) -> dict:
-        row = {}
-        scores = score_pairs(model, tokenizer, [(r.prompt.replace("{}", r.subject), t) for r in edited
-                                                for t in (r.target_new, r.target_true)])
-        row["efficacy"] = sum(a > b for a, b in zip(scores[::2], scores[1::2])) / len(edited)
+        row = {"efficacy": share_preferring(model, tokenizer, [(r.prompt.replace("{}", r.subject), r.target_new,
+                                                                r.target_true) for r in edited])}
         some = evenly_spaced(edited, self.sample)
-        para = [x for r in some for x in prefers(model, tokenizer, list(r.paraphrases), r.target_new, r.target_true)]
-        near = [x for r in some for x in prefers(model, tokenizer, list(r.neighbours), r.target_true, r.target_new)]
-        row["paraphrase"] = sum(para) / len(para) if para else None
-        row["neighbourhood"] = sum(near) / len(near) if near else None
+        row["paraphrase"] = share_preferring(model, tokenizer, [(p, r.target_new, r.target_true) for r in some
+                                                                for p in r.paraphrases])
+        row["neighbourhood"] = share_preferring(model, tokenizer, [(p, r.target_true, r.target_new) for r in some
+                                                                   for p in r.neighbours])
         row["fluency"] = fluency(model, tokenizer, self.fluency_prompts)
         row["heldout_accuracy"] = top1_accuracy(model, tokenizer, self.heldout)
         row["perplexity"] = perplexity(model, tokenizer, self.text)

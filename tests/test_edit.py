@@ -210,18 +210,26 @@ def test_bench_edit_runs_and_leaves_the_model_alone(folder, capsys):
     spec.write_text(json.dumps({"kind": "edit", "model": str(folder / "tiny"), "layer": 1,
                                 "requests": [REQUEST, REQUEST2], "corpus": [str(folder / "corpus.txt")],
                                 "hyperparameters": {"v_steps": 3}, "mom2_tokens": 500}))
-    argv = ["bench-edit", "--spec", str(spec), "--rome", "2", "--memit", "2", "--memit-layers", "1", "2",
+    argv = ["bench-edit", "--spec", str(spec), "--rome", "2", "--batch", "2", "--memit-layers", "1", "2",
             "--repeats", "1", "--new-tokens", "3", "--json", str(folder / "bench.json")]
+    before = {k: v.clone() for k, v in make_model("llama", 37).state_dict().items()}
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "| edited / base |" in out and "MEMIT, seconds for a batch of 2" in out
+    assert "edited / base" in out and "| alphaedit | [1, 2] |" in out
+    figures = json.loads(out.strip().splitlines()[-1])                  # the last line: one JSON object
+    for key in ("rome_s_per_edit", "r_rome_s_per_edit", "emmet_batch2_s", "memit_batch2_s", "alphaedit_batch2_s",
+                "memit_peak_bytes", "generation_ratio"):
+        assert figures[key] > 0, key
     report = json.loads((folder / "bench.json").read_text())
-    assert report["rome"]["edits"] == 2 and len(report["rome"]["seconds"]) == 2
+    assert report["methods"]["rome"]["edits"] == 2 and len(report["methods"]["r-rome"]["seconds"]) == 2
+    assert report["methods"]["emmet"]["requests"] == 2
     assert report["statistics_cached"] == {"1": False, "2": False}
     assert report["delta_bytes"]["rome_rank1"] < report["delta_bytes"]["memit_2_requests"]
     assert report["generation"]["ratio"] > 0
-    assert main(argv) == 0                                          # second run: statistics from the cache
-    assert json.loads((folder / "bench.json").read_text())["statistics_cached"] == {"1": True, "2": True}
+    assert all(torch.equal(v, before[k]) for k, v in make_model("llama", 37).state_dict().items())
+    assert main(argv[:3] + ["--methods", "memit", "--batch", "1", "--memit-layers", "1", "--repeats", "1",
+                            "--new-tokens", "2", "--json", str(folder / "bench.json")]) == 0
+    assert json.loads((folder / "bench.json").read_text())["statistics_cached"] == {"1": True}
     spec.write_text(json.dumps({"kind": "edit", "model": str(folder / "tiny"), "method": "memit", "layers": [1],
                                 "requests": [REQUEST]}))
     assert main(["bench-edit", "--spec", str(spec)]) == 2
