@@ -25,11 +25,12 @@ def main(args) -> int:
     from recipes.requests import resolve_requests
 
     spec = resolve_requests(load_spec(args.spec))
-    if spec.kind != "edit" or spec.method != "rome":
+    if spec.kind != "edit" or spec.method not in ("rome", "r-rome"):
         from interventions import SpecError
 
         raise SpecError("method", getattr(spec, "method", spec.kind),
-                        "'rome' in a `kind: edit` spec (MEMIT edits all requests at once: use `lesion run`)")
+                        "'rome' or 'r-rome' in a `kind: edit` spec (the batch methods edit all requests at once: "
+                        "use `lesion run`)")
     model, tokenizer = load_model(spec.model)
     spec, _ = resolve_layers(spec, model, tokenizer)
     hp = hyperparameters(spec)
@@ -39,7 +40,7 @@ def main(args) -> int:
     for i, r in enumerate(requests):
         before = evaluate(model, tokenizer, [r], fluency_prompts=[r.subject])
         start = time.perf_counter()
-        delta, _ = compute_rome(model, tokenizer, edit_request(r), hp, base_model=spec.model, C=C)
+        delta, _ = compute_rome(model, tokenizer, edit_request(r), hp, base_model=spec.model, C=C, method=spec.method)
         seconds.append(time.perf_counter() - start)
         with applied(model, delta):
             after = evaluate(model, tokenizer, [r], fluency_prompts=[r.subject])

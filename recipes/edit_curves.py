@@ -1,0 +1,57 @@
+"""Compare sequential-editing runs: one figure with every method's curves, and a table at given edit counts.
+
+    python -m recipes.edit_curves runs/seq_rome runs/seq_r-rome runs/seq_alphaedit \
+        --out recipes/figures/sequential_smollm2.png --at 10 100 1000
+
+Each argument is the output folder of a sequential `lesion run` (its ``curves.json``). The table row
+of a method at N edits is its measurement at exactly N edits; a run that stopped earlier, or whose
+batches skip N, shows n/a there. The last line is one JSON object with the table's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from recipes.sequential import CURVE_METRICS, plot_curves
+
+
+def read_curves(folder: str | Path) -> tuple[str, list[dict]]:
+    data = json.loads((Path(folder) / "curves.json").read_text())
+    return data["method"], data["rows"]
+
+
+def table(curves: dict[str, list[dict]], at: list[int]) -> dict:
+    """``{method: {"0": row, "10": row, ...}}``: the unedited row and the rows at each count in `at`."""
+    out = {}
+    for method, rows in curves.items():
+        by = {r["edits"]: r for r in rows}
+        out[method] = {str(n): ({k: by[n][k] for k in (*CURVE_METRICS, "edit_seconds")} if n in by else None)
+                       for n in (0, *at)}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="output folders of sequential runs")
+    p.add_argument("--out", required=True, help="the figure to write (PNG)")
+    p.add_argument("--at", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--title", default="sequential editing, SmolLM2-135M, evaluation split")
+    args = p.parse_args(argv)
+    curves = dict(read_curves(folder) for folder in args.runs)
+    plot_curves(curves, args.out, title=args.title)
+    numbers = table(curves, args.at)
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}" if x < 100 else f"{x:.0f}"       # noqa: E731
+    print("| method | edits | " + " | ".join(CURVE_METRICS) + " |")
+    print("|---|---|" + "---|" * len(CURVE_METRICS))
+    for method, cols in numbers.items():
+        for n, row in cols.items():
+            if row is not None:
+                print(f"| {method} | {n} | " + " | ".join(fmt(row[k]) for k in CURVE_METRICS) + " |")
+    print(json.dumps(numbers))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
