@@ -170,3 +170,33 @@ def test_sequential_spec_round_trips_and_bad_input_is_one_line(folder, capsys):
         code = main(["validate", "--compile", str(bad)])
         err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading")]
         assert code == 2 and len(err) == 1 and err[0].startswith("error:") and field in err[0], (body, err)
+
+
+def test_tuning_reads_only_the_tuning_split_and_curves_tabulate(folder, tokenizer, capsys):
+    """recipes/tune_edit.py scores its candidates on tuning requests only (an evaluation request there
+    would be edited and show up as efficacy); recipes/edit_curves.py reads runs and tabulates."""
+    from recipes import edit_curves, tune_edit
+
+    records = [{"requested_rewrite": {"prompt": r["prompt"], "subject": r["subject"],
+                                      "target_new": {"str": r["target_new"]}, "target_true": {"str": r["target_true"]}},
+                "paraphrase_prompts": r["paraphrases"], "neighborhood_prompts": r["neighbours"],
+                "split": "tune" if i < 3 else "eval"} for i, r in enumerate(REQUESTS)]
+    facts = folder / "facts.json"
+    facts.write_text(json.dumps({"requests": records, **HELDOUT}))
+    report = folder / "tune.json"
+    assert tune_edit.main(["--model", str(folder / "tiny"), "--facts", str(facts), "--requests", "10",
+                           "--layers", "1", "2", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["requests"] == 3 and data["split"] == "tune"
+    assert {r["candidate"] for r in data["rows"]} >= {"unedited", "memit {'mom2_update_weight': 1500.0}"}
+    assert set(data["chosen"]) == {"memit", "alphaedit"}
+    run = folder / "run"
+    run.mkdir()
+    rows = [{"edits": n, "edit_seconds": n, **{k: 0.5 for k in ("efficacy", "paraphrase", "neighbourhood",
+                                                                  "fluency", "heldout_accuracy", "perplexity")}}
+            for n in (0, 10, 20)]
+    (run / "curves.json").write_text(json.dumps({"method": "r-rome", "rows": rows}))
+    capsys.readouterr()
+    assert edit_curves.main([str(run), "--out", str(folder / "c.png"), "--at", "10", "100"]) == 0
+    numbers = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert numbers["r-rome"]["10"]["efficacy"] == 0.5 and numbers["r-rome"]["100"] is None
