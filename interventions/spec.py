@@ -386,6 +386,9 @@ class EditSpec(_Language):
     def _layers_for_method(self):
         if not self.requests and self.requests_from is None:
             raise ValueError("give `requests` (a list of facts) and/or `requests_from` (a file of them)")
+        if self.method in ("rome", "r-rome") and self.sequential is not None and self.sequential.batch_size != 1:
+            raise ValueError(f"`sequential.batch_size`: got {self.sequential.batch_size}; `method: {self.method}` edits "
+                             "one request at a time, so it takes 1 (`eval_every` sets how often it is measured)")
         if self.method in ONE_LAYER_METHODS:
             if self.layer is None or self.layers is not None:
                 raise ValueError(f"`method: {self.method}` takes `layer: <int>` (and no `layers`)")

@@ -163,7 +163,8 @@ def test_sequential_spec_round_trips_and_bad_input_is_one_line(folder, capsys):
                         ({"method": "alphaedit"}, "layers"),
                         ({"hyperparameters": {"context_templates": [[0, 3]]}}, "context_templates"),
                         ({"hyperparameters": {"l2": 1.0}}, "l2"),
-                        ({"sequential": {"heldout": str(folder / "text.txt")}}, "sequential.heldout")]:
+                        ({"sequential": {"heldout": str(folder / "text.txt")}}, "sequential.heldout"),
+                        ({"method": "r-rome", "sequential": {"batch_size": 5}}, "sequential.batch_size")]:
         data = {"kind": "edit", "model": str(folder / "tiny"), "method": "emmet", "layer": 1, "requests": REQUESTS,
                 **body}
         bad.write_text(json.dumps(data))
