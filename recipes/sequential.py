@@ -151,7 +151,9 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, *, title: str =
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=method)
         ax.set_xscale("log")
-        ax.set_title(metric.replace("_", " "))
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.set_title(metric.replace("_", " ") + (" (log scale)" if metric == "perplexity" else ""))
         ax.set_xlabel("edits (0 drawn at 1)")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
