@@ -10,7 +10,12 @@
   norm clamped.
 - C: the second moment of the layer's keys (`editors.stats`).
 
-So the edited layer maps k* to v* exactly. Computing never changes the model
+So the edited layer maps k* to v* exactly: that is r-ROME (Gupta et al. 2024). ROME as published
+(`method="rome"`) computes Λ with the plain prompt's key instead, so the layer maps that key, not k*,
+to v*; sequential edits then collapse (see `rank_one_update`).
+
+`compute_targets` finds v* for a whole batch of requests at once (EMMET, MEMIT and AlphaEdit use it
+too), running only the layers from the edit layer up. Computing never changes the model
 (the invariant of ROME's ``execute_rome``): it returns a `Delta`, and only
 `apply` / `applied` write weights.
 
