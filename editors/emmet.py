@@ -21,7 +21,7 @@ import torch
 
 from .delta import Delta
 from .rome import (EditRequest, RomeHyperParams, as_factors, compute_keys, compute_targets, context_templates,
-                   weight_matrix, weight_name)
+                   recorded, weight_matrix, weight_name)
 from .stats import second_moment
 
 
@@ -54,21 +54,18 @@ def compute_emmet(model, tokenizer, requests: list[EditRequest], hp: EmmetHyperP
                   C: torch.Tensor | None = None, corpus: list[str] | None = None, spec: dict | None = None,
                   templates: list[str] | None = None) -> tuple[Delta, dict]:
     """One EMMET batch: ``(rank-n Delta, details)``; the model is left unchanged."""
-    was_training = model.training
-    model.eval()
-    try:
+    from interventions.engine import eval_mode
+
+    with eval_mode(model):
         if templates is None:
             templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
         K = compute_keys(model, tokenizer, hp.layer, requests, templates)
         V, info = compute_targets(model, tokenizer, hp.layer, requests, templates, hp)
         if C is None:
             C = second_moment(model, tokenizer, hp.layer, corpus, max_tokens=hp.mom2_tokens)
-    finally:
-        model.train(was_training)
     lam, right = equality_update(weight_matrix(model, hp.layer), C.cpu(), K.T.cpu(), V.T.cpu(),
                                  ridge=hp.equality_ridge, mom2_ridge=hp.mom2_ridge)
-    hyper = {**asdict(hp), "context_templates": [list(x) for x in hp.context_templates]}
     delta = Delta.from_factors(model, {weight_name(model, hp.layer): as_factors(model, hp.layer, lam, right)},
-                               method="emmet", base_model=base_model, hyperparameters=hyper,
+                               method="emmet", base_model=base_model, hyperparameters=recorded(hp),
                                spec=spec or {"requests": [asdict(r) for r in requests]})
     return delta, {"K": K, "V": V, "templates": templates, **info}

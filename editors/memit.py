@@ -27,7 +27,7 @@ from interventions.sites import site_table
 
 from .delta import Delta, apply, revert
 from .rome import (EditRequest, RomeHyperParams, as_factors, compute_keys, compute_targets, context_templates,
-                   encode_at, hooked, weight_name)
+                   encode_at, hooked, recorded, weight_name)
 from .stats import second_moments
 
 #: MEMIT's context templates: the plain prompt and five generated 10-token prefixes.
@@ -119,12 +119,16 @@ def projected_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, previous
 def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperParams, *, base_model: str,
                   C: dict[int, torch.Tensor] | None = None, corpus: list[str] | None = None,
                   spec: dict | None = None, z: torch.Tensor | None = None, templates: list[str] | None = None,
-                  previous: dict[int, torch.Tensor] | None = None) -> tuple[Delta, dict]:
+                  previous: dict[int, torch.Tensor] | None = None,
+                  projectors: dict[int, tuple[torch.Tensor, int]] | None = None) -> tuple[Delta, dict]:
     """All `requests` in one Delta (MEMIT, or AlphaEdit when `hp` is `AlphaEditHyperParams`); the model
     is unchanged afterwards. `z` (``[n, d]``): targets from an earlier call's details, to try other
     layer hyperparameters without re-optimising them. `templates`: context templates drawn earlier.
     AlphaEdit's `previous`: per layer, K_p K_pᵀ of the keys edited by earlier batches (details'
-    ``keys_outer`` gives this batch's, to add for the next)."""
+    ``keys_outer`` gives this batch's, to add for the next); `projectors`: a dict the null-space
+    projectors are kept in per layer, so that a sequential run computes each once (C is fixed)."""
+    from interventions.engine import eval_mode
+
     table = site_table(model)
     n_layers = table.num_layers(model)
     if hp.layers[0] < 0 or hp.layers[-1] >= n_layers:
@@ -134,38 +138,38 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperP
     missing = [layer for layer in hp.layers if layer not in C]
     if missing:
         C.update(second_moments(model, tokenizer, missing, corpus, max_tokens=hp.mom2_tokens))
-    was_training = model.training
     steps, factors, info, outer = [], {}, [], {}
-    try:
-        model.eval()
-        if templates is None:
-            templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
-        if z is None:
-            z, _ = compute_targets(model, tokenizer, hp.layers[-1], requests, templates, hp.z_hyperparameters(),
-                                   site="block_output")
-        for i, layer in enumerate(hp.layers):
-            K = compute_keys(model, tokenizer, layer, requests, templates).T.cpu()
-            current = block_outputs(model, tokenizer, hp.layers[-1], requests)
-            R = (z - current).T.cpu() / (len(hp.layers) - i)
-            name = weight_name(model, layer)
-            row = {"layer": layer, "residual_norm": float(R.norm(dim=0).mean() * (len(hp.layers) - i))}
-            if alpha:
-                P, kept = null_space_projector(C[layer].cpu(), hp.nullspace_threshold)
-                before = (previous or {}).get(layer, torch.zeros(K.shape[0], K.shape[0]))
-                pair = as_factors(model, layer, *projected_update(K, R, P, before, hp.l2))
-                outer[layer] = (K.double() @ K.double().T).float()
-                row["null_space_dims"] = kept
-            else:
-                pair = as_factors(model, layer, *layer_update(K, R, C[layer].cpu(), hp.mom2_update_weight))
-            factors[name] = pair
-            step = Delta.from_factors(model, {name: pair}, method="update-step", base_model=base_model)
-            apply(model, step)
-            steps.append(step)
-            info.append(row)
-    finally:
-        revert(model, *steps)
-        model.train(was_training)
-    hyper = {**asdict(hp), "layers": list(hp.layers), "context_templates": [list(x) for x in hp.context_templates]}
+    projectors = {} if projectors is None else projectors
+    with eval_mode(model):
+        try:
+            if templates is None:
+                templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
+            if z is None:
+                z, _ = compute_targets(model, tokenizer, hp.layers[-1], requests, templates, hp.z_hyperparameters(),
+                                       site="block_output")
+            for i, layer in enumerate(hp.layers):
+                K = compute_keys(model, tokenizer, layer, requests, templates).T.cpu()
+                current = block_outputs(model, tokenizer, hp.layers[-1], requests)
+                R = (z - current).T.cpu() / (len(hp.layers) - i)
+                name = weight_name(model, layer)
+                row = {"layer": layer, "residual_norm": float(R.norm(dim=0).mean() * (len(hp.layers) - i))}
+                if alpha:
+                    if layer not in projectors:
+                        projectors[layer] = null_space_projector(C[layer].cpu(), hp.nullspace_threshold)
+                    P, kept = projectors[layer]
+                    before = (previous or {}).get(layer, torch.zeros(K.shape[0], K.shape[0]))
+                    pair = as_factors(model, layer, *projected_update(K, R, P, before, hp.l2))
+                    outer[layer] = (K.double() @ K.double().T).float()
+                    row["null_space_dims"] = kept
+                else:
+                    pair = as_factors(model, layer, *layer_update(K, R, C[layer].cpu(), hp.mom2_update_weight))
+                factors[name] = pair
+                step = Delta.from_factors(model, {name: pair}, method="update-step", base_model=base_model)
+                apply(model, step)
+                steps.append(step)
+                info.append(row)
+        finally:
+            revert(model, *steps)
     delta = Delta.from_factors(model, factors, method="alphaedit" if alpha else "memit", base_model=base_model,
-                               hyperparameters=hyper, spec=spec or {"requests": [asdict(r) for r in requests]})
+                               hyperparameters=recorded(hp), spec=spec or {"requests": [asdict(r) for r in requests]})
     return delta, {"z": z, "layers": info, "templates": templates, "keys_outer": outer}

@@ -377,6 +377,13 @@ def rank_one_update(W: torch.Tensor, C: torch.Tensor, k_star: torch.Tensor, v_st
     return lam[:, None].float(), left[None, :].float()
 
 
+def recorded(hp, **extra) -> dict:
+    """A hyperparameter dataclass as the Delta's metadata records it: tuples as lists, `extra` added."""
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, tuple) else v
+    return {**{k: plain(v) for k, v in asdict(hp).items()}, **extra}
+
+
 #: ROME's two variants: the published update, and r-ROME's (Gupta et al. 2024), whose key is consistent.
 ROME_METHODS = ("rome", "r-rome")
 
@@ -409,9 +416,9 @@ def compute_rome(model, tokenizer, request: EditRequest, hp: RomeHyperParams, *,
     table = site_table(model)
     if not 0 <= hp.layer < table.num_layers(model):
         raise ValueError(f"`layer`: got {hp.layer}; expected a layer in [0, {table.num_layers(model) - 1}]")
-    was_training = model.training
-    model.eval()
-    try:
+    from interventions.engine import eval_mode
+
+    with eval_mode(model):
         if templates is None:
             templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
         k_star = compute_k_star(model, tokenizer, hp.layer, request, templates)
@@ -419,14 +426,11 @@ def compute_rome(model, tokenizer, request: EditRequest, hp: RomeHyperParams, *,
         (v_star,), info = compute_targets(model, tokenizer, hp.layer, [request], templates, hp)
         if C is None:
             C = second_moment(model, tokenizer, hp.layer, corpus, max_tokens=hp.mom2_tokens)
-    finally:
-        model.train(was_training)
     key = k_star if method == "r-rome" else k_plain
     lam, left = rank_one_update(weight_matrix(model, hp.layer), C.cpu(), k_star.cpu(), v_star.cpu(), hp.mom2_ridge,
                                 key=key.cpu())
-    hyper = {**asdict(hp), "context_templates": [list(x) for x in hp.context_templates]}
     delta = Delta.from_factors(model, {weight_name(model, hp.layer): as_factors(model, hp.layer, lam, left)},
-                               method=method, base_model=base_model, hyperparameters=hyper,
+                               method=method, base_model=base_model, hyperparameters=recorded(hp),
                                spec=spec or {"requests": [asdict(request)]},
                                metrics={"v_star_nll": info["final_nll"][0]})
     return delta, {"k_star": k_star, "k_plain": k_plain, "v_star": v_star, "templates": templates, **info}

@@ -21,7 +21,6 @@ directions other images use and leaves them alone.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 
 import torch
 
@@ -29,7 +28,7 @@ from interventions.sites import LLAVA
 from interventions.vlm import image_positions, image_prompt
 
 from .delta import Delta
-from .rome import RomeHyperParams, frozen_parameters, hooked, optimise_delta, rank_one_update, weight_name
+from .rome import RomeHyperParams, frozen_parameters, hooked, optimise_delta, rank_one_update, recorded, weight_name
 
 
 def _images(pixels: torch.Tensor) -> torch.Tensor:
@@ -148,18 +147,15 @@ def compute_vlm_rome(vlm, tokenizer, pixels: torch.Tensor, questions: list[str],
     hp = hp or RomeHyperParams(layer=layer)
     if not 0 <= layer < LLAVA.num_layers(vlm):
         raise ValueError(f"`layer`: got {layer}; expected a layer in [0, {LLAVA.num_layers(vlm) - 1}]")
-    was_training = vlm.training
-    vlm.eval()
-    try:
+    from interventions.engine import eval_mode
+
+    with eval_mode(vlm):
         k_star = compute_k_star(vlm, tokenizer, pixels, questions, layer)
         v_star, info = compute_v_star(vlm, tokenizer, pixels, questions, target_new, layer, hp, kl_question)
-    finally:
-        vlm.train(was_training)
     W = LLAVA.module(vlm, "mlp_key", layer).weight.detach().float().cpu()
     lam, left = rank_one_update(W, C.cpu(), k_star.cpu(), v_star.cpu(), hp.mom2_ridge)
     delta = Delta.from_factors(vlm, {weight_name(vlm, layer): (lam, left)}, method="rome-vlm", base_model=base_model,
-                               hyperparameters={**asdict(hp), "layer": layer,
-                                                "context_templates": [list(x) for x in hp.context_templates]},
+                               hyperparameters=recorded(hp, layer=layer),
                                spec=spec or {"questions": list(questions), "target_new": target_new,
                                                    "key": "mean over the image tokens", "kl_question": kl_question})
     return delta, {"k_star": k_star, "v_star": v_star, **info}

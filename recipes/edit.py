@@ -108,6 +108,7 @@ class Editor:
         self.C = key_statistics(spec, model, tokenizer, layers)
         self.templates = context_templates(model, tokenizer, self.hp.context_templates, self.hp.seed)
         self.previous: dict[int, torch.Tensor] = {}
+        self.projectors: dict = {}                   # AlphaEdit's null-space projectors, one per layer
         self.stacked: Delta | None = None
         self.details: list[dict] = []
         self.spec_dict = spec_to_dict(spec)
@@ -117,7 +118,8 @@ class Editor:
         spec, model, tok, hp = self.spec, self.model, self.tokenizer, self.hp
         common = dict(base_model=spec.model, templates=self.templates)
         if spec.method in ("memit", "alphaedit"):
-            delta, info = compute_memit(model, tok, requests, hp, C=self.C, previous=self.previous, **common)
+            delta, info = compute_memit(model, tok, requests, hp, C=self.C, previous=self.previous,
+                                        projectors=self.projectors, **common)
             for layer, outer in info["keys_outer"].items():
                 self.previous[layer] = self.previous.get(layer, 0) + outer
             self.details.append({"requests": len(requests), "layers": info["layers"]})
