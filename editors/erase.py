@@ -1,4 +1,5 @@
-"""Closed-form concept erasure and remapping in text-to-image models (UCE, TIME, Diff-QuickFix).
+"""Concept erasure and remapping in text-to-image models: UCE, TIME, Diff-QuickFix, a RECE-style
+closed-form iteration, and an ESD-x fine-tuning baseline.
 
 Every edit here solves one ridge regression per projection ``W`` (out x d):
 
@@ -19,6 +20,21 @@ Where the inputs come from (`EraseSpec.edit`):
   token after it (CLIP's causal mask carries the concept into them; the UNet attends to all of them);
 - ``text_encoder``: the self-attention output projection of text layer `layer` (Diff-QuickFix,
   Basu et al. 2023); the inputs are that projection's inputs at the same positions.
+
+**RECE-style iteration** (`method: rece`, after Gong et al. 2024): an erasure leaves embeddings
+that still regenerate the concept. With the edited projections ``W'_l`` (every ``to_k``/``to_v``)
+the embedding whose edited keys and values best match the concept's original ones is, in closed form,
+
+    c_adv = argmin_c  sum_l |W'_l c - W_l c_e|^2 + lam |c|^2 = (sum_l W'_l^T W'_l + lam I)^-1 sum_l W'_l^T W_l c_e
+
+for every erase row ``c_e``; those rows join the erase set (towards the same guide rows) and the
+update is solved again from the base weights, `rece_rounds` times. No gradient step anywhere.
+
+**ESD-x** (`method: esd-x`, Gandikota et al. 2023, cross-attention variant): fine-tune every
+``attn2`` projection so that the noise prediction for the concept prompt follows the negatively
+guided target ``eps(x_t, "") - eta (eps(x_t, c) - eps(x_t, ""))`` of the unedited model; the
+states ``x_t`` are the unedited model's own sampling trajectories for the template prompts. It is
+the fine-tuning baseline the closed forms are compared with; its seconds are the edit's seconds.
 
 >>> spec = parse_spec({"kind": "erase", "concepts": [{"concept": "red", "guide": "blue"}],
 ...                    "preserve": ["green", "yellow"], "templates": ["a {} circle"]})      # doctest: +SKIP
@@ -142,24 +158,142 @@ def projections(spec, pipe: DiffusionPipe) -> list[str]:
     return [f"text_encoder.{path}.weight"]
 
 
+def preserve_weight(spec) -> float:
+    return spec.preserve_scale if spec.method in ("uce", "rece") else 0.0
+
+
+def solve(spec, pipe: DiffusionPipe, sets: EditSets) -> dict[str, tuple]:
+    """Factors ``(u, v)`` of every edited projection's change, from the base weights."""
+    params = dict(pipe.named_parameters())
+    return {name: closed_form(params[name], sets, spec.lam, preserve_weight(spec)) for name in projections(spec, pipe)}
+
+
+def edited_weights(pipe: DiffusionPipe, changes: dict[str, tuple]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (W, W')}`` in float64 for every changed projection."""
+    params = dict(pipe.named_parameters())
+    return {n: (params[n].detach().double().cpu(), params[n].detach().double().cpu() + u @ v)
+            for n, (u, v) in changes.items()}
+
+
+def regenerating_embeddings(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor,
+                            lam: float) -> torch.Tensor:
+    """RECE's closed form: per row ``c_e`` of `rows`, the embedding ``c`` whose edited projections best
+    reproduce the base projections of ``c_e``: ``(sum W'^T W' + lam I)^-1 sum W'^T W c_e``."""
+    d = rows.shape[1]
+    A = lam * torch.eye(d, dtype=torch.float64)
+    B = torch.zeros(d, d, dtype=torch.float64)
+    for W, Wn in weights.values():
+        A += Wn.T @ Wn
+        B += Wn.T @ W
+    return torch.linalg.solve(A, B @ rows.T).T
+
+
+def rece_sets(spec, pipe: DiffusionPipe, sets: EditSets) -> tuple[EditSets, dict[str, tuple], list[dict]]:
+    """UCE, then `spec.rece_rounds` rounds of adding the regenerating embeddings of the concept rows to
+    the erase set (towards the same guide rows) and solving again from the base weights."""
+    concept, guide = sets.erase, sets.guide
+    changes, rounds = solve(spec, pipe, sets), []
+    for r in range(spec.rece_rounds):
+        weights = edited_weights(pipe, changes)
+        found = regenerating_embeddings(weights, concept, spec.lam)
+        # how much of the concept's base keys/values the found embeddings still bring back, before this round
+        back = sum(float((Wn @ found.T - W @ concept.T).norm() ** 2) for W, Wn in weights.values())
+        base = sum(float((W @ concept.T).norm() ** 2) for W, _ in weights.values())
+        rounds.append({"round": r + 1, "residual": (back / base) ** 0.5,
+                       "norm_ratio": float(found.norm(dim=1).mean() / concept.norm(dim=1).mean())})
+        sets = EditSets(torch.cat([sets.erase, found]), torch.cat([sets.guide, guide]), sets.preserve)
+        changes = solve(spec, pipe, sets)
+    return sets, changes, rounds
+
+
 def erase(spec, pipe: DiffusionPipe) -> Delta:
     """The edit of `spec` as a Delta against `pipe` (which is left unchanged)."""
+    if spec.method == "esd-x":
+        return esd_x(spec, pipe)
     sets = edit_sets(spec, pipe)
-    params = dict(pipe.named_parameters())
+    extra = {}
+    if spec.method == "rece":
+        sets, changes, extra["rece"] = rece_sets(spec, pipe, sets)
+    else:
+        changes = solve(spec, pipe, sets)
     factors, dense = {}, {}
-    for name in projections(spec, pipe):
-        u, v = closed_form(params[name], sets, spec.lam, spec.preserve_scale if spec.method == "uce" else 0.0)
+    for name, (u, v) in changes.items():
         f, d = compress(u, v)
         if f is not None:
             factors[name] = f
         else:
             dense[name] = d
-    hyper = {"lam": spec.lam, "preserve_scale": spec.preserve_scale if spec.method == "uce" else 0.0,
-             "edit": spec.edit, "layer": spec.layer, "erase_rows": len(sets.erase), "preserve_rows": len(sets.preserve)}
+    hyper = {"lam": spec.lam, "preserve_scale": preserve_weight(spec), "edit": spec.edit, "layer": spec.layer,
+             "erase_rows": len(sets.erase), "preserve_rows": len(sets.preserve), **extra}
+    if spec.method == "rece":
+        hyper["rece_rounds"] = spec.rece_rounds
     log.info("%s: %d projections, %d erase rows, %d preserve rows", spec.method, len(factors) + len(dense),
              len(sets.erase), len(sets.preserve))
     return Delta.from_factors(pipe, factors, dense, method=spec.method if spec.edit == "cross_attention"
                               else f"{spec.method}-text-encoder", base_model=pipe.name, hyperparameters=hyper,
+                              spec=spec_to_dict(spec))
+
+
+# ------------------------------------------------------------------------- ESD-x
+def esd_parameters(pipe: DiffusionPipe) -> list[str]:
+    """ESD-x's trainable set: every cross-attention projection's weight (query, key, value, output)."""
+    return [f"unet.{name}.{proj}.weight" for name in DiffusionSites(pipe).cross_attention
+            for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+
+
+@torch.no_grad()
+def esd_pool(spec, pipe: DiffusionPipe, seeds_per_prompt: int = 4):
+    """The unedited model's DDIM trajectories for every concept x template prompt: per visited state,
+    ``(x_t, t, context, target)`` with ESD's target ``eps_u - eta (eps_c - eps_u)``."""
+    prompts = [fill(t, c.concept) for c in spec.concepts for t in spec.templates]
+    rows = [p for p in prompts for _ in range(seeds_per_prompt)]
+    seeds = [spec.seed + 500_000 + k for k in range(len(rows))]
+    context = pipe.encode(rows)
+    xs, ts, targets, ctx = [], [], [], []
+
+    def record(step, sl, x2, t, context2):
+        eps = pipe.unet(x2, t, encoder_hidden_states=context2).sample
+        eps_u, eps_c = eps.chunk(2)
+        n = len(eps_u)
+        xs.append(x2[:n])
+        ts.append(torch.full((n,), int(t)))
+        targets.append(eps_u - spec.esd_eta * (eps_c - eps_u))
+        ctx.append(context2[n:])
+        return eps
+
+    pipe.sample(context, seeds, unet_hook=record)
+    return torch.cat(xs), torch.cat(ts), torch.cat(ctx), torch.cat(targets)
+
+
+def esd_x(spec, pipe: DiffusionPipe) -> Delta:
+    """ESD-x on a copy of the UNet; the Delta is the trained minus the base cross-attention weights."""
+    import copy
+
+    x, t, ctx, target = esd_pool(spec, pipe)
+    names = esd_parameters(pipe)
+    student = copy.deepcopy(pipe.unet).train()
+    student.requires_grad_(False)
+    trained = {n: student.get_parameter(n[len("unet."):]) for n in names}
+    for p in trained.values():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(list(trained.values()), lr=spec.esd_lr)
+    g = torch.Generator().manual_seed(spec.seed)
+    losses = []
+    for _ in range(spec.esd_steps):
+        rows = torch.randint(len(x), (min(16, len(x)),), generator=g)
+        with torch.enable_grad():
+            pred = student(x[rows], t[rows].to(x.device), encoder_hidden_states=ctx[rows]).sample
+            loss = torch.nn.functional.mse_loss(pred, target[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    params = dict(pipe.named_parameters())
+    dense = {n: (p.detach() - params[n].detach()).float().cpu() for n, p in trained.items()}
+    hyper = {"esd_steps": spec.esd_steps, "esd_lr": spec.esd_lr, "esd_eta": spec.esd_eta, "pool": len(x),
+             "loss_first": losses[0], "loss_last_mean_10": sum(losses[-10:]) / len(losses[-10:])}
+    log.info("esd-x: %d steps, loss %.4f -> %.4f", spec.esd_steps, losses[0], hyper["loss_last_mean_10"])
+    return Delta.from_factors(pipe, {}, dense, method="esd-x", base_model=pipe.name, hyperparameters=hyper,
                               spec=spec_to_dict(spec))
 
 

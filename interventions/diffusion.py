@@ -3,7 +3,10 @@
 One loader serves the project's testbed and real Stable Diffusion v1.x folders:
 
 - ``"shapes-diffusion"``: the coloured-shapes testbed in ``checkpoints/`` (pixel space,
-  no VAE; see `interventions.shapes`);
+  no VAE, a small CLIP text encoder trained with it; see `interventions.shapes`);
+- ``"scenes-smollm2"``: the scenes testbed (pixel space, 24x24): its UNet reads the hidden
+  states of the frozen SmolLM2-135M through cross-attention, as Imagen reads T5's; only the
+  UNet is in ``checkpoints/`` (see `interventions.scenes`);
 - a local diffusers folder with ``unet/``, ``text_encoder/``, ``tokenizer/``,
   ``scheduler/`` and (for latent models) ``vae/``, as ``CompVis/stable-diffusion-v1-4``
   is laid out.
@@ -44,7 +47,9 @@ from .models import local_folder
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 TESTBED = "shapes-diffusion"
 TESTBED_FILE = "shapes_diffusion.safetensors"
-DIFFUSION_BUILTINS = (TESTBED,)
+SCENES = "scenes-smollm2"
+SCENES_FILE = "scenes_smollm2_unet.safetensors"
+DIFFUSION_BUILTINS = (TESTBED, SCENES)
 _HUB_PATTERN = re.compile(r"stable-diffusion|(^|/)sd-|sd-turbo|sdxl", re.IGNORECASE)
 
 
@@ -177,19 +182,21 @@ class DiffusionSites:
     def __init__(self, pipe: DiffusionPipe):
         self.cross_attention = cross_attention_layers(pipe.unet)
         enc = pipe.text_encoder
-        # transformers 5 flattened CLIPTextModel (no `.text_model`); 4.x nests it
+        # A decoder language model (LlamaModel: `layers`, `self_attn.o_proj`) or CLIP (`encoder.layers`,
+        # `self_attn.out_proj`); transformers 5 flattened CLIPTextModel (no `.text_model`), 4.x nests it.
+        self.decoder = hasattr(enc, "layers") and hasattr(enc, "embed_tokens")
         self.text_root = "text_model." if hasattr(enc, "text_model") else ""
-        self.text_layers = len(enc.get_submodule(self.text_root + "encoder.layers"))
+        self.text_layers = len(enc.layers if self.decoder else enc.get_submodule(self.text_root + "encoder.layers"))
 
     def text(self, site: str, layer: int | None = None) -> str:
         """Path inside the text encoder: ``text_embed`` or a per-layer site."""
         if site == "text_embed":
-            return self.text_root + "embeddings"
+            return "embed_tokens" if self.decoder else self.text_root + "embeddings"
         if layer is None or not 0 <= layer < self.text_layers:
             raise SpecError("layers", layer, f"a text-encoder layer in 0..{self.text_layers - 1}")
-        base = f"{self.text_root}encoder.layers[{layer}]"
+        base = f"layers[{layer}]" if self.decoder else f"{self.text_root}encoder.layers[{layer}]"
         table = {"text_hidden": base, "text_mlp": f"{base}.mlp", "text_attention": f"{base}.self_attn",
-                 "text_attention_out": f"{base}.self_attn.out_proj"}
+                 "text_attention_out": f"{base}.self_attn." + ("o_proj" if self.decoder else "out_proj")}
         if site not in table:
             raise SpecError("sites", site, "one of " + ", ".join(repr(s) for s in ("text_embed", *table)))
         return table[site]
@@ -217,6 +224,8 @@ def load_pipeline(name: str, *, device: str | torch.device = "cpu", steps: int |
     """The testbed by name, or a local diffusers folder (Stable Diffusion v1.x layout)."""
     if name == TESTBED:
         pipe = _load_testbed(CHECKPOINTS / TESTBED_FILE)
+    elif name == SCENES:
+        pipe = load_scenes_testbed(CHECKPOINTS / SCENES_FILE)
     elif local_folder(name) is not None:
         try:
             pipe = _load_folder(local_folder(name))
@@ -332,4 +341,78 @@ def _load_testbed(path: Path) -> DiffusionPipe:
     pipe.meta.update(header, evaluator=Evaluator(net))
     pipe.unet.eval()
     pipe.text_encoder.eval()
+    return pipe
+
+
+# ------------------------------------------------------------------------- the scenes testbed
+SCENES_LM = "smollm2-135m"
+SCENES_MAX_LENGTH = 32
+
+
+def scenes_unet_config(cross_attention_dim: int = 576) -> dict:
+    """The scenes testbed's UNet: 24x24 pixels, cross-attention at 12x12 and 6x6 reading the language
+    model's hidden states directly (`cross_attention_dim` is SmolLM2-135M's width)."""
+    return dict(sample_size=24, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 96),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8)
+
+
+def scenes_text_encoder(lm_name: str = SCENES_LM, max_length: int = SCENES_MAX_LENGTH):
+    """``(text_encoder, tokenizer)``: the language model's decoder stack (its `last_hidden_state` is the
+    final norm's output), frozen, and its tokenizer padding to `max_length` on the right. Under the
+    causal mask a prompt's states do not depend on the padding after it."""
+    from .models import load_model
+
+    lm, tokenizer = load_model(lm_name)
+    encoder = lm.model.eval().requires_grad_(False)
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = max_length
+    return encoder, tokenizer
+
+
+def build_scenes_testbed(seed: int = 0, *, text=None, unet_config: dict | None = None) -> DiffusionPipe:
+    """A freshly initialised (seeded) scenes UNet under the frozen language model (`text`: a
+    ``(text_encoder, tokenizer)`` pair to reuse; default `scenes_text_encoder()`)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    encoder, tokenizer = text if text is not None else scenes_text_encoder()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**(unet_config or scenes_unet_config(encoder.config.hidden_size)))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                              set_alpha_to_one=True)
+    return DiffusionPipe(SCENES, unet, encoder, tokenizer, scheduler, None, 25, 3.0,
+                         meta={"lm": SCENES_LM, "max_length": tokenizer.model_max_length, "unet": dict(unet.config)})
+
+
+def save_scenes_testbed(pipe: DiffusionPipe, path: Path, shape_net: nn.Module, meta: dict) -> None:
+    """One safetensors file: the UNet (float16) and the evaluator's CNN; the frozen language model is not
+    stored (it loads from its own wheel)."""
+    from .atomic import atomic_save_file
+
+    tensors = {f"unet.{k}": v.detach().half().contiguous() for k, v in pipe.unet.state_dict().items()}
+    tensors.update({f"shape_net.{k}": v.detach().contiguous() for k, v in shape_net.state_dict().items()})
+    header = {"lm": pipe.meta["lm"], "max_length": pipe.meta["max_length"], "unet": pipe.meta["unet"],
+              "scheduler": dict(pipe.scheduler.config), "steps": pipe.steps, "guidance": pipe.guidance, **meta}
+    atomic_save_file(tensors, path, metadata={"lesion_testbed": json.dumps(header, default=list)})
+
+
+def load_scenes_testbed(path: Path) -> DiffusionPipe:
+    from safetensors import safe_open
+
+    from .scenes import Evaluator, ShapeNet
+
+    if not path.is_file():
+        raise ModelNotAvailable(f"`model`: {SCENES!r} needs {path}; train it with: python -m recipes.train_scenes")
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["lesion_testbed"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    unet_config = {k: v for k, v in header["unet"].items() if not k.startswith("_")}
+    pipe = build_scenes_testbed(text=scenes_text_encoder(header["lm"], header["max_length"]), unet_config=unet_config)
+    pipe.unet.load_state_dict({k[len("unet."):]: v.float() for k, v in tensors.items() if k.startswith("unet.")})
+    net = ShapeNet()
+    net.load_state_dict({k[len("shape_net."):]: v for k, v in tensors.items() if k.startswith("shape_net.")})
+    pipe.steps, pipe.guidance = header["steps"], header["guidance"]
+    pipe.meta.update(header, evaluator=Evaluator(net))
+    pipe.unet.eval()
     return pipe

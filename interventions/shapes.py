@@ -159,3 +159,23 @@ class Evaluator:
             return shapes == SHAPES.index(word)
         raise ValueError(f"`target`: got {word!r}; expected a colour ({', '.join(COLOURS)}) "
                          f"or a shape ({', '.join(SHAPES)})")
+
+
+# ----------------------------------------------------------------------------- erasure prompts
+WORDS = COLOURS + SHAPES     # the concepts the evaluator names
+
+
+def heldout_prompts(concepts: list[str], n: int, seed: int) -> list[str]:
+    """The closed vocabulary has no synonyms: held out are the captions without their article
+    ("red circle"), a word order the erase templates ("a {} circle") do not use; at most `n` per concept."""
+    out = []
+    for w in concepts:
+        pairs = [(w, s) for s in SHAPES] if w in COLOURS else [(c, w) for c in COLOURS]
+        out += [f"{c} {s}" for c, s in pairs][:n]
+    return out
+
+
+def kept_prompts(word: str, n: int, seed: int) -> list[str]:
+    """Every caption that asks for `word` (at most `n`)."""
+    return [caption(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))
+            if word in (COLOURS[c], SHAPES[s])][:n]

@@ -534,14 +534,35 @@ class EraseConcept(_Spec):
                                                "(the prompt without it).")
 
 
+class AttackSpec(_Spec):
+    """The adversarial prompt search that judges an erasure, in the manner of UnlearnDiffAtk and P4D:
+    `tokens` tokens put before a concept prompt are optimised so that the *edited* model denoises the
+    unedited model's images of the concept, then images are generated from the result."""
+
+    prompts: Int = Field(default=4, ge=0, description="Concept prompts attacked (the edit's template prompts, "
+                         "in order, cycling over the concepts); 0: no search (`erased_rate.adversarial` is null).")
+    tokens: Int = Field(default=4, ge=1, description="Adversarial tokens put before each prompt.")
+    steps: Int = Field(default=40, ge=1, description="Optimisation steps per prompt.")
+    lr: Float = Field(default=0.1, gt=0, description="Adam's step, in units of the embedding table's RMS norm.")
+    batch: Int = Field(default=8, ge=1, description="(image, timestep, noise) draws per step.")
+    space: Literal["tokens", "soft"] = Field(default="tokens", description="`tokens`: a token sequence (PEZ: "
+                                             "optimised continuously, used projected to the nearest tokens); "
+                                             "`soft`: free embedding vectors (a stronger, white-box attack).")
+    seed: Int = Field(default=0, description="Seeds the initial tokens and every draw.")
+
+
 class EraseSpec(_Images):
-    """Closed-form concept erasure (UCE), remapping (TIME) or a text-encoder edit (Diff-QuickFix) of a
-    text-to-image model, written as a Delta; before/after images and metrics."""
+    """Concept erasure in a text-to-image model, written as a Delta and judged on the edit's own templates,
+    on held-out paraphrases and under an adversarial prompt search: UCE, TIME, a RECE-style closed-form
+    iteration, Diff-QuickFix (`edit: text_encoder`) and an ESD-x fine-tuning baseline."""
 
     kind: Literal["erase"] = "erase"
     model: Name = Field(default=DIFFUSION_MODEL)
-    method: Literal["uce", "time"] = Field(default="uce", description="`uce`: erase towards the guide while "
-                                           "preserving `preserve`; `time`: remap, kept close to the base only.")
+    method: Literal["uce", "time", "rece", "esd-x"] = Field(
+        default="uce", description="`uce`: erase towards the guide while preserving `preserve`; `time`: remap, "
+        "kept close to the base only; `rece`: UCE, then `rece_rounds` times find in closed form the embeddings that "
+        "still bring each concept back under the edited weights and erase those too; `esd-x`: fine-tune the "
+        "cross-attention on ESD's negatively guided target (a baseline, not closed form).")
     edit: Literal["cross_attention", "text_encoder"] = Field(
         default="cross_attention", description="Every UNet `attn2.to_k/to_v`, or the text encoder's "
                                                "self-attention output projection at `layer` (Diff-QuickFix).")
@@ -552,8 +573,17 @@ class EraseSpec(_Images):
                                        "concept is encoded, each with one '{}' (e.g. 'a {} circle').")
     lam: Float = Field(default=0.1, gt=0, description="Weight of staying close to the base projection.")
     preserve_scale: Float = Field(default=1.0, ge=0)
-    prompts: tuple[Text, ...] = Field(default=(), description="Prompts for the before/after images; default "
-                                     "(testbed): every colour x shape caption.")
+    rece_rounds: Int = Field(default=2, ge=1, description="`rece`: rounds of finding and erasing embeddings.")
+    esd_steps: Int = Field(default=200, ge=1, description="`esd-x`: fine-tuning steps.")
+    esd_lr: Float = Field(default=1e-4, gt=0, description="`esd-x`: Adam's learning rate.")
+    esd_eta: Float = Field(default=1.0, ge=0, description="`esd-x`: negative guidance (ESD's eta).")
+    prompts: tuple[Text, ...] = Field(default=(), description="Prompts for the before/after grid; default: the "
+                                     "testbed's (every colour x shape caption).")
+    heldout: tuple[Text, ...] = Field(default=(), description="Prompts that ask for an erased concept in words the "
+                                      "edit never used; default: the testbed's held-out phrasings of it.")
+    kept: tuple[Text, ...] = Field(default=(), description="Prompts for the other concepts; default: the "
+                                   "testbed's (each other colour and shape, several phrasings).")
+    attack: AttackSpec = Field(default_factory=AttackSpec)
     seed: Int = 1_000_000
 
     @field_validator("templates")
@@ -571,8 +601,12 @@ class EraseSpec(_Images):
                              "0 in Stable Diffusion's CLIP)")
         if self.edit == "cross_attention" and self.layer is not None:
             raise ValueError("`layer` is only for `edit: text_encoder`; `cross_attention` edits every attn2")
-        if self.method == "time" and self.preserve:
-            raise ValueError("`method: time` has no preserve term; use `method: uce` with `preserve`")
+        if self.method in ("time", "esd-x") and self.preserve:
+            raise ValueError(f"`method: {self.method}` has no preserve term; use `method: uce` or `rece` with "
+                             "`preserve`")
+        if self.method in ("rece", "esd-x") and self.edit != "cross_attention":
+            raise ValueError(f"`method: {self.method}` edits the cross-attention; `edit: text_encoder` takes "
+                             "`method: uce` or `time`")
         return self
 
 
@@ -982,7 +1016,7 @@ _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 #: Every field name of every spec class, for "did you mean" on an unknown field.
 _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
                                    SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec,
-                                   LensPrompt, VLMLensPrompt, VLMProbeExample, RequestsFile)
+                                   LensPrompt, VLMLensPrompt, VLMProbeExample, RequestsFile, SequentialSpec, AttackSpec)
                   for name in cls.model_fields})
 
 

@@ -156,6 +156,9 @@ def check_erase(spec) -> str:
             _check_tokens(pipe.tokenizer, f"concepts[{i}].guide", c.guide)
     for i, word in enumerate(spec.preserve):
         _check_tokens(pipe.tokenizer, f"preserve[{i}]", word)
+    from recipes.diffusion import check_judged_concepts
+
+    check_judged_concepts(spec, pipe)
     return f"{len(spec.concepts)} concept(s) in {spec.model}"
 
 

@@ -18,6 +18,7 @@ import torch
 from editors.delta import applied, load_delta
 from editors.erase import erase
 from interventions.atomic import atomic_write
+from interventions.errors import SpecError
 from interventions.diffusion import DiffusionPipe, load_pipeline
 from interventions.plot import diffusion_trace_heatmap, image_grid
 from interventions.shapes import COLOURS, SHAPES, caption
@@ -112,30 +113,184 @@ def markdown(before: dict, after: dict) -> str:
 
 
 # ------------------------------------------------------------------------- erase
+def world_of(pipe: DiffusionPipe):
+    """The testbed's world module (its evaluator's words and its prompt sets), or None."""
+    from interventions import scenes, shapes
+    from interventions.diffusion import SCENES, TESTBED
+
+    return {TESTBED: shapes, SCENES: scenes}.get(pipe.name)
+
+
+def shown(evaluator, images: torch.Tensor, words: list[str]) -> torch.Tensor:
+    """Bool per image (images: ``[..., 3, h, w]``): does it show any of `words`?"""
+    flat = images.reshape(-1, *images.shape[-3:])
+    hit = torch.zeros(len(flat), dtype=torch.bool)
+    for w in words:
+        hit |= evaluator.shows(flat, w)
+    return hit
+
+
+def rate(evaluator, images: torch.Tensor, words: list[str]) -> float:
+    return float(shown(evaluator, images, words).float().mean()) if images.numel() else float("nan")
+
+
+def check_judged_concepts(spec, pipe: DiffusionPipe) -> None:
+    """On a testbed every erased concept must be a word its evaluator names, or no rate is defined."""
+    world = world_of(pipe)
+    for i, c in enumerate(spec.concepts if world is not None else ()):
+        if c.concept not in world.WORDS:
+            raise SpecError(f"concepts[{i}].concept", c.concept, f"a word {pipe.name}'s image evaluator names: "
+                            + ", ".join(world.WORDS))
+
+
+def erase_prompt_sets(spec, pipe: DiffusionPipe) -> dict:
+    """The prompts an erasure is judged on: the edit's templates, held-out phrasings, and per other
+    concept the prompts that ask for it."""
+    from editors.erase import fill
+
+    world = world_of(pipe)
+    words = [c.concept for c in spec.concepts]
+    templates = [fill(t, w) for t in spec.templates for w in words]
+    heldout = list(spec.heldout) or (world.heldout_prompts(words, 12, spec.seed) if world else [])
+    heldout = [p for p in dict.fromkeys(heldout) if p not in templates]
+    vocabulary = world.WORDS if world else ()
+    others = [w for w in vocabulary if w not in words]
+    if spec.kept:
+        kept = {w: [p for p in spec.kept if w in p.split()] for w in others}
+    else:
+        kept = {w: world.kept_prompts(w, 4, spec.seed + 1) for w in others} if world else {}
+    return {"words": words, "templates": templates, "heldout": heldout, "kept": {w: p for w, p in kept.items() if p}}
+
+
+def adversarial_search(spec, pipe: DiffusionPipe, delta, prompts: list[str], base_images: torch.Tensor,
+                       evaluator, words: list[str]) -> tuple[torch.Tensor, list[dict]]:
+    """Attack the first `spec.attack.prompts` template prompts of the edited model; its images
+    ``[prompts, images, 3, h, w]`` (same seeds as every other set) and one record per attack."""
+    from interventions.adversarial import attack, to_x0
+
+    images, records = [], []
+    seeds = [spec.seed + k for k in range(spec.images)]
+    for k in range(min(spec.attack.prompts, len(prompts))):
+        mine = base_images[k]
+        keep = shown(evaluator, mine, words)
+        x0 = to_x0(pipe, mine[keep] if keep.any() else mine)      # the unedited model's images of the concept
+        with applied(pipe, delta):
+            found = attack(pipe, prompts[k], x0, spec.attack, seed=spec.attack.seed + k)
+            imgs = pipe.sample(found.context.expand(len(seeds), -1, -1), seeds)
+        images.append(imgs)
+        records.append({"prompt": prompts[k], "adversarial": found.text, "ids": found.ids, "tokens": found.tokens,
+                        "loss_first": found.losses[0], "loss_last": found.losses[-1],
+                        "shown": rate(evaluator, imgs, words)})
+    empty = torch.zeros(0, spec.images, *base_images.shape[-3:])
+    return (torch.stack(images) if images else empty), records
+
+
+def judge_erasure(spec, pipe: DiffusionPipe, delta) -> tuple[dict, dict]:
+    """``(report fields, images)``: the erased concepts' rates on templates, held-out phrasings and under
+    the adversarial search (after the edit, and before where it applies), and the other concepts' rates
+    after / before (`kept_rate`: their mean ratio)."""
+    evaluator = pipe.meta.get("evaluator")
+    sets = erase_prompt_sets(spec, pipe)
+    words = sets["words"]
+    if evaluator is None:
+        return {"erased_rate": {"templates": None, "heldout": None, "adversarial": None}, "kept_rate": None,
+                "note": "this pipeline has no image evaluator: rates need a testbed"}, {}
+    check_judged_concepts(spec, pipe)
+    kept_prompts = [p for ps in sets["kept"].values() for p in ps]
+    prompts = sets["templates"] + sets["heldout"] + kept_prompts
+    unique = list(dict.fromkeys(prompts))         # a prompt in two sets is generated once (same seeds)
+    rows = torch.tensor([unique.index(p) for p in prompts])
+    before = images_for(pipe, unique, spec.images, spec.seed)[rows]
+    with applied(pipe, delta):
+        after = images_for(pipe, unique, spec.images, spec.seed)[rows]
+    nt, nh = len(sets["templates"]), len(sets["heldout"])
+    parts = {"templates": slice(0, nt), "heldout": slice(nt, nt + nh)}
+    adv_images, attacks = adversarial_search(spec, pipe, delta, sets["templates"], before[:nt], evaluator, words)
+    erased = {k: rate(evaluator, after[sl], words) if sl.stop > sl.start else None for k, sl in parts.items()}
+    erased["adversarial"] = rate(evaluator, adv_images, words) if attacks else None
+    before_rates = {k: rate(evaluator, before[sl], words) if sl.stop > sl.start else None for k, sl in parts.items()}
+    kept, lo = {}, nt + nh
+    for w, ps in sets["kept"].items():
+        b, a = rate(evaluator, before[lo:lo + len(ps)], [w]), rate(evaluator, after[lo:lo + len(ps)], [w])
+        kept[w] = {"before": b, "after": a, "prompts": len(ps)}
+        lo += len(ps)
+    ratios = [v["after"] / v["before"] for v in kept.values() if v["before"] > 0]
+    fields = {"erased_rate": erased, "erased_rate_before": before_rates,
+              "kept_rate": sum(ratios) / len(ratios) if ratios else None, "kept": kept,
+              "adversarial": {"attacks": attacks, **spec.attack.model_dump()},
+              "prompts": {k: sets[k] for k in ("templates", "heldout")}, "kept_prompts": sets["kept"]}
+    return fields, {"before": before, "after": after, "adversarial": adv_images, "prompts": prompts,
+                    "templates": nt, "heldout": nh}
+
+
 def run_erase(spec, pipe: DiffusionPipe, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     delta = erase(spec, pipe)
     edit_seconds = time.perf_counter() - start
-    prompts = list(spec.prompts) or default_prompts()
-    before = images_for(pipe, prompts, spec.images, spec.seed)
-    with applied(pipe, delta):
-        after = images_for(pipe, prompts, spec.images, spec.seed)
     report = {"edit_seconds": edit_seconds, "method": spec.method, "edit": spec.edit,
               "edited": delta.names, "rank": {n: int(f[0].shape[1]) for n, f in delta.factors.items()},
               "images_per_prompt": spec.images, "seeds_from": spec.seed, "steps": pipe.steps,
               "guidance": pipe.guidance}
+    start = time.perf_counter()
+    judged, images = judge_erasure(spec, pipe, delta)
+    report.update(judged, judge_seconds=time.perf_counter() - start)
     evaluator = pipe.meta.get("evaluator")
-    if evaluator is not None:
-        tb, ta = score_table(evaluator, before, prompts), score_table(evaluator, after, prompts)
+    grid = list(spec.prompts) or (default_prompts() if pipe.name == "shapes-diffusion" else [])
+    if grid:
+        before, after = grid_images(spec, pipe, delta, grid, images)
+        image_grid([("before", before), ("after", after)], grid, out / "grid.png")
+    else:
+        judged_grid(images, out / "grid.png")
+    if grid and evaluator is not None and pipe.name == "shapes-diffusion":
+        tb, ta = score_table(evaluator, before, grid), score_table(evaluator, after, grid)
         report.update(before=tb, after=ta, summary=summarize(tb, ta, [c.concept for c in spec.concepts],
                                                              [c.guide for c in spec.concepts]))
         atomic_write(out / "table.md", markdown(tb, ta).encode())
-        delta = delta.with_metrics(report["summary"])
+    metrics = {"erased_" + k: v for k, v in report["erased_rate"].items() if v is not None}
+    if report.get("kept_rate") is not None:
+        metrics["kept_rate"] = report["kept_rate"]
+    delta = delta.with_metrics({**report.get("summary", {}), **metrics})
     delta.save(out / "delta.safetensors")
-    image_grid([("before", before), ("after", after)], prompts, out / "grid.png")
     atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     return report
+
+
+def grid_images(spec, pipe: DiffusionPipe, delta, grid: list[str], judged: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Before and after images of the `grid` prompts, taken from the judged sets where they were
+    generated there already (same seeds), the rest generated now."""
+    index = {p: i for i, p in enumerate(judged.get("prompts", []))}
+    missing = [p for p in dict.fromkeys(grid) if p not in index]
+    if missing:
+        more_before = images_for(pipe, missing, spec.images, spec.seed)
+        with applied(pipe, delta):
+            more_after = images_for(pipe, missing, spec.images, spec.seed)
+    rows_b, rows_a = [], []
+    for p in grid:
+        if p in index:
+            rows_b.append(judged["before"][index[p]])
+            rows_a.append(judged["after"][index[p]])
+        else:
+            rows_b.append(more_before[missing.index(p)])
+            rows_a.append(more_after[missing.index(p)])
+    return torch.stack(rows_b), torch.stack(rows_a)
+
+
+def judged_grid(images: dict, path: Path) -> None:
+    """Before | after for two template, two held-out and two kept prompts of the judged sets, and (after
+    only) the adversarial prompts' images."""
+    if not images:
+        return
+    nt, nh = images["templates"], images["heldout"]
+    rows = list(range(min(2, nt))) + list(range(nt, nt + min(2, nh))) + list(range(nt + nh, len(images["prompts"])))[:2]
+    labels = [images["prompts"][r] for r in rows]
+    before, after = images["before"][rows], images["after"][rows]
+    adv = images["adversarial"]
+    if len(adv):
+        labels += [f"adversarial {k}" for k in range(len(adv))]
+        before = torch.cat([before, torch.zeros_like(adv)])
+        after = torch.cat([after, adv])
+    image_grid([("before", before), ("after", after)], labels, path)
 
 
 # ------------------------------------------------------------------------- apply

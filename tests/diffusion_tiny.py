@@ -73,3 +73,26 @@ class ChannelEvaluator:
 
     def shows(self, images: torch.Tensor, word: str) -> torch.Tensor:
         return images[:, self.CHANNELS[word]].float().mean(dim=(1, 2)) > self.thresholds[word]
+
+
+def tiny_lm_conditioned(seed: int = 0, max_length: int = 8) -> DiffusionPipe:
+    """The scenes testbed's shape in miniature: a pixel-space UNet reading a decoder language model's
+    final hidden states (a tiny seeded LlamaModel: `layers`, `self_attn.o_proj`, causal)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import LlamaConfig, LlamaModel
+
+    tokenizer = word_tokenizer(WORDS, max_length)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
+    _scale(unet, 3.0)
+    torch.manual_seed(seed)
+    lm = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_length,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                              set_alpha_to_one=True)
+    return DiffusionPipe(f"tiny-lm-{seed}", unet.eval(), lm.eval().requires_grad_(False), tokenizer, scheduler,
+                         None, steps=3, guidance=3.0)

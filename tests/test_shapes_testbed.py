@@ -52,6 +52,7 @@ def test_testbed_draws_the_asked_colour_and_shape(pipe):
 
 def test_erase_red_end_to_end_with_apply(tmp_path):
     spec = (ROOT / "recipes" / "erase_red.yaml").read_text().replace("images: 32", "images: 6")
+    spec = spec.replace("attack: {prompts: 3, steps: 40}", "attack: {prompts: 1, steps: 8}\nsteps: 15")
     (tmp_path / "erase.yaml").write_text(spec)
     out = tmp_path / "run"
     assert cli(["run", str(tmp_path / "erase.yaml"), "--out", str(out)]) == 0

@@ -1,0 +1,163 @@
+"""Train the scenes text-to-image testbed (`scenes-smollm2`) and ship its UNet in checkpoints/.
+
+    python -m recipes.train_scenes                      # what shipped (see checkpoints/manifest.json)
+    python -m recipes.train_scenes --steps 20 --bank 64 --eval-images 2 --out /tmp/s.safetensors --no-register
+
+A diffusers `UNet2DConditionModel` learns `interventions.scenes` images from captions encoded by the
+frozen SmolLM2-135M (its final hidden states, read through cross-attention). The language model never
+changes, so every caption of a fixed bank (`--bank` scenes, each with one caption in the *training*
+phrasing, 10% without colour words, 10% empty for classifier-free guidance) is encoded once; each
+step renders its scenes afresh (new jitter) and trains on epsilon MSE (DDPM cosine noise, AdamW,
+warm-up and cosine decay, EMA).
+
+The evaluation generates images at held-out seeds for new scenes, captioned in the training
+phrasing and in the held-out one (words, things and forms never seen in training), and reads
+them back with the evaluator, whose own accuracy on rendered scenes is reported next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from interventions.diffusion import (CHECKPOINTS, SCENES, SCENES_FILE, DiffusionPipe, build_scenes_testbed,
+                                     save_scenes_testbed)
+from interventions.scenes import (Evaluator, Phrasing, evaluator_accuracy, positioned, render, sample_scene,
+                                  train_shape_net)
+
+log = logging.getLogger("lesion.train_scenes")
+EVAL_SEED = 1_000_000
+
+
+def caption_bank(n: int, seed: int) -> tuple[list, list[str]]:
+    """`n` scenes with one training-phrasing caption each (10% colourless, 10% empty)."""
+    g, rnd = torch.Generator().manual_seed(seed), random.Random(seed)
+    scenes, captions = [], []
+    for _ in range(n):
+        scene = sample_scene(g)
+        u = rnd.random()
+        captions.append("" if u < 0.1 else Phrasing().caption(scene, rnd, colour=u >= 0.2))
+        scenes.append(scene)
+    return scenes, captions
+
+
+@torch.no_grad()
+def encode_all(pipe: DiffusionPipe, captions: list[str], batch: int = 64) -> torch.Tensor:
+    ids = pipe.tokenize(captions)
+    if (ids[:, -1] != pipe.tokenizer.pad_token_id).any():
+        raise ValueError(f"a caption fills all {ids.shape[1]} tokens; raise the testbed's max_length")
+    return torch.cat([pipe.encode_ids(ids[i:i + batch]) for i in range(0, len(ids), batch)])
+
+
+def train(pipe: DiffusionPipe, scenes, contexts: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
+          ema_decay: float) -> list[float]:
+    """Train `pipe.unet` in place (its EMA weights at the end); the per-step losses."""
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    unet = pipe.unet.train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(steps):
+        rows = torch.randint(len(scenes), (batch,), generator=g)
+        x0 = render([scenes[int(r)] for r in rows], g) * 2 - 1
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        xt = noise_sched.add_noise(x0, noise, t)
+        loss = torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=contexts[rows]).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        losses.append(float(loss))
+        if step % 100 == 0 or step == steps - 1:
+            log.info("step %d/%d loss %.4f (mean of last 100: %.4f)", step, steps, losses[-1],
+                     sum(losses[-100:]) / len(losses[-100:]))
+    pipe.unet = ema
+    return losses
+
+
+def evaluate(pipe: DiffusionPipe, evaluator: Evaluator, n: int, seed: int = EVAL_SEED) -> dict:
+    """Attribute accuracy of images for `n` new scenes, captioned in the training and held-out phrasings."""
+    g = torch.Generator().manual_seed(seed)
+    scenes = [sample_scene(g) for _ in range(n)]
+    out = {"scenes": n, "seeds_from": seed}
+    for name, phrasing in (("train_phrasing", Phrasing()), ("heldout_phrasing", Phrasing(heldout=True))):
+        rnd = random.Random(seed)
+        captions = [phrasing.caption(s, rnd) for s in scenes]
+        images = pipe.generate(captions, [seed + i for i in range(n)])
+        out[name] = evaluator.matches(images, scenes, check_position=[positioned(c, s) for c, s in zip(captions, scenes)])
+        out[name + "_examples"] = captions[:5]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--bank", type=int, default=4000, help="Scenes (and captions) encoded once.")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-images", type=int, default=200, help="New scenes in the evaluation (per phrasing).")
+    ap.add_argument("--out", type=Path, default=None, help=f"Default: checkpoints/{SCENES_FILE}.")
+    ap.add_argument("--no-register", action="store_true", help="Do not list the result in checkpoints/manifest.json.")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_register")}
+
+    t0 = time.perf_counter()
+    pipe = build_scenes_testbed(seed=args.seed)
+    scenes, captions = caption_bank(args.bank, args.seed)
+    contexts = encode_all(pipe, captions)
+    encode_s = time.perf_counter() - t0
+    log.info("encoded %d captions in %.0f s", len(captions), encode_s)
+    losses = train(pipe, scenes, contexts, args.steps, args.batch, args.lr, args.seed, args.ema)
+    train_s = time.perf_counter() - t0
+    shape_net = train_shape_net(seed=args.seed)
+    evaluator = Evaluator(shape_net)
+    t1 = time.perf_counter()
+    evaluation = evaluate(pipe, evaluator, args.eval_images)
+    evaluation["evaluator_on_renders"] = evaluator_accuracy(evaluator)
+    eval_s = time.perf_counter() - t1
+    meta = {"recipe": "recipes/train_scenes.py", "settings": settings, "train_seconds": round(train_s, 1),
+            "encode_seconds": round(encode_s, 1), "threads": args.threads,
+            "final_loss_mean_100": sum(losses[-100:]) / len(losses[-100:]), "evaluation": evaluation}
+    out = args.out or CHECKPOINTS / SCENES_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_scenes_testbed(pipe, out, shape_net, meta)
+    print(json.dumps(meta, indent=1))
+    print(f"trained in {train_s:.0f} s (captions encoded in {encode_s:.0f} s), evaluated in {eval_s:.0f} s; "
+          f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    if not args.no_register and args.out is None:
+        from recipes.manifest import register_in_place
+
+        register_in_place(out, kind="testbed", recipe="recipes/train_scenes.py",
+                          command=" ".join(["python -m recipes.train_scenes", *(sys.argv[1:] if argv is None else argv)]),
+                          model=SCENES, train_seconds=round(train_s, 1), settings=settings, evaluation=evaluation)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
