@@ -189,13 +189,23 @@ def run_erase(spec, args, out: Path) -> int:
     ranks = sorted(set(report["rank"].values()))
     print(f"{spec.method} ({spec.edit}) edit of {len(report['edited'])} projection(s) in "
           f"{report['edit_seconds']:.2f} s (rank {ranks or 'dense'})")
+
+    def pct(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
+    e, b = report["erased_rate"], report.get("erased_rate_before", {})
+    print(f"  erased concept shown after (before): templates {pct(e['templates'])} ({pct(b.get('templates'))}), "
+          f"held-out phrasings {pct(e['heldout'])} ({pct(b.get('heldout'))}), adversarial search "
+          f"{pct(e['adversarial'])}; other concepts kept {pct(report['kept_rate'])}")
     if "summary" in report:
         s = report["summary"]
         print(f"  erased concept shown: {s['erased_before']:.2f} -> {s['erased_after']:.2f}; other colours "
               f"{s['other_colours_before']:.2f} -> {s['other_colours_after']:.2f}; other shapes "
               f"{s['other_shapes_before']:.2f} -> {s['other_shapes_after']:.2f}")
     print(f"wrote delta.safetensors, grid.png, report.json{', table.md' if 'summary' in report else ''} to {args.out}")
-    args.shipping = dict(method=spec.method, edit=spec.edit, edited=report["edited"], metrics=report.get("summary", {}))
+    metrics = {**report.get("summary", {}), **{f"erased_{k}": v for k, v in report["erased_rate"].items()},
+               "kept_rate": report["kept_rate"]}
+    args.shipping = dict(method=spec.method, edit=spec.edit, edited=report["edited"], metrics=metrics)
     return 0
 
 
