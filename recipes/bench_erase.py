@@ -1,12 +1,15 @@
-"""Benchmark a concept erasure: seconds to compute the closed-form edit, and images per second with
-the delta applied against the base pipeline (goal: ratio 1.00 +- 0.05).
+"""Benchmark concept erasure per method: seconds to compute the edit, and images per second with the
+delta applied against the base pipeline (goal: ratio 1.00 +- 0.05).
 
-    lesion --threads 2 bench-erase [--spec recipes/erase_red.yaml] [--images 64] [--repeats 5] [--device cpu]
+    lesion --threads 2 bench-erase [--spec recipes/erase_red.yaml] [--methods uce time rece esd-x diff-quickfix]
+                                   [--images 64] [--repeats 5] [--device cpu]
 
-The edit is timed `--repeats` times (median). Generation alternates base and edited rounds of the
-same prompts and seeds, so that drift on a noisy machine hits both alike; the ratio is the
-median edited rate over the median base rate. A merged delta changes no shapes, so the
-ratio should be 1 within noise.
+Each method runs on the spec's concepts and templates (`diff-quickfix`: UCE on the text encoder's
+layer `--layer`, or the spec's). The closed forms are timed `--repeats` times (median), ESD-x (a
+fine-tune) once. Generation alternates base and edited rounds of the same prompts and seeds, so
+that drift on a noisy machine hits both alike; the ratio is the median edited rate over the median
+base rate. A merged delta changes no shapes, so the ratio should be 1 within noise. The last line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import time
 import torch
 
 from editors.delta import apply, revert
-from editors.erase import erase
+from editors.erase import erase, fill
 from interventions.errors import SpecError
-from interventions.spec import load_spec
-from recipes.diffusion import default_prompts, pipeline_for
+from interventions.spec import load_spec, parse_spec, spec_to_dict
+from recipes.diffusion import pipeline_for
 
 
 def _sync(device: torch.device) -> None:
@@ -29,49 +32,76 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+METHODS = ("uce", "time", "rece", "esd-x", "diff-quickfix")
+
+
+def variant(spec, method: str, layer: int):
+    """The spec with another method: `diff-quickfix` is UCE on one text-encoder layer; TIME and ESD-x
+    have no preserve term."""
+    data = spec_to_dict(spec)
+    data.update(method="uce" if method == "diff-quickfix" else method, edit="cross_attention", layer=None)
+    if method == "diff-quickfix":
+        data.update(edit="text_encoder", layer=layer)
+    if method in ("time", "esd-x"):
+        data["preserve"] = []
+    return parse_spec(data)
+
+
 def main(args) -> int:
     spec = load_spec(args.spec)
     if spec.kind != "erase":
         raise SpecError("--spec", args.spec, f"a `kind: erase` spec (this one is `kind: {spec.kind}`)")
+    methods = args.methods or [spec.method if spec.edit == "cross_attention" else "diff-quickfix"]
+    for m in methods:
+        if m not in METHODS:
+            raise SpecError("--methods", m, "some of " + ", ".join(METHODS))
     pipe = pipeline_for(spec, device=args.device)
-    edit_s = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        delta = erase(spec, pipe)
-        _sync(pipe.device)
-        edit_s.append(time.perf_counter() - start)
-    prompts = list(spec.prompts) or default_prompts()
+    layer = spec.layer if spec.layer is not None else args.layer
+    prompts = list(spec.prompts) or list(dict.fromkeys(fill(t, c.concept) for t in spec.templates
+                                                       for c in spec.concepts))
     rows = [prompts[i % len(prompts)] for i in range(args.images)]
     seeds = list(range(args.images))
     pipe.generate(rows[:4], seeds[:4])                  # warm-up
-    base, edited = [], []
-    for _ in range(args.repeats):
-        for which in ("base", "edited"):
-            if which == "edited":
-                apply(pipe, delta)
-            _sync(pipe.device)
+    base, results = [], {}
+    for m in methods:
+        mspec = variant(spec, m, layer)
+        repeats = 1 if m == "esd-x" else args.repeats     # a fine-tune: timed once
+        edit_s = []
+        for _ in range(repeats):
             start = time.perf_counter()
-            pipe.generate(rows, seeds)
+            delta = erase(mspec, pipe)
             _sync(pipe.device)
-            (base if which == "base" else edited).append(args.images / (time.perf_counter() - start))
-            if which == "edited":
-                revert(pipe, delta)
-    report = {
-        "spec": args.spec, "model": spec.model, "device": str(pipe.device), "threads": torch.get_num_threads(),
-        "method": spec.method, "edit": spec.edit, "projections": len(delta.names),
-        "edit_seconds_median": statistics.median(edit_s), "edit_seconds": edit_s,
-        "images": args.images, "steps": pipe.steps, "repeats": args.repeats,
-        "base_images_per_s": statistics.median(base), "edited_images_per_s": statistics.median(edited),
-    }
-    report["ratio_edited_over_base"] = report["edited_images_per_s"] / report["base_images_per_s"]
-    print(f"{spec.method} erase ({spec.edit}, {len(delta.names)} projections) on {spec.model}, {report['device']}, "
-          f"{report['threads']} thread(s)")
-    print("| measure | value |\n|---|---|")
-    print(f"| edit time (median of {args.repeats}) | {report['edit_seconds_median']:.3f} s |")
-    print(f"| base images/s ({args.images} images, {pipe.steps} steps) | {report['base_images_per_s']:.1f} |")
-    print(f"| edited images/s | {report['edited_images_per_s']:.1f} |")
-    print(f"| ratio edited / base | {report['ratio_edited_over_base']:.3f} |")
+            edit_s.append(time.perf_counter() - start)
+        edited = []
+        for _ in range(args.repeats):
+            for which in ("base", "edited"):
+                if which == "edited":
+                    apply(pipe, delta)
+                _sync(pipe.device)
+                start = time.perf_counter()
+                pipe.generate(rows, seeds)
+                _sync(pipe.device)
+                (base if which == "base" else edited).append(args.images / (time.perf_counter() - start))
+                if which == "edited":
+                    revert(pipe, delta)
+        results[m] = {"edit_seconds_median": statistics.median(edit_s), "edit_seconds": edit_s,
+                      "projections": len(delta.names), "edited_images_per_s": statistics.median(edited)}
+    base_rate = statistics.median(base)
+    for r in results.values():
+        r["ratio_edited_over_base"] = r["edited_images_per_s"] / base_rate
+    report = {"spec": args.spec, "model": spec.model, "device": str(pipe.device), "threads": torch.get_num_threads(),
+              "images": args.images, "steps": pipe.steps, "repeats": args.repeats, "base_images_per_s": base_rate,
+              "methods": results,
+              **{f"{m.replace('-', '_')}_edit_s": r["edit_seconds_median"] for m, r in results.items()},
+              **{f"{m.replace('-', '_')}_ratio": r["ratio_edited_over_base"] for m, r in results.items()}}
+    print(f"erase on {spec.model}, {report['device']}, {report['threads']} thread(s); {args.images} images, "
+          f"{pipe.steps} steps, base {base_rate:.1f} images/s")
+    print("| method | projections | edit time (median) | edited images/s | edited / base |\n|---|---|---|---|---|")
+    for m, r in results.items():
+        print(f"| {m} | {r['projections']} | {r['edit_seconds_median']:.3f} s | {r['edited_images_per_s']:.1f} | "
+              f"{r['ratio_edited_over_base']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    print(json.dumps(report))
     return 0

@@ -516,6 +516,9 @@ def parser() -> argparse.ArgumentParser:
     bz = sub.add_parser("bench-erase", parents=[common], help="benchmark a text-to-image erasure: edit time, and images/s with "
                                            "the delta applied against the base pipeline")
     bz.add_argument("--spec", default="recipes/erase_red.yaml", help="a `kind: erase` spec")
+    bz.add_argument("--methods", nargs="+", default=None, help="some of uce, time, rece, esd-x, diff-quickfix "
+                    "(default: the spec's)")
+    bz.add_argument("--layer", type=int, default=0, help="the text-encoder layer of diff-quickfix when the spec has none")
     bz.add_argument("--images", type=positive_int, default=64)
     bz.add_argument("--repeats", type=positive_int, default=5)
     bz.add_argument("--device", type=device_flag, default="cpu")

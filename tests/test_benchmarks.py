@@ -57,3 +57,14 @@ def test_bench_patch_agrees_with_its_reference(folder):
     assert report["max_abs_diff"] <= 1e-3
     assert {"speedup", "attribution_speedup", "attribution_correlation",
             "reference_s_scaled_to_all_cells"} <= set(report)
+
+
+def test_bench_erase_times_every_method_and_ends_with_json(capsys):
+    """`lesion bench-erase` on the shipped testbed: one row per method, the last line one JSON object."""
+    assert main(["bench-erase", "--methods", "uce", "rece", "diff-quickfix", "--images", "2", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert set(report["methods"]) == {"uce", "rece", "diff-quickfix"}
+    assert report["methods"]["diff-quickfix"]["projections"] == 1 and report["methods"]["uce"]["projections"] == 14
+    assert all(r["edit_seconds_median"] > 0 and r["edited_images_per_s"] > 0 for r in report["methods"].values())
+    assert {"uce_edit_s", "rece_ratio", "diff_quickfix_edit_s"} <= set(report)
