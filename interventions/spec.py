@@ -349,6 +349,8 @@ class SequentialSpec(_Spec):
                                  "answer) never edited; default: the `requests_from` file's (set when it is read).")
     text: Name | None = Field(default=None, description="A held-out text whose perplexity is tracked; default: "
                               "the one shipped with the fact sets.")
+    resume: Name | None = Field(default=None, description="The folder of an interrupted run of this same spec "
+                                "(its `.NAME.partial-*` staging folder): continue from its last checkpoint.")
 
 
 class EditSpec(_Language):

@@ -144,6 +144,11 @@ class Editor:
         self.stacked = stacked
         return delta
 
+    def restore(self, stacked: Delta, previous: dict[int, torch.Tensor], details: list[dict]) -> None:
+        """Continue from a checkpoint: the model gets `stacked` (the earlier batches), AlphaEdit its keys."""
+        apply(self.model, stacked)
+        self.stacked, self.previous, self.details = stacked, dict(previous), list(details)
+
     def close(self) -> None:
         if self.stacked is not None:
             revert(self.model, self.stacked)
@@ -153,16 +158,20 @@ def batches(requests: list, size: int) -> list[list]:
     return [requests[i:i + size] for i in range(0, len(requests), size)]
 
 
-def compute_edit(spec: EditSpec, model, tokenizer, on_batch=None) -> tuple[Delta, list[dict]]:
+def compute_edit(spec: EditSpec, model, tokenizer, on_batch=None, resume=None) -> tuple[Delta, list[dict]]:
     """The spec's edit as one Delta (see `Editor`): ROME and r-ROME request by request, the batch methods
     all at once, or `sequential.batch_size` at a time. `on_batch(done, editor)` runs after each batch,
-    with the edits so far applied. The model is unchanged afterwards. `spec` must have its layers
-    resolved (`resolve_layers`)."""
+    with the edits so far applied. `resume`: ``(done, stacked, previous, details)`` of a checkpoint, to
+    continue after its first `done` requests. The model is unchanged afterwards. `spec` must have its
+    layers resolved (`resolve_layers`)."""
     editor = Editor(spec, model, tokenizer)
     requests = [edit_request(r) for r in spec.requests]
+    done = 0
+    if resume is not None:
+        done, stacked, previous, details = resume
+        editor.restore(stacked, previous, details)
     try:
-        done = 0
-        for part in batches(requests, batch_size(spec)):
+        for part in batches(requests[done:], batch_size(spec)):
             editor.step(part)
             done += len(part)
             if on_batch is not None:

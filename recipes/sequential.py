@@ -18,7 +18,10 @@ then (`ScaleProbe`):
 At 0 edits the edit metrics are read on the run's requests before any edit (efficacy is then the
 share the model already prefers, about 0). The run writes ``curves.json`` (one row per measurement,
 with seconds spent editing so far), ``curves.png`` and the stacked ``delta.safetensors``, which
-reproduces the sequential run when applied to the base model.
+reproduces the sequential run when applied to the base model. At every measurement it also writes a
+checkpoint (the stacked delta so far, AlphaEdit's earlier keys, the rows); a run that was stopped
+continues from its staging folder with ``sequential: {resume: <folder>}`` and ends as the
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -97,14 +100,69 @@ class ScaleProbe:
         return row
 
 
+CHECKPOINT = "checkpoint.safetensors"        # the stacked delta of the edits so far
+CHECKPOINT_STATE = "checkpoint.json"         # how many edits, the rows so far, the spec
+CHECKPOINT_KEYS = "checkpoint_keys.safetensors"   # AlphaEdit's earlier keys (K_p K_p^T per layer)
+
+
+def save_checkpoint(out: Path, spec, editor, done: int, rows: list[dict]) -> None:
+    """After a measurement: what a later run needs to continue exactly from here (`sequential.resume`)."""
+    from interventions.atomic import atomic_save_file, atomic_write
+
+    if editor is None or editor.stacked is None:
+        return
+    editor.stacked.save(out / CHECKPOINT)
+    atomic_save_file({f"previous.{k}": v.contiguous() for k, v in editor.previous.items()}, out / CHECKPOINT_KEYS)
+    state = {"edits": done, "batches": len(editor.details), "rows": rows, "details": editor.details,
+             "spec": checkpoint_spec(spec)}
+    atomic_write(out / CHECKPOINT_STATE, json.dumps(state, indent=1).encode())
+
+
+def checkpoint_spec(spec) -> dict:
+    """The spec as a checkpoint records it: everything but where it resumes from."""
+    from interventions.spec import spec_to_dict
+
+    data = spec_to_dict(spec)
+    data["sequential"] = {k: v for k, v in data["sequential"].items() if k != "resume"}
+    return json.loads(json.dumps(data))
+
+
+def load_checkpoint(spec):
+    """``(done, stacked delta, previous keys, details, rows)`` from `spec.sequential.resume`."""
+    from safetensors.torch import load_file
+
+    from editors.delta import load_delta
+
+    folder = Path(spec.sequential.resume)
+    if not (folder / CHECKPOINT_STATE).is_file():
+        raise SpecError("sequential.resume", str(folder), f"a folder holding {CHECKPOINT_STATE} and {CHECKPOINT} "
+                        "(the staging folder of an interrupted sequential run)")
+    state = json.loads((folder / CHECKPOINT_STATE).read_text())
+    if state["spec"] != checkpoint_spec(spec):
+        differ = sorted(k for k in set(state["spec"]) | set(checkpoint_spec(spec))
+                        if state["spec"].get(k) != checkpoint_spec(spec).get(k))
+        raise SpecError("sequential.resume", str(folder), "a checkpoint of this same spec (it differs in "
+                        + ", ".join(differ) + ")")
+    keys = load_file(str(folder / CHECKPOINT_KEYS))
+    previous = {int(k.split(".")[1]): v for k, v in keys.items()}
+    return state["edits"], load_delta(folder / CHECKPOINT), previous, state["details"], state["rows"]
+
+
 def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
-    """Edit batch by batch, measuring as configured; write curves.json, curves.png and the delta."""
+    """Edit batch by batch, measuring as configured; write curves.json, curves.png and the delta, and a
+    checkpoint at every measurement (from which `sequential.resume` continues an interrupted run)."""
     probe = ScaleProbe.from_spec(spec)
     every = spec.sequential.eval_every
     total = len(spec.requests)
     rows, clock = [], {"editing": 0.0, "since": time.perf_counter(), "batches": 0}
+    resume = None
+    if spec.sequential.resume is not None:
+        done, stacked, previous, details, rows = load_checkpoint(spec)
+        resume = (done, stacked, previous, details)
+        clock.update(editing=rows[-1]["edit_seconds"], batches=len(details))
+        print(f"resuming after {done} of {total} edits from {spec.sequential.resume}", flush=True)
 
-    def record(done: int, seconds: float) -> None:
+    def record(done: int, seconds: float, editor=None) -> None:
         start = time.perf_counter()
         row = {"edits": done, "edit_seconds": seconds,
                **probe.measure(model, tokenizer, list(spec.requests[:done]) or list(spec.requests))}
@@ -114,18 +172,20 @@ def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
             f"{k} {row[k]:.3f}" for k in CURVE_METRICS if row[k] is not None) + f" ({seconds:.0f} s editing)",
             flush=True)
         (out / "curves.json").write_text(json.dumps({"method": spec.method, "rows": rows}, indent=1))
+        save_checkpoint(out, spec, editor, done, rows)
 
     def on_batch(done: int, editor) -> None:
         clock["editing"] += time.perf_counter() - clock["since"]
         clock["batches"] += 1
         if clock["batches"] % every == 0 or done == total or done in spec.sequential.eval_at:
-            record(done, clock["editing"])
+            record(done, clock["editing"], editor)
         clock["since"] = time.perf_counter()
 
     out.mkdir(parents=True, exist_ok=True)
-    record(0, 0.0)
+    if resume is None:
+        record(0, 0.0)
     clock["since"] = time.perf_counter()
-    delta, details = compute_edit(spec, model, tokenizer, on_batch=on_batch)
+    delta, details = compute_edit(spec, model, tokenizer, on_batch=on_batch, resume=resume)
     final = rows[-1]
     delta = delta.with_metrics({k: final[k] for k in CURVE_METRICS})
     path = delta.save(out / "delta.safetensors")

@@ -14,6 +14,7 @@ from editors.emmet import compute_emmet
 from editors.memit import compute_memit
 from editors.rome import compute_rome, context_templates
 from interventions import parse_spec
+from interventions.errors import SpecError
 from recipes.cli import main
 from recipes.edit import compute_edit, edit_request, hyperparameters, key_statistics
 from recipes.sequential import ScaleProbe, evenly_spaced
@@ -201,3 +202,39 @@ def test_tuning_reads_only_the_tuning_split_and_curves_tabulate(folder, tokenize
     assert edit_curves.main([str(run), "--out", str(folder / "c.png"), "--at", "10", "100"]) == 0
     numbers = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert numbers["r-rome"]["10"]["efficacy"] == 0.5 and numbers["r-rome"]["100"] is None
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,size", [("alphaedit", 2), ("r-rome", 1)])
+def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(folder, tokenizer, method, size):
+    from recipes.sequential import run_sequential
+
+    model = make_model("llama", len(tokenizer))
+    spec = spec_for(folder, method, size)
+    whole = run_sequential(spec, model, tokenizer, folder / "whole", compute_edit)
+
+    def stopped(spec, model, tokenizer, on_batch, resume):        # the process dies after the 2nd measurement
+        def then_stop(done, editor):
+            on_batch(done, editor)
+            if done >= 2 * size:
+                raise Stop
+        return compute_edit(spec, model, tokenizer, on_batch=then_stop, resume=resume)
+
+    with pytest.raises(Stop):
+        run_sequential(spec, model, tokenizer, folder / "partial", stopped)
+    assert json.loads((folder / "partial" / "checkpoint.json").read_text())["edits"] == 2 * size
+    again = spec.model_copy(update={"sequential": spec.sequential.model_copy(update={"resume": str(folder / "partial")})})
+    resumed = run_sequential(again, model, tokenizer, folder / "resumed", compute_edit)
+    a, b = load_delta(folder / "whole" / whole["delta"]), load_delta(folder / "resumed" / resumed["delta"])
+    assert a.names == b.names
+    for x, y in zip(a.tensors().values(), b.tensors().values()):
+        assert torch.equal(x, y)
+    drop = ("edit_seconds", "measure_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed["rows"]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in whole["rows"]]
+    other = again.model_copy(update={"method": "memit" if method == "alphaedit" else "rome"})
+    with pytest.raises(SpecError, match="sequential.resume"):
+        run_sequential(other, model, tokenizer, folder / "wrong", compute_edit)
