@@ -53,7 +53,7 @@ from interventions.diffusion import DiffusionPipe, DiffusionSites
 from interventions.diffusion_trace import subject_positions
 from interventions.errors import SpecError
 from interventions.pv import CollectStates, build_graph
-from interventions.spec import spec_to_dict
+from interventions.spec import parse_spec, spec_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -305,3 +305,22 @@ def normal_equation_residual(weight_new: torch.Tensor, weight_old: torch.Tensor,
     M = lam * torch.eye(W.shape[1], dtype=torch.float64) + C.T @ C + preserve_scale * P.T @ P
     rhs = lam * W + W @ G.T @ C + preserve_scale * W @ P.T @ P
     return float((Wn @ M - rhs).norm() / rhs.norm())
+
+
+# ------------------------------------------------------------------------- methods side by side
+#: Every erasure method by name; `diff-quickfix` is UCE on one text-encoder layer.
+METHODS = ("uce", "time", "rece", "esd-x", "diff-quickfix")
+
+
+def with_method(spec, method: str, layer: int | None = None):
+    """`spec` with another method (same concepts, templates, lam and judging): `diff-quickfix` edits
+    text-encoder layer `layer` (or the spec's); TIME and ESD-x drop the preserve term they lack."""
+    if method not in METHODS:
+        raise SpecError("method", method, "one of " + ", ".join(METHODS))
+    data = spec_to_dict(spec)
+    data.update(method="uce" if method == "diff-quickfix" else method, edit="cross_attention", layer=None)
+    if method == "diff-quickfix":
+        data.update(edit="text_encoder", layer=spec.layer if layer is None else layer)
+    if method in ("time", "esd-x"):
+        data["preserve"] = []
+    return parse_spec(data)

@@ -21,30 +21,15 @@ import time
 import torch
 
 from editors.delta import apply, revert
-from editors.erase import erase, fill
+from editors.erase import METHODS, erase, fill, with_method
 from interventions.errors import SpecError
-from interventions.spec import load_spec, parse_spec, spec_to_dict
+from interventions.spec import load_spec
 from recipes.diffusion import pipeline_for
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-METHODS = ("uce", "time", "rece", "esd-x", "diff-quickfix")
-
-
-def variant(spec, method: str, layer: int):
-    """The spec with another method: `diff-quickfix` is UCE on one text-encoder layer; TIME and ESD-x
-    have no preserve term."""
-    data = spec_to_dict(spec)
-    data.update(method="uce" if method == "diff-quickfix" else method, edit="cross_attention", layer=None)
-    if method == "diff-quickfix":
-        data.update(edit="text_encoder", layer=layer)
-    if method in ("time", "esd-x"):
-        data["preserve"] = []
-    return parse_spec(data)
 
 
 def main(args) -> int:
@@ -64,7 +49,7 @@ def main(args) -> int:
     pipe.generate(rows[:4], seeds[:4])                  # warm-up
     base, results = [], {}
     for m in methods:
-        mspec = variant(spec, m, layer)
+        mspec = with_method(spec, m, layer)
         repeats = 1 if m == "esd-x" else args.repeats     # a fine-tune: timed once
         edit_s = []
         for _ in range(repeats):
