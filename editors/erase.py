@@ -206,12 +206,40 @@ def rece_sets(spec, pipe: DiffusionPipe, sets: EditSets) -> tuple[EditSets, dict
     return sets, changes, rounds
 
 
+def locate_layer(spec, pipe: DiffusionPipe) -> tuple[int, dict]:
+    """Diff-QuickFix's localization (`layer: auto`): trace the text encoder's self-attention outputs on the
+    first template, the concept swapped for the guide (or the first preserved word); the layer whose
+    restored output, at the concept's tokens or any later one, brings the concept back most."""
+    from interventions.diffusion_trace import trace
+
+    c = spec.concepts[0]
+    other = c.guide or (spec.preserve[0] if spec.preserve else "")
+    if not other:
+        raise SpecError("layer", "auto", "a first concept with a `guide`, or a `preserve` word: the trace swaps "
+                        "it in for the concept")
+    prompt = fill(spec.templates[0], c.concept)
+    tspec = parse_spec({"kind": "trace", "modality": "text-to-image", "model": spec.model, "prompts": [
+        {"prompt": prompt, "subject": c.concept, "counterfactual_subject": other, "target": c.concept}],
+        "sites": ["text_attention"], "positions": "prompt", "images": spec.images, "seed": spec.seed,
+        **({"steps": spec.steps} if spec.steps else {})})
+    grid = trace(tspec, pipe).grids["text_attention"]
+    values = grid.values[0]                                  # layers x positions
+    start = subject_positions(pipe, prompt, c.concept, "concepts[0].concept")[0]
+    effect = values[:, start:].max(dim=1).values
+    layer = grid.layers[int(effect.argmax())]
+    return layer, {"prompt": prompt, "counterfactual": other, "layer": layer,
+                   "effect_by_layer": [round(float(v), 4) for v in effect]}
+
+
 def erase(spec, pipe: DiffusionPipe) -> Delta:
     """The edit of `spec` as a Delta against `pipe` (which is left unchanged)."""
     if spec.method == "esd-x":
         return esd_x(spec, pipe)
-    sets = edit_sets(spec, pipe)
     extra = {}
+    if spec.layer == "auto":
+        layer, extra["located"] = locate_layer(spec, pipe)
+        spec = spec.model_copy(update={"layer": layer})
+    sets = edit_sets(spec, pipe)
     if spec.method == "rece":
         sets, changes, extra["rece"] = rece_sets(spec, pipe, sets)
     else:

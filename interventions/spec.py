@@ -568,7 +568,10 @@ class EraseSpec(_Images):
     edit: Literal["cross_attention", "text_encoder"] = Field(
         default="cross_attention", description="Every UNet `attn2.to_k/to_v`, or the text encoder's "
                                                "self-attention output projection at `layer` (Diff-QuickFix).")
-    layer: Int | None = Field(default=None, ge=0, description="Text-encoder layer for `edit: text_encoder`.")
+    layer: Annotated[Int, Field(ge=0)] | Literal["auto"] | None = Field(
+        default=None, description="Text-encoder layer for `edit: text_encoder`; `auto`: the layer whose "
+        "self-attention output, restored at the concept's tokens, brings the concept back most (a `kind: trace` "
+        "of the first template against the guide, or the first preserved word; needs the testbed's evaluator).")
     concepts: tuple[EraseConcept, ...] = Field(min_length=1)
     preserve: tuple[Text, ...] = Field(default=(), description="Concepts whose keys and values must not move.")
     templates: tuple[Text, ...] = Field(default=("{}",), min_length=1, description="Contexts in which each "

@@ -148,7 +148,7 @@ def check_diffusion_trace(spec) -> str:
 
 def check_erase(spec) -> str:
     pipe = _pipeline(spec)
-    if spec.layer is not None:
+    if isinstance(spec.layer, int):
         _check_layers("layer", [spec.layer], _text_layers(pipe))
     for i, c in enumerate(spec.concepts):
         _check_tokens(pipe.tokenizer, f"concepts[{i}].concept", c.concept)

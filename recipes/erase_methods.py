@@ -3,7 +3,8 @@
     python -m recipes.erase_methods recipes/erase_red_scenes.yaml --layer 3 --out runs/erase_red_scenes
 
 For each method (`--methods`, default all: uce, time, rece, esd-x, diff-quickfix; diff-quickfix on
-text-encoder layer `--layer`) it runs the spec's erasure (`recipes.diffusion.run_erase`, into
+text-encoder layer `--layer`, by default located by a
+trace of the text encoder's self-attention outputs) it runs the spec's erasure (`recipes.diffusion.run_erase`, into
 ``OUT/<method>/``) and tabulates: the erased concepts shown before, and after on the edit's own
 templates, on held-out phrasings and under the adversarial search; the other concepts kept
 (after / before); the edit's seconds. Writes ``OUT/table.md`` and ``OUT/results.json``; the last
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--layer", type=int, default=None, help="diff-quickfix's text-encoder layer (default: the spec's)")
+    ap.add_argument("--layer", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="diff-quickfix's text-encoder layer, or auto: located by a trace (default)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)

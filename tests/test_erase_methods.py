@@ -218,3 +218,29 @@ def test_erase_report_judges_templates_heldout_and_the_search(tmp_path):
                                                                           "square", "triangle"}
     attack_record = report["adversarial"]["attacks"][0]
     assert attack_record["prompt"] == "a red circle" and attack_record["adversarial"].endswith("a red circle")
+
+
+def test_diff_quickfix_layer_auto_edits_the_layer_its_trace_finds():
+    from interventions.diffusion_trace import trace
+    pipe = tiny_lm_conditioned(0)
+    seeds = list(range(1_000_000, 1_000_004))
+    red, blue = (pipe.generate([p] * 4, seeds) for p in ("a red circle", "a blue circle"))
+
+    class Nearer:                  # "shows red": nearer, pixel for pixel, to the red prompt's image of its seed
+        def shows(self, images, word):
+            assert word == "red" and len(images) % 4 == 0
+            ref_r, ref_b = red.repeat(len(images) // 4, 1, 1, 1), blue.repeat(len(images) // 4, 1, 1, 1)
+            return (images - ref_r).flatten(1).norm(dim=1) < (images - ref_b).flatten(1).norm(dim=1)
+
+    pipe.meta["evaluator"] = Nearer()
+    spec = _erase(edit="text_encoder", layer="auto", images=4, steps=3)
+    delta = erase(spec, pipe)
+    located = delta.meta["hyperparameters"]["located"]
+    grid = trace(parse_spec({"kind": "trace", "modality": "text-to-image", "model": "tiny-lm-0", "prompts": [
+        {"prompt": "a red circle", "subject": "red", "counterfactual_subject": "blue", "target": "red"}],
+        "sites": ["text_attention"], "positions": "prompt", "images": 4, "steps": 3, "seed": spec.seed}),
+        pipe).grids["text_attention"].values[0]
+    effect = grid[:, 1:].max(dim=1).values                  # the concept's token ("red", after <bos>) and later
+    assert located["effect_by_layer"] == [round(float(v), 4) for v in effect] and effect.max() > effect.min()
+    assert delta.names == [f"text_encoder.layers.{int(effect.argmax())}.self_attn.o_proj.weight"]
+    assert delta.meta["hyperparameters"]["layer"] == located["layer"] == int(effect.argmax())
