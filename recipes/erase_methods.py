@@ -54,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--layer", type=lambda v: v if v == "auto" else int(v), default="auto",
                     help="diff-quickfix's text-encoder layer, or auto: located by a trace (default)")
+    ap.add_argument("--images", type=int, default=None, help="images per prompt (default: the spec's)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     spec = load_spec(args.spec)
+    if args.images is not None:
+        spec = spec.model_copy(update={"images": args.images})
     pipe = pipeline_for(spec)
     rows = []
     for method in args.methods:
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "table.md", table(rows, concepts if len(spec.concepts) == 1 else "erased").encode())
     result = {"spec": args.spec, "concepts": [c.concept for c in spec.concepts], "rows": rows,
-              "threads": args.threads}
+              "images_per_prompt": spec.images, "threads": args.threads}
     atomic_write(args.out / "results.json", json.dumps(result, indent=1).encode())
     print(table(rows, concepts))
     print(json.dumps(result))
