@@ -241,6 +241,10 @@ def run_erase(spec, pipe: DiffusionPipe, out: Path) -> dict:
     report.update(judged, judge_seconds=time.perf_counter() - start)
     evaluator = pipe.meta.get("evaluator")
     grid = list(spec.prompts) or (default_prompts() if pipe.name == "shapes-diffusion" else [])
+    if not grid and not images:          # no evaluator, so nothing judged: the grid shows the templates
+        from editors.erase import fill
+
+        grid = [fill(t, c.concept) for t in spec.templates for c in spec.concepts][:8]
     if grid:
         before, after = grid_images(spec, pipe, delta, grid, images)
         image_grid([("before", before), ("after", after)], grid, out / "grid.png")

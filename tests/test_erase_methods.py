@@ -270,3 +270,14 @@ def test_diff_quickfix_layer_auto_edits_the_layer_its_trace_finds():
     assert located["effect_by_layer"] == [round(float(v), 4) for v in effect] and effect.max() > effect.min()
     assert delta.names == [f"text_encoder.layers.{int(effect.argmax())}.self_attn.o_proj.weight"]
     assert delta.meta["hyperparameters"]["layer"] == located["layer"] == int(effect.argmax())
+
+
+def test_erase_on_a_pipeline_without_evaluator_reports_no_rates_but_writes_everything(pipe, tmp_path):
+    from recipes.diffusion import run_erase
+
+    spec = parse_spec({"kind": "erase", "model": "tiny-lm-0", "concepts": [{"concept": "red", "guide": "blue"}],
+                       "templates": ["a {} circle"], "images": 2})
+    report = run_erase(spec, pipe, tmp_path)
+    assert report["erased_rate"] == {"templates": None, "heldout": None, "adversarial": None}
+    assert report["kept_rate"] is None and "evaluator" in report["note"]
+    assert {p.name for p in tmp_path.iterdir()} == {"delta.safetensors", "grid.png", "report.json"}
