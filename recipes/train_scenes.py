@@ -104,7 +104,7 @@ def train(pipe: DiffusionPipe, scenes, contexts: torch.Tensor, steps: int, batch
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 100 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f (mean of last 100: %.4f)", step, steps, losses[-1],
                      sum(losses[-100:]) / len(losses[-100:]))
