@@ -545,7 +545,7 @@ class AttackSpec(_Spec):
                          "in order, cycling over the concepts); 0: no search (`erased_rate.adversarial` is null).")
     tokens: Int = Field(default=4, ge=1, description="Adversarial tokens put before each prompt.")
     steps: Int = Field(default=40, ge=1, description="Optimisation steps per prompt.")
-    lr: Float = Field(default=0.1, gt=0, description="Adam's step, in units of the embedding table's RMS norm.")
+    lr: Float = Field(default=0.1, gt=0, description="Adam's step, in units of the embedding table's mean row norm.")
     batch: Int = Field(default=8, ge=1, description="(image, timestep, noise) draws per step.")
     space: Literal["tokens", "soft"] = Field(default="tokens", description="`tokens`: a token sequence (PEZ: "
                                              "optimised continuously, used projected to the nearest tokens); "

@@ -182,7 +182,7 @@ def test_adversarial_search_is_seeded_and_reproducible(pipe, space):
     assert a.ids == b.ids and a.losses == b.losses and torch.equal(a.context, b.context)
     c = attack(pipe, "a red circle", x0, spec, seed=4)
     assert c.losses != a.losses
-    assert a.tokens == 2 and a.ids[1:3] != [pipe.tokenizer.convert_tokens_to_ids("a")] * 2 or space == "soft"
+    assert a.tokens == 2 and len(a.ids) == 8
     if space == "tokens":       # a token sequence: typing its ids gives the very context the images came from
         assert torch.equal(a.context, pipe.encode_ids(torch.tensor([a.ids])))
         assert a.text.endswith("a red circle")
