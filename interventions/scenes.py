@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import shapes
+
 COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "white", "gray")
 PALETTE = torch.tensor([[1.0, 0.1, 0.1], [1.0, 0.55, 0.05], [1.0, 0.92, 0.1], [0.1, 0.85, 0.1],
                         [0.1, 0.9, 0.9], [0.15, 0.3, 1.0], [0.62, 0.15, 0.92], [1.0, 0.5, 0.78],
@@ -224,16 +226,11 @@ class Seen:
     pixels: int
 
 
-class ShapeNet(nn.Module):
-    """A small CNN that names the shape of one object's 16x16 mask crop."""
+class ShapeNet(shapes.ShapeNet):
+    """The coloured-shapes evaluator's CNN, naming this world's shapes from one object's 16x16 mask crop."""
 
     def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(32, len(SHAPES)))
+        super().__init__(classes=len(SHAPES))
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         return self.net(crops * 2 - 1)

@@ -95,13 +95,13 @@ def colour_of(images: torch.Tensor) -> torch.Tensor:
 class ShapeNet(nn.Module):
     """A 3-layer CNN that names the shape in a 16x16 image, whatever its colour."""
 
-    def __init__(self):
+    def __init__(self, classes: int = len(SHAPES)):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(32, len(SHAPES)))
+            nn.Linear(32, classes))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Colour-blind on purpose: the brightness (max over channels) carries the shape.
