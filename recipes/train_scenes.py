@@ -18,10 +18,8 @@ them back with the evaluator, whose own accuracy on rendered scenes is reported 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
-import math
 import random
 import sys
 import time
@@ -77,38 +75,13 @@ def encode_all(pipe: DiffusionPipe, captions: list[str], batch: int = 64) -> tor
 def train(pipe: DiffusionPipe, scenes, contexts: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
           ema_decay: float) -> list[float]:
     """Train `pipe.unet` in place (its EMA weights at the end); the per-step losses."""
-    from diffusers import DDPMScheduler
+    from recipes.train_shapes import train_denoiser
 
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    unet = pipe.unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(steps):
+    def draw(g):
         rows = torch.randint(len(scenes), (batch,), generator=g)
-        x0 = render([scenes[int(r)] for r in rows], g) * 2 - 1
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        xt = noise_sched.add_noise(x0, noise, t)
-        loss = torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=contexts[rows]).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        losses.append(float(loss.detach()))
-        if step % 100 == 0 or step == steps - 1:
-            log.info("step %d/%d loss %.4f (mean of last 100: %.4f)", step, steps, losses[-1],
-                     sum(losses[-100:]) / len(losses[-100:]))
-    pipe.unet = ema
+        return render([scenes[int(r)] for r in rows], g) * 2 - 1, contexts[rows]
+
+    pipe.unet, losses = train_denoiser(pipe.unet, pipe.unet, draw, steps, batch, lr, seed, ema_decay)
     return losses
 
 

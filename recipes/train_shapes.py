@@ -34,43 +34,57 @@ log = logging.getLogger("lesion.train_shapes")
 EVAL_SEED = 1_000_000
 
 
-def train(steps: int, batch: int, lr: float, seed: int, ema_decay: float) -> tuple[DiffusionPipe, list[float]]:
+def train_denoiser(unet, trained: torch.nn.Module, draw, steps: int, batch: int, lr: float, seed: int,
+                   ema_decay: float) -> tuple[torch.nn.Module, list[float]]:
+    """The testbeds' training loop: epsilon MSE under DDPM cosine noise, AdamW with warm-up and cosine
+    decay, gradient clipping, an EMA of `trained` (the modules that learn, `unet` among them).
+    `draw(g)` gives a batch's clean inputs x0 and UNet context (built with gradients where a text encoder
+    learns). Returns the EMA copy of `trained` and the per-step losses."""
     from diffusers import DDPMScheduler
 
-    pipe = build_testbed(["a", *COLOURS, *SHAPES], seed=seed)
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    modules = torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder}).train()
-    ema = copy.deepcopy(modules).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
+    trained.train()
+    ema = copy.deepcopy(trained).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     g = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(steps):
-        images, colours, shapes = render(g, batch)
-        drop = torch.rand(batch, generator=g)
-        captions = [caption(None if d < 0.2 else int(c), None if d < 0.1 else int(s))
-                    for c, s, d in zip(colours, shapes, drop.tolist())]
-        x0 = images * 2 - 1
+        x0, context = draw(g)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         xt = noise_sched.add_noise(x0, noise, t)
-        context = pipe.text_encoder(input_ids=pipe.tokenize(captions)).last_hidden_state
-        loss = torch.nn.functional.mse_loss(pipe.unet(xt, t, encoder_hidden_states=context).sample, noise)
+        loss = torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=context).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         sched.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), modules.parameters()):
+            for pe, p in zip(ema.parameters(), trained.parameters()):
                 pe.lerp_(p, 1 - decay)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 100 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f (mean of last 100: %.4f)", step, steps, losses[-1],
                      sum(losses[-100:]) / len(losses[-100:]))
+    return ema, losses
+
+
+def train(steps: int, batch: int, lr: float, seed: int, ema_decay: float) -> tuple[DiffusionPipe, list[float]]:
+    pipe = build_testbed(["a", *COLOURS, *SHAPES], seed=seed)
+    modules = torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+
+    def draw(g):
+        images, colours, shapes = render(g, batch)
+        drop = torch.rand(batch, generator=g)
+        captions = [caption(None if d < 0.2 else int(c), None if d < 0.1 else int(s))
+                    for c, s, d in zip(colours, shapes, drop.tolist())]
+        return images * 2 - 1, pipe.text_encoder(input_ids=pipe.tokenize(captions)).last_hidden_state
+
+    ema, losses = train_denoiser(pipe.unet, modules, draw, steps, batch, lr, seed, ema_decay)
     pipe.unet, pipe.text_encoder = ema["unet"], ema["text_encoder"]
     return pipe, losses
 
