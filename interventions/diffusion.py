@@ -347,25 +347,65 @@ def _load_testbed(path: Path) -> DiffusionPipe:
 # ------------------------------------------------------------------------- the scenes testbed
 SCENES_LM = "smollm2-135m"
 SCENES_MAX_LENGTH = 32
+SCENES_LAYERS = 8
 
 
-def scenes_unet_config(cross_attention_dim: int = 576) -> dict:
-    """The scenes testbed's UNet: 24x24 pixels, cross-attention at 12x12 and 6x6 reading the language
-    model's hidden states directly (`cross_attention_dim` is SmolLM2-135M's width)."""
+SCENES_CONTEXT = 128
+
+
+class TextAdapter(nn.Module):
+    """What the scenes UNet reads of the frozen language model: each token's residual-stream state,
+    standardised by fixed per-feature statistics of the training captions, then a small learned
+    per-token map (linear, one residual MLP, LayerNorm) to the UNet's `cross_attention_dim`.
+
+    It stands where the language model's final RMSNorm stood, so the pipe's `encode` returns its
+    output. The standardisation matters because a decoder's residual stream has a few features tens
+    of times larger than the rest (SmolLM2's reach 28 where the median spread is 0.8), which
+    cross-attention keys would otherwise see alone; the learned map plays the part that training the
+    text encoder jointly plays in the coloured-shapes testbed (LLM-conditioned diffusion models add
+    such a refiner on their frozen LLM). Per token, so the padding after a prompt still changes none
+    of its states."""
+
+    def __init__(self, width: int, dim: int = SCENES_CONTEXT):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+        self.proj = nn.Linear(width, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.out = nn.LayerNorm(dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.proj((h - self.mean) / self.std)
+        return self.out(x + self.mlp(x))
+
+
+def scenes_unet_config(cross_attention_dim: int = SCENES_CONTEXT) -> dict:
+    """The scenes testbed's UNet: 24x24 pixels, cross-attention at 12x12 and 6x6 reading the text
+    adapter's output (`TextAdapter`)."""
     return dict(sample_size=24, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 96),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                 cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8)
 
 
-def scenes_text_encoder(lm_name: str = SCENES_LM, max_length: int = SCENES_MAX_LENGTH):
-    """``(text_encoder, tokenizer)``: the language model's decoder stack (its `last_hidden_state` is the
-    final norm's output), frozen, and its tokenizer padding to `max_length` on the right. Under the
-    causal mask a prompt's states do not depend on the padding after it."""
+def scenes_text_encoder(lm_name: str = SCENES_LM, max_length: int = SCENES_MAX_LENGTH, layers: int = SCENES_LAYERS,
+                        context: int = SCENES_CONTEXT):
+    """``(text_encoder, tokenizer)``: the language model's first `layers` decoder layers, frozen, with a
+    `TextAdapter` (untrained until the recipe trains it or a checkpoint loads it) in place of the final
+    norm, so that `last_hidden_state` is what the UNet reads; and its tokenizer, padding to `max_length`
+    on the right. Under the causal mask a prompt's states do not depend on the padding after it.
+    An intermediate layer, as Stable Diffusion 2 reads CLIP's penultimate one: held-out synonyms of a
+    colour sit nearer its training words there than at the top of SmolLM2."""
     from .models import load_model
 
     lm, tokenizer = load_model(lm_name)
-    encoder = lm.model.eval().requires_grad_(False)
+    encoder = lm.model
+    if not 1 <= layers <= len(encoder.layers):
+        raise SpecError("text_layers", layers, f"1 to {len(encoder.layers)} (the layers of {lm_name})")
+    encoder.layers = encoder.layers[:layers]
+    encoder.config.num_hidden_layers = layers
+    encoder.norm = TextAdapter(encoder.config.hidden_size, context)
+    encoder.eval().requires_grad_(False)
     tokenizer.padding_side = "right"
     tokenizer.model_max_length = max_length
     return encoder, tokenizer
@@ -378,21 +418,25 @@ def build_scenes_testbed(seed: int = 0, *, text=None, unet_config: dict | None =
 
     encoder, tokenizer = text if text is not None else scenes_text_encoder()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**(unet_config or scenes_unet_config(encoder.config.hidden_size)))
+    unet = UNet2DConditionModel(**(unet_config or scenes_unet_config()))
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
                               set_alpha_to_one=True)
     return DiffusionPipe(SCENES, unet, encoder, tokenizer, scheduler, None, 25, 3.0,
-                         meta={"lm": SCENES_LM, "max_length": tokenizer.model_max_length, "unet": dict(unet.config)})
+                         meta={"lm": SCENES_LM, "max_length": tokenizer.model_max_length, "unet": dict(unet.config),
+                               "text_layers": getattr(encoder.config, "num_hidden_layers", None),
+                               "text_context": unet.config.cross_attention_dim})
 
 
 def save_scenes_testbed(pipe: DiffusionPipe, path: Path, shape_net: nn.Module, meta: dict) -> None:
-    """One safetensors file: the UNet (float16) and the evaluator's CNN; the frozen language model is not
-    stored (it loads from its own wheel)."""
+    """One safetensors file: the UNet (float16), the text adapter (float32) and the evaluator's CNN; the
+    frozen language model is not stored (it loads from its own wheel)."""
     from .atomic import atomic_save_file
 
     tensors = {f"unet.{k}": v.detach().half().contiguous() for k, v in pipe.unet.state_dict().items()}
     tensors.update({f"shape_net.{k}": v.detach().contiguous() for k, v in shape_net.state_dict().items()})
+    tensors.update({f"text_adapter.{k}": v.detach().contiguous() for k, v in pipe.text_encoder.norm.state_dict().items()})
     header = {"lm": pipe.meta["lm"], "max_length": pipe.meta["max_length"], "unet": pipe.meta["unet"],
+              "text_layers": pipe.meta["text_layers"], "text_context": pipe.meta["text_context"],
               "scheduler": dict(pipe.scheduler.config), "steps": pipe.steps, "guidance": pipe.guidance, **meta}
     atomic_save_file(tensors, path, metadata={"lesion_testbed": json.dumps(header, default=list)})
 
@@ -408,7 +452,10 @@ def load_scenes_testbed(path: Path) -> DiffusionPipe:
         header = json.loads(f.metadata()["lesion_testbed"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     unet_config = {k: v for k, v in header["unet"].items() if not k.startswith("_")}
-    pipe = build_scenes_testbed(text=scenes_text_encoder(header["lm"], header["max_length"]), unet_config=unet_config)
+    text = scenes_text_encoder(header["lm"], header["max_length"], header["text_layers"], header["text_context"])
+    text[0].norm.load_state_dict({k[len("text_adapter."):]: v for k, v in tensors.items()
+                                  if k.startswith("text_adapter.")})
+    pipe = build_scenes_testbed(text=text, unet_config=unet_config)
     pipe.unet.load_state_dict({k[len("unet."):]: v.float() for k, v in tensors.items() if k.startswith("unet.")})
     net = ShapeNet()
     net.load_state_dict({k[len("shape_net."):]: v for k, v in tensors.items() if k.startswith("shape_net.")})

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from interventions.diffusion import (CHECKPOINTS, SCENES, SCENES_FILE, DiffusionPipe, build_scenes_testbed,
-                                     save_scenes_testbed)
+from interventions.diffusion import (CHECKPOINTS, SCENES, SCENES_FILE, SCENES_LAYERS, DiffusionPipe,
+                                     build_scenes_testbed, save_scenes_testbed, scenes_text_encoder)
 from interventions.scenes import (Evaluator, Phrasing, evaluator_accuracy, positioned, render, sample_scene,
                                   train_shape_net)
 
@@ -50,8 +50,9 @@ def caption_bank(n: int, seed: int) -> tuple[list, list[str]]:
 
 @torch.no_grad()
 def encode_all(pipe: DiffusionPipe, captions: list[str], batch: int = 64) -> torch.Tensor:
-    """The frozen language model's states of every caption, cached on disk by the captions' ids (the
-    model never changes, so a later run with the same bank reads them back)."""
+    """The frozen language model's states of every caption at the layer the adapter reads (before the
+    adapter, which trains), cached on disk by the captions' ids and the layers: the language model never
+    changes, so a later run with the same bank reads them back."""
     import hashlib
 
     from safetensors.torch import load_file
@@ -62,26 +63,45 @@ def encode_all(pipe: DiffusionPipe, captions: list[str], batch: int = 64) -> tor
     ids = pipe.tokenize(captions)
     if (ids[:, -1] != pipe.tokenizer.pad_token_id).any():
         raise ValueError(f"a caption fills all {ids.shape[1]} tokens; raise the testbed's max_length")
-    key = hashlib.sha256(pipe.meta["lm"].encode() + ids.cpu().numpy().tobytes()).hexdigest()[:24]
-    path = lesion_home() / "scenes_bank" / f"{key}.safetensors"
+    digest = hashlib.sha256(f"{pipe.meta['lm']}/{pipe.meta['text_layers']}".encode() + ids.cpu().numpy().tobytes())
+    path = lesion_home() / "scenes_bank" / f"{digest.hexdigest()[:24]}.safetensors"
     if path.is_file():
         return load_file(str(path))["states"]
-    states = torch.cat([pipe.encode_ids(ids[i:i + batch]) for i in range(0, len(ids), batch)])
+    encoder, adapter = pipe.text_encoder, pipe.text_encoder.norm
+    encoder.norm = torch.nn.Identity()
+    try:
+        states = torch.cat([pipe.encode_ids(ids[i:i + batch]) for i in range(0, len(ids), batch)])
+    finally:
+        encoder.norm = adapter
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_file({"states": states.contiguous()}, path)
     return states
 
 
-def train(pipe: DiffusionPipe, scenes, contexts: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
+@torch.no_grad()
+def set_standardisation(adapter: torch.nn.Module, states: torch.Tensor) -> None:
+    """The adapter's fixed standardisation: per-feature mean and spread of the bank's states at every
+    position (pads too, as the UNet reads them all)."""
+    flat = states.reshape(-1, states.shape[-1])
+    adapter.mean.copy_(flat.mean(0))
+    adapter.std.copy_(flat.std(0))
+
+
+def train(pipe: DiffusionPipe, scenes, states: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
           ema_decay: float) -> list[float]:
-    """Train `pipe.unet` in place (its EMA weights at the end); the per-step losses."""
+    """Train `pipe.unet` and the text adapter together in place (their EMA weights at the end), on the
+    bank's language-model `states`; the per-step losses."""
     from recipes.train_shapes import train_denoiser
+
+    adapter = pipe.text_encoder.norm
+    trained = torch.nn.ModuleDict({"unet": pipe.unet, "adapter": adapter.requires_grad_(True)})
 
     def draw(g):
         rows = torch.randint(len(scenes), (batch,), generator=g)
-        return render([scenes[int(r)] for r in rows], g) * 2 - 1, contexts[rows]
+        return render([scenes[int(r)] for r in rows], g) * 2 - 1, adapter(states[rows])
 
-    pipe.unet, losses = train_denoiser(pipe.unet, pipe.unet, draw, steps, batch, lr, seed, ema_decay)
+    ema, losses = train_denoiser(pipe.unet, trained, draw, steps, batch, lr, seed, ema_decay)
+    pipe.unet, pipe.text_encoder.norm = ema["unet"], ema["adapter"].requires_grad_(False)
     return losses
 
 
@@ -104,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--bank", type=int, default=4000, help="Scenes (and captions) encoded once.")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--layers", type=int, default=SCENES_LAYERS, help="SmolLM2 layers read (of 30).")
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -119,16 +140,20 @@ def main(argv: list[str] | None = None) -> int:
                 if k not in ("out", "no_register")}
 
     t0 = time.perf_counter()
-    pipe = build_scenes_testbed(seed=args.seed)
-    if args.init is not None:
+    if args.init is not None:       # its UNet, layers and standardisation
         from interventions.diffusion import load_scenes_testbed
 
-        pipe.unet = load_scenes_testbed(args.init).unet.train()
+        pipe = load_scenes_testbed(args.init)
+        pipe.unet.train()
+    else:
+        pipe = build_scenes_testbed(seed=args.seed, text=scenes_text_encoder(layers=args.layers))
     scenes, captions = caption_bank(args.bank, args.seed)
-    contexts = encode_all(pipe, captions)
+    states = encode_all(pipe, captions)
+    if args.init is None:
+        set_standardisation(pipe.text_encoder.norm, states)
     encode_s = time.perf_counter() - t0
     log.info("encoded %d captions in %.0f s", len(captions), encode_s)
-    losses = train(pipe, scenes, contexts, args.steps, args.batch, args.lr, args.seed, args.ema)
+    losses = train(pipe, scenes, states, args.steps, args.batch, args.lr, args.seed, args.ema)
     train_s = time.perf_counter() - t0
     shape_net = train_shape_net(seed=args.seed)
     evaluator = Evaluator(shape_net)

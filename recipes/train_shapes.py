@@ -50,11 +50,13 @@ def train_denoiser(unet, trained: torch.nn.Module, draw, steps: int, batch: int,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     g = torch.Generator().manual_seed(seed)
+    device = next(unet.parameters()).device      # the draws stay on the CPU generator, wherever it trains
     losses = []
     for step in range(steps):
         x0, context = draw(g)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
+        x0, context, noise, t = (v.to(device) for v in (x0, context, noise, t))
         xt = noise_sched.add_noise(x0, noise, t)
         loss = torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=context).sample, noise)
         opt.zero_grad(set_to_none=True)

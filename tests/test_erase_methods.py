@@ -1,8 +1,8 @@
 """Erasure that holds: the language-model-conditioned pipeline, RECE, ESD-x, the adversarial search and
 the judged report.
 
-- the conditioning path: what every UNet cross-attention reads is the frozen SmolLM2's final-norm
-  output (a plain PyTorch hook on the language model), and padding changes no prompt token's state;
+- the conditioning path: what every UNet cross-attention reads is the text adapter over the frozen SmolLM2
+  (a plain PyTorch hook on the adapter), and padding changes no prompt token's state;
 - RECE: the found embeddings solve their closed form, and the final update solves UCE's normal
   equations on the enlarged erase set; ESD-x only moves the cross-attention and lowers its own loss;
 - the adversarial search is seeded: the same seed gives the same tokens, losses and context;
@@ -52,7 +52,7 @@ def test_smollm2_states_reach_every_cross_attention_unchanged():
 
     tiny_unet = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=576,
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=128,
                      attention_head_dim=2, norm_num_groups=4)
     pipe = build_scenes_testbed(unet_config=tiny_unet)
     pipe.steps = 1
@@ -68,7 +68,7 @@ def test_smollm2_states_reach_every_cross_attention_unchanged():
         for k in hooks:
             k.remove()
     cond, uncond = norm_out[-2], norm_out[-1]       # generate() encodes the prompts, then sample() ""
-    assert len(read) == len(cross_attention_layers(pipe.unet)) == 4 and cond.shape == (2, 32, 576)
+    assert len(read) == len(cross_attention_layers(pipe.unet)) == 4 and cond.shape == (2, 32, 128)
     for context in read.values():                    # (unconditional, conditional) rows, as guided sampling runs
         assert torch.equal(context[2:], cond) and torch.equal(context[:2], uncond.expand(2, -1, -1))
     for row, prompt in enumerate(prompts):          # padding after a prompt changes none of its tokens' states
@@ -88,17 +88,19 @@ def test_scenes_testbed_file_holds_the_unet_and_loads_back(tmp_path):
 
     tiny_unet = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=576,
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=128,
                      attention_head_dim=2, norm_num_groups=4)
     pipe = build_scenes_testbed(seed=3, unet_config=tiny_unet)
     pipe.steps = 2
     save_scenes_testbed(pipe, tmp_path / "t.safetensors", ShapeNet(), {"note": "test"})
     with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
-        assert {k.split(".")[0] for k in f.keys()} == {"unet", "shape_net"}      # the language model is not stored
+        assert {k.split(".")[0] for k in f.keys()} == {"unet", "text_adapter", "shape_net"}   # not the language model
     back = load_scenes_testbed(tmp_path / "t.safetensors")
     assert back.meta["note"] == "test" and back.steps == 2 and back.meta["evaluator"] is not None
     for (n, p), (m, q) in zip(pipe.unet.state_dict().items(), back.unet.state_dict().items()):
         assert n == m and torch.equal(p.half().float(), q), n                    # stored in float16
+    for (n, p), (m, q) in zip(pipe.text_encoder.state_dict().items(), back.text_encoder.state_dict().items()):
+        assert n == m and torch.equal(p, q), n                                   # the adapter exactly
     pipe.unet.load_state_dict(back.unet.state_dict())
     assert torch.equal(pipe.generate(["a red circle"], [0]), back.generate(["a red circle"], [0]))
 
