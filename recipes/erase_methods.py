@@ -1,6 +1,6 @@
 """Every erasure method on one spec, judged the same way: the table of the README's erasure section.
 
-    python -m recipes.erase_methods recipes/erase_red_scenes.yaml --layer 3 --out runs/erase_red_scenes
+    python -m recipes.erase_methods recipes/erase_red_scenes.yaml --out runs/erase_red_scenes
 
 For each method (`--methods`, default all: uce, time, rece, esd-x, diff-quickfix; diff-quickfix on
 text-encoder layer `--layer`, by default located by a

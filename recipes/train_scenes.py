@@ -67,12 +67,13 @@ def encode_all(pipe: DiffusionPipe, captions: list[str], batch: int = 64) -> tor
     path = lesion_home() / "scenes_bank" / f"{digest.hexdigest()[:24]}.safetensors"
     if path.is_file():
         return load_file(str(path))["states"]
-    encoder, adapter = pipe.text_encoder, pipe.text_encoder.norm
-    encoder.norm = torch.nn.Identity()
-    try:
-        states = torch.cat([pipe.encode_ids(ids[i:i + batch]) for i in range(0, len(ids), batch)])
-    finally:
-        encoder.norm = adapter
+    from editors.rome import hooked
+
+    read = []      # what the adapter is given: the language model's states
+    with hooked(pipe.text_encoder.norm, lambda module, args: read.append(args[0]), pre=True):
+        for i in range(0, len(ids), batch):
+            pipe.encode_ids(ids[i:i + batch])
+    states = torch.cat(read)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_file({"states": states.contiguous()}, path)
     return states
