@@ -134,6 +134,14 @@ def rate(evaluator, images: torch.Tensor, words: list[str]) -> float:
     return float(shown(evaluator, images, words).float().mean()) if images.numel() else float("nan")
 
 
+def rate_asked(evaluator, images: torch.Tensor, asks: list[str | None], words: list[str]) -> float:
+    """The share of images (``[prompts, images, 3, h, w]``) showing the erased concept their prompt asks
+    for (`asks`, per prompt; None: any of `words`). With many concepts erased, an image for "a red
+    circle" that now shows a blue circle shows *an* erased concept (circle) but not the one asked for."""
+    hits = [shown(evaluator, imgs, words if w is None else [w]) for imgs, w in zip(images, asks)]
+    return float(torch.cat(hits).float().mean()) if hits else float("nan")
+
+
 def check_judged_concepts(spec, pipe: DiffusionPipe) -> None:
     """On a testbed every erased concept must be a word its evaluator names, or no rate is defined."""
     world = world_of(pipe)
@@ -150,20 +158,31 @@ def erase_prompt_sets(spec, pipe: DiffusionPipe) -> dict:
 
     world = world_of(pipe)
     words = [c.concept for c in spec.concepts]
-    templates = [fill(t, w) for t in spec.templates for w in words]
-    heldout = list(spec.heldout) or (world.heldout_prompts(words, 12, spec.seed) if world else [])
-    heldout = [p for p in dict.fromkeys(heldout) if p not in templates]
+    pairs = [(fill(t, w), w) for t in spec.templates for w in words]
+    templates = [p for p, _ in pairs]
+    if spec.heldout:        # the user's own: which concept each asks for is not known, so any of them counts
+        held = [(p, None) for p in spec.heldout]
+    elif world:             # 12 per concept, at least 4 when many are erased
+        n = max(4, 12 // len(words))
+        held = list(zip(world.heldout_prompts(words, n, spec.seed), [w for w in words for _ in range(n)]))
+    else:
+        held = []
+    seen = set(templates)
+    held = [(p, w) for p, w in held if not (p in seen or seen.add(p))]           # each prompt once, in order
+    heldout = [p for p, _ in held]
     vocabulary = world.WORDS if world else ()
     others = [w for w in vocabulary if w not in words]
     if spec.kept:
         kept = {w: [p for p in spec.kept if w in p.split()] for w in others}
     else:
         kept = {w: world.kept_prompts(w, 4, spec.seed + 1) for w in others} if world else {}
-    return {"words": words, "templates": templates, "heldout": heldout, "kept": {w: p for w, p in kept.items() if p}}
+    return {"words": words, "templates": templates, "heldout": heldout, "kept": {w: p for w, p in kept.items() if p},
+            # per judged prompt, the erased concept it asks for (None: any of them)
+            "asks": [w for _, w in pairs] + [w for _, w in held]}
 
 
 def adversarial_search(spec, pipe: DiffusionPipe, delta, prompts: list[str], base_images: torch.Tensor,
-                       evaluator, words: list[str]) -> tuple[torch.Tensor, list[dict]]:
+                       evaluator, asks: list[str]) -> tuple[torch.Tensor, list[dict]]:
     """Attack the first `spec.attack.prompts` template prompts of the edited model; its images
     ``[prompts, images, 3, h, w]`` (same seeds as every other set) and one record per attack."""
     from interventions.adversarial import attack, to_x0
@@ -172,7 +191,7 @@ def adversarial_search(spec, pipe: DiffusionPipe, delta, prompts: list[str], bas
     seeds = [spec.seed + k for k in range(spec.images)]
     for k in range(min(spec.attack.prompts, len(prompts))):
         mine = base_images[k]
-        keep = shown(evaluator, mine, words)
+        keep = shown(evaluator, mine, [asks[k]])
         x0 = to_x0(pipe, mine[keep] if keep.any() else mine)      # the unedited model's images of the concept
         with applied(pipe, delta):
             found = attack(pipe, prompts[k], x0, spec.attack, seed=spec.attack.seed + k)
@@ -180,7 +199,7 @@ def adversarial_search(spec, pipe: DiffusionPipe, delta, prompts: list[str], bas
         images.append(imgs)
         records.append({"prompt": prompts[k], "adversarial": found.text, "ids": found.ids, "tokens": found.tokens,
                         "loss_first": found.losses[0], "loss_last": found.losses[-1],
-                        "shown": rate(evaluator, imgs, words)})
+                        "concept": asks[k], "shown": rate(evaluator, imgs, [asks[k]])})
     empty = torch.zeros(0, spec.images, *base_images.shape[-3:])
     return (torch.stack(images) if images else empty), records
 
@@ -205,10 +224,14 @@ def judge_erasure(spec, pipe: DiffusionPipe, delta) -> tuple[dict, dict]:
         after = images_for(pipe, unique, spec.images, spec.seed)[rows]
     nt, nh = len(sets["templates"]), len(sets["heldout"])
     parts = {"templates": slice(0, nt), "heldout": slice(nt, nt + nh)}
-    adv_images, attacks = adversarial_search(spec, pipe, delta, sets["templates"], before[:nt], evaluator, words)
-    erased = {k: rate(evaluator, after[sl], words) if sl.stop > sl.start else None for k, sl in parts.items()}
-    erased["adversarial"] = rate(evaluator, adv_images, words) if attacks else None
-    before_rates = {k: rate(evaluator, before[sl], words) if sl.stop > sl.start else None for k, sl in parts.items()}
+    asks = sets["asks"]
+    adv_images, attacks = adversarial_search(spec, pipe, delta, sets["templates"], before[:nt], evaluator, asks)
+    erased = {k: rate_asked(evaluator, after[sl], asks[sl], words) if sl.stop > sl.start else None
+              for k, sl in parts.items()}
+    erased["adversarial"] = (rate_asked(evaluator, adv_images, [a["concept"] for a in attacks], words)
+                             if attacks else None)
+    before_rates = {k: rate_asked(evaluator, before[sl], asks[sl], words) if sl.stop > sl.start else None
+                    for k, sl in parts.items()}
     kept, lo = {}, nt + nh
     for w, ps in sets["kept"].items():
         b, a = rate(evaluator, before[lo:lo + len(ps)], [w]), rate(evaluator, after[lo:lo + len(ps)], [w])
