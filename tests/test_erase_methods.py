@@ -301,3 +301,21 @@ def test_erase_on_a_pipeline_without_evaluator_reports_no_rates_but_writes_every
     assert report["erased_rate"] == {"templates": None, "heldout": None, "adversarial": None}
     assert report["kept_rate"] is None and "evaluator" in report["note"]
     assert {p.name for p in tmp_path.iterdir()} == {"delta.safetensors", "grid.png", "report.json"}
+
+
+def test_many_concepts_count_the_concept_each_prompt_asks_for():
+    """Hand count: with red and circle erased, a blue circle drawn for "a red square" shows an erased
+    concept (circle) but not the one asked for; a prompt of unknown concept (None) counts any."""
+    from recipes.diffusion import rate_asked
+
+    class Seen:      # each image is two numbers: shows red, shows circle
+        def shows(self, images, word):
+            return images[:, 0, 0, 0 if word == "red" else 1] > 0.5
+
+    def img(red, circle):
+        return torch.tensor([[[red, circle]]], dtype=torch.float32).expand(3, 1, 2)
+
+    images = torch.stack([torch.stack([img(0, 1), img(1, 0)]),      # "a red square": blue circle, red square
+                          torch.stack([img(0, 1), img(0, 0)]),      # "a circle": circle, nothing
+                          torch.stack([img(0, 1), img(0, 0)])])     # user's prompt, concept unknown
+    assert rate_asked(Seen(), images, ["red", "circle", None], ["red", "circle"]) == 3 / 6
