@@ -4,11 +4,12 @@
     python -m recipes.train_scenes --steps 20 --bank 64 --eval-images 2 --out /tmp/s.safetensors --no-register
 
 A diffusers `UNet2DConditionModel` learns `interventions.scenes` images from captions encoded by the
-frozen SmolLM2-135M (its final hidden states, read through cross-attention). The language model never
-changes, so every caption of a fixed bank (`--bank` scenes, each with one caption in the *training*
-phrasing, 10% without colour words, 10% empty for classifier-free guidance) is encoded once; each
-step renders its scenes afresh (new jitter) and trains on epsilon MSE (DDPM cosine noise, AdamW,
-warm-up and cosine decay, EMA).
+frozen SmolLM2-135M (its layer-`--layers` residual stream, through the `TextAdapter` that trains with
+the UNet, read by cross-attention). The language model never changes, so every caption of a fixed
+bank (`--bank` scenes, each with one caption in the *training* phrasing, 10% without colour words,
+10% empty) is encoded once and the adapter's standardisation is measured on it; each step renders
+its scenes afresh (new jitter) and trains on epsilon MSE (DDPM cosine noise, AdamW, warm-up and
+cosine decay, EMA of UNet and adapter). 4,000 steps took 2,775 s on 2 CPU threads.
 
 The evaluation generates images at held-out seeds for new scenes, captioned in the training
 phrasing and in the held-out one (words, things and forms never seen in training), and reads
