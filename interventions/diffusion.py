@@ -419,7 +419,8 @@ def scenes_scheduler():
     t = 999, where the schedule leaves no signal. With the default (leading) spacing the first step is
     t = 960, where a noised 24x24 scene still holds 6% of its image, enough for the UNet to read an
     object's colour from the mean of the starting noise: images then took their colour from the seed,
-    not the prompt (colour right 16% of the time; 85% trailing). Lin et al., "Common diffusion noise
+    not the prompt (on 200 new scenes, colour right 16% of the time with leading steps and guidance
+    3; 78% with trailing steps and none). Lin et al., "Common diffusion noise
     schedules and sample steps are flawed" (2024), describe the flaw and this fix. Guidance 1.0
     (`SCENES_GUIDANCE`, no extrapolation): the testbed's unconditional branch, trained on 10% empty
     captions, is too weak for classifier-free guidance, which lowered every attribute's accuracy
