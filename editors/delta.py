@@ -247,6 +247,16 @@ def applied_deltas(model: torch.nn.Module) -> list[Delta]:
     return list(state.stack) if state else []
 
 
+@torch.no_grad()
+def relative_norms(model: torch.nn.Module, delta: Delta) -> dict[str, float]:
+    """``{name: ‖ΔW‖_F / ‖W₀‖_F}`` for each parameter `delta` changes, W₀ the base value (before any
+    applied delta), whether or not `delta` is applied now. The growth of this ratio over sequential
+    edits is the usual sign of an edited matrix drifting away from the model it came from."""
+    params = dict(model.named_parameters())
+    return {name: float(delta.difference(name).norm() / _base_value(model, name, params[name]).float().norm())
+            for name in delta.names}
+
+
 def verify(model: torch.nn.Module, delta: Delta) -> None:
     """Raise `DeltaError` unless every touched parameter's base value matches the delta's fingerprint."""
     params = dict(model.named_parameters())

@@ -13,7 +13,9 @@ then (`ScaleProbe`):
   prompts still preferring ``target_true``, over at most `sample` of the edits so far, evenly spaced;
 - fluency: the n-gram entropy of generations from the subjects of the run's first requests;
 - held-out accuracy: top-1 on facts the unedited model knows, which are never edited;
-- perplexity of a fixed held-out text.
+- perplexity of a fixed held-out text;
+- ``delta_norm``: the largest ‖ΔW‖_F / ‖W₀‖_F over the edited matrices (`editors.delta.relative_norms`),
+  how far the stacked edits have moved a weight from the base model.
 
 At 0 edits the edit metrics are read on the run's requests before any edit (efficacy is then the
 share the model already prefers, about 0). The run writes ``curves.json`` (one row per measurement,
@@ -31,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from editors.delta import relative_norms
 from editors.evaluate import fluency, perplexity, prefers_each, top1_accuracy
 from interventions.errors import SpecError
 
@@ -167,9 +170,12 @@ def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
         row = {"edits": done, "edit_seconds": seconds,
                **probe.measure(model, tokenizer, list(spec.requests[:done]) or list(spec.requests))}
         row["measure_seconds"] = time.perf_counter() - start
+        stacked = editor.stacked if editor is not None else None
+        row["delta_norm"] = max(relative_norms(model, stacked).values()) if stacked is not None else 0.0
         rows.append(row)
         print(f"[{done}/{total} edits] " + ", ".join(
-            f"{k} {row[k]:.3f}" for k in CURVE_METRICS if row[k] is not None) + f" ({seconds:.0f} s editing)",
+            f"{k} {row[k]:.3f}" for k in CURVE_METRICS if row[k] is not None)
+            + f", delta_norm {row['delta_norm']:.3f} ({seconds:.0f} s editing)",
             flush=True)
         (out / "curves.json").write_text(json.dumps({"method": spec.method, "rows": rows}, indent=1))
         save_checkpoint(out, spec, editor, done, rows)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_model
-from editors.delta import Delta, DeltaError, applied, applied_deltas, apply, load_delta, revert
+from editors.delta import Delta, DeltaError, applied, applied_deltas, apply, load_delta, relative_norms, revert
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 UP = "model.layers.2.mlp.up_proj.weight"
@@ -149,3 +149,17 @@ def test_save_is_atomic(model, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         delta_for(model, DOWN, seed=6).save(target)
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["edit.safetensors"]
+
+
+def test_relative_norms_are_the_change_over_the_base_weight(model):
+    """‖ΔW‖/‖W₀‖ by hand, the same whether the delta is applied or not, and W₀ stays the base value
+    while another delta sits on the same weight."""
+    base = snapshot(model)
+    a, b = delta_for(model, DOWN, UP, seed=1), delta_for(model, DOWN, seed=2)
+    want = {n: float((a.difference(n)).norm() / base[n].norm()) for n in (DOWN, UP)}
+    assert relative_norms(model, a) == pytest.approx(want, rel=1e-6)
+    apply(model, b, a)
+    assert relative_norms(model, a) == pytest.approx(want, rel=1e-6)
+    u, v = b.factors[DOWN]
+    assert relative_norms(model, b)[DOWN] == pytest.approx(float((u @ v).norm() / base[DOWN].norm()), rel=1e-6)
+    revert(model)

@@ -119,6 +119,15 @@ def test_sequential_run_writes_curves_that_its_delta_reproduces(folder, tokenize
     for key, value in again.items():
         assert value == pytest.approx(curves[-1][key], rel=1e-6, abs=1e-9), key
     assert delta.meta["metrics"]["efficacy"] == curves[-1]["efficacy"]
+    base = dict(make_model("llama", len(tokenizer)).named_parameters())
+    by_hand = max(float(delta.difference(n).norm() / base[n].detach().norm()) for n in delta.names)
+    assert curves[0]["delta_norm"] == 0.0 and curves[-1]["delta_norm"] == pytest.approx(by_hand, rel=1e-5)
+    from recipes import edit_curves
+
+    capsys.readouterr()
+    assert edit_curves.main([str(folder / "out"), "--out", str(folder / "c.png"), "--norms"]) == 0
+    norms = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["delta_norms"]["alphaedit"]
+    assert sorted(norms) == delta.names and max(norms.values()) == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_measurements_match_a_plain_computation(folder, tokenizer):
