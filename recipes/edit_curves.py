@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                 print(f"| {method} | {n} | " + " | ".join(fmt(row[k]) for k in CURVE_METRICS) + " |")
     if args.norms:
         norms = final_norms(args.runs)
-        print("| method | " + " | ".join(["‖ΔW‖/‖W₀‖ per edited matrix at the end"]) + " |")
+        print("| method | ‖ΔW‖/‖W₀‖ per edited matrix at the end |")
         print("|---|---|")
         for method, per in norms.items():
             print(f"| {method} | " + ", ".join(f"{name}: {value:.3f}" for name, value in per.items()) + " |")

@@ -43,8 +43,8 @@ def test_testbed_names_held_out_flags_and_keeps_the_language_model(testbed):
         got = vlm(input_ids=ids, output_hidden_states=True)
     # Every layer's states are bit-identical, and so are the output embedding's rows of the language
     # model's vocabulary. The logits themselves are not always: the VLM's output matrix has one more
-    # row (the image token), and on some CPUs (AVX-512) the GEMM blocks a 49,153-column product
-    # differently from a 49,152-column one (seen: 3.7e-5 at most).
+    # row (the image token), and on some CPUs (seen on an AVX-512/AMX machine) the GEMM rounds a
+    # 49,153-column product differently from a 49,152-column one (3.7e-5 at most there).
     assert len(got.hidden_states) == len(want.hidden_states)
     for g, w in zip(got.hidden_states, want.hidden_states):
         assert torch.equal(g, w)
