@@ -1,5 +1,9 @@
-"""The weight layer: rank-one editors (ROME, MEMIT), concept erasure and the Delta format.
+"""The weight layer: edit methods (`methods/`: ROME, r-ROME, EMMET, MEMIT, AlphaEdit, concept erasure), the
+`Editor` loop and sequential editing, key statistics, layer location, and the Delta format with its exports.
 
-Imports flow recipes -> editors -> interventions. The editors arrive with the
-ROME/MEMIT and concept-erasure issues; this package holds no code yet.
+Imports flow recipes -> editors -> interventions.
 """
+
+from interventions.core.moved import install
+
+install()

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from interventions.atomic import atomic_save_file
-from interventions.errors import LesionError, short
-from interventions.tagged import read_tagged
+from interventions.core.atomic import atomic_save_file
+from interventions.core.errors import LesionError, short
+from interventions.core.tagged import read_tagged
 
 FORMAT_VERSION = 2
 META_KEY = "lesion_delta"
@@ -89,7 +89,7 @@ class Delta:
                      method: str, base_model: str, hyperparameters: dict | None = None, spec: dict | None = None,
                      metrics: dict | None = None) -> "Delta":
         """A delta against `model`'s current (base) parameters, fingerprinting each touched one."""
-        from interventions import __version__
+        from interventions.core import __version__
 
         factors = {k: (u.detach().cpu().contiguous(), v.detach().cpu().contiguous())
                    for k, (u, v) in (factors or {}).items()}

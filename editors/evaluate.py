@@ -19,8 +19,8 @@ from collections import Counter
 
 import torch
 
-from interventions.metrics import continuation_logprob
-from interventions.prompts import pad_token_id, right_pad
+from interventions.core.metrics import continuation_logprob
+from interventions.core.prompts import pad_token_id, right_pad
 
 
 def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:

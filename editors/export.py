@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from interventions.atomic import atomic_folder, atomic_path
-from interventions.errors import LesionError
+from interventions.core.atomic import atomic_folder, atomic_path
+from interventions.core.errors import LesionError
 
-from .delta import Delta, DeltaError, applied, verify
-from .rome import is_conv1d
+from editors.delta import Delta, DeltaError, applied, verify
+from editors.methods.rome import is_conv1d
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -254,7 +254,7 @@ def export_control_vector(vector, model, out: str | Path) -> Path:
     sites, and layer 0, are refused. The vector is written unscaled."""
     import gguf
 
-    from interventions.steer import check_vector
+    from interventions.lenses.steering import check_vector
 
     check_vector(model, vector)
     arch = _gguf_arch(model)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from interventions.engine import run
-from interventions.result import Result
-from interventions.spec import LocateSpec, TracePrompt, TraceSpec
+from interventions.engine.execute import run
+from interventions.engine.result import Result
+from interventions.spec.kinds import LocateSpec, TracePrompt, TraceSpec
 
 
 @dataclass

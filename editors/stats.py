@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from interventions.atomic import atomic_save_file
-from interventions.prompts import pad_token_id
-from interventions.models import lesion_home
-from interventions.sites import site_table
+from interventions.core.atomic import atomic_save_file
+from interventions.core.prompts import pad_token_id
+from interventions.models.loading import lesion_home
+from interventions.models.sites import site_table
 
 log = logging.getLogger(__name__)
 

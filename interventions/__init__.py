@@ -1,13 +1,13 @@
 """Lesion's analysis layer: specs, model sites, compiling to pyvene, the batched engine, results.
 
 >>> from interventions import load_spec, load_model, run
->>> spec = load_spec("recipes/trace_eiffel.yaml")              # doctest: +SKIP
+>>> spec = load_spec("recipes/trace/trace_eiffel.yaml")              # doctest: +SKIP
 >>> model, tokenizer = load_model(spec.model)                  # doctest: +SKIP
 >>> result = run(spec, model, tokenizer)                       # doctest: +SKIP
 >>> result.save("runs/eiffel")                                 # doctest: +SKIP
 
 The names below are imported on first use: reading, checking and printing specs
-(`interventions.spec`, `interventions.errors`) never imports torch or pyvene, so
+(`interventions.spec.kinds`, `interventions.core.errors`) never imports torch or pyvene, so
 `lesion validate` and `lesion schema` start in a fraction of a second.
 """
 
@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from interventions.core import __version__
+from interventions.core.moved import install
+
+install()
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "LesionError": "errors", "ModelNotAvailable": "errors", "SpecError": "errors",
-    "PatchPrompt": "spec", "PatchSpec": "spec", "TracePrompt": "spec", "TraceSpec": "spec", "dump_spec": "spec",
-    "load_spec": "spec", "load_yaml": "spec", "parse_spec": "spec", "spec_schema": "spec",
-    "load_model": "models", "FAMILIES": "sites", "SiteTable": "sites", "site_table": "sites",
-    "Plan": "plan", "compile_spec": "plan", "run": "engine", "run_plan": "engine", "Grid": "result",
-    "Result": "result",
+    "LesionError": "core.errors", "ModelNotAvailable": "core.errors", "SpecError": "core.errors",
+    "PatchPrompt": "spec.kinds", "PatchSpec": "spec.kinds", "TracePrompt": "spec.kinds", "TraceSpec": "spec.kinds",
+    "dump_spec": "spec.kinds", "load_spec": "spec.kinds", "load_yaml": "spec.kinds", "parse_spec": "spec.kinds",
+    "spec_schema": "spec.kinds", "load_model": "models.loading", "FAMILIES": "models.sites",
+    "SiteTable": "models.sites", "site_table": "models.sites", "Plan": "engine.plan", "compile_spec": "api",
+    "run": "api", "run_plan": "engine.execute", "Grid": "engine.result", "Result": "engine.result",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,1 +1,6 @@
-"""End-to-end jobs for users: YAML recipes, the `lesion` CLI and benchmarks."""
+"""End-to-end jobs for users: YAML recipes grouped by use, the `lesion` CLI (`cli/`), what each kind of
+run writes (`jobs/`), benchmarks (`bench/`), studies (`studies/`) and testbed trainers (`train/`)."""
+
+from interventions.core.moved import install
+
+install()

@@ -64,7 +64,7 @@ FAMILIES = ("gpt2", "llama", "gemma3")
 def make_vlm_pair():
     """(lm, vlm, tokenizer): a tiny seeded LLaVA around a tiny Llama. The tokenizer knows <image> before the
     LM is made, and the LM's rows for it are the VLM's, so that the two compute the same text logits exactly."""
-    from interventions.vlm import IMAGE_TOKEN, VisionSpec, assemble_llava
+    from interventions.modalities.vision_language.llava import IMAGE_TOKEN, VisionSpec, assemble_llava
 
     tok = make_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})

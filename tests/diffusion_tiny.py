@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from interventions.diffusion import DiffusionPipe, word_tokenizer
+from interventions.modalities.text_to_image.pipeline import DiffusionPipe, word_tokenizer
 
 WORDS = "a an photo of red blue green yellow circle square triangle cat dog car".split()
 #: SD v1.x's UNet layout: CrossAttnDown x3 + Down, mid, Up + CrossAttnUp x3, layers_per_block 2.

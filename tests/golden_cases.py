@@ -26,30 +26,31 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 
 #: case name -> (recipe path relative to the project root, fields overridden for a small run)
 CASES: dict[str, tuple[str, dict]] = {
-    "trace_eiffel": ("recipes/trace_eiffel.yaml",
+    "trace_eiffel": ("recipes/trace/trace_eiffel.yaml",
                      {"layers": [0, 12, 24], "samples": 2, "max_batch_rows": 16}),
-    "trace_eiffel_attribution": ("recipes/trace_eiffel.yaml",
+    "trace_eiffel_attribution": ("recipes/trace/trace_eiffel.yaml",
                                  {"layers": [0, 12, 24], "samples": 2, "method": "attribution"}),
-    "patch_eiffel": ("recipes/patch_eiffel.yaml", {"layers": [3, 20], "sites": ["block_output", "mlp_output"]}),
-    "knockout_eiffel": ("recipes/knockout_eiffel.yaml", {"prompts": "first:1"}),
-    "lens_eiffel": ("recipes/lens_eiffel.yaml", {}),
-    "steer_ocean": ("recipes/steer_ocean.yaml",
+    "patch_eiffel": ("recipes/patch/patch_eiffel.yaml", {"layers": [3, 20], "sites": ["block_output", "mlp_output"]}),
+    "knockout_eiffel": ("recipes/lenses/knockout_eiffel.yaml", {"prompts": "first:1"}),
+    "lens_eiffel": ("recipes/lenses/lens_eiffel.yaml", {}),
+    "steer_ocean": ("recipes/steer/steer_ocean.yaml",
                     {"pairs": "first:4", "coefficients": [0, 4], "prompts": "first:1", "max_new_tokens": 6}),
-    "edit_eiffel": ("recipes/edit_eiffel.yaml",
+    "edit_eiffel": ("recipes/edit/edit_eiffel.yaml",
                     {"layer": 4, "mom2_tokens": 2000, "hyperparameters": {"v_steps": 4, "context_templates": []}}),
-    "trace_flag_france": ("recipes/trace_flag_france.yaml",
+    "trace_flag_france": ("recipes/vision-language/trace_flag_france.yaml",
                           {"samples": 1, "layers": [0, 15], "sites": ["hidden", "mlp"]}),
-    "patch_flag_france": ("recipes/patch_flag_france.yaml", {"layers": [2, 20]}),
-    "probe_flags_continent": ("recipes/probe_flags_continent.yaml", {}),
-    "trace_shapes": ("recipes/trace_shapes.yaml",
+    "patch_flag_france": ("recipes/vision-language/patch_flag_france.yaml", {"layers": [2, 20]}),
+    "probe_flags_continent": ("recipes/vision-language/probe_flags_continent.yaml", {}),
+    "trace_shapes": ("recipes/text-to-image/trace_shapes.yaml",
                      {"prompts": "first:1", "images": 2, "steps": 4, "sites": ["text_hidden", "cross_attention"]}),
-    "erase_red": ("recipes/erase_red.yaml", {"images": 2, "steps": 4, "attack": {"prompts": 0}}),
-    "daam_shapes": ("recipes/daam_shapes.yaml", {"images": 1, "prompts": "first:1"}),
+    "erase_red": ("recipes/erase/erase_red.yaml", {"images": 2, "steps": 4, "attack": {"prompts": 0}}),
+    "daam_shapes": ("recipes/text-to-image/daam_shapes.yaml", {"images": 1, "prompts": "first:1"}),
 }
 
-#: keys whose values are clock readings or environment facts, not behaviour
+#: keys whose values are clock readings or environment facts, not behaviour; `integrity` is a delta's hash
+#: over its header, creation time included (its tensors are compared bit for bit on their own)
 VOLATILE = ("seconds", "time", "created", "lesion_version", "version", "torch", "threads", "elapsed", "per_s",
-            "memory_peak", "peak", "host", "date", "argv", "command", "path", "out")
+            "memory_peak", "peak", "host", "date", "argv", "command", "path", "out", "integrity")
 
 
 def small_spec(case: str) -> dict:
@@ -67,7 +68,7 @@ def small_spec(case: str) -> dict:
 
 def run_case(case: str, work: Path) -> dict:
     """Run one case through the CLI in `work`, and return its fingerprint."""
-    from recipes.cli import main
+    from recipes.cli.main import main
 
     spec_file = work / f"{case}.yaml"
     spec_file.write_text(yaml.safe_dump(small_spec(case), sort_keys=False), encoding="utf-8")

@@ -35,7 +35,7 @@ def sweep_spec():
 def vlm_sweep(tokenizer):
     """A LLaVA-1.5-shaped tiny VLM around the wide Llama, and a trace of two flags over every layer."""
     from interventions import parse_spec
-    from interventions.vlm import VisionSpec, assemble_llava
+    from interventions.modalities.vision_language.llava import VisionSpec, assemble_llava
 
     vision = VisionSpec(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2)
@@ -58,7 +58,7 @@ def make_wide_model(vocab: int):
 
 def main() -> None:
     from interventions import compile_spec, run_plan
-    from interventions.memory import PeakMemory
+    from interventions.core.memory import PeakMemory
 
     torch.set_num_threads(1)
     args = [a for a in sys.argv[1:] if a != "--vlm"]

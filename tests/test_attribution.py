@@ -123,7 +123,7 @@ def test_attribution_approaches_exact_for_small_corruptions(tiny_llama):
 
 def test_window_attribution_is_the_sum_of_its_layers(tiny_llama):
     """A window's first-order term is the sum of its layers' terms (AtP's multi-layer approximation;
-    it counts the paths between restored layers once per layer, see interventions/attribution.py)."""
+    it counts the paths between restored layers once per layer, see interventions/engine/attribution.py)."""
     model, tokenizer = tiny_llama
     data = {"kind": "trace", "model": "tiny", "prompts": [EIFFEL], "samples": 2, "sites": ["mlp"],
             "method": "attribution"}
@@ -154,8 +154,8 @@ def test_attribution_refuses_kl():
 
 
 def test_pearson_by_hand_and_lesion_compare(tiny_llama, tmp_path, capsys):
-    from interventions.compare import pearson
-    from recipes.cli import main
+    from interventions.engine.compare import pearson
+    from recipes.cli.main import main
 
     x = torch.tensor([[1.0, 2.0, float("nan")], [3.0, 4.0, 5.0]])
     assert pearson(x, 2 * x + 1) == pytest.approx(1.0)

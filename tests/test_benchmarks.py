@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import make_model
-from recipes.cli import main
+from recipes.cli.main import main
 
 
 @pytest.fixture()
@@ -33,7 +33,7 @@ def test_bench_trace_on_a_vlm_agrees_with_its_reference(folder, capsys):
     against a reference loop that runs the whole LLaVA forward (pixels in) per cell; the last line
     printed is the report as one JSON object."""
     from conftest import make_tokenizer
-    from interventions.vlm import VisionSpec, assemble_llava
+    from interventions.modalities.vision_language.llava import VisionSpec, assemble_llava
 
     vlm, tok = assemble_llava(make_model("llama", len(make_tokenizer())), make_tokenizer(),
                               VisionSpec(hidden_size=24, intermediate_size=48))

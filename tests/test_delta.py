@@ -136,7 +136,7 @@ def test_damaged_files_are_refused(model, tmp_path, damage):
 
 
 def test_save_is_atomic(model, tmp_path, monkeypatch):
-    import safetensors.torch as mod    # interventions.atomic, the one atomic writer, calls its save_file
+    import safetensors.torch as mod    # interventions.core.atomic, the one atomic writer, calls its save_file
 
     target = tmp_path / "edit.safetensors"
     old = delta_for(model, DOWN, seed=5).save(target)

@@ -15,13 +15,13 @@ import reference as ref
 import torch
 
 from editors.delta import DeltaError, applied, apply, revert
-from editors.erase import aligned_positions, edit_sets, erase, normal_equation_residual
-from interventions.diffusion import DiffusionSites, cross_attention_layers
-from interventions.diffusion_trace import (
+from editors.methods.erase import aligned_positions, edit_sets, erase, normal_equation_residual
+from interventions.modalities.text_to_image.pipeline import DiffusionSites, cross_attention_layers
+from interventions.modalities.text_to_image.trace import (
     attn_windows, corrupt, cross_attention_hook, embedding_sigma, text_cells, text_contexts, trace,
 )
-from interventions.errors import SpecError
-from interventions.spec import DiffusionTraceSpec, EraseSpec, dump_spec, load_yaml, parse_spec
+from interventions.core.errors import SpecError
+from interventions.spec.kinds import DiffusionTraceSpec, EraseSpec, dump_spec, load_yaml, parse_spec
 from tests.diffusion_tiny import SD_V1_ATTN2, ChannelEvaluator, sd_v1_unet, tiny_sd
 
 

@@ -12,8 +12,8 @@ from conftest import make_model
 from editors.delta import load_delta
 from editors.evaluate import ngram_entropy, prefers, target_logprobs
 from interventions import SpecError, parse_spec
-from recipes.cli import main
-from recipes.edit import hyperparameters
+from recipes.cli.main import main
+from editors.editor import hyperparameters
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "the eiffel tower", "target_new": "rome",
            "target_true": "paris", "paraphrases": ["where is the eiffel tower in"],
@@ -146,8 +146,8 @@ def test_locate_equals_the_mean_of_per_request_traces(tiny_llama):
     """The located effect is the mean over requests of each request's own MLP trace at its last
     subject token (the trace engine itself is checked cell by cell against plain hooks in test_engine)."""
     from editors.locate import locate_layers, trace_spec
-    from interventions.engine import run
-    from interventions.spec import LocateSpec
+    from interventions.engine.execute import run
+    from interventions.spec.kinds import LocateSpec
 
     model, tokenizer = tiny_llama
     spec = parse_spec({"kind": "edit", "layer": "auto", "requests": [REQUEST, REQUEST2]})
@@ -164,9 +164,9 @@ def test_locate_equals_the_mean_of_per_request_traces(tiny_llama):
 def test_layer_auto_end_to_end(folder, capsys, monkeypatch):
     """`layer: auto` traces, edits the layer it picked, saves the trace, and records it in the delta;
     `--checkpoint` ships the delta with a manifest entry whose hash matches."""
-    import recipes.manifest
+    import recipes.train.manifest
 
-    monkeypatch.setattr(recipes.manifest, "CHECKPOINTS", folder / "ckpt")
+    monkeypatch.setattr(recipes.train.manifest, "CHECKPOINTS", folder / "ckpt")
     spec = folder / "auto.yaml"
     spec.write_text(json.dumps({"kind": "edit", "model": str(folder / "tiny"), "layer": "auto",
                                 "locate": {"window": 1, "samples": 2}, "requests": [REQUEST],
@@ -185,7 +185,7 @@ def test_layer_auto_end_to_end(folder, capsys, monkeypatch):
     assert report["layers"] == [layer] and report["located"]["position"] == "subject_last"
     (entry,) = json.loads((folder / "ckpt" / "manifest.json").read_text())["artefacts"]
     shipped = folder / "ckpt" / "tiny_auto.safetensors"
-    assert entry["sha256"] == recipes.manifest.sha256(shipped) and entry["layers"] == [layer]
+    assert entry["sha256"] == recipes.train.manifest.sha256(shipped) and entry["layers"] == [layer]
     assert entry["recipe"] == str(spec) and entry["command"].startswith("lesion run")
     assert shipped.read_bytes() == (folder / "auto" / "delta.safetensors").read_bytes()
     assert main(["run", str(spec), "--out", str(folder / "x"), "--checkpoint", "../up"]) == 2

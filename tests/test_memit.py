@@ -7,8 +7,8 @@ import torch
 
 from conftest import make_model
 from editors.delta import applied
-from editors.memit import MemitHyperParams, block_outputs, compute_memit, layer_update
-from editors.rome import EditRequest
+from editors.methods.memit import MemitHyperParams, block_outputs, compute_memit, layer_update
+from editors.methods.rome import EditRequest
 
 REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
             EditRequest("{} is located in the city of", "big ben", "paris", "london"),

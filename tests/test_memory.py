@@ -13,8 +13,8 @@ import torch
 
 from conftest import make_model
 from interventions import SpecError, compile_spec, parse_spec, run_plan
-from interventions.units import parse_bytes
-from recipes.cli import main
+from interventions.core.units import parse_bytes
+from recipes.cli.main import main
 
 HERE = Path(__file__).parent
 TOL = 1e-5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from interventions import parse_spec
-from interventions.probe import control_labels, fit_logistic, run_probe, stratified_split
+from interventions.lenses.probe import control_labels, fit_logistic, run_probe, stratified_split
 
 PROMPTS = ["the eiffel tower is in paris", "the colosseum is in rome", "big ben is in london",
            "the statue of liberty is in new york", "paris is the capital of france", "rome is the capital of italy",
@@ -75,8 +75,8 @@ def test_probe_accuracy_equals_scikit_learn_on_plain_hidden_states(tiny_llama):
 
 
 def test_probe_concept_vectors_load_as_steering_vectors(tiny_llama, tmp_path):
-    from interventions.steer import check_vector, load_vector
-    from recipes.lenses import write_probe
+    from interventions.lenses.steering import check_vector, load_vector
+    from recipes.jobs.run_lenses import write_probe
 
     model, tok = tiny_llama
     spec = parse_spec({"kind": "probe", "model": "m", "layers": [1], "examples":
@@ -95,7 +95,7 @@ def test_probe_concept_vectors_load_as_steering_vectors(tiny_llama, tmp_path):
 # ------------------------------------------------------------------------------------------- DAAM
 def _maps_by_hand(pipe, prompt, positions, seeds, layers=None):
     """Pre-hooks on every attn2 catch its input and context; softmax(q k^T * scale) per head by hand."""
-    from interventions.diffusion import cross_attention_layers
+    from interventions.modalities.text_to_image.pipeline import cross_attention_layers
 
     modules = dict(pipe.unet.named_modules())
     names = cross_attention_layers(pipe.unet)
@@ -133,7 +133,7 @@ def _maps_by_hand(pipe, prompt, positions, seeds, layers=None):
 def test_daam_maps_equal_attention_computed_by_hand(layers):
     from diffusion_tiny import tiny_sd
 
-    from interventions.daam import word_maps, word_tokens
+    from interventions.modalities.text_to_image.daam import word_maps, word_tokens
 
     pipe = tiny_sd()
     prompt = "a photo of red circle"
@@ -151,8 +151,8 @@ def test_daam_maps_equal_attention_computed_by_hand(layers):
 def test_daam_word_positions_and_iou_by_hand():
     from diffusion_tiny import tiny_sd
 
-    from interventions.daam import iou, word_tokens
-    from interventions.errors import SpecError
+    from interventions.modalities.text_to_image.daam import iou, word_tokens
+    from interventions.core.errors import SpecError
 
     pipe = tiny_sd()
     assert word_tokens(pipe, "a photo of red circle", "red", "w") == [4]       # <bos> a photo of red

@@ -6,7 +6,7 @@ import torch
 
 import reference as ref
 from interventions import parse_spec, run
-from interventions.pv import PYVENE_HOOK_MARK, RestoreIntervention, build_graph
+from interventions.engine.pv import PYVENE_HOOK_MARK, RestoreIntervention, build_graph
 
 IDS = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
 

@@ -139,7 +139,7 @@ def test_shipped_rome_delta_as_a_peft_adapter_on_smollm2(smollm2, tmp_path, caps
 
     import peft
     from editors.delta import applied, load_delta
-    from recipes.cli import main
+    from recipes.cli.main import main
 
     model, tokenizer = smollm2
     path = Path(__file__).parents[1] / "checkpoints" / "rome_eiffel_to_rome_smollm2.safetensors"
@@ -165,13 +165,13 @@ def test_shipped_rome_delta_as_a_peft_adapter_on_smollm2(smollm2, tmp_path, caps
 
 
 def test_lens_recipe_on_smollm2_with_the_shipped_tuned_lens(tmp_path):
-    """`lesion run recipes/lens_eiffel.yaml`: " Paris" becomes top-1 late (27 through the logit lens, 26 through
+    """`lesion run recipes/lenses/lens_eiffel.yaml`: " Paris" becomes top-1 late (27 through the logit lens, 26 through
     the shipped tuned lens when measured), never before layer 22, and the last layer is the model's own output."""
     import json
 
-    from recipes.cli import main as cli
+    from recipes.cli.main import main as cli
 
-    assert cli(["run", "recipes/lens_eiffel.yaml", "--out", str(tmp_path / "lens")]) == 0
+    assert cli(["run", "recipes/lenses/lens_eiffel.yaml", "--out", str(tmp_path / "lens")]) == 0
     result = json.loads((tmp_path / "lens" / "result.json").read_text())
     p = result["prompts"][0]
     assert 23 <= p["logit_lens_first_top1_layer"] <= 29 and 22 <= p["tuned_lens_first_top1_layer"] <= 29
@@ -186,9 +186,9 @@ def test_knockout_recipe_on_smollm2_finds_the_subject_edges_late(tmp_path):
     over the recipe's three facts; in windows centred 0-9 by less than 15%."""
     import json
 
-    from recipes.cli import main as cli
+    from recipes.cli.main import main as cli
 
-    assert cli(["run", "recipes/knockout_eiffel.yaml", "--out", str(tmp_path / "ko")]) == 0
+    assert cli(["run", "recipes/lenses/knockout_eiffel.yaml", "--out", str(tmp_path / "ko")]) == 0
     result = json.loads((tmp_path / "ko" / "result.json").read_text())
     clean = torch.tensor([p["clean_prob"] for p in result["prompts"]])
     change = torch.tensor(result["grids"]["subject"]["values"])[:, :, 0] / clean[:, None] - 1
@@ -198,9 +198,9 @@ def test_knockout_recipe_on_smollm2_finds_the_subject_edges_late(tmp_path):
 
 def test_probe_on_smollm2_text_saves_concept_vectors(smollm2, tmp_path):
     """A text probe end to end on the real model: continents of countries named in text, whole countries held out."""
-    from interventions.flags import COUNTRIES
-    from interventions.steer import check_vector, load_vector
-    from recipes.lenses import write_probe
+    from interventions.testbeds.flags import COUNTRIES
+    from interventions.lenses.steering import check_vector, load_vector
+    from recipes.jobs.run_lenses import write_probe
 
     asia, americas = {"Japan", "China", "Korea"}, {"Cuba", "Canada", "Chile"}
     examples = [{"prompt": f"{c} is a country in", "label": "Asia" if c in asia else "Americas" if c in americas

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from interventions import SpecError, dump_spec, load_yaml, parse_spec
-from recipes.requests import resolve_requests
+from editors.requests import resolve_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTERFACT = {"case_id": 0, "split": "tune", "requested_rewrite": {
@@ -63,7 +63,7 @@ def test_bad_requests_files_name_the_field(tmp_path):
 
 @pytest.mark.parametrize("name, at_least", [("smollm2-135m", 1000), ("gemma3-270m", 100)])
 def test_the_shipped_fact_sets(name, at_least):
-    """Made by recipes/make_facts.py: tune and eval disjoint by subject, held-out known facts about subjects
+    """Made by recipes/train/make_facts.py: tune and eval disjoint by subject, held-out known facts about subjects
     no request uses, every request with paraphrases and neighbours; SmolLM2's eval split holds 1,000+."""
     data = json.loads((ROOT / "recipes" / "facts" / f"{name}.json").read_text())
     requests = data["requests"]
@@ -71,7 +71,7 @@ def test_the_shipped_fact_sets(name, at_least):
     evals = {r["requested_rewrite"]["subject"] for r in requests if r["split"] == "eval"}
     assert tune and evals and not tune & evals
     assert sum(r["split"] == "eval" for r in requests) >= at_least
-    from recipes.make_facts import RELATIONS
+    from recipes.train.make_facts import RELATIONS
 
     def subject_of(prompt: str, relation: str) -> str:
         before, after = RELATIONS[relation][1][0].split("{}")

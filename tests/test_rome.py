@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_model
 from editors.delta import applied
-from editors.rome import EditRequest, RomeHyperParams, compute_rome, weight_name
+from editors.methods.rome import EditRequest, RomeHyperParams, compute_rome, weight_name
 from editors.stats import second_moment, second_moments
 
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris")
@@ -64,7 +64,7 @@ def test_r_rome_uses_the_optimisations_key(tokenizer):
     """The key in r-ROME's update is the mean of the keys at exactly the positions where v*'s
     optimisation added δ: each template's row at its subject-last token (read by a plain hook on the
     projection's input during the optimisation's first forward)."""
-    from editors.rome import compute_targets, context_templates, request_keys
+    from editors.methods.rome import compute_targets, context_templates, request_keys
 
     model = make_model("llama", len(tokenizer))
     templates = context_templates(model, tokenizer, HP.context_templates, HP.seed)

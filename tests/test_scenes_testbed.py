@@ -14,9 +14,9 @@ import random
 import pytest
 import torch
 
-from interventions.diffusion import CHECKPOINTS, SCENES_FILE, load_pipeline
-from interventions.scenes import Phrasing, evaluator_accuracy, positioned, sample_scene
-from interventions.spec import parse_spec
+from interventions.modalities.text_to_image.pipeline import CHECKPOINTS, SCENES_FILE, load_pipeline
+from interventions.testbeds.scenes import Phrasing, evaluator_accuracy, positioned, sample_scene
+from interventions.spec.kinds import parse_spec
 
 pytestmark = [
     pytest.mark.real_model,
@@ -36,7 +36,7 @@ def test_checkpoint_is_small_listed_and_holds_the_unet_and_adapter_only():
     path = CHECKPOINTS / SCENES_FILE
     assert path.stat().st_size <= 25e6
     entry = {a["path"]: a for a in json.loads((CHECKPOINTS / "manifest.json").read_text())["artefacts"]}[SCENES_FILE]
-    assert entry["recipe"] == "recipes/train_scenes.py" and entry["evaluation"]["train_phrasing"]["colour"] >= 0.7
+    assert entry["recipe"] == "recipes/train/train_scenes.py" and entry["evaluation"]["train_phrasing"]["colour"] >= 0.7
     with safe_open(str(path), "pt") as f:
         assert {k.split(".")[0] for k in f.keys()} == {"unet", "text_adapter", "shape_net"}
 
@@ -66,7 +66,7 @@ def test_colour_follows_the_colour_word(pipe):
 
 
 def test_erase_red_on_the_scenes_testbed_is_judged_three_ways(pipe, tmp_path):
-    from recipes.diffusion import run_erase
+    from recipes.jobs.run_text_to_image import run_erase
 
     spec = parse_spec({"kind": "erase", "model": "scenes-smollm2", "concepts": [{"concept": "red"}],
                        "preserve": ["orange", "yellow", "green", "blue", "purple", "pink"],

@@ -10,14 +10,14 @@ import torch
 
 from conftest import make_model
 from editors.delta import applied, apply, load_delta, revert
-from editors.emmet import compute_emmet
-from editors.memit import compute_memit
-from editors.rome import compute_rome, context_templates
+from editors.methods.emmet import compute_emmet
+from editors.methods.memit import compute_memit
+from editors.methods.rome import compute_rome, context_templates
 from interventions import parse_spec
-from interventions.errors import SpecError
-from recipes.cli import main
-from recipes.edit import compute_edit, edit_request, hyperparameters, key_statistics
-from recipes.sequential import ScaleProbe, evenly_spaced
+from interventions.core.errors import SpecError
+from recipes.cli.main import main
+from editors.editor import compute_edit, edit_request, hyperparameters, key_statistics
+from editors.sequential import ScaleProbe, evenly_spaced
 
 SUBJECTS = [("the eiffel tower", "rome", "paris"), ("big ben", "paris", "london"), ("the colosseum", "london", "rome"),
             ("the louvre", "rome", "paris"), ("the statue of liberty", "paris", "new york")]
@@ -122,7 +122,7 @@ def test_sequential_run_writes_curves_that_its_delta_reproduces(folder, tokenize
     base = dict(make_model("llama", len(tokenizer)).named_parameters())
     by_hand = max(float(delta.difference(n).norm() / base[n].detach().norm()) for n in delta.names)
     assert curves[0]["delta_norm"] == 0.0 and curves[-1]["delta_norm"] == pytest.approx(by_hand, rel=1e-5)
-    from recipes import edit_curves
+    from recipes.studies import edit_curves
 
     capsys.readouterr()
     assert edit_curves.main([str(folder / "out"), "--out", str(folder / "c.png"), "--norms"]) == 0
@@ -184,9 +184,10 @@ def test_sequential_spec_round_trips_and_bad_input_is_one_line(folder, capsys):
 
 
 def test_tuning_reads_only_the_tuning_split_and_curves_tabulate(folder, tokenizer, capsys):
-    """recipes/tune_edit.py scores its candidates on tuning requests only (an evaluation request there
-    would be edited and show up as efficacy); recipes/edit_curves.py reads runs and tabulates."""
-    from recipes import edit_curves, tune_edit
+    """recipes/studies/tune_edit.py scores its candidates on tuning requests only (an evaluation request there
+    would be edited and show up as efficacy); recipes/studies/edit_curves.py reads runs and tabulates."""
+    from recipes.studies import edit_curves
+    from recipes.studies import tune_edit
 
     records = [{"requested_rewrite": {"prompt": r["prompt"], "subject": r["subject"],
                                       "target_new": {"str": r["target_new"]}, "target_true": {"str": r["target_true"]}},
@@ -219,7 +220,7 @@ class Stop(Exception):
 
 @pytest.mark.parametrize("method,size", [("alphaedit", 2), ("r-rome", 1)])
 def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(folder, tokenizer, method, size):
-    from recipes.sequential import run_sequential
+    from editors.sequential import run_sequential
 
     model = make_model("llama", len(tokenizer))
     spec = spec_for(folder, method, size)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from interventions.diffusion import CHECKPOINTS, TESTBED_FILE, load_pipeline
-from interventions.shapes import COLOURS, SHAPES, caption, colour_of, render
-from recipes.cli import main as cli
+from interventions.modalities.text_to_image.pipeline import CHECKPOINTS, TESTBED_FILE, load_pipeline
+from interventions.testbeds.shapes import COLOURS, SHAPES, caption, colour_of, render
+from recipes.cli.main import main as cli
 
 ROOT = Path(__file__).parents[1]
 
@@ -28,7 +28,7 @@ def test_checkpoint_is_small_and_listed():
     path = CHECKPOINTS / TESTBED_FILE
     assert path.stat().st_size < 25e6
     entry = {a["path"]: a for a in json.loads((CHECKPOINTS / "manifest.json").read_text())["artefacts"]}[TESTBED_FILE]
-    assert entry["recipe"] == "recipes/train_shapes.py" and entry["evaluation"]["colour"] >= 0.8
+    assert entry["recipe"] == "recipes/train/train_shapes.py" and entry["evaluation"]["colour"] >= 0.8
 
 
 def test_evaluator_names_rendered_images(pipe):
@@ -51,7 +51,7 @@ def test_testbed_draws_the_asked_colour_and_shape(pipe):
 
 
 def test_erase_red_end_to_end_with_apply(tmp_path):
-    spec = (ROOT / "recipes" / "erase_red.yaml").read_text().replace("images: 32", "images: 6")
+    spec = (ROOT / "recipes" / "erase" / "erase_red.yaml").read_text().replace("images: 32", "images: 6")
     spec = spec.replace("attack: {prompts: 3, steps: 40}", "attack: {prompts: 1, steps: 8}\nsteps: 15")
     (tmp_path / "erase.yaml").write_text(spec)
     out = tmp_path / "run"
@@ -100,7 +100,7 @@ def test_trace_cli_on_testbed(tmp_path, capsys):
     assert result["grids"]["cross_attention"]["values"][0] == [[p["clean_prob"]]]
     hidden = torch.tensor(result["grids"]["text_hidden"]["values"][0])
     assert hidden.shape == (2, 8)
-    # what recipes/trace_shapes.yaml found: the colour token's own state brings red back, at either
+    # what recipes/text-to-image/trace_shapes.yaml found: the colour token's own state brings red back, at either
     # layer; the tokens after it (which also saw "blue" through the causal mask) do not
     assert hidden[:, 2].min() >= 0.75 and hidden[:, 3:].max() <= 0.25
     assert {"heatmap.png", "result.json", "result.safetensors", "spec.yaml"} <= {f.name for f in out.iterdir()}
@@ -110,7 +110,7 @@ def test_trace_cli_on_testbed(tmp_path, capsys):
 def test_daam_on_the_testbed_maps_the_colour_word_onto_the_object(tmp_path):
     """`lesion run` of a DAAM spec: the colour word's map overlaps the object far more than "a" does
     (the shape word's map outlines the object; README, kind: daam)."""
-    spec = (ROOT / "recipes" / "daam_shapes.yaml").read_text().replace("images: 16", "images: 4")
+    spec = (ROOT / "recipes" / "text-to-image" / "daam_shapes.yaml").read_text().replace("images: 16", "images: 4")
     (tmp_path / "daam.yaml").write_text(spec)
     assert cli(["run", str(tmp_path / "daam.yaml"), "--out", str(tmp_path / "run")]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from interventions import SpecError, compile_spec, dump_spec, load_spec, load_yaml, parse_spec, spec_schema
-from interventions.sites import site_table
+from interventions.models.sites import site_table
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 EIFFEL = {"prompt": "the eiffel tower is located in the city of", "subject": "eiffel tower"}
 
 SPECS = [

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_model
 from interventions import SpecError, parse_spec
-from interventions.steer import (SteerError, SteeringVector, Steerer, estimate, first_direction, load_vector,
+from interventions.lenses.steering import (SteerError, SteeringVector, Steerer, estimate, first_direction, load_vector,
                                  steering)
 from reference import hooks, module
 
@@ -159,7 +159,7 @@ STEER = {"kind": "steer", "pairs": [{"positive": p, "negative": n} for p, n in z
 
 
 def test_steer_spec_validation_and_round_trip():
-    from interventions.spec import dump_spec, load_yaml
+    from interventions.spec.kinds import dump_spec, load_yaml
 
     spec = parse_spec(STEER)
     assert parse_spec(load_yaml(dump_spec(spec))) == spec
@@ -183,7 +183,7 @@ def test_steer_spec_validation_and_round_trip():
 def test_steer_run_and_apply_end_to_end(tmp_path, tokenizer, capsys):
     """`lesion run` on a steer spec writes the vector, generations, table and plot; `lesion apply
     --steer` generates with the saved vector; coefficient 0 reproduces the unsteered text."""
-    from recipes.cli import main
+    from recipes.cli.main import main
 
     model = make_model("llama", len(tokenizer))
     model.save_pretrained(tmp_path / "tiny")
@@ -244,7 +244,7 @@ def test_end_of_sequence_and_min_new_tokens_match_generate(tokenizer):
 
 def test_bench_steer_runs(tmp_path, tokenizer, capsys):
     """The benchmark command on a tiny model: all three rows, ratios computed (no timing asserted)."""
-    from recipes.cli import main
+    from recipes.cli.main import main
 
     model = make_model("llama", len(tokenizer))
     model.save_pretrained(tmp_path / "tiny")

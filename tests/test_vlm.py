@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interventions.errors import SpecError
-from interventions.sites import LLAVA, site_table
-from interventions.vlm import VisionSpec, assemble_llava, image_positions, image_prompt
+from interventions.core.errors import SpecError
+from interventions.models.sites import LLAVA, site_table
+from interventions.modalities.vision_language.llava import VisionSpec, assemble_llava, image_positions, image_prompt
 from tests.conftest import make_model, make_tokenizer
 
 VISION = VisionSpec(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
@@ -104,8 +104,8 @@ def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path, corru
     import json
 
     from interventions import run
-    from interventions.spec import VLMTraceSpec, dump_spec, load_yaml, parse_spec
-    from recipes.cli import main as cli
+    from interventions.spec.kinds import VLMTraceSpec, dump_spec, load_yaml, parse_spec
+    from recipes.cli.main import main as cli
 
     _, vlm, tok = pair
     folder = tmp_path / "llava"
@@ -126,7 +126,7 @@ def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path, corru
     assert got["prompts"][0]["column_positions"] == want.prompts[0]["column_positions"]
     assert (tmp_path / "out" / "heatmap.png").stat().st_size > 10_000
     with pytest.raises(SpecError, match="flag:"):
-        from interventions.vlm import load_image
+        from interventions.modalities.vision_language.llava import load_image
         load_image("flag:Atlantis", vlm)
 
 
@@ -134,7 +134,7 @@ def test_vlm_specs_compile_against_a_llava_folder_of_any_name(pair, tmp_path, ca
     """`validate --compile`: images load and layers exist; the folder's name says nothing ("my-vision-model")."""
     import json
 
-    from recipes.cli import main as cli
+    from recipes.cli.main import main as cli
 
     _, vlm, tok = pair
     folder = tmp_path / "my-vision-model"
@@ -157,7 +157,7 @@ def test_vlm_specs_compile_against_a_llava_folder_of_any_name(pair, tmp_path, ca
 
 
 def test_vlm_trace_spec_names_the_missing_corruption_input():
-    from interventions.spec import parse_spec
+    from interventions.spec.kinds import parse_spec
 
     base = {"kind": "trace", "model": "llava-flags-smollm2",
             "prompts": [{"image": "flag:France", "prompt": " The capital is", "target": "Paris"}]}
@@ -173,8 +173,8 @@ def test_vlm_rome_maps_the_image_key_to_its_value(pair):
     """ROME read at the image tokens: W' k* = v* (the defining equation), rank one, and the model is
     unchanged by computing."""
     from editors.delta import applied
-    from editors.rome import RomeHyperParams
-    from editors.vlm_rome import compute_vlm_rome
+    from editors.methods.rome import RomeHyperParams
+    from editors.methods.rome_vision_language import compute_vlm_rome
 
     _, vlm, tok = pair
     pixels = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(4))
@@ -206,10 +206,10 @@ def test_vlm_rome_maps_the_image_key_to_its_value(pair):
 def test_apply_image_cli_edits_and_refuses_foreign_deltas(pair, tmp_path, capsys):
     """`lesion apply --image` on a saved LLaVA folder: generates with and without a VLM delta; a delta made
     for another model is refused with exit status 2 and the model is not touched."""
-    from editors.rome import RomeHyperParams
-    from editors.vlm_rome import compute_vlm_rome
-    from interventions.flags import COUNTRIES, render
-    from recipes.cli import main as cli
+    from editors.methods.rome import RomeHyperParams
+    from editors.methods.rome_vision_language import compute_vlm_rome
+    from interventions.testbeds.flags import COUNTRIES, render
+    from recipes.cli.main import main as cli
 
     _, vlm, tok = pair
     folder = tmp_path / "llava"
@@ -264,10 +264,10 @@ def test_vlm_edit_spec_runs_from_the_cli_and_its_report_is_reproducible(pair, tm
     import json
 
     from editors.delta import applied, load_delta
-    from editors.vlm_rome import compute_k_star
-    from interventions.spec import VLMEditSpec, dump_spec, load_yaml, parse_spec
-    from interventions.vlm import load_image, load_vlm, top_answers
-    from recipes.cli import main as cli
+    from editors.methods.rome_vision_language import compute_k_star
+    from interventions.spec.kinds import VLMEditSpec, dump_spec, load_yaml, parse_spec
+    from interventions.modalities.vision_language.llava import load_image, load_vlm, top_answers
+    from recipes.cli.main import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
     _, vlm, tok = pair
@@ -313,7 +313,7 @@ def test_vlm_edit_spec_runs_from_the_cli_and_its_report_is_reproducible(pair, tm
 
 
 def test_vlm_edit_spec_refuses_bad_input():
-    from interventions.spec import parse_spec
+    from interventions.spec.kinds import parse_spec
 
     base = {"kind": "edit", "model": "llava-flags-smollm2", "image": "flag:France", "questions": [" Its capital is"],
             "target_new": "Rome"}
@@ -362,7 +362,7 @@ def test_llava15_folder_image_tokens_are_the_second_to_last_layer_without_cls(ll
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    from interventions.vlm import load_image, load_vlm
+    from interventions.modalities.vision_language.llava import load_image, load_vlm
 
     vlm, tok, processor = load_vlm(str(llava15))
     pixels = load_image(str(llava15 / "a.png"), vlm, processor)
@@ -389,9 +389,9 @@ def test_llava15_folder_runs_trace_edit_and_apply_specs_with_image_files(llava15
     import json
 
     from interventions import run
-    from interventions.spec import dump_spec, parse_spec
-    from interventions.vlm import load_vlm
-    from recipes.cli import main as cli
+    from interventions.spec.kinds import dump_spec, parse_spec
+    from interventions.modalities.vision_language.llava import load_vlm
+    from recipes.cli.main import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
     a, b = str(llava15 / "a.png"), str(llava15 / "b.png")
@@ -434,7 +434,7 @@ def _image_keys_by_hand(vlm, tok, images, layer, question):
 
 
 def test_image_key_moment_equals_plain_hooks_and_ignores_the_question(pair):
-    from editors.vlm_rome import image_key_moment
+    from editors.methods.rome_vision_language import image_key_moment
 
     _, vlm, tok = pair
     images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(8))
@@ -448,8 +448,8 @@ def test_load_images_resolves_flags_seeds_and_folders(pair, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from interventions.flags import COUNTRIES, render
-    from interventions.vlm import load_image, load_images
+    from interventions.testbeds.flags import COUNTRIES, render
+    from interventions.modalities.vision_language.llava import load_image, load_images
 
     _, vlm, _ = pair
     names = [c for c, _ in COUNTRIES]
@@ -479,10 +479,10 @@ def test_vlm_edit_with_an_image_corpus_solves_against_text_plus_image_keys(pair,
 
     from editors.delta import load_delta
     from editors.stats import second_moment
-    from editors.vlm_rome import compute_k_star
-    from interventions.spec import dump_spec, parse_spec
-    from interventions.vlm import load_image, load_images, load_vlm
-    from recipes.cli import main as cli
+    from editors.methods.rome_vision_language import compute_k_star
+    from interventions.spec.kinds import dump_spec, parse_spec
+    from interventions.modalities.vision_language.llava import load_image, load_images, load_vlm
+    from recipes.cli.main import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
     _, vlm, tok = pair
@@ -514,8 +514,8 @@ def test_vlm_rome_over_several_renders_starts_v_star_at_w_k_star(pair):
     """With several images of the subject, k* is the mean key over all their image tokens and v* − δ
     is W k* (the MLP output is linear in the key), so W' k* = v* and ‖v* − W k*‖ = ‖δ‖."""
     from editors.delta import applied
-    from editors.rome import RomeHyperParams
-    from editors.vlm_rome import compute_k_star, compute_vlm_rome
+    from editors.methods.rome import RomeHyperParams
+    from editors.methods.rome_vision_language import compute_k_star, compute_vlm_rome
 
     _, vlm, tok = pair
     renders = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(11))

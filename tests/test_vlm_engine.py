@@ -1,4 +1,4 @@
-"""VLM traces and patches on the one engine (`interventions.plan` + `engine`), on a tiny seeded LLaVA.
+"""VLM traces and patches on the one engine (`interventions.engine.plan` + `engine`), on a tiny seeded LLaVA.
 
 Expected values come from plain PyTorch hooks on the whole LLaVA forward (``input_ids`` and
 ``pixel_values``, the model merging its own image features): noise added to the projector's output
@@ -16,9 +16,9 @@ import torch
 import reference as ref
 from conftest import make_vlm_pair
 from interventions import compile_spec, parse_spec, run
-from interventions.conventions import noise_generator
-from interventions.flags import COUNTRIES, render
-from interventions.vlm import IMAGE_TOKEN, image_positions, image_prompt
+from interventions.core.conventions import noise_generator
+from interventions.testbeds.flags import COUNTRIES, render
+from interventions.modalities.vision_language.llava import IMAGE_TOKEN, image_positions, image_prompt
 
 QUESTION = " the capital of"
 SPEED_PATHS = [dict(), dict(share_prefix=False, skip_layers=False), dict(share_prefix=False),
@@ -286,7 +286,7 @@ def test_image_token_attribution_equals_finite_differences(pair, corruption, flo
 
 def test_vlm_trace_under_device_map_equals_one_device(pair, tmp_path):
     """accelerate's dispatch (two language-model layers on "disk") gives the single-device grids."""
-    from interventions.vlm import dispatch
+    from interventions.modalities.vision_language.llava import dispatch
 
     _, vlm, tok = pair
     import copy

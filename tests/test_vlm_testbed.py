@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from interventions.flags import COUNTRIES, render
-from interventions.vlm import VLM_TESTBED_FILE, image_prompt, load_vlm_testbed
-from recipes.train_flags import NAMING, top1
+from interventions.testbeds.flags import COUNTRIES, render
+from interventions.modalities.vision_language.llava import VLM_TESTBED_FILE, image_prompt, load_vlm_testbed
+from recipes.train.train_flags import NAMING, top1
 from tests.test_checkpoints import ROOT
 
 pytestmark = pytest.mark.real_model
@@ -24,7 +24,7 @@ def test_checkpoint_is_listed_with_its_evaluation():
     path = ROOT / VLM_TESTBED_FILE
     assert path.stat().st_size < 25e6
     entry = {a["path"]: a for a in json.loads((ROOT / "manifest.json").read_text())["artefacts"]}[VLM_TESTBED_FILE]
-    assert entry["recipe"] == "recipes/train_flags.py" and entry["evaluation"]["naming"] >= 0.9
+    assert entry["recipe"] == "recipes/train/train_flags.py" and entry["evaluation"]["naming"] >= 0.9
 
 
 def test_testbed_names_held_out_flags_and_keeps_the_language_model(testbed):
@@ -57,7 +57,7 @@ def test_knockout_of_the_image_tokens_matters_only_late(testbed):
     """Cutting image -> last over 9-layer windows: p(Paris) falls by more than half in the window centred on
     layer 25 and by less than 10% in the window centred on layer 3 (the recipe's finding, with margins)."""
     from interventions import parse_spec
-    from interventions.knockout import run_knockout
+    from interventions.lenses.knockout import run_knockout
 
     vlm, tokenizer, _ = testbed
     spec = parse_spec({"kind": "knockout", "model": "llava-flags-smollm2", "window": 9, "block": ["image"],

@@ -1,0 +1,1 @@
+"""Edit methods: ROME and r-ROME, EMMET, MEMIT and AlphaEdit, concept erasure."""

@@ -1,0 +1,230 @@
+"""Sequential editing measured as it goes: the curves the literature uses to show collapse.
+
+    lesion run recipes/edit/sequential_smollm2_alphaedit.yaml --out runs/seq_alphaedit
+
+A `kind: edit` spec with ``sequential: {batch_size: N, eval_every: K}`` edits its requests N at a
+time, each batch computed on the model with the earlier batches applied (`editors.editor.Editor`).
+Before the first batch, after every K batches and after the last, it measures the model as it is
+then (`ScaleProbe`):
+
+- efficacy: of all the edits so far, the share whose prompt prefers ``target_new`` to ``target_true``
+  (mean log-probability of the target's tokens, as CounterFact);
+- paraphrase, neighbourhood: the share of paraphrases preferring ``target_new``, and of neighbour
+  prompts still preferring ``target_true``, over at most `sample` of the edits so far, evenly spaced;
+- fluency: the n-gram entropy of generations from the subjects of the run's first requests;
+- held-out accuracy: top-1 on facts the unedited model knows, which are never edited;
+- perplexity of a fixed held-out text;
+- ``delta_norm``: the largest ‖ΔW‖_F / ‖W₀‖_F over the edited matrices (`editors.delta.relative_norms`),
+  how far the stacked edits have moved a weight from the base model.
+
+At 0 edits the edit metrics are read on the run's requests before any edit (efficacy is then the
+share the model already prefers, about 0). The run writes ``curves.json`` (one row per measurement,
+with seconds spent editing so far), ``curves.png`` and the stacked ``delta.safetensors``, which
+reproduces the sequential run when applied to the base model. At every measurement it also writes a
+checkpoint (the stacked delta so far, AlphaEdit's earlier keys, the rows); a run that was stopped
+continues from its staging folder with ``sequential: {resume: <folder>}`` and ends as the
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from editors.delta import relative_norms
+from editors.evaluate import fluency, perplexity, prefers_each, top1_accuracy
+from interventions.core.errors import SpecError
+from interventions.core.paths import RECIPES
+
+#: The held-out text whose perplexity the curves track, shipped with the fact sets.
+DEFAULT_TEXT = RECIPES / "facts" / "heldout_text.txt"
+#: What each measurement row holds, in the order of the figure's panels.
+CURVE_METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency", "heldout_accuracy", "perplexity")
+
+
+def evenly_spaced(items: list, k: int) -> list:
+    """At most `k` of `items`, evenly spaced, first included."""
+    if len(items) <= k:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)] if k > 1 else items[:1]
+
+
+def read_heldout(path, field: str = "sequential.heldout") -> list[tuple[str, str]]:
+    """``(prompt, answer)`` of the held-out known facts in a fact-set file (its ``heldout_known``)."""
+    if path is None or not Path(path).is_file():
+        raise SpecError(field, path, "a JSON file with a `heldout_known` list of {prompt, answer} facts (the fact "
+                        "sets in recipes/facts/ have one)")
+    try:
+        facts = json.loads(Path(path).read_text(encoding="utf-8")).get("heldout_known")
+    except (json.JSONDecodeError, AttributeError):
+        facts = None
+    if not facts or not all(isinstance(f, dict) and {"prompt", "answer"} <= set(f) for f in facts):
+        raise SpecError(field, path, "a JSON file with a non-empty `heldout_known` list of {prompt, answer} facts")
+    return [(f["prompt"], f["answer"]) for f in facts]
+
+
+def share_preferring(model, tokenizer, asks: list[tuple[str, str, str]]) -> float | None:
+    """The share of ``(prompt, first, second)`` where `first` is more probable than `second` after the
+    prompt (all scored in one batched pass); None when there is nothing to ask."""
+    if not asks:
+        return None
+    return sum(prefers_each(model, tokenizer, asks)) / len(asks)
+
+
+@dataclass
+class ScaleProbe:
+    """What a sequential run measures after its batches; see the module's docstring."""
+
+    heldout: list[tuple[str, str]]
+    text: str
+    fluency_prompts: list[str]
+    sample: int
+
+    @classmethod
+    def from_spec(cls, spec) -> "ScaleProbe":
+        path = Path(spec.sequential.text) if spec.sequential.text else DEFAULT_TEXT
+        if not path.is_file():
+            raise SpecError("sequential.text", str(path), "an existing text file")
+        return cls(read_heldout(spec.sequential.heldout), path.read_text(encoding="utf-8"),
+                   [r.subject for r in spec.requests[: spec.sequential.fluency_prompts]], spec.sequential.sample)
+
+    def measure(self, model, tokenizer, edited: list) -> dict:
+        row = {"efficacy": share_preferring(model, tokenizer, [(r.prompt.replace("{}", r.subject), r.target_new,
+                                                                r.target_true) for r in edited])}
+        some = evenly_spaced(edited, self.sample)
+        row["paraphrase"] = share_preferring(model, tokenizer, [(p, r.target_new, r.target_true) for r in some
+                                                                for p in r.paraphrases])
+        row["neighbourhood"] = share_preferring(model, tokenizer, [(p, r.target_true, r.target_new) for r in some
+                                                                   for p in r.neighbours])
+        row["fluency"] = fluency(model, tokenizer, self.fluency_prompts)
+        row["heldout_accuracy"] = top1_accuracy(model, tokenizer, self.heldout)
+        row["perplexity"] = perplexity(model, tokenizer, self.text)
+        return row
+
+
+CHECKPOINT = "checkpoint.safetensors"        # the stacked delta of the edits so far
+CHECKPOINT_STATE = "checkpoint.json"         # how many edits, the rows so far, the spec
+CHECKPOINT_KEYS = "checkpoint_keys.safetensors"   # AlphaEdit's earlier keys (K_p K_p^T per layer)
+
+
+def save_checkpoint(out: Path, spec, editor, done: int, rows: list[dict]) -> None:
+    """After a measurement: what a later run needs to continue exactly from here (`sequential.resume`)."""
+    from interventions.core.atomic import atomic_save_file, atomic_write
+
+    if editor is None or editor.stacked is None:
+        return
+    editor.stacked.save(out / CHECKPOINT)
+    atomic_save_file({f"previous.{k}": v.contiguous() for k, v in editor.previous.items()}, out / CHECKPOINT_KEYS)
+    state = {"edits": done, "batches": len(editor.details), "rows": rows, "details": editor.details,
+             "spec": checkpoint_spec(spec)}
+    atomic_write(out / CHECKPOINT_STATE, json.dumps(state, indent=1).encode())
+
+
+def checkpoint_spec(spec) -> dict:
+    """The spec as a checkpoint records it: everything but where it resumes from."""
+    from interventions.spec.kinds import spec_to_dict
+
+    data = spec_to_dict(spec)
+    data["sequential"] = {k: v for k, v in data["sequential"].items() if k != "resume"}
+    return json.loads(json.dumps(data))
+
+
+def load_checkpoint(spec):
+    """``(done, stacked delta, previous keys, details, rows)`` from `spec.sequential.resume`."""
+    from safetensors.torch import load_file
+
+    from editors.delta import load_delta
+
+    folder = Path(spec.sequential.resume)
+    if not (folder / CHECKPOINT_STATE).is_file():
+        raise SpecError("sequential.resume", str(folder), f"a folder holding {CHECKPOINT_STATE} and {CHECKPOINT} "
+                        "(the staging folder of an interrupted sequential run)")
+    state = json.loads((folder / CHECKPOINT_STATE).read_text())
+    if state["spec"] != checkpoint_spec(spec):
+        differ = sorted(k for k in set(state["spec"]) | set(checkpoint_spec(spec))
+                        if state["spec"].get(k) != checkpoint_spec(spec).get(k))
+        raise SpecError("sequential.resume", str(folder), "a checkpoint of this same spec (it differs in "
+                        + ", ".join(differ) + ")")
+    keys = load_file(str(folder / CHECKPOINT_KEYS))
+    previous = {int(k.split(".")[1]): v for k, v in keys.items()}
+    return state["edits"], load_delta(folder / CHECKPOINT), previous, state["details"], state["rows"]
+
+
+def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
+    """Edit batch by batch, measuring as configured; write curves.json, curves.png and the delta, and a
+    checkpoint at every measurement (from which `sequential.resume` continues an interrupted run)."""
+    probe = ScaleProbe.from_spec(spec)
+    every = spec.sequential.eval_every
+    total = len(spec.requests)
+    rows, clock = [], {"editing": 0.0, "since": time.perf_counter(), "batches": 0}
+    resume = None
+    if spec.sequential.resume is not None:
+        done, stacked, previous, details, rows = load_checkpoint(spec)
+        resume = (done, stacked, previous, details)
+        clock.update(editing=rows[-1]["edit_seconds"], batches=len(details))
+        print(f"resuming after {done} of {total} edits from {spec.sequential.resume}", flush=True)
+
+    def record(done: int, seconds: float, editor=None) -> None:
+        start = time.perf_counter()
+        row = {"edits": done, "edit_seconds": seconds,
+               **probe.measure(model, tokenizer, list(spec.requests[:done]) or list(spec.requests))}
+        row["measure_seconds"] = time.perf_counter() - start
+        stacked = editor.stacked if editor is not None else None
+        row["delta_norm"] = max(relative_norms(model, stacked).values()) if stacked is not None else 0.0
+        rows.append(row)
+        print(f"[{done}/{total} edits] " + ", ".join(
+            f"{k} {row[k]:.3f}" for k in CURVE_METRICS if row[k] is not None)
+            + f", delta_norm {row['delta_norm']:.3f} ({seconds:.0f} s editing)",
+            flush=True)
+        (out / "curves.json").write_text(json.dumps({"method": spec.method, "rows": rows}, indent=1))
+        save_checkpoint(out, spec, editor, done, rows)
+
+    def on_batch(done: int, editor) -> None:
+        clock["editing"] += time.perf_counter() - clock["since"]
+        clock["batches"] += 1
+        if clock["batches"] % every == 0 or done == total or done in spec.sequential.eval_at:
+            record(done, clock["editing"], editor)
+        clock["since"] = time.perf_counter()
+
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        record(0, 0.0)
+    clock["since"] = time.perf_counter()
+    delta, details = compute_edit(spec, model, tokenizer, on_batch=on_batch, resume=resume)
+    final = rows[-1]
+    delta = delta.with_metrics({k: final[k] for k in CURVE_METRICS})
+    path = delta.save(out / "delta.safetensors")
+    plot_curves({spec.method: rows}, out / "curves.png",
+                title=f"{spec.method}, batches of {spec.sequential.batch_size}, {spec.model}")
+    return {"delta": path.name, "bytes": path.stat().st_size, "rows": rows, "details": details,
+            "metrics": delta.meta["metrics"], "edited": delta.names, "lesion_version": delta.meta.get("lesion_version"),
+            "seconds": {"edit (statistics included)": final["edit_seconds"],
+                        "measure": sum(r["measure_seconds"] for r in rows)}}
+
+
+def plot_curves(curves: dict[str, list[dict]], path: str | Path, *, title: str = "") -> None:
+    """One panel per metric against the number of edits, one line per method (log-scaled x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, metric in zip(axes.flat, CURVE_METRICS):
+        for method, rows in curves.items():
+            points = [(max(r["edits"], 1), r[metric]) for r in rows if r[metric] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=method)
+        ax.set_xscale("log")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.set_title(metric.replace("_", " ") + (" (log scale)" if metric == "perplexity" else ""))
+        ax.set_xlabel("edits (0 drawn at 1)")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

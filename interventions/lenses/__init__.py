@@ -1,0 +1,1 @@
+"""Lenses: logit and tuned lens, attention knockout, linear probes, steering vectors."""

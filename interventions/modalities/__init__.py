@@ -1,0 +1,1 @@
+"""Modalities beyond text: vision-language (LLaVA) and text-to-image (diffusers)."""

@@ -1,0 +1,1 @@
+"""Text-to-image models (diffusers): pipelines, tracing, cross-attention maps, attacks."""

@@ -1,0 +1,1 @@
+"""Vision-language models (LLaVA): loading, images, image-token prompts."""

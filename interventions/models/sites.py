@@ -1,0 +1,132 @@
+"""Site tables: one small table per model family mapping site names to module paths.
+
+Algorithm code asks for ``table.component("mlp_output", 5)`` and never spells a
+module path itself. Paths are pyvene raw component strings, so they compile
+directly into `IntervenableModel` configs.
+
+>>> LLAMA.component("mlp_output", 5)
+'model.layers[5].mlp.output'
+>>> LLAMA.component("mlp_key", 2)
+'model.layers[2].mlp.down_proj.input'
+>>> GPT2.component("embed")
+'transformer.wte.output'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from interventions.core.errors import SpecError, one_of, suggest
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    """Where each site lives in one model family.
+
+    `sites` maps a name to ``(module path template, "input" | "output")``;
+    ``{}`` in a template is the layer index.
+    """
+
+    family: str
+    layers: str
+    sites: dict[str, tuple[str, str]] = field(default_factory=dict)
+    final_norm: str = "model.norm"     # the norm between the last block and the unembedding
+
+    def component(self, site: str, layer: int | None = None) -> str:
+        """The pyvene component string of `site` at `layer`."""
+        if site not in self.sites:
+            raise SpecError("sites", site, f"{one_of(site, self.sites)} for the {self.family} family")
+        template, hook = self.sites[site]
+        path = template.format(layer) if "{}" in template else template
+        return f"{path}.{hook}"
+
+    def is_layered(self, site: str) -> bool:
+        return "{}" in self.sites[site][0]
+
+    def module(self, model: torch.nn.Module, site: str, layer: int | None = None) -> torch.nn.Module:
+        """The module whose input or output `site` names."""
+        return get_module(model, self.component(site, layer).rsplit(".", 1)[0])
+
+    def num_layers(self, model: torch.nn.Module) -> int:
+        return len(get_module(model, self.layers))
+
+    def readout(self, model: torch.nn.Module):
+        """``h -> logits``: the model's own final norm, unembedding and (Gemma) logit soft-capping, applied
+        to a residual state (the logit lens). On the last block's output it gives the model's logits."""
+        norm, head = get_module(model, self.final_norm), model.get_output_embeddings()
+        config = getattr(model.config, "text_config", model.config)
+        cap = getattr(config, "final_logit_softcapping", None)
+
+        def logits(h: torch.Tensor) -> torch.Tensor:
+            out = head(norm(h))
+            return out if cap is None else torch.tanh(out / cap) * cap
+        return logits
+
+
+_PART = re.compile(r"([A-Za-z_][A-Za-z_0-9]*)((?:\[\d+\])*)")
+
+
+def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Resolve ``"model.layers[3].mlp"`` against `model`."""
+    obj = model
+    for part in path.split("."):
+        m = _PART.fullmatch(part)
+        if m is None:
+            raise LookupError(f"malformed module path {path!r} at {part!r}")
+        obj = getattr(obj, m.group(1))
+        for idx in re.findall(r"\[(\d+)\]", m.group(2)):
+            obj = obj[int(idx)]
+    return obj
+
+
+_DECODER = {
+    "embed": ("model.embed_tokens", "output"),
+    "block_input": ("model.layers[{}]", "input"),
+    "block_output": ("model.layers[{}]", "output"),
+    "mlp_output": ("model.layers[{}].mlp", "output"),
+    "attention_output": ("model.layers[{}].self_attn", "output"),
+    "mlp_key": ("model.layers[{}].mlp.down_proj", "input"),
+}
+
+GPT2 = SiteTable("gpt2", "transformer.h", {
+    "embed": ("transformer.wte", "output"),
+    "block_input": ("transformer.h[{}]", "input"),
+    "block_output": ("transformer.h[{}]", "output"),
+    "mlp_output": ("transformer.h[{}].mlp", "output"),
+    "attention_output": ("transformer.h[{}].attn", "output"),
+    "mlp_key": ("transformer.h[{}].mlp.c_proj", "input"),
+}, final_norm="transformer.ln_f")
+LLAMA = SiteTable("llama", "model.layers", dict(_DECODER))
+# Gemma 3 scales its embeddings inside the embedding module, so `embed` is the scaled value;
+# `mlp_output` is the MLP before the post-feed-forward norm.
+GEMMA3 = SiteTable("gemma3", "model.layers", dict(_DECODER))
+
+# LLaVA (transformers 5 paths): the language model's decoder sites, the vision tower and the projector.
+_LM = "model.language_model"
+LLAVA = SiteTable("llava", f"{_LM}.layers", {
+    **{name: (path.replace("model.", f"{_LM}.", 1), hook) for name, (path, hook) in _DECODER.items()},
+    "vision_block_output": ("model.vision_tower.encoder.layers[{}]", "output"),
+    "projector_output": ("model.multi_modal_projector", "output"),
+}, final_norm=f"{_LM}.norm")
+
+FAMILIES: dict[str, SiteTable] = {t.family: t for t in (GPT2, LLAMA, GEMMA3, LLAVA)}
+#: transformers `config.model_type` -> family
+MODEL_TYPES = {
+    "gpt2": "gpt2",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "olmo": "llama",
+    "gemma3_text": "gemma3",
+    "llava": "llava",
+}
+
+
+def site_table(model: torch.nn.Module) -> SiteTable:
+    """The site table for `model`, from its ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPES:
+        known = ", ".join(f"{t} ({f})" for t, f in MODEL_TYPES.items())
+        raise SpecError("model", model_type,
+                        f"a model type with a site table: {known}{suggest(model_type or '', MODEL_TYPES)}")
+    return FAMILIES[MODEL_TYPES[model_type]]

@@ -1,0 +1,1 @@
+"""Synthetic worlds with known truth: coloured shapes, scenes and flags."""

@@ -1,0 +1,1 @@
+"""Benchmarks (`lesion bench-*`): each ends with one JSON line of its figures."""

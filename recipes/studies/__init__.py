@@ -1,0 +1,1 @@
+"""Studies behind the README's findings: tuning, method comparisons, curves."""
