@@ -145,3 +145,32 @@ def mean_present(values: list) -> float | None:
     """The mean of the values that are not None (a request may have no paraphrases); None if none are."""
     values = [float(v) for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def image_answers(vlm, tokenizer, pixels: torch.Tensor, others: torch.Tensor | None, questions: list[str],
+                  kl_prompt: str) -> dict:
+    """A vision-language model's top-1 answers: to each question about `pixels` and about each of `others`,
+    and after `kl_prompt` (does the image still read as what it was?)."""
+    from interventions.modalities.vision_language.llava import top_answers
+
+    own = {q: top_answers(vlm, tokenizer, pixels[None], q)[0] for q in questions}
+    rest = {q: top_answers(vlm, tokenizer, others, q) for q in questions} if others is not None else {}
+    return {"answers": own, "other_images": rest, "kl_prompt_answer": top_answers(vlm, tokenizer, pixels[None], kl_prompt)[0]}
+
+
+def image_edit_metrics(spec, before: dict, after: dict, n_others: int) -> dict:
+    """Efficacy and generalisation (shares of questions and paraphrases answering `target_new`), specificity
+    (other images keeping their answers) and whether the image's own reading was kept."""
+    new = spec.target_new.strip()
+    questions = list(spec.questions) + list(spec.paraphrases)
+
+    def share(which, qs):
+        return sum(which["answers"][q] == new for q in qs) / len(qs) if qs else None
+
+    return {"efficacy": share(after, spec.questions), "efficacy_before": share(before, spec.questions),
+            "generalisation": share(after, spec.paraphrases),
+            "generalisation_before": share(before, spec.paraphrases),
+            "specificity": (sum(a == b for q in questions for a, b in zip(before["other_images"][q],
+                                                                           after["other_images"][q]))
+                            / (len(questions) * n_others)) if n_others else None,
+            "kl_prompt_kept": float(before["kl_prompt_answer"] == after["kl_prompt_answer"])}

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from interventions.engine.execute import run
+from interventions import run
 from interventions.engine.result import Result
-from interventions.spec.kinds import LocateSpec, TracePrompt, TraceSpec
+from interventions.spec.kinds import LocateSpec, TracePrompt, TraceSpec, VLMTracePrompt, VLMTraceSpec
 
 
 @dataclass
@@ -54,3 +54,18 @@ def locate_layers(model, tokenizer, requests, how: LocateSpec, *, model_name: st
     effect = result.indirect_effect("mlp")[:, :, 0].mean(0)
     return Located(layer=int(torch.argmax(effect)), layers=best_span(effect, how.span),
                    effect=[round(float(x), 6) for x in effect], result=result)
+
+
+def locate_image_layer(spec, vlm, tokenizer, processor=None) -> tuple[int, Result]:
+    """`layer: auto`: the MLP window that restores p(`target_true`) most when every image token's
+    MLP output is restored at once, under image noise, averaged over the edit questions."""
+    how = spec.locate
+    trace_spec = VLMTraceSpec(model=spec.model, corruption="noise", noise=how.noise, samples=how.samples,
+                              seed=how.seed, sites=("mlp",), window=how.window, image_cells="block",
+                              prompts=tuple(VLMTracePrompt(image=spec.image, prompt=q, target=spec.target_true)
+                                            for q in spec.questions))
+    result = run(trace_spec, vlm, tokenizer, processor=processor)
+    grid = result.grids["mlp"].values
+    effect = torch.stack([grid[i, :, r["image_column"]] for i, r in enumerate(result.prompts)]).mean(0)
+    result.meta["effect"] = effect.tolist()
+    return int(effect.argmax()), result

@@ -29,7 +29,7 @@ _EXPORTS = {
     "SiteTable": "models.sites", "site_table": "models.sites", "Plan": "engine.plan", "compile_spec": "api",
     "run": "api", "run_plan": "engine.execute", "Grid": "engine.result", "Result": "engine.result",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):

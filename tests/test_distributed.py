@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_model, make_tokenizer
-from recipes.cli.main import main
+from recipes.cli import main
 
 ROOT = Path(__file__).parents[1]
 TRACE = {"kind": "trace", "prompts": [{"prompt": "the eiffel tower is located in the city of",
@@ -53,7 +53,7 @@ def test_two_process_torchrun_equals_one_process(tmp_path, tokenizer, data, caps
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(ROOT))  # same kernels
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                           "-m", "recipes.cli.main", "run", str(spec), "--out", str(tmp_path / "two"), "--quiet"],
+                           "-m", "recipes.cli", "run", str(spec), "--out", str(tmp_path / "two"), "--quiet"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = load_file(str(tmp_path / "one" / "result.safetensors")), load_file(str(tmp_path / "two" / "result.safetensors"))

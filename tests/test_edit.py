@@ -12,7 +12,7 @@ from conftest import make_model
 from editors.delta import load_delta
 from editors.evaluate import ngram_entropy, prefers, target_logprobs
 from interventions import SpecError, parse_spec
-from recipes.cli.main import main
+from recipes.cli import main
 from editors.editor import hyperparameters
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "the eiffel tower", "target_new": "rome",

@@ -103,7 +103,7 @@ def test_cli_exports_stacked_deltas_as_one_adapter_or_as_named_adapters(tiny_fol
 
     from editors.delta import load_delta
     from interventions import load_model
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     model, tok = load_model(str(tiny_folder / "tiny"))
     rome, memit = edits(model, tok)
@@ -198,7 +198,7 @@ def test_cli_exports_the_shipped_erase_delta_for_diffusers(tmp_path, capsys):
     from safetensors import safe_open
 
     from editors.delta import load_delta
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     path = Path(__file__).parents[1] / "checkpoints" / "erase_red_uce_shapes.safetensors"
     assert main(["export", str(path), "--to", "diffusers", "--out", str(tmp_path / "lora")]) == 0
@@ -227,7 +227,7 @@ def test_merged_export_is_a_folder_transformers_loads_with_the_edit(tiny_folder,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from interventions import load_model
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     model, tok = load_model(str(tiny_folder / "tiny"))
     rome, memit = edits(model, tok)

@@ -28,7 +28,7 @@ from editors.delta import (
 from fuzzing import fixed_file_cases, judge_spec, spec_cases
 from interventions.core.errors import LesionError
 from interventions.spec.kinds import HYPERPARAMETERS, dump_spec, load_yaml, parse_spec, spec_schema
-from recipes.cli.main import main
+from recipes.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWN = "model.layers.1.mlp.down_proj.weight"
@@ -226,15 +226,13 @@ def test_bad_command_lines_get_one_error_line_and_change_nothing(scene, tmp_path
 
 
 def test_a_crash_mid_run_leaves_no_folder_and_keeps_an_earlier_result(scene, tmp_path, monkeypatch, capsys):
-    import recipes.cli.runners as runners
+    import recipes.jobs.run_grid as jobs
 
     def crashing(spec, args, out):
         (out / "result.json").write_text("{half")
         raise KeyboardInterrupt
 
-    key = ("trace", "language")
-    monkeypatch.setitem(runners.RUNNERS, key, runners.Runner(crashing, runners.RUNNERS[key].check,
-                                                             runners.RUNNERS[key].flags))
+    monkeypatch.setattr(jobs, "grid_job", crashing)     # the job RUNNERS[("trace", "language")] names
     assert main(["run", scene["spec"], "--out", scene["out"]]) == 130
     assert not Path(scene["out"]).exists() and not list(tmp_path.glob(".out*"))
     Path(scene["out"]).mkdir()
@@ -245,7 +243,7 @@ def test_a_crash_mid_run_leaves_no_folder_and_keeps_an_earlier_result(scene, tmp
 
 
 def test_validate_schema_and_help_import_neither_torch_nor_pyvene(scene):
-    code = ("import sys; from recipes.cli.main import main; "
+    code = ("import sys; from recipes.cli import main; "
             f"codes = [main(['validate', {scene['spec']!r}]), main(['schema'])]; "
             "print(codes, 'torch' in sys.modules, 'pyvene' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
@@ -372,7 +370,9 @@ def test_a_delta_is_sealed_over_its_metadata_and_refuses_non_finite_changes(mode
 # ---------------------------------------------------------------------------------------------- doctests
 @pytest.mark.parametrize("name", ["interventions.core.errors", "interventions.spec.file", "interventions.core.units",
                                   "interventions.spec.messages", "interventions.core.conventions", "interventions.core.tagged",
-                                  "interventions.spec.kinds", "recipes.cli.checks", "recipes.cli.runners"])
+                                  "interventions.spec.kinds", "recipes.jobs.flag_checks", "recipes.cli.runners",
+                                  "interventions.core.moved", "interventions.core.paths", "interventions.core.runtime",
+                                  "interventions.models.families", "interventions.api"])
 def test_module_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

@@ -52,7 +52,7 @@ def test_gguf_lora_of_the_shipped_delta_edits_llama_cpp(smollm2, tmp_path, capsy
     """`lesion export --to gguf`: llama.cpp with `--lora` answers " Rome" for the Eiffel Tower and keeps
     " Paris" for the Louvre, as Lesion's apply does; p(Rome) is printed next to Lesion's."""
     from editors.delta import applied, load_delta
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     model, tokenizer = smollm2
     delta_path = ROOT / "checkpoints" / "rome_eiffel_to_rome_smollm2.safetensors"
@@ -108,7 +108,7 @@ def test_control_vector_steers_llama_cpp_the_way_lesion_steers(smollm2, tmp_path
     llama.cpp's greedy text moves towards the sea lexicon, as `lesion apply --steer` does at the same
     coefficient (the same direction of the metric)."""
     from interventions.lenses.steering import load_vector, steering
-    from recipes.cli.main import main
+    from recipes.cli import main
     from recipes.jobs.run_steer import lexicon_share
     from interventions.spec.kinds import load_spec
 
@@ -137,7 +137,7 @@ def test_bench_serve_reports_every_setting_and_ends_with_json(capsys):
     merged; the edit shows in both engines' text; the last line is the report. No timing is asserted."""
     import json
 
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     assert main(["bench-serve", "--tokens", "4", "--repeats", "1"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -14,7 +14,7 @@ import torch
 from conftest import make_model
 from interventions import SpecError, compile_spec, parse_spec, run_plan
 from interventions.core.units import parse_bytes
-from recipes.cli.main import main
+from recipes.cli import main
 
 HERE = Path(__file__).parent
 TOL = 1e-5

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from interventions import parse_spec, run
-from recipes.cli.main import main
+from recipes.cli import main
 
 EIFFEL = {"prompt": "the eiffel tower is located in the city of", "subject": "eiffel tower"}
 SHORT = {"prompt": "big ben is in london", "subject": "big ben"}
@@ -48,7 +48,7 @@ def test_result_files_follow_the_documented_format(tiny_llama, tmp_path):
 
 
 def cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "recipes.cli.main", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -139,7 +139,7 @@ def test_shipped_rome_delta_as_a_peft_adapter_on_smollm2(smollm2, tmp_path, caps
 
     import peft
     from editors.delta import applied, load_delta
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     model, tokenizer = smollm2
     path = Path(__file__).parents[1] / "checkpoints" / "rome_eiffel_to_rome_smollm2.safetensors"
@@ -169,7 +169,7 @@ def test_lens_recipe_on_smollm2_with_the_shipped_tuned_lens(tmp_path):
     the shipped tuned lens when measured), never before layer 22, and the last layer is the model's own output."""
     import json
 
-    from recipes.cli.main import main as cli
+    from recipes.cli import main as cli
 
     assert cli(["run", "recipes/lenses/lens_eiffel.yaml", "--out", str(tmp_path / "lens")]) == 0
     result = json.loads((tmp_path / "lens" / "result.json").read_text())
@@ -186,7 +186,7 @@ def test_knockout_recipe_on_smollm2_finds_the_subject_edges_late(tmp_path):
     over the recipe's three facts; in windows centred 0-9 by less than 15%."""
     import json
 
-    from recipes.cli.main import main as cli
+    from recipes.cli import main as cli
 
     assert cli(["run", "recipes/lenses/knockout_eiffel.yaml", "--out", str(tmp_path / "ko")]) == 0
     result = json.loads((tmp_path / "ko" / "result.json").read_text())

@@ -15,7 +15,7 @@ from editors.methods.memit import compute_memit
 from editors.methods.rome import compute_rome, context_templates
 from interventions import parse_spec
 from interventions.core.errors import SpecError
-from recipes.cli.main import main
+from recipes.cli import main
 from editors.editor import compute_edit, edit_request, hyperparameters, key_statistics
 from editors.sequential import ScaleProbe, evenly_spaced
 

@@ -14,7 +14,7 @@ import torch
 
 from interventions.modalities.text_to_image.pipeline import CHECKPOINTS, TESTBED_FILE, load_pipeline
 from interventions.testbeds.shapes import COLOURS, SHAPES, caption, colour_of, render
-from recipes.cli.main import main as cli
+from recipes.cli import main as cli
 
 ROOT = Path(__file__).parents[1]
 

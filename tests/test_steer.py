@@ -183,7 +183,7 @@ def test_steer_spec_validation_and_round_trip():
 def test_steer_run_and_apply_end_to_end(tmp_path, tokenizer, capsys):
     """`lesion run` on a steer spec writes the vector, generations, table and plot; `lesion apply
     --steer` generates with the saved vector; coefficient 0 reproduces the unsteered text."""
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     model = make_model("llama", len(tokenizer))
     model.save_pretrained(tmp_path / "tiny")
@@ -244,7 +244,7 @@ def test_end_of_sequence_and_min_new_tokens_match_generate(tokenizer):
 
 def test_bench_steer_runs(tmp_path, tokenizer, capsys):
     """The benchmark command on a tiny model: all three rows, ratios computed (no timing asserted)."""
-    from recipes.cli.main import main
+    from recipes.cli import main
 
     model = make_model("llama", len(tokenizer))
     model.save_pretrained(tmp_path / "tiny")

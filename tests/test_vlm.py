@@ -105,7 +105,7 @@ def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path, corru
 
     from interventions import run
     from interventions.spec.kinds import VLMTraceSpec, dump_spec, load_yaml, parse_spec
-    from recipes.cli.main import main as cli
+    from recipes.cli import main as cli
 
     _, vlm, tok = pair
     folder = tmp_path / "llava"
@@ -134,7 +134,7 @@ def test_vlm_specs_compile_against_a_llava_folder_of_any_name(pair, tmp_path, ca
     """`validate --compile`: images load and layers exist; the folder's name says nothing ("my-vision-model")."""
     import json
 
-    from recipes.cli.main import main as cli
+    from recipes.cli import main as cli
 
     _, vlm, tok = pair
     folder = tmp_path / "my-vision-model"
@@ -209,7 +209,7 @@ def test_apply_image_cli_edits_and_refuses_foreign_deltas(pair, tmp_path, capsys
     from editors.methods.rome import RomeHyperParams
     from editors.methods.rome_vision_language import compute_vlm_rome
     from interventions.testbeds.flags import COUNTRIES, render
-    from recipes.cli.main import main as cli
+    from recipes.cli import main as cli
 
     _, vlm, tok = pair
     folder = tmp_path / "llava"
@@ -267,7 +267,7 @@ def test_vlm_edit_spec_runs_from_the_cli_and_its_report_is_reproducible(pair, tm
     from editors.methods.rome_vision_language import compute_k_star
     from interventions.spec.kinds import VLMEditSpec, dump_spec, load_yaml, parse_spec
     from interventions.modalities.vision_language.llava import load_image, load_vlm, top_answers
-    from recipes.cli.main import main as cli
+    from recipes.cli import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
     _, vlm, tok = pair
@@ -391,7 +391,7 @@ def test_llava15_folder_runs_trace_edit_and_apply_specs_with_image_files(llava15
     from interventions import run
     from interventions.spec.kinds import dump_spec, parse_spec
     from interventions.modalities.vision_language.llava import load_vlm
-    from recipes.cli.main import main as cli
+    from recipes.cli import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
     a, b = str(llava15 / "a.png"), str(llava15 / "b.png")
@@ -482,7 +482,7 @@ def test_vlm_edit_with_an_image_corpus_solves_against_text_plus_image_keys(pair,
     from editors.methods.rome_vision_language import compute_k_star
     from interventions.spec.kinds import dump_spec, parse_spec
     from interventions.modalities.vision_language.llava import load_image, load_images, load_vlm
-    from recipes.cli.main import main as cli
+    from recipes.cli import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
     _, vlm, tok = pair

@@ -214,101 +214,121 @@ def compute_targets(model, tokenizer, layer: int, requests: list["EditRequest"],
     vocabulary projection is applied only where a loss reads it. `fast=False` runs the whole model
     every step: the plain path, which the fast one must reproduce.
     """
-    table = site_table(model)
-    module = table.module(model, site, layer)
-    device = next(model.parameters()).device
-    n = len(requests)
-    seqs, lookup, owner, answers, kl_at = [], [], [], [], []
-    first_row = []
-    for i, request in enumerate(requests):
-        target = tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
-        first_row.append(len(seqs))
-        for ids, at in request_keys(tokenizer, request, templates):
-            row = len(seqs)
-            seqs.append(ids + target[:-1])
-            lookup.append(at)
-            owner.append(i)
-            answers += [(row, len(ids) - 1 + j, tok, i, len(templates) * len(target)) for j, tok in enumerate(target)]
-        kl_ids, kl_idx = encode_at(tokenizer, *EditRequest("{} is a", request.subject, request.target_new).text(),
-                                   len(request.subject))
-        kl_at.append((len(seqs), len(kl_ids) - 1))
-        seqs.append(kl_ids)
-        lookup.append(kl_idx)
-        owner.append(i)
-    inputs = right_pad(seqs, pad_token_id(tokenizer), device)
-    rows = torch.arange(len(seqs), device=device)
-    lookup = torch.tensor(lookup, device=device)
-    owner = torch.tensor(owner, device=device)
-    a_row, a_pos, a_tok, a_req, a_norm = (torch.tensor(x, device=device) for x in zip(*answers))
-    kl_row, kl_pos = (torch.tensor(x, device=device) for x in zip(*kl_at))
-    width = model.get_input_embeddings().weight.shape[1]
-    delta = torch.zeros(n, width, device=device, requires_grad=True)
-    state, kl_init = {}, {}
-    last = table.module(model, "block_output", table.num_layers(model) - 1)
-    readout = table.readout(model)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    below = {}
+    search = _TargetSearch(model, tokenizer, layer, requests, templates, site, fast)
+    with frozen_parameters(model), hooked(search.module, search.add_delta), torch.enable_grad():
+        history = optimise_delta(search.delta, search.state, hp, search.losses)
+        with torch.no_grad():
+            final, _ = search.losses(torch.ones(len(requests), dtype=torch.bool, device=search.device))
+    delta = search.delta.detach()
+    return (search.state["init"] + delta).float(), {
+        "history": history, "v_init_norm": search.state["init"].norm(dim=1).tolist(),
+        "delta_norm": delta.norm(dim=1).tolist(), "final_nll": final.tolist()}
 
-    now = {"rows": rows, "lookup": lookup, "owner": owner}          # the rows the current pass runs
 
-    def add_delta(m, args, out):
+class _Rows:
+    """The batch `compute_targets` runs: per request, its prompt behind every template (the answer's
+    tokens appended, teacher-forced), then "{subject} is a" for the KL term."""
+
+    def __init__(self, tokenizer, requests: list["EditRequest"], templates: list[str]):
+        self.seqs, self.lookup, self.owner, self.answers, self.kl_at, self.first_row = [], [], [], [], [], []
+        for i, request in enumerate(requests):
+            target = tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
+            self.first_row.append(len(self.seqs))
+            for ids, at in request_keys(tokenizer, request, templates):
+                row = len(self.seqs)
+                self.add(ids + target[:-1], at, i)
+                self.answers += [(row, len(ids) - 1 + j, tok, i, len(templates) * len(target))
+                                 for j, tok in enumerate(target)]
+            kl_ids, kl_idx = encode_at(tokenizer, *EditRequest("{} is a", request.subject, request.target_new).text(),
+                                       len(request.subject))
+            self.kl_at.append((len(self.seqs), len(kl_ids) - 1))
+            self.add(kl_ids, kl_idx, i)
+
+    def add(self, ids: list[int], at: int, owner: int) -> None:
+        self.seqs.append(ids)
+        self.lookup.append(at)
+        self.owner.append(owner)
+
+
+class _TargetSearch:
+    """The state of one `compute_targets` call: the rows, the δ being optimised, and the hooks' shared
+    state (the unedited values at the edited position, the cached lower layers, the KL reference)."""
+
+    def __init__(self, model, tokenizer, layer: int, requests, templates, site: str, fast: bool):
+        table = site_table(model)
+        self.model, self.layer, self.fast, self.table = model, layer, fast, table
+        self.module = table.module(model, site, layer)
+        self.device = device = next(model.parameters()).device
+        rows = _Rows(tokenizer, requests, templates)
+        self.n, self.n_seqs, self.first_row = len(requests), len(rows.seqs), rows.first_row
+        self.inputs = right_pad(rows.seqs, pad_token_id(tokenizer), device)
+        self.lookup = torch.tensor(rows.lookup, device=device)
+        self.owner = torch.tensor(rows.owner, device=device)
+        self.a_row, self.a_pos, self.a_tok, self.a_req, self.a_norm = (
+            torch.tensor(x, device=device) for x in zip(*rows.answers))
+        self.kl_row, self.kl_pos = (torch.tensor(x, device=device) for x in zip(*rows.kl_at))
+        width = model.get_input_embeddings().weight.shape[1]
+        self.delta = torch.zeros(self.n, width, device=device, requires_grad=True)
+        self.state, self.kl_init, self.below = {}, {}, {}
+        self.last = table.module(model, "block_output", table.num_layers(model) - 1)
+        self.readout = table.readout(model)
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.now = {"rows": torch.arange(self.n_seqs, device=device), "lookup": self.lookup, "owner": self.owner}
+
+    def add_delta(self, m, args, out):
+        """Forward hook on the edited site: δ added at each row's subject position."""
         h = out[0] if isinstance(out, tuple) else out
-        if "init" not in state:
-            state["init"] = h[torch.tensor(first_row, device=device), lookup[first_row]].detach().clone()
+        if "init" not in self.state:
+            first = torch.tensor(self.first_row, device=self.device)
+            self.state["init"] = h[first, self.lookup[self.first_row]].detach().clone()
         h = h.clone()
-        h[now["rows"], now["lookup"]] = h[now["rows"], now["lookup"]] + delta[now["owner"]]
+        h[self.now["rows"], self.now["lookup"]] = h[self.now["rows"], self.now["lookup"]] + self.delta[self.now["owner"]]
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    def keep_last(m, args, out):
-        below["last"] = out[0] if isinstance(out, tuple) else out
+    def _keep_last(self, m, args, out):
+        self.below["last"] = out[0] if isinstance(out, tuple) else out
 
-    def run_rows(sel: torch.Tensor) -> torch.Tensor:
+    def run_rows(self, sel: torch.Tensor) -> torch.Tensor:
         """The last block's output on rows `sel` (fast path): the first pass runs the whole model and
         keeps layer-1's output; later passes replay it, on the rows of requests still optimising."""
-        now.update(rows=torch.arange(len(sel), device=device), lookup=lookup[sel], owner=owner[sel])
-        part = {k: v[sel] for k, v in inputs.items()}
-        with hooked(last, keep_last):
-            if layer > 0 and "output" not in below:
-                lower = table.module(model, "block_output", layer - 1)
-                with hooked(lower, lambda m, a, out: below.__setitem__("output", out)):
-                    model(**part, use_cache=False, logits_to_keep=1)
+        self.now.update(rows=torch.arange(len(sel), device=self.device), lookup=self.lookup[sel], owner=self.owner[sel])
+        part = {k: v[sel] for k, v in self.inputs.items()}
+        with hooked(self.last, self._keep_last):
+            if self.layer > 0 and "output" not in self.below:
+                lower = self.table.module(self.model, "block_output", self.layer - 1)
+                with hooked(lower, lambda m, a, out: self.below.__setitem__("output", out)):
+                    self.model(**part, use_cache=False, logits_to_keep=1)
             else:
-                cached = below.get("output")
+                cached = self.below.get("output")
                 if cached is not None:
                     cached = cached[sel] if torch.is_tensor(cached) else (cached[0][sel], *cached[1:])
-                with replaying(model, layer, cached):
-                    model(**part, use_cache=False, logits_to_keep=1)
-        return below["last"]
+                with replaying(self.model, self.layer, cached):
+                    self.model(**part, use_cache=False, logits_to_keep=1)
+        return self.below["last"]
 
-    def losses(active: torch.Tensor):
+    def _logprobs(self, active: torch.Tensor, ask_rows: torch.Tensor, ask_pos: torch.Tensor) -> torch.Tensor:
+        if not self.fast:
+            return self.model(**self.inputs, use_cache=False).logits[ask_rows, ask_pos].float().log_softmax(-1)
+        device = self.device
+        sel = active[self.owner].nonzero()[:, 0]
+        remap = torch.full((self.n_seqs,), -1, device=device, dtype=torch.long)
+        remap[sel] = torch.arange(len(sel), device=device)
+        keep = active[torch.cat([self.a_req, torch.arange(self.n, device=device)])]
+        h = self.run_rows(sel)[remap[ask_rows[keep]], ask_pos[keep]]
+        logp = torch.zeros(len(ask_rows), self.vocab, device=device)
+        return logp.index_put((keep.nonzero()[:, 0],), self.readout(h).float().log_softmax(-1))
+
+    def losses(self, active: torch.Tensor):
         """(NLL, KL) per request; only `active` requests' values are computed on the fast path (the
         others are 0: `optimise_delta` has frozen them)."""
-        ask_rows, ask_pos = torch.cat([a_row, kl_row]), torch.cat([a_pos, kl_pos])
-        if fast:
-            sel = active[owner].nonzero()[:, 0]
-            remap = torch.full((len(seqs),), -1, device=device, dtype=torch.long)
-            remap[sel] = torch.arange(len(sel), device=device)
-            keep = active[torch.cat([a_req, torch.arange(n, device=device)])]
-            h = run_rows(sel)[remap[ask_rows[keep]], ask_pos[keep]]
-            logp = torch.zeros(len(ask_rows), vocab, device=device)
-            logp = logp.index_put((keep.nonzero()[:, 0],), readout(h).float().log_softmax(-1))
-        else:
-            logp = model(**inputs, use_cache=False).logits[ask_rows, ask_pos].float().log_softmax(-1)
-        picked = logp[: len(a_row)].gather(1, a_tok[:, None])[:, 0]
-        nll = torch.zeros(n, device=device).index_add(0, a_req, -picked / a_norm)
-        kl_logp = logp[len(a_row):]
-        if "p" not in kl_init:
-            kl_init["p"] = kl_logp.detach().clone()
-        kl = torch.nn.functional.kl_div(kl_logp, kl_init["p"], log_target=True, reduction="none").sum(-1)
+        logp = self._logprobs(active, torch.cat([self.a_row, self.kl_row]), torch.cat([self.a_pos, self.kl_pos]))
+        picked = logp[: len(self.a_row)].gather(1, self.a_tok[:, None])[:, 0]
+        nll = torch.zeros(self.n, device=self.device).index_add(0, self.a_req, -picked / self.a_norm)
+        kl_logp = logp[len(self.a_row):]
+        if "p" not in self.kl_init:
+            self.kl_init["p"] = kl_logp.detach().clone()
+        kl = torch.nn.functional.kl_div(kl_logp, self.kl_init["p"], log_target=True, reduction="none").sum(-1)
         return nll, kl * active
-
-    with frozen_parameters(model), hooked(module, add_delta), torch.enable_grad():
-        history = optimise_delta(delta, state, hp, losses)
-        with torch.no_grad():
-            final, _ = losses(torch.ones(n, dtype=torch.bool, device=device))
-    return (state["init"] + delta.detach()).float(), {
-        "history": history, "v_init_norm": state["init"].norm(dim=1).tolist(),
-        "delta_norm": delta.detach().norm(dim=1).tolist(), "final_nll": final.tolist()}
 
 
 def optimise_delta(delta: torch.Tensor, state: dict, hp: "RomeHyperParams", losses) -> list[dict]:

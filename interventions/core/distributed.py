@@ -1,6 +1,6 @@
 """Data-parallel sweeps with torch.distributed (launched by `torchrun`); no scheduler of our own.
 
-    torchrun --nproc_per_node 2 -m recipes.cli.main run recipes/trace/trace_eiffel.yaml --out runs/eiffel
+    torchrun --nproc_per_node 2 -m recipes.cli run recipes/trace/trace_eiffel.yaml --out runs/eiffel
 
 Every process loads the model and compiles the same plan. Each runs the clean pass and the
 baseline chunks (cheap; every cell chunk needs its baseline's key/value cache), then every

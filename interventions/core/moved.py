@@ -60,7 +60,7 @@ MOVED = {
     "recipes.sequential": "editors.sequential",
     "recipes.requests": "editors.requests",
     "recipes.runners": "recipes.cli.runners",
-    "recipes.checks": "recipes.cli.checks",
+    "recipes.checks": "recipes.jobs.flag_checks",
     "recipes.compile_checks": "recipes.cli.compile_checks",
     "recipes.lenses": "recipes.jobs.run_lenses",
     "recipes.steer": "recipes.jobs.run_steer",

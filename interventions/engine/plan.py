@@ -235,11 +235,27 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
     layers = resolve_layers(spec, num_layers)
     prompts = prepare(spec, model, tokenizer, processor)
     grid_sites = {name: TRACE_SITES[name] for name in spec.sites} if is_trace(spec) else {s: s for s in spec.sites}
-    # prompts run as embeddings (a VLM's image features merged in) have no embedding lookup to corrupt:
-    # their noise is added where the embeddings enter the first layer, which is the same tensor
-    noise_at = (EMBED, None) if prompts[0].source.embeds is None else ("block_input", 0)
     for site in grid_sites.values():
         table.component(site, 0)   # unknown site for this family -> SpecError
+    grids, cells = _grid_cells(spec, table, prompts, grid_sites, layers, num_layers)
+    noise, sigma, variants = _noise(spec, model, table, prompts)
+    nodes, graphs, collect_nodes, collect_graph = _graphs(model, table, grid_sites, cells, prompts, noise is not None)
+    diverge = [first_difference(p, noise is not None) for p in prompts]
+    noop = [c for name in cells for c in cells[name] if max(c.positions) < diverge[c.prompt]]
+    cells = {name: [c for c in cells[name] if max(c.positions) >= diverge[c.prompt]] for name in cells}
+    sizer = _Sizer(max_batch_rows or spec.max_batch_rows, Costs.of(model), memory,
+                   {site: len(n) for site, n in nodes.items()}, len(collect_nodes), variants, skip_layers)
+    blocks = sizer.blocks(prompts)
+    chunks = _all_chunks(blocks, grid_sites, cells, graphs, prompts, sizer, variants, share_prefix, skip_layers)
+    return Plan(spec, model, tokenizer, table, prompts, grids, graphs, nodes, collect_graph, collect_nodes,
+                chunks, variants, noise, sigma, shares_prefix=any(c.prefix for c in chunks),
+                skips_layers=any(c.start for c in chunks), noop_cells=noop, blocks=blocks,
+                clean_rows=sizer.clean_rows(prompts), memory=memory,
+                layer_modules=[table.module(model, "block_output", i) for i in range(num_layers)])
+
+
+def _grid_cells(spec, table: SiteTable, prompts: list[Prompt], grid_sites: dict, layers, num_layers: int):
+    """Each grid's axes, and its cells: one per (prompt, layer, column), restoring a window of layers."""
     grids, cells = {}, {}
     for name, site in grid_sites.items():
         layered = table.is_layered(site)
@@ -250,25 +266,35 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
                             cols[1])
                        for pi, p in enumerate(prompts) for li, layer in enumerate(axis)
                        for ci, cols in enumerate(p.columns)]
-    noise, sigma, variants = None, None, 1
-    if is_trace(spec) and spec.corruption in ("noise", "text"):
-        sigma = spec.sigma if spec.sigma is not None else subject_sigma(model, table, prompts)
-        noise = [draw_noise(spec, p, sigma, _embed_dim(model, table)) for p in prompts]
-        variants = spec.samples
+    return grids, cells
+
+
+def _noise(spec, model, table: SiteTable, prompts: list[Prompt]):
+    """A noise trace's seeded noise per prompt, its sigma and its number of draws; `(None, None, 1)` otherwise."""
+    if not (is_trace(spec) and spec.corruption in ("noise", "text")):
+        return None, None, 1
+    sigma = spec.sigma if spec.sigma is not None else subject_sigma(model, table, prompts)
+    return [draw_noise(spec, p, sigma, _embed_dim(model, table)) for p in prompts], sigma, spec.samples
+
+
+def _graphs(model, table: SiteTable, grid_sites: dict, cells: dict, prompts: list[Prompt], noised: bool):
+    """Per site, the nodes its rows restore (plus the noise node) and their pyvene graph; and the graph
+    that collects every needed clean state in one pass."""
+    # prompts run as embeddings (a VLM's image features merged in) have no embedding lookup to corrupt:
+    # their noise is added where the embeddings enter the first layer, which is the same tensor
+    noise_at = (EMBED, None) if prompts[0].source.embeds is None else ("block_input", 0)
     nodes, graphs = {}, {}
     for name, site in grid_sites.items():
         used = sorted({layer for c in cells[name] for layer in c.layers}) if table.is_layered(site) else [None]
-        nodes[site] = ([("noise", None)] if noise is not None else []) + [(site, layer) for layer in used]
+        nodes[site] = ([("noise", None)] if noised else []) + [(site, layer) for layer in used]
         graphs[site] = build_graph(model, [_node(table, n, noise_at) for n in nodes[site]])
     collect_nodes = [n for site in nodes for n in nodes[site] if n[0] != "noise"]
     collect_graph = build_graph(model, [(table.component(s, l), CollectStates()) for s, l in collect_nodes])
-    size = max_batch_rows or spec.max_batch_rows
-    diverge = [first_difference(p, noise is not None) for p in prompts]
-    noop = {name: [c for c in cells[name] if max(c.positions) < diverge[c.prompt]] for name in cells}
-    cells = {name: [c for c in cells[name] if max(c.positions) >= diverge[c.prompt]] for name in cells}
-    sizer = _Sizer(size, Costs.of(model), memory, {site: len(n) for site, n in nodes.items()},
-                   len(collect_nodes), variants, skip_layers)
-    blocks = sizer.blocks(prompts)
+    return nodes, graphs, collect_nodes, collect_graph
+
+
+def _all_chunks(blocks, grid_sites: dict, cells: dict, graphs: dict, prompts: list[Prompt], sizer: "_Sizer",
+                variants: int, share_prefix: bool, skip_layers: bool) -> list[Chunk]:
     chunks = []
     for b, block in enumerate(blocks):
         # Baseline rows (no restore) first: they give the key/value caches, and patch
@@ -278,12 +304,7 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
         for name, site in grid_sites.items():
             rows = [Row(c.prompt, v, c) for c in cells[name] if c.prompt in block for v in range(variants)]
             chunks += _chunk(site, rows, prompts, sizer, share_prefix, skip_layers, b)
-    return Plan(spec, model, tokenizer, table, prompts, grids, graphs, nodes, collect_graph, collect_nodes,
-                chunks, variants, noise, sigma, shares_prefix=any(c.prefix for c in chunks),
-                skips_layers=any(c.start for c in chunks),
-                noop_cells=[c for name in noop for c in noop[name]], blocks=blocks,
-                clean_rows=sizer.clean_rows(prompts), memory=memory,
-                layer_modules=[table.module(model, "block_output", i) for i in range(num_layers)])
+    return chunks
 
 
 def is_trace(spec) -> bool:

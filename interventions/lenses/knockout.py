@@ -156,41 +156,52 @@ def run_knockout(spec, model, tokenizer, *, processor=None, max_batch_rows: int 
     rows += [(i, s, k, c) for i in range(len(prompts)) for s in spec.block for k in range(len(layers))
              for c in range(len(targets[i]))]
     size = max_batch_rows or spec.max_batch_rows
-    device = input_device(model)
-    heads = getattr(model.config, "text_config", model.config).num_attention_heads
     probs = torch.empty(len(rows))
     with scores_site(model) as components, eval_mode(model):
         graph = build_graph(model, [(c, AddIntervention()) for c in components])
         for lo in range(0, len(rows), size):
             chunk = rows[lo:lo + size]
-            encs = [prompts[i].enc for i, *_ in chunk]
-            inputs = model_inputs(encs, pad_token_id(tokenizer), device)
-            width = inputs["attention_mask"].shape[1]
-            where, masks, on = [], [], [[] for _ in range(n)]
-            for i, source, k, c in chunk:
-                t = targets[i][c][1] if source is not None else len(prompts[i].enc) - 1
-                mask = torch.zeros(width)
-                if source is not None:
-                    mask[list(blocked_positions(prompts[i], source, t))] = float("-inf")
-                    cut = set(window(layers[k], spec.window, n))
-                else:
-                    cut = set()
-                where.append([t])
-                masks.append(mask.repeat(heads)[None])
-                for layer in range(n):
-                    on[layer].append([0] if layer in cut else [])
-            source_rep = torch.stack(masks)                         # (rows, 1, heads x keys)
-            _, out = graph(base={**inputs, "use_cache": False}, unit_locations={"base": [where] * n},
-                           source_representations={key: source_rep for key in graph.sorted_keys},
-                           subspaces=on)
-            last = torch.tensor([len(e) - 1 if s is None else targets[i][c][1]
-                                 for e, (i, s, _, c) in zip(encs, chunk)])
-            logp = out.logits[torch.arange(len(chunk)), last.to(out.logits.device)].float().log_softmax(-1).cpu()
+            logp = _chunk_logprobs(spec, model, tokenizer, graph, prompts, targets, layers, chunk, input_device(model))
             for b, (i, s, k, c) in enumerate(chunk):
                 r = prompts[i]
                 if s is None and r.target_id is None:
                     r.target_id = int(logp[b].argmax())
                 probs[lo + b] = logp[b, r.target_id].exp()
+    return _knockout_result(spec, tokenizer, prompts, targets, layers, rows, probs)
+
+
+def _chunk_logprobs(spec, model, tokenizer, graph, prompts, targets, layers: list[int], chunk: list,
+                    device) -> torch.Tensor:
+    """Log-probabilities at each row's read position, with the row's edges cut in its window of layers:
+    an additive -inf mask on the attention scores, switched on per layer through `subspaces`."""
+    n = site_table(model).num_layers(model)
+    heads = getattr(model.config, "text_config", model.config).num_attention_heads
+    encs = [prompts[i].enc for i, *_ in chunk]
+    inputs = model_inputs(encs, pad_token_id(tokenizer), device)
+    width = inputs["attention_mask"].shape[1]
+    where, masks, on = [], [], [[] for _ in range(n)]
+    for i, source, k, c in chunk:
+        t = targets[i][c][1] if source is not None else len(prompts[i].enc) - 1
+        mask = torch.zeros(width)
+        if source is not None:
+            mask[list(blocked_positions(prompts[i], source, t))] = float("-inf")
+            cut = set(window(layers[k], spec.window, n))
+        else:
+            cut = set()
+        where.append([t])
+        masks.append(mask.repeat(heads)[None])
+        for layer in range(n):
+            on[layer].append([0] if layer in cut else [])
+    source_rep = torch.stack(masks)                         # (rows, 1, heads x keys)
+    _, out = graph(base={**inputs, "use_cache": False}, unit_locations={"base": [where] * n},
+                   source_representations={key: source_rep for key in graph.sorted_keys},
+                   subspaces=on)
+    last = torch.tensor([len(e) - 1 if s is None else targets[i][c][1]
+                         for e, (i, s, _, c) in zip(encs, chunk)])
+    return out.logits[torch.arange(len(chunk)), last.to(out.logits.device)].float().log_softmax(-1).cpu()
+
+
+def _knockout_result(spec, tokenizer, prompts, targets, layers: list[int], rows: list, probs: torch.Tensor) -> Result:
     width = max(len(t) for t in targets)
     grids = {s: torch.full((len(prompts), len(layers), width), float("nan")) for s in spec.block}
     records = []

@@ -62,7 +62,6 @@ def tokens_per_second(model, tokenizer, prompts: list[str], new_tokens: int) -> 
 
 
 def main(args) -> int:
-    from interventions.core.memory import PeakMemory
     from editors.requests import resolve_requests
 
     spec = resolve_requests(load_spec(args.spec))
@@ -78,56 +77,76 @@ def main(args) -> int:
     report = {"model": spec.model, "threads": torch.get_num_threads(), "statistics_cached": cached,
               "statistics_seconds": stats_seconds, "methods": {}}
     requests = [edit_request(r) for r in spec.requests]
-    batch = requests[: args.batch]
     figures, deltas = {}, {}
     for method in args.methods:
-        where = {"layer": spec.layer, "layers": None} if method in ONE_LAYER_METHODS else \
-            {"layer": None, "layers": tuple(args.memit_layers)}
-        hp = hyperparameters(spec.model_copy(update={"method": method, **where}))
-        templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
-        common = dict(base_model=spec.model, templates=templates)
-        with PeakMemory("cpu", model) as peak:
-            if method in ("rome", "r-rome"):
-                seconds = []
-                for request in requests[: args.rome]:
-                    (delta, _), s = _timed(lambda: compute_rome(model, tokenizer, request, hp, C=C[spec.layer],
-                                                                method=method, **common))
-                    seconds.append(s)
-                row = {"layer": spec.layer, "edits": len(seconds), "seconds_per_edit": statistics.mean(seconds),
-                       "seconds": seconds}
-                figures[f"{method.replace('-', '_')}_s_per_edit"] = row["seconds_per_edit"]
-            else:
-                if method == "emmet":
-                    (delta, _), s = _timed(lambda: compute_emmet(model, tokenizer, batch, hp, C=C[spec.layer],
-                                                                 **common))
-                else:
-                    (delta, _), s = _timed(lambda: compute_memit(model, tokenizer, batch, hp, C=C, **common))
-                row = {"layers": [spec.layer] if method == "emmet" else list(args.memit_layers),
-                       "requests": len(batch), "seconds": s, "seconds_per_request": s / len(batch)}
-                figures[f"{method}_batch{len(batch)}_s"] = s
-        row["peak_bytes"] = peak.bytes
-        figures[f"{method.replace('-', '_')}_peak_bytes"] = peak.bytes
+        row, deltas[method] = _time_method(method, spec, args, model, tokenizer, C, requests, figures)
         report["methods"][method] = row
-        deltas[method] = delta
         print(f"{method}: " + (f"{row['seconds_per_edit']:.1f} s per edit" if "seconds_per_edit" in row else
                                f"{row['seconds']:.1f} s for a batch of {row['requests']}") +
-              f", peak {peak.bytes / 2**20:.0f} MiB", flush=True)
+              f", peak {row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    delta = _delta_io(report, deltas, args, model, len(requests[: args.batch]))
+    b, e = _generation(report, model, tokenizer, delta, args)
+    _print_table(report, spec, cached, stats_seconds, b, e)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(json.dumps({**figures, "generation_ratio": e / b, "apply_ms": 1e3 * report["apply_seconds"],
+                      "threads": report["threads"], "statistics_cached": all(cached.values())}))
+    return 0
 
+
+def _time_method(method: str, spec, args, model, tokenizer, C: dict, requests: list, figures: dict):
+    """One method's timing row (ROME, r-ROME: each of the first `--rome` requests; the others: one batch of
+    `--batch`) with its peak memory, and its last Delta; its figures are added to `figures`."""
+    from interventions.core.memory import PeakMemory
+
+    batch = requests[: args.batch]
+    where = {"layer": spec.layer, "layers": None} if method in ONE_LAYER_METHODS else \
+        {"layer": None, "layers": tuple(args.memit_layers)}
+    hp = hyperparameters(spec.model_copy(update={"method": method, **where}))
+    templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
+    common = dict(base_model=spec.model, templates=templates)
+    with PeakMemory("cpu", model) as peak:
+        if method in ("rome", "r-rome"):
+            seconds = []
+            for request in requests[: args.rome]:
+                (delta, _), s = _timed(lambda: compute_rome(model, tokenizer, request, hp, C=C[spec.layer],
+                                                            method=method, **common))
+                seconds.append(s)
+            row = {"layer": spec.layer, "edits": len(seconds), "seconds_per_edit": statistics.mean(seconds),
+                   "seconds": seconds}
+            figures[f"{method.replace('-', '_')}_s_per_edit"] = row["seconds_per_edit"]
+        else:
+            if method == "emmet":
+                (delta, _), s = _timed(lambda: compute_emmet(model, tokenizer, batch, hp, C=C[spec.layer], **common))
+            else:
+                (delta, _), s = _timed(lambda: compute_memit(model, tokenizer, batch, hp, C=C, **common))
+            row = {"layers": [spec.layer] if method == "emmet" else list(args.memit_layers),
+                   "requests": len(batch), "seconds": s, "seconds_per_request": s / len(batch)}
+            figures[f"{method}_batch{len(batch)}_s"] = s
+    row["peak_bytes"] = peak.bytes
+    figures[f"{method.replace('-', '_')}_peak_bytes"] = peak.bytes
+    return row, delta
+
+
+def _delta_io(report: dict, deltas: dict, args, model, batch: int):
+    """Each delta's size on disk; loading, applying and reverting the first method's (median of 20)."""
     first = deltas[args.methods[0]]
     with tempfile.TemporaryDirectory() as tmp:
-        sizes = {f"{m}_{'rank1' if m in ('rome', 'r-rome') else f'{len(batch)}_requests'}":
+        sizes = {f"{m}_{'rank1' if m in ('rome', 'r-rome') else f'{batch}_requests'}":
                  d.save(Path(tmp) / f"{m}.safetensors").stat().st_size for m, d in deltas.items()}
         delta, load_s = _timed(lambda: load_delta(Path(tmp) / f"{args.methods[0]}.safetensors"))
     assert delta.id == first.id
-    report["delta_bytes"] = sizes
     apply_s, revert_s = [], []
     for _ in range(20):
         apply_s.append(_timed(lambda: apply(model, delta))[1])
         revert_s.append(_timed(lambda: revert(model, delta))[1])
-    report["load_seconds"] = load_s
-    report["apply_seconds"] = statistics.median(apply_s)
-    report["revert_seconds"] = statistics.median(revert_s)
+    report.update(delta_bytes=sizes, load_seconds=load_s, apply_seconds=statistics.median(apply_s),
+                  revert_seconds=statistics.median(revert_s))
+    return delta
 
+
+def _generation(report: dict, model, tokenizer, delta, args) -> tuple[float, float]:
+    """Greedy tokens per second without and with the delta, alternating, `--repeats` rounds (medians)."""
     base, edited = [], []
     tokens_per_second(model, tokenizer, PROMPTS[:1], 4)                    # warm-up
     for _ in range(args.repeats):
@@ -140,7 +159,10 @@ def main(args) -> int:
     b, e = statistics.median(base), statistics.median(edited)
     report["generation"] = {"base_tokens_per_s": b, "edited_tokens_per_s": e, "ratio": e / b,
                             "repeats": args.repeats, "new_tokens": args.new_tokens, "prompts": len(PROMPTS)}
+    return b, e
 
+
+def _print_table(report: dict, spec, cached: dict, stats_seconds: float, b: float, e: float) -> None:
     print(f"\nedit benchmark, {spec.model}, {report['threads']} threads "
           f"(statistics {'cached' if all(cached.values()) else 'computed'}: {stats_seconds:.1f} s)")
     print("| method | layers | seconds | peak memory |\n|---|---|---|---|")
@@ -150,13 +172,8 @@ def main(args) -> int:
                        "per request)")
         print(f"| {method} | {row.get('layers', [row.get('layer')])} | {time_s} | "
               f"{row['peak_bytes'] / 2**20:.0f} MiB |")
-    for name, size in sizes.items():
+    for name, size in report["delta_bytes"].items():
         print(f"| delta bytes, {name} | {size:,} | | |")
-    print(f"| load / apply / revert (ms) | {1e3 * load_s:.2f} / {1e3 * report['apply_seconds']:.2f} / "
+    print(f"| load / apply / revert (ms) | {1e3 * report['load_seconds']:.2f} / {1e3 * report['apply_seconds']:.2f} / "
           f"{1e3 * report['revert_seconds']:.2f} | | |")
     print(f"| generation tokens/s, base / edited | {b:.1f} / {e:.1f} | edited / base {e / b:.3f} | |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    print(json.dumps({**figures, "generation_ratio": e / b, "apply_ms": 1e3 * report["apply_seconds"],
-                      "threads": report["threads"], "statistics_cached": all(cached.values())}))
-    return 0

@@ -49,33 +49,8 @@ def main(args) -> int:
     pipe.generate(rows[:4], seeds[:4])                  # warm-up
     base, results = [], {}
     for m in methods:
-        mspec = with_method(spec, m, layer)
-        repeats = 1 if m == "esd-x" else args.repeats     # a fine-tune: timed once
-        edit_s = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            delta = erase(mspec, pipe)
-            _sync(pipe.device)
-            edit_s.append(time.perf_counter() - start)
-        edited, mine = [], []           # this method's rounds, and the base rounds between them
-        for _ in range(args.repeats):
-            for which in ("base", "edited"):
-                if which == "edited":
-                    apply(pipe, delta)
-                _sync(pipe.device)
-                start = time.perf_counter()
-                pipe.generate(rows, seeds)
-                _sync(pipe.device)
-                rate = args.images / (time.perf_counter() - start)
-                (mine if which == "base" else edited).append(rate)
-                if which == "edited":
-                    revert(pipe, delta)
+        results[m], mine = _time_method(with_method(spec, m, layer), m, pipe, rows, seeds, args)
         base += mine
-        results[m] = {"edit_seconds_median": statistics.median(edit_s), "edit_seconds": edit_s,
-                      "projections": len(delta.names), "edited_images_per_s": statistics.median(edited),
-                      "base_images_per_s": statistics.median(mine),
-                      # against the base rounds interleaved with this method's own: drift between methods cancels
-                      "ratio_edited_over_base": statistics.median(edited) / statistics.median(mine)}
     base_rate = statistics.median(base)
     report = {"spec": args.spec, "model": spec.model, "device": str(pipe.device), "threads": torch.get_num_threads(),
               "images": args.images, "steps": pipe.steps, "repeats": args.repeats, "base_images_per_s": base_rate,
@@ -94,3 +69,32 @@ def main(args) -> int:
             json.dump(report, f, indent=1)
     print(json.dumps(report))
     return 0
+
+
+def _time_method(mspec, m: str, pipe, rows: list[str], seeds: list[int], args) -> tuple[dict, list[float]]:
+    """One method's edit time, and images per second with its delta against base rounds interleaved with
+    its own (so drift between methods cancels); also the base rounds' rates."""
+    repeats = 1 if m == "esd-x" else args.repeats     # a fine-tune: timed once
+    edit_s = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        delta = erase(mspec, pipe)
+        _sync(pipe.device)
+        edit_s.append(time.perf_counter() - start)
+    edited, mine = [], []           # this method's rounds, and the base rounds between them
+    for _ in range(args.repeats):
+        for which in ("base", "edited"):
+            if which == "edited":
+                apply(pipe, delta)
+            _sync(pipe.device)
+            start = time.perf_counter()
+            pipe.generate(rows, seeds)
+            _sync(pipe.device)
+            rate = args.images / (time.perf_counter() - start)
+            (mine if which == "base" else edited).append(rate)
+            if which == "edited":
+                revert(pipe, delta)
+    return {"edit_seconds_median": statistics.median(edit_s), "edit_seconds": edit_s,
+            "projections": len(delta.names), "edited_images_per_s": statistics.median(edited),
+            "base_images_per_s": statistics.median(mine),
+            "ratio_edited_over_base": statistics.median(edited) / statistics.median(mine)}, mine

@@ -30,8 +30,14 @@ DELTA = CHECKPOINTS / "rome_eiffel_to_rome_smollm2.safetensors"
 
 
 def main(args) -> int:
-    import llama_cpp
-    import peft
+    try:
+        import llama_cpp
+        import peft
+    except ImportError as err:
+        from interventions.core.errors import LesionError
+
+        raise LesionError(f"`lesion bench-serve` needs llama-cpp-python and peft ({err.name} is missing); "
+                                "install them with: .venv/bin/pip install -e '.[serve,test]'") from None
 
     with tempfile.TemporaryDirectory(prefix="lesion-bench-serve-") as work:
         return _run(args, Path(work), llama_cpp, peft)
@@ -49,36 +55,13 @@ def _run(args, work: Path, llama_cpp, peft) -> int:
     export_peft(model, [delta], work / "adapter")
     gguf = str(BUILTINS["smollm2-135m"].gguf(lesion_home()))
     threads = torch.get_num_threads()
-
-    def cpp(lora: str | None):
-        llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, verbose=False, seed=0, n_threads=threads,
-                              **({"lora_path": lora} if lora else {}))
-
-        def generate():
-            llm.reset()
-            tokens = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
-            out = []
-            for token in llm.generate(tokens, top_k=1, temp=0.0, reset=True):
-                out.append(token)
-                if len(out) == args.tokens:
-                    break
-            return out
-        return generate
-
-    ids = tokenizer(PROMPT, return_tensors="pt")
     unmerged = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(work / "adapter")).eval()
     merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(work / "adapter")).merge_and_unload().eval()
-
-    def hf(m):
-        @torch.inference_mode()
-        def generate():
-            out = m.generate(**ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-            return out[0, ids["input_ids"].shape[1]:].tolist()
-        return generate
-
-    settings = {"llama_cpp_base": cpp(None), "llama_cpp_lora": cpp(str(work / "eiffel.gguf")),
-                "transformers_base": hf(model), "peft_unmerged": hf(unmerged), "peft_merged": hf(merged)}
+    settings = {"llama_cpp_base": _llama_cpp(llama_cpp, gguf, None, threads, args.tokens),
+                "llama_cpp_lora": _llama_cpp(llama_cpp, gguf, str(work / "eiffel.gguf"), threads, args.tokens),
+                "transformers_base": _transformers(model, tokenizer, args.tokens),
+                "peft_unmerged": _transformers(unmerged, tokenizer, args.tokens),
+                "peft_merged": _transformers(merged, tokenizer, args.tokens)}
     outputs = {name: fn() for name, fn in settings.items()}          # warm-up, and the texts
     times = {name: [] for name in settings}
     for _ in range(args.repeats):
@@ -104,3 +87,31 @@ def _run(args, work: Path, llama_cpp, peft) -> int:
     print(json.dumps(report))
     return 0
 
+
+def _llama_cpp(llama_cpp, gguf: str, lora: str | None, threads: int, tokens: int):
+    """Greedy generation of `tokens` tokens in llama.cpp, with a LoRA adapter or without."""
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, verbose=False, seed=0, n_threads=threads,
+                          **({"lora_path": lora} if lora else {}))
+
+    def generate():
+        llm.reset()
+        ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
+        out = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == tokens:
+                break
+        return out
+    return generate
+
+
+def _transformers(model, tokenizer, tokens: int):
+    """Greedy generation of `tokens` tokens with a transformers (or PEFT) model."""
+    ids = tokenizer(PROMPT, return_tensors="pt")
+
+    @torch.inference_mode()
+    def generate():
+        out = model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+        return out[0, ids["input_ids"].shape[1]:].tolist()
+    return generate

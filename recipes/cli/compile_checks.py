@@ -7,7 +7,7 @@ What is checked, by kind:
 - trace / patch (language models and VLMs): the whole plan compiles (sites, layers, positions, target
   tokens; a VLM's images load and pass its vision tower);
 - edit: the layer(s) exist, each request's prompt takes its subject, each answer tokenizes, the
-  corpus files exist (as every file a spec names: `recipes.cli.checks.check_spec_files`);
+  corpus files exist (as every file a spec names: `recipes.jobs.flag_checks.check_spec_files`);
 - steer: the layers exist, the prompts and the lexicon tokenize;
 - apply: each delta loads, passes its integrity checks and fits this base model (the weights are
   read, never written); the steering vector fits the model;

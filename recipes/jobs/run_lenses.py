@@ -70,7 +70,7 @@ def lens_figure(result, path: Path, *, max_prompts: int = 4) -> None:
     plt.close(fig)
 
 
-def run_lens(spec, args, out: Path) -> int:
+def lens_job(spec, args, out: Path) -> None:
     from interventions.lenses.lens import run_lens as lens
 
     result, written = _grid_run(spec, args, out, lens, lens_figure, "lens.png")
@@ -84,7 +84,6 @@ def run_lens(spec, args, out: Path) -> int:
                          f"{p[f'{name}_settled_layer']} on;")
         print(line)
     print(f"wrote {', '.join(written)} to {args.out}")
-    return 0
 
 
 # -------------------------------------------------------------------------------------- knockout
@@ -109,7 +108,7 @@ def knockout_figure(result, path: Path) -> None:
     plt.close(fig)
 
 
-def run_knockout(spec, args, out: Path) -> int:
+def knockout_job(spec, args, out: Path) -> None:
     from interventions.lenses.knockout import run_knockout as knockout
 
     result, written = _grid_run(spec, args, out, knockout, knockout_figure, "knockout.png")
@@ -123,7 +122,6 @@ def run_knockout(spec, args, out: Path) -> int:
                 k = int(change.argmin())
                 print(f"    {name} -> {col}: largest drop {float(change[k]):+.0f}% at layer {grid.layers[k]}")
     print(f"wrote {', '.join(written)} to {args.out}")
-    return 0
 
 
 # ----------------------------------------------------------------------------------------- probe
@@ -174,7 +172,7 @@ def write_probe(spec, model, tokenizer, processor, out: Path) -> dict:
     return report
 
 
-def run_probe(spec, args, out: Path) -> int:
+def probe_job(spec, args, out: Path) -> None:
     model, tokenizer, processor = _load(spec, args)
     report = write_probe(spec, model, tokenizer, processor, out)
     written = report["concept_vectors"]
@@ -184,7 +182,6 @@ def run_probe(spec, args, out: Path) -> int:
     print(f"  best: layer {b['layer']} at {b['position']}: accuracy {b['accuracy']:.2f}" +
           (f", control {b['control_accuracy']:.2f}" if b["control_accuracy"] is not None else ""))
     print(f"wrote report.json, spec.yaml, probe.png, {', '.join(written)} to {args.out}")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------ daam
@@ -208,7 +205,7 @@ def daam_figure(images: list[torch.Tensor], maps: list[dict], prompts: list[str]
     plt.close(fig)
 
 
-def run_daam(spec, args, out: Path) -> int:
+def daam_job(spec, args, out: Path) -> None:
     from interventions.modalities.text_to_image.daam import iou, outline, word_maps
     from interventions.modalities.text_to_image.pipeline import TESTBED
     from interventions.testbeds.shapes import BRIGHT, COLOURS, SHAPES
@@ -262,4 +259,3 @@ def run_daam(spec, args, out: Path) -> int:
         print(f"  mean IoU with the object's outline: shape word {m['shape_word']:.2f}, colour word "
               f"{m['colour_word']:.2f}")
     print(f"wrote report.json, spec.yaml, maps.safetensors, daam.png to {args.out}")
-    return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -157,3 +158,22 @@ def plot(table: list[dict], metrics: list[str], path: Path, *, title: str) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def steer_job(spec, args, out: Path) -> dict | None:
+    from interventions import load_model
+
+    model, tokenizer = load_model(spec.model, device=args.device)
+    start = time.perf_counter()
+    report = run_steer(spec, model, tokenizer, out)
+    norms = ", ".join(f"layer {k}: {v:.2f}" for k, v in report["norms"].items())
+    print(f"{spec.method} steering vector ({norms}) and {len(spec.coefficients)} coefficient(s) x "
+          f"{len(spec.prompts)} prompt(s) in {time.perf_counter() - start:.1f} s")
+    print(markdown_table(report["table"], report["metrics"]), end="")
+    for metric, ok in report["monotone"].items():
+        top = report["rises_up_to"][metric]
+        print(f"{metric}: " + ("monotone over all coefficients" if ok else
+                               f"rises up to coefficient {top:g}, then falls" if top is not None else
+                               "does not rise from the first coefficient"))
+    print(f"wrote vector.safetensors, generations.jsonl, results.json, table.md, steer.png to {args.out}")
+    return None

@@ -326,7 +326,7 @@ def judged_grid(images: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- apply
-def run_apply(spec, pipe: DiffusionPipe, out: Path | None) -> dict:
+def apply_and_draw(spec, pipe: DiffusionPipe, out: Path | None) -> dict:
     deltas = [load_delta(p) for p in spec.deltas]
     start = time.perf_counter()
     before = images_for(pipe, list(spec.prompts), spec.images, spec.seed)
@@ -347,3 +347,62 @@ def run_apply(spec, pipe: DiffusionPipe, out: Path | None) -> dict:
                    list(spec.prompts), out / "grid.png")
         atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     return report
+
+
+def trace_job(spec, args, out: Path) -> dict | None:
+    pipe = pipeline_for(spec, device=args.device)
+    report = run_trace(spec, pipe, out)
+    result = report["result"]
+    print(f"trace of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['images_per_cell']} images "
+          f"per cell, {pipe.steps} steps, in {report['seconds']:.1f} s")
+    for i, p in enumerate(result.prompts):
+        print(f"  {p['prompt']!r} (corrupted: {p['corrupted_prompt']!r}) shows {p['target']!r}: "
+              f"clean {p['clean_prob']:.2f}, corrupted {p['corrupted_prob']:.2f}")
+        for name, grid in result.grids.items():
+            vals = grid.values[i, :, :grid.lengths[i]]
+            best = int(vals.nan_to_num(-1).argmax())
+            layer, pos = divmod(best, vals.shape[1])
+            where = (f"attn2 window from {grid.layers[layer]}" if name == "cross_attention"
+                     else f"layer {grid.layers[layer]}, token {pos} {p['columns'][pos]!r}")
+            print(f"    {name}: best {float(vals.flatten()[best]):.2f} at {where}")
+    print(f"wrote {', '.join(report['written'])} to {args.out}")
+    return None
+
+
+def erase_job(spec, args, out: Path) -> dict | None:
+    pipe = pipeline_for(spec, device=args.device)
+    report = run_erase(spec, pipe, out)
+    ranks = sorted(set(report["rank"].values()))
+    print(f"{spec.method} ({spec.edit}) edit of {len(report['edited'])} projection(s) in "
+          f"{report['edit_seconds']:.2f} s (rank {ranks or 'dense'})")
+
+    def pct(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
+    e, b = report["erased_rate"], report.get("erased_rate_before", {})
+    print(f"  erased concept shown after (before): templates {pct(e['templates'])} ({pct(b.get('templates'))}), "
+          f"held-out phrasings {pct(e['heldout'])} ({pct(b.get('heldout'))}), adversarial search "
+          f"{pct(e['adversarial'])}; other concepts kept {pct(report['kept_rate'])}")
+    if "summary" in report:
+        s = report["summary"]
+        print(f"  erased concept shown: {s['erased_before']:.2f} -> {s['erased_after']:.2f}; other colours "
+              f"{s['other_colours_before']:.2f} -> {s['other_colours_after']:.2f}; other shapes "
+              f"{s['other_shapes_before']:.2f} -> {s['other_shapes_after']:.2f}")
+    print(f"wrote delta.safetensors, grid.png, report.json{', table.md' if 'summary' in report else ''} to {args.out}")
+    metrics = {**report.get("summary", {}), **{f"erased_{k}": v for k, v in report["erased_rate"].items()},
+               "kept_rate": report["kept_rate"]}
+    return dict(method=spec.method, edit=spec.edit, edited=report["edited"], metrics=metrics)
+
+
+def apply_job(spec, args, out: Path | None) -> dict | None:
+    pipe = pipeline_for(spec, device=args.device)
+    report = apply_and_draw(spec, pipe, out)
+    print(f"{report['images']} images with and without {len(spec.deltas)} delta(s): "
+          f"{report['base_seconds']:.2f} s base, {report['edited_seconds']:.2f} s edited")
+    for prompt, row in (report.get("after") or {}).items():
+        b = report["before"][prompt]
+        asked = row["asked_colour"] + row["asked_shape"]
+        print(f"  {prompt!r}: " + ", ".join(f"{w} {b[w]:.2f} -> {row[w]:.2f}" for w in asked))
+    if out is not None:
+        print(f"wrote grid.png, report.json to {args.out}")
+    return None

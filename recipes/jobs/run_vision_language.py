@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from interventions.engine.result import Result
-from interventions.spec.kinds import VLMTracePrompt, VLMTraceSpec
 from interventions.modalities.vision_language.llava import load_image, load_vlm
 
 
@@ -26,7 +25,7 @@ def images_of(result: Result, vlm, processor=None) -> list[torch.Tensor | None]:
     return [load_image(p["label"], vlm, processor) if p.get("label") else None for p in result.prompts]
 
 
-def run_apply(model: str, delta_paths: list[str], image: str, prompts: list[str], *, max_new_tokens: int = 8,
+def apply_and_answer(model: str, delta_paths: list[str], image: str, prompts: list[str], *, max_new_tokens: int = 8,
               device: str = "cpu") -> list[dict]:
     """Greedy answers to `prompts` about `image`, without and with the deltas (verified first, reverted after)."""
     from editors.delta import applied, load_delta
@@ -52,23 +51,6 @@ def run_apply(model: str, delta_paths: list[str], image: str, prompts: list[str]
     return [{"prompt": p, "base": b, "edited": e} for p, b, e in zip(prompts, base, edited)]
 
 
-def locate_layer(spec, vlm, tokenizer, processor=None) -> tuple[int, Result]:
-    """`layer: auto`: the MLP window that restores p(`target_true`) most when every image token's
-    MLP output is restored at once, under image noise, averaged over the edit questions."""
-    how = spec.locate
-    trace_spec = VLMTraceSpec(model=spec.model, corruption="noise", noise=how.noise, samples=how.samples,
-                              seed=how.seed, sites=("mlp",), window=how.window, image_cells="block",
-                              prompts=tuple(VLMTracePrompt(image=spec.image, prompt=q, target=spec.target_true)
-                                            for q in spec.questions))
-    from interventions import run
-
-    result = run(trace_spec, vlm, tokenizer, processor=processor)
-    grid = result.grids["mlp"].values
-    effect = torch.stack([grid[i, :, r["image_column"]] for i, r in enumerate(result.prompts)]).mean(0)
-    result.meta["effect"] = effect.tolist()
-    return int(effect.argmax()), result
-
-
 def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     """`kind: edit` on a VLM: ROME with the key at the image tokens (`editors.methods.rome_vision_language`).
 
@@ -76,22 +58,52 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     Efficacy: the questions about `image` answer `target_new` (top-1); generalisation: the
     paraphrases do; specificity: the other images keep their top-1 answer to every question."""
     from editors.delta import applied
-    from editors.methods.rome_vision_language import compute_vlm_rome, image_key_moment
+    from editors.evaluate import image_answers, image_edit_metrics
+    from editors.methods.rome_vision_language import compute_vlm_rome
     from interventions.core.atomic import atomic_write
-    from interventions.core.errors import SpecError
-    from interventions.models.sites import LLAVA
     from interventions.spec.kinds import spec_to_dict
-    from interventions.modalities.vision_language.llava import load_images, top_answers
-    from editors.editor import key_statistics, hyperparameters
+    from editors.editor import hyperparameters
 
     out = Path(out)
     vlm, tokenizer, processor = load_vlm(spec.model, device=device)
     pixels = load_image(spec.image, vlm, processor, field="image")
     others = [load_image(ref, vlm, processor, field=f"other_images[{i}]") for i, ref in enumerate(spec.other_images)]
-    seconds, located = {}, None
+    seconds = {}
+    spec, located = _resolve_layer(spec, vlm, tokenizer, processor, out, seconds)
+    C, corpus = _key_statistics(spec, vlm, tokenizer, processor, seconds)
     start = time.perf_counter()
+    delta, info = compute_vlm_rome(vlm, tokenizer, pixels, list(spec.questions), spec.target_new, layer=spec.layer,
+                                   C=C, base_model=spec.model, hp=hyperparameters(spec), kl_question=spec.kl_prompt,
+                                   spec=spec_to_dict(spec))
+    seconds["edit"] = time.perf_counter() - start
+    questions = list(spec.questions) + list(spec.paraphrases)
+    stack = torch.stack(others) if others else None
+    before = image_answers(vlm, tokenizer, pixels, stack, questions, spec.kl_prompt)
+    with applied(vlm, delta):
+        after = image_answers(vlm, tokenizer, pixels, stack, questions, spec.kl_prompt)
+    metrics = image_edit_metrics(spec, before, after, len(others))
+    path = out / "delta.safetensors"
+    delta.with_metrics({k: v for k, v in metrics.items() if v is not None}).save(path)
+    report = {"model": spec.model, "image": spec.image, "layer": spec.layer, "located": located,
+              "target_new": spec.target_new, "target_true": spec.target_true, "metrics": metrics,
+              "before": before, "after": after, "seconds": seconds, "v_star_steps": len(info["history"]),
+              "final_nll": info["history"][-1]["nll"], "delta": path.name, "bytes": path.stat().st_size,
+              "edited": delta.names, "image_corpus": {**corpus, "weight": spec.image_corpus_weight}}
+    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+    atomic_write(out / "table.md", table(report, spec).encode())
+    return report
+
+
+def _resolve_layer(spec, vlm, tokenizer, processor, out: Path, seconds: dict):
+    """`layer: auto` replaced by the traced layer (its trace saved under out/locate); the layer checked."""
+    from editors.locate import locate_image_layer
+    from interventions.core.errors import SpecError
+    from interventions.models.sites import LLAVA
+
+    located = None
     if spec.layer == "auto":
-        layer, trace = locate_layer(spec, vlm, tokenizer, processor)
+        start = time.perf_counter()
+        layer, trace = locate_image_layer(spec, vlm, tokenizer, processor)
         trace.save(out / "locate", heatmap=False)
         located = {"layer": layer, "effect": trace.meta["effect"], "window": spec.locate.window}
         spec = spec.model_copy(update={"layer": layer})
@@ -99,60 +111,27 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     n_layers = LLAVA.num_layers(vlm)
     if spec.layer >= n_layers:
         raise SpecError("layer", spec.layer, f"a layer in [0, {n_layers - 1}] (the language model has {n_layers})")
-    hp = hyperparameters(spec)
+    return spec, located
+
+
+def _key_statistics(spec, vlm, tokenizer, processor, seconds: dict):
+    """C at the edit layer: the text keys' second moment, plus `image_corpus_weight` x the image-token keys'
+    of `image_corpus` when given; and what the image corpus held."""
+    from editors.editor import key_statistics
+    from editors.methods.rome_vision_language import image_key_moment
+    from interventions.modalities.vision_language.llava import load_images
+
     start = time.perf_counter()
     C = key_statistics(spec, vlm, tokenizer, [spec.layer])[spec.layer]
     seconds["statistics"] = time.perf_counter() - start
-    image_keys = n_images = 0
-    if spec.image_corpus:
-        start = time.perf_counter()
-        corpus = [px for i, ref in enumerate(spec.image_corpus)
-                  for px in load_images(ref, vlm, processor, field=f"image_corpus[{i}]")]
-        n_images = len(corpus)
-        C_images, image_keys = image_key_moment(vlm, tokenizer, torch.stack(corpus), spec.layer)
-        C = C + spec.image_corpus_weight * C_images.to(C.device, C.dtype)
-        seconds["image statistics"] = time.perf_counter() - start
+    if not spec.image_corpus:
+        return C, {"images": 0, "keys": 0}
     start = time.perf_counter()
-    delta, info = compute_vlm_rome(vlm, tokenizer, pixels, list(spec.questions), spec.target_new, layer=spec.layer,
-                                   C=C, base_model=spec.model, hp=hp, kl_question=spec.kl_prompt,
-                                   spec=spec_to_dict(spec))
-    seconds["edit"] = time.perf_counter() - start
-    questions = list(spec.questions) + list(spec.paraphrases)
-    stack = torch.stack(others) if others else None
-
-    def measure() -> dict:
-        own = {q: top_answers(vlm, tokenizer, pixels[None], q)[0] for q in questions}
-        rest = {q: top_answers(vlm, tokenizer, stack, q) for q in questions} if stack is not None else {}
-        return {"answers": own, "other_images": rest,
-                "kl_prompt_answer": top_answers(vlm, tokenizer, pixels[None], spec.kl_prompt)[0]}
-
-    before = measure()
-    with applied(vlm, delta):
-        after = measure()
-    new = spec.target_new.strip()
-
-    def share(which, qs):
-        return sum(which["answers"][q] == new for q in qs) / len(qs) if qs else None
-
-    metrics = {"efficacy": share(after, spec.questions), "efficacy_before": share(before, spec.questions),
-               "generalisation": share(after, spec.paraphrases),
-               "generalisation_before": share(before, spec.paraphrases),
-               "specificity": (sum(a == b for q in questions for a, b in zip(before["other_images"][q],
-                                                                              after["other_images"][q]))
-                               / (len(questions) * len(others))) if others else None,
-               # does the image still read as what it was (e.g. its name after "This is the flag of")?
-               "kl_prompt_kept": float(before["kl_prompt_answer"] == after["kl_prompt_answer"])}
-    path = out / "delta.safetensors"
-    delta.with_metrics({k: v for k, v in metrics.items() if v is not None}).save(path)
-    report = {"model": spec.model, "image": spec.image, "layer": spec.layer, "located": located,
-              "target_new": spec.target_new, "target_true": spec.target_true, "metrics": metrics,
-              "before": before, "after": after, "seconds": seconds, "v_star_steps": len(info["history"]),
-              "final_nll": info["history"][-1]["nll"], "delta": path.name, "bytes": path.stat().st_size,
-              "edited": delta.names,
-              "image_corpus": {"images": n_images, "keys": image_keys, "weight": spec.image_corpus_weight}}
-    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
-    atomic_write(out / "table.md", table(report, spec).encode())
-    return report
+    corpus = [px for i, ref in enumerate(spec.image_corpus)
+              for px in load_images(ref, vlm, processor, field=f"image_corpus[{i}]")]
+    C_images, image_keys = image_key_moment(vlm, tokenizer, torch.stack(corpus), spec.layer)
+    seconds["image statistics"] = time.perf_counter() - start
+    return C + spec.image_corpus_weight * C_images.to(C.device, C.dtype), {"images": len(corpus), "keys": image_keys}
 
 
 def table(report: dict, spec) -> str:
@@ -175,3 +154,18 @@ def table(report: dict, spec) -> str:
               f"({report['before']['kl_prompt_answer']} → {report['after']['kl_prompt_answer']}) | 1.00 | "
               f"{fmt(m['kl_prompt_kept'])} |"]
     return "\n".join(lines) + "\n"
+
+
+def edit_job(spec, args, out: Path) -> dict | None:
+    """`kind: edit` on a LLaVA model: ROME keyed at the image tokens (recipes/jobs/run_vision_language.py)."""
+    start = time.perf_counter()
+    report = run_edit(spec, out, device=args.device)
+    print(f"rome edit of {spec.image} at layer {report['layer']} of {spec.model} in "
+          f"{time.perf_counter() - start:.1f} s: {Path(args.out) / report['delta']} ({report['bytes']} bytes)")
+    print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
+    print((out / "table.md").read_text(), end="")
+    return dict(method="rome-vlm", edited=report["edited"], layer=report["layer"], metrics=report["metrics"],
+                located=report["located"],
+                note=f"key: mean over the image tokens of {spec.image}; C from {spec.mom2_tokens:,} tokens "
+                     + ("of the spec's corpus files" if spec.corpus else "of text sampled from the model"))
+

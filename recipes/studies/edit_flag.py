@@ -54,8 +54,7 @@ def measure(vlm, tokenizer, country: int, target: str, seed: int, n: int = 8) ->
 
 
 def main(args) -> int:
-    from interventions.core.atomic import atomic_folder
-    from interventions.core.atomic import check_out
+    from interventions.core.atomic import atomic_folder, check_out
 
     out = check_out(args.out, True, "the edit")
     names = [c for c, _ in COUNTRIES]
@@ -65,15 +64,8 @@ def main(args) -> int:
         raise SpecError("--country", args.country, one_of(args.country, names))
     country = names.index(args.country)
     vlm, tokenizer, meta = load_vlm_testbed()
-    lm, lm_tok = load_model(meta["language_model"])
     start = time.perf_counter()
-    C = second_moment(lm, lm_tok, args.layer, None, max_tokens=args.mom2_tokens)
-    image_keys = 0
-    if args.image_stats:
-        # jittered renders of every flag at seeds 100.. (neither the edit render nor the held-out ones)
-        corpus = [px for k in range(args.image_stats) for px in load_images(f"flag:*@{100 + k}", vlm)]
-        C_images, image_keys = image_key_moment(vlm, tokenizer, torch.stack(corpus), args.layer)
-        C = C + C_images
+    C, image_keys = _key_moment(args, vlm, tokenizer, meta)
     c_seconds = time.perf_counter() - start
     # the subject: `--renders` jittered renders (k* and v* over all of them), none of them held out
     pixels = render([country] * args.renders, torch.Generator().manual_seed(args.seed))
@@ -97,9 +89,29 @@ def main(args) -> int:
         delta.with_metrics({"efficacy": after["efficacy"], "specificity": specificity}).save(
             staging / "delta.safetensors")
         atomic_write(staging / "report.json", json.dumps(report, indent=1).encode())
+    _print_report(args, report, out)
+    if args.checkpoint:
+        _ship(args, out, delta, report)
+    return 0
+
+
+def _key_moment(args, vlm, tokenizer, meta) -> tuple[torch.Tensor, int]:
+    """C at the edit layer from the language model's text, plus (`--image-stats`) the image-token keys of
+    jittered renders of every flag at seeds 100.. (neither the edit render nor the held-out ones)."""
+    lm, lm_tok = load_model(meta["language_model"])
+    C = second_moment(lm, lm_tok, args.layer, None, max_tokens=args.mom2_tokens)
+    if not args.image_stats:
+        return C, 0
+    corpus = [px for k in range(args.image_stats) for px in load_images(f"flag:*@{100 + k}", vlm)]
+    C_images, image_keys = image_key_moment(vlm, tokenizer, torch.stack(corpus), args.layer)
+    return C + C_images, image_keys
+
+
+def _print_report(args, report: dict, out) -> None:
+    before, after, specificity = report["before"], report["after"], report["specificity"]
     stats = f" + the image-token keys of {args.image_stats} renders of every flag" if args.image_stats else ""
     print(f"ROME at layer {args.layer}, key at the image tokens of the {args.country} flag -> {args.target!r} "
-          f"in {edit_seconds:.1f} s (C from text{stats}: {c_seconds:.1f} s)")
+          f"in {report['edit_seconds']:.1f} s (C from text{stats}: {report['C_seconds']:.1f} s)")
     print("| metric | before | after |\n|---|---|---|")
     print(f"| efficacy (edit question, held-out renders) | {before['efficacy']:.2f} | {after['efficacy']:.2f} |")
     for q in PARAPHRASES:
@@ -110,17 +122,19 @@ def main(args) -> int:
     print(f"| naming kept: 'This is the flag of' -> {args.country} | {before['naming']:.2f} | {after['naming']:.2f} |")
     print(f"| text 'The capital of {args.country} is' | {before['text_answer']} | {after['text_answer']} |")
     print(f"wrote delta.safetensors, report.json to {out}")
-    if args.checkpoint:
-        import sys
 
-        from recipes.train.manifest import check_name, register
 
-        row = register(out / "delta.safetensors", f"{check_name(args.checkpoint)}.safetensors", kind="delta",
-                       recipe="recipes/studies/edit_flag.py", command=" ".join(["lesion", *sys.argv[1:]]),
-                       base_model=VLM_TESTBED, method="rome-vlm", edited=delta.names, layer=args.layer,
-                       image_stats=report["image_stats"],
-                       kl_factor=args.kl_factor, renders=args.renders,
-                       metrics={"efficacy": after["efficacy"], "specificity": report["specificity"], "naming": after["naming"],
-                                "generalisation": after["generalisation"], "text_answer_after": after["text_answer"]})
-        print(f"shipped checkpoints/{row['path']} ({row['bytes']} bytes) and its manifest entry")
-    return 0
+def _ship(args, out, delta, report: dict) -> None:
+    import sys
+
+    from recipes.train.manifest import check_name, register
+
+    after = report["after"]
+    row = register(out / "delta.safetensors", f"{check_name(args.checkpoint)}.safetensors", kind="delta",
+                   recipe="recipes/studies/edit_flag.py", command=" ".join(["lesion", *sys.argv[1:]]),
+                   base_model=VLM_TESTBED, method="rome-vlm", edited=delta.names, layer=args.layer,
+                   image_stats=report["image_stats"],
+                   kl_factor=args.kl_factor, renders=args.renders,
+                   metrics={"efficacy": after["efficacy"], "specificity": report["specificity"], "naming": after["naming"],
+                            "generalisation": after["generalisation"], "text_answer_after": after["text_answer"]})
+    print(f"shipped checkpoints/{row['path']} ({row['bytes']} bytes) and its manifest entry")

@@ -150,7 +150,7 @@ def reevaluate(path: Path, n: int, register: bool) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=48)
@@ -167,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reevaluate", action="store_true",
                     help="Train nothing: evaluate the file at --out (default: the shipped one) again with the current "
                          "sampler settings and rewrite its header and manifest entry; its weights stay bit for bit.")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()

@@ -211,68 +211,78 @@ def trace(spec, pipe: DiffusionPipe, evaluator=None) -> Result:
     seeds = list(range(spec.seed, spec.seed + spec.images))
     samples = 1 if spec.corruption == "swap" else spec.samples
     sites = DiffusionSites(pipe)
-    n_text, n_attn = sites.text_layers, len(sites.cross_attention)
     uncond = pipe.encode([""])[0]
-    records, grids = [], {}
+    records, grid_layers = [], {}
     values: dict[str, list[torch.Tensor]] = {s: [] for s in spec.sites}
-    grid_layers: dict[str, list[int]] = {}
     for i, p in enumerate(spec.prompts):
         c = corrupt(pipe, spec, i, sigma)
-        target = p.target or p.subject
-        # image j uses noise sample j % samples: every cell sees the same (seed, sample) pairs
-        per_sample = [[s for j, s in enumerate(seeds) if j % samples == k] for k in range(samples)]
-
-        def score(contexts_for_sample, unet_hook=None):
-            """Share of images showing the target, per context row (contexts built per sample)."""
-            hits = None
-            for k in range(samples):
-                n = len(per_sample[k])
-                if n == 0:                                         # more noise draws than images
-                    continue
-                ctx = contexts_for_sample(k)                       # (cells, L, d)
-                rows = ctx.repeat_interleave(n, dim=0)
-                row_seeds = per_sample[k] * len(ctx)
-                images = pipe.sample(rows, row_seeds, uncond=uncond,
-                                     unet_hook=None if unet_hook is None else unet_hook(len(ctx), n))
-                shows = evaluator.shows(images, target).float().view(len(ctx), n).sum(1)
-                hits = shows if hits is None else hits + shows
-            return hits / len(seeds)
-
+        score = _Scorer(pipe, evaluator, seeds, samples, uncond, p.target or p.subject)
+        draw = (lambda k: k) if c.noise is not None else (lambda k: None)
         clean_ctx = pipe.encode_ids(c.clean_ids)
         clean_p = float(score(lambda k: clean_ctx)[0])
-        corrupt_p = float(score(lambda k: corrupted_context(pipe, c, k if c.noise is not None else None))[0])
+        corrupt_p = float(score(lambda k: corrupted_context(pipe, c, draw(k)))[0])
         # `prompt`: up to and including <eos> (SD's tokenizer pads with <eos> itself, so count, not compare)
         length = len(pipe.tokenizer(p.prompt, truncation=True, max_length=c.clean_ids.shape[1])["input_ids"]) \
             if spec.positions == "prompt" else c.clean_ids.shape[1]
         for site in spec.sites:
-            if site in TEXT_SITES:
-                layers, cells = text_cells(spec, n_text, length, site)
-                got = score(lambda k: text_contexts(pipe, c, site, cells, k if c.noise is not None else None))
-                values[site].append(got.view(len(layers), length))
-                grid_layers[site] = layers
-            else:
-                wins = attn_windows(n_attn, spec.attn_window)
-                clean2 = torch.cat([uncond[None], clean_ctx])
-
-                def hook(n_ctx, n, wins=wins, clean2=clean2):
-                    return cross_attention_hook(pipe, [w for w in wins for _ in range(n)], clean2)
-
-                got = score(lambda k: corrupted_context(pipe, c, k if c.noise is not None else None)
-                            .expand(len(wins), -1, -1), unet_hook=hook)
-                values[site].append(got.view(len(wins), 1))
-                grid_layers[site] = [w[0] for w in wins]
-        records.append({"prompt": p.prompt, "subject": p.subject, "answer": target, "target": target,
+            got, grid_layers[site] = _site_scores(spec, pipe, sites, c, site, length, score, draw,
+                                                  torch.cat([uncond[None], clean_ctx]))
+            values[site].append(got)
+        records.append({"prompt": p.prompt, "subject": p.subject, "answer": score.target, "target": score.target,
                         "tokens": c.tokens, "columns": c.tokens[:length], "subject_positions": c.subject,
                         "clean_prob": clean_p, "corrupted_prob": corrupt_p,
                         "corrupted_prompt": p.prompt.replace(p.subject, p.counterfactual_subject, 1)
                         if spec.corruption == "swap" else f"{p.prompt} (noise on {p.subject!r})"})
         log.info("%s: clean %.2f corrupted %.2f", p.prompt, clean_p, corrupt_p)
-    for site in spec.sites:
+    meta = {"images_per_cell": len(seeds), "seeds": [seeds[0], seeds[-1]], "steps": pipe.steps,
+            "guidance": pipe.guidance, "sigma": sigma, "cross_attention_layers": sites.cross_attention}
+    return Result("trace", spec.model, spec, records, _grids(spec.sites, values, grid_layers), meta)
+
+
+class _Scorer:
+    """Share of images showing `target`, per context row; image j of the seeds uses noise sample
+    j % samples, so every cell sees the same (seed, sample) pairs."""
+
+    def __init__(self, pipe: DiffusionPipe, evaluator, seeds: list[int], samples: int, uncond, target: str):
+        self.pipe, self.evaluator, self.seeds, self.uncond, self.target = pipe, evaluator, seeds, uncond, target
+        self.per_sample = [[s for j, s in enumerate(seeds) if j % samples == k] for k in range(samples)]
+
+    def __call__(self, contexts_for_sample, unet_hook=None) -> torch.Tensor:
+        hits = None
+        for k, seeds in enumerate(self.per_sample):
+            n = len(seeds)
+            if n == 0:                                         # more noise draws than images
+                continue
+            ctx = contexts_for_sample(k)                       # (cells, L, d)
+            rows = ctx.repeat_interleave(n, dim=0)
+            images = self.pipe.sample(rows, seeds * len(ctx), uncond=self.uncond,
+                                      unet_hook=None if unet_hook is None else unet_hook(len(ctx), n))
+            shows = self.evaluator.shows(images, self.target).float().view(len(ctx), n).sum(1)
+            hits = shows if hits is None else hits + shows
+        return hits / len(self.seeds)
+
+
+def _site_scores(spec, pipe: DiffusionPipe, sites: DiffusionSites, c, site: str, length: int, score: _Scorer,
+                 draw, clean2: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """One prompt's row of a site's grid: (values [layers, positions], the grid's layer labels)."""
+    if site in TEXT_SITES:
+        layers, cells = text_cells(spec, sites.text_layers, length, site)
+        got = score(lambda k: text_contexts(pipe, c, site, cells, draw(k)))
+        return got.view(len(layers), length), layers
+    wins = attn_windows(len(sites.cross_attention), spec.attn_window)
+
+    def hook(n_ctx, n):
+        return cross_attention_hook(pipe, [w for w in wins for _ in range(n)], clean2)
+
+    got = score(lambda k: corrupted_context(pipe, c, draw(k)).expand(len(wins), -1, -1), unet_hook=hook)
+    return got.view(len(wins), 1), [w[0] for w in wins]
+
+
+def _grids(site_names, values: dict, grid_layers: dict) -> dict[str, Grid]:
+    grids = {}
+    for site in site_names:
         width = max(v.shape[1] for v in values[site])
         stacked = torch.stack([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=float("nan"))
                                for v in values[site]])
-        lengths = [v.shape[1] for v in values[site]]
-        grids[site] = Grid(site, site, "prob", grid_layers[site], stacked, lengths)
-    meta = {"images_per_cell": len(seeds), "seeds": [seeds[0], seeds[-1]], "steps": pipe.steps,
-            "guidance": pipe.guidance, "sigma": sigma, "cross_attention_layers": sites.cross_attention}
-    return Result("trace", spec.model, spec, records, grids, meta)
+        grids[site] = Grid(site, site, "prob", grid_layers[site], stacked, [v.shape[1] for v in values[site]])
+    return grids

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from pathlib import Path
 
 from interventions.core.errors import SpecError, short
 from interventions.core.tagged import existing_file

@@ -1,0 +1,52 @@
+"""What `lesion run` does with a trace or patch spec on a language or vision-language model: the one batched
+engine, then result.json, result.safetensors and a heatmap in `--out`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def grid_job(spec, args, out: Path | None) -> dict | None:
+    """`kind: trace` / `kind: patch` on a language model or a VLM: the one batched engine."""
+    from interventions import run
+    from interventions.modalities.vision_language.llava import load_language_or_vision
+    from interventions.core.distributed import local_device, world
+    from interventions.core.memory import PeakMemory
+    from interventions.core.units import human, parse_bytes
+    from interventions.core.runtime import input_device
+    from recipes.jobs.flag_checks import parse_device_map
+
+    memory = parse_bytes(args.memory, "--memory") if args.memory else None
+    placement = dict(device=local_device(args.device), device_map=parse_device_map(args.device_map),
+                     offload_folder=args.offload_folder)
+    vision = spec.modality == "vision-language"
+    model, tokenizer, processor = load_language_or_vision(spec.model, vision=vision, **placement)
+    start = time.perf_counter()
+    with PeakMemory(input_device(model), model=model) as peak:
+        result = run(spec, model, tokenizer, processor=processor, max_batch_rows=args.max_batch_rows,
+                     progress=not args.quiet, memory=memory)
+    seconds = time.perf_counter() - start
+    result.meta.update(memory_peak_bytes=peak.bytes, memory_peak_measured_by=peak.method, seconds=round(seconds, 1))
+    if world()[0] != 0:
+        return None
+    written = result.save(out, heatmap=not vision)
+    if vision:
+        from interventions.core.plot import vlm_trace_heatmap
+        from recipes.jobs.run_vision_language import images_of
+
+        vlm_trace_heatmap(result, images_of(result, model, processor), out / "heatmap.png")
+        written.append("heatmap.png")
+    budget = f" (budget {human(memory)})" if memory else ""
+    print(f"{spec.kind} of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['rows']} rows "
+          f"in {seconds:.1f} s; peak memory beyond the weights {human(peak.bytes)}{budget}")
+    for p in result.prompts:
+        label = f"{p['label']} + " if p.get("label") else ""
+        line = f"  {label}{p['prompt']!r} -> {p['answer']!r}: clean p={p['clean_prob']:.3f}"
+        if "corrupted_prob" in p:
+            line += f", corrupted p={p['corrupted_prob']:.3f}"
+        if "base_metric" in p:
+            line += f", base {spec.metric}={p['base_metric']:.3f}"
+        print(line)
+    print(f"wrote {', '.join(written)} to {args.out}")
+    return None
