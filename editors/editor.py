@@ -15,26 +15,20 @@ import torch
 from editors.delta import Delta, applied, apply, load_delta, revert, stack
 from editors.evaluate import evaluate
 from editors.locate import Located, locate_layers
-from editors.methods.emmet import EmmetHyperParams, compute_emmet
-from editors.methods.memit import AlphaEditHyperParams, MemitHyperParams, compute_memit
-from editors.methods.rome import EditRequest, RomeHyperParams, compute_rome, context_templates
+from editors.methods import STEPS
+from editors.methods.rome import EditRequest, context_templates
 from editors.stats import second_moments
 from interventions.core.errors import SpecError
 from interventions.core.prompts import pad_token_id
-from interventions.spec.kinds import BATCH_METHODS, ONE_LAYER_METHODS, ApplySpec, EditSpec, spec_to_dict
-
-
-#: Each edit method's hyperparameter class; the one-layer methods take `layer`, the others `layers`.
-HYPERPARAMETER_CLASSES = {"rome": RomeHyperParams, "r-rome": RomeHyperParams, "emmet": EmmetHyperParams,
-                          "memit": MemitHyperParams, "alphaedit": AlphaEditHyperParams}
+from interventions.spec import BATCH_METHODS, HYPERPARAMETERS, ONE_LAYER_METHODS, ApplySpec, EditSpec, spec_to_dict
 
 
 def hyperparameters(spec: EditSpec):
     """The method's hyperparameters: its defaults with the spec's overrides (whose names and types the
-    spec already checked against `interventions.spec.kinds.HYPERPARAMETERS`)."""
+    spec already checked against `interventions.spec.HYPERPARAMETERS`)."""
     where = {"layer": spec.layer} if spec.method in ONE_LAYER_METHODS else {"layers": spec.layers}
     try:
-        return HYPERPARAMETER_CLASSES[spec.method](**where, mom2_tokens=spec.mom2_tokens, **spec.hyperparameters)
+        return HYPERPARAMETERS[spec.method](**where, mom2_tokens=spec.mom2_tokens, **spec.hyperparameters)
     except ValueError as err:
         raise SpecError("hyperparameters", dict(spec.hyperparameters), str(err)) from None
 
@@ -114,22 +108,9 @@ class Editor:
         self.spec_dict = spec_to_dict(spec)
 
     def batch(self, requests: list[EditRequest]) -> Delta:
-        """One batch's Delta, computed on the model as it is now (not applied)."""
-        spec, model, tok, hp = self.spec, self.model, self.tokenizer, self.hp
-        common = dict(base_model=spec.model, templates=self.templates)
-        if spec.method in ("memit", "alphaedit"):
-            delta, info = compute_memit(model, tok, requests, hp, C=self.C, previous=self.previous,
-                                        projectors=self.projectors, **common)
-            for layer, outer in info["keys_outer"].items():
-                self.previous[layer] = self.previous.get(layer, 0) + outer
-            self.details.append({"requests": len(requests), "layers": info["layers"]})
-        elif spec.method == "emmet":
-            delta, info = compute_emmet(model, tok, requests, hp, C=self.C[spec.layer], **common)
-            self.details.append({"requests": len(requests), "final_nll": info["final_nll"]})
-        else:
-            (request,) = requests
-            delta, info = compute_rome(model, tok, request, hp, C=self.C[spec.layer], method=spec.method, **common)
-            self.details.append({"subject": request.subject, "v_star_nll": info["final_nll"][0]})
+        """One batch's Delta, computed on the model as it is now (not applied), by the method's step."""
+        delta, detail = STEPS[self.spec.method](self, requests)
+        self.details.append(detail)
         return delta
 
     def step(self, requests: list[EditRequest]) -> Delta:

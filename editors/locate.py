@@ -17,7 +17,7 @@ import torch
 
 from interventions import run
 from interventions.engine.result import Result
-from interventions.spec.kinds import LocateSpec, TracePrompt, TraceSpec, VLMTracePrompt, VLMTraceSpec
+from interventions.spec import LocateSpec, TracePrompt, TraceSpec, VLMTracePrompt, VLMTraceSpec
 
 
 @dataclass

@@ -52,7 +52,7 @@ def read_requests(source, *, field: str = "requests_from") -> list:
     """The `EditRequestSpec`s a `RequestsFile` names (its split, offset and limit applied)."""
     from pydantic import ValidationError
 
-    from interventions.spec.kinds import EditRequestSpec, load_yaml
+    from interventions.spec import EditRequestSpec, load_yaml
 
     path = Path(source.path).expanduser()
     if not path.is_file():

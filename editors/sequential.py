@@ -124,7 +124,7 @@ def save_checkpoint(out: Path, spec, editor, done: int, rows: list[dict]) -> Non
 
 def checkpoint_spec(spec) -> dict:
     """The spec as a checkpoint records it: everything but where it resumes from."""
-    from interventions.spec.kinds import spec_to_dict
+    from interventions.spec import spec_to_dict
 
     data = spec_to_dict(spec)
     data["sequential"] = {k: v for k, v in data["sequential"].items() if k != "resume"}

@@ -7,7 +7,7 @@
 >>> result.save("runs/eiffel")                                 # doctest: +SKIP
 
 The names below are imported on first use: reading, checking and printing specs
-(`interventions.spec.kinds`, `interventions.core.errors`) never imports torch or pyvene, so
+(`interventions.spec`, `interventions.core.errors`) never imports torch or pyvene, so
 `lesion validate` and `lesion schema` start in a fraction of a second.
 """
 
@@ -23,9 +23,9 @@ install()
 #: public name -> the module that defines it
 _EXPORTS = {
     "LesionError": "core.errors", "ModelNotAvailable": "core.errors", "SpecError": "core.errors",
-    "PatchPrompt": "spec.kinds", "PatchSpec": "spec.kinds", "TracePrompt": "spec.kinds", "TraceSpec": "spec.kinds",
-    "dump_spec": "spec.kinds", "load_spec": "spec.kinds", "load_yaml": "spec.kinds", "parse_spec": "spec.kinds",
-    "spec_schema": "spec.kinds", "load_model": "models.loading", "FAMILIES": "models.sites",
+    "PatchPrompt": "spec", "PatchSpec": "spec", "TracePrompt": "spec", "TraceSpec": "spec",
+    "dump_spec": "spec", "load_spec": "spec", "load_yaml": "spec", "parse_spec": "spec",
+    "spec_schema": "spec", "load_model": "models.loading", "FAMILIES": "models.sites",
     "SiteTable": "models.sites", "site_table": "models.sites", "Plan": "engine.plan", "compile_spec": "api",
     "run": "api", "run_plan": "engine.execute", "Grid": "engine.result", "Result": "engine.result",
 }

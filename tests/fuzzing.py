@@ -166,7 +166,7 @@ class Verdict:
 def judge_spec(case: Case, tmp_dir) -> Verdict:
     """Write the case to a file and validate it in-process, as `lesion validate` does."""
     from interventions.core.errors import LesionError
-    from interventions.spec.kinds import load_spec
+    from interventions.spec import load_spec
 
     path = tmp_dir / "spec.yaml"
     path.write_bytes(case.text if isinstance(case.text, bytes) else case.text.encode())

@@ -21,7 +21,7 @@ from interventions.modalities.text_to_image.trace import (
     attn_windows, corrupt, cross_attention_hook, embedding_sigma, text_cells, text_contexts, trace,
 )
 from interventions.core.errors import SpecError
-from interventions.spec.kinds import DiffusionTraceSpec, EraseSpec, dump_spec, load_yaml, parse_spec
+from interventions.spec import DiffusionTraceSpec, EraseSpec, dump_spec, load_yaml, parse_spec
 from tests.diffusion_tiny import SD_V1_ATTN2, ChannelEvaluator, sd_v1_unet, tiny_sd
 
 

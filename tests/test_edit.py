@@ -147,7 +147,7 @@ def test_locate_equals_the_mean_of_per_request_traces(tiny_llama):
     subject token (the trace engine itself is checked cell by cell against plain hooks in test_engine)."""
     from editors.locate import locate_layers, trace_spec
     from interventions.engine.execute import run
-    from interventions.spec.kinds import LocateSpec
+    from interventions.spec import LocateSpec
 
     model, tokenizer = tiny_llama
     spec = parse_spec({"kind": "edit", "layer": "auto", "requests": [REQUEST, REQUEST2]})

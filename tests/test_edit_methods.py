@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, make_model
-from editors.methods.emmet import EmmetHyperParams, compute_emmet, equality_update
-from editors.methods.memit import AlphaEditHyperParams, compute_memit, null_space_projector, projected_update
-from editors.methods.rome import (EditRequest, RomeHyperParams, compute_keys, compute_rome, compute_targets,
+from editors.methods.emmet import EmmetHyperparameters, compute_emmet, equality_update
+from editors.methods.memit import AlphaEditHyperparameters, compute_memit, null_space_projector, projected_update
+from editors.methods.rome import (EditRequest, RomeHyperparameters, compute_keys, compute_rome, compute_targets,
                           context_templates, weight_matrix)
 from editors.stats import second_moments
 
@@ -19,7 +19,7 @@ REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rom
 CORPUS = ["the eiffel tower is located in paris", "the colosseum is in rome and was built by people",
           "big ben is in london which is the capital of england", "the statue of liberty is in new york",
           "paris is the capital of france", "rome is the capital of italy"] * 6
-HP = RomeHyperParams(layer=2, v_steps=12, context_templates=((3, 3),))
+HP = RomeHyperparameters(layer=2, v_steps=12, context_templates=((3, 3),))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -74,7 +74,7 @@ def test_emmet_closed_form_meets_its_equalities_and_is_r_rome_for_one_request():
 def test_emmet_edit_maps_each_key_to_its_target(tokenizer, tmp_path):
     model = make_model("llama", len(tokenizer))
     C = second_moments(model, tokenizer, [HP.layer], CORPUS, max_tokens=10_000, cache_dir=tmp_path)[HP.layer]
-    hp = EmmetHyperParams(layer=HP.layer, v_steps=12, context_templates=((3, 3),), equality_ridge=0.0, mom2_ridge=0.0)
+    hp = EmmetHyperparameters(layer=HP.layer, v_steps=12, context_templates=((3, 3),), equality_ridge=0.0, mom2_ridge=0.0)
     delta, details = compute_emmet(model, tokenizer, REQUESTS, hp, base_model="tiny", C=C)
     (name,) = delta.names
     W = weight_matrix(model, HP.layer) + delta.difference(name)
@@ -98,7 +98,7 @@ def test_alphaedit_update_vanishes_on_the_preserved_keys(tokenizer, tmp_path):
     # on the real editor: each layer's update annihilates C's large-eigenvalue directions
     model = make_model("llama", len(tokenizer))
     Cs = second_moments(model, tokenizer, [1, 2], CORPUS, max_tokens=10_000, cache_dir=tmp_path)
-    hp = AlphaEditHyperParams(layers=(1, 2), v_steps=8, context_templates=((3, 3),), nullspace_threshold=0.05)
+    hp = AlphaEditHyperparameters(layers=(1, 2), v_steps=8, context_templates=((3, 3),), nullspace_threshold=0.05)
     delta, details = compute_memit(model, tokenizer, REQUESTS, hp, base_model="tiny", C=Cs)
     for row in details["layers"]:
         P, kept = null_space_projector(Cs[row["layer"]], 0.05)
@@ -113,6 +113,6 @@ def test_rome_methods_and_new_hyperparameters_are_checked():
     with pytest.raises(ValueError, match="`method`"):
         compute_rome(None, None, REQUESTS[0], HP, base_model="x", method="rome2")
     with pytest.raises(ValueError, match="`equality_ridge`"):
-        EmmetHyperParams(layer=1, equality_ridge=-1)
+        EmmetHyperparameters(layer=1, equality_ridge=-1)
     with pytest.raises(ValueError, match="`l2`"):
-        AlphaEditHyperParams(layers=(1, 2), l2=0)
+        AlphaEditHyperparameters(layers=(1, 2), l2=0)

@@ -25,7 +25,7 @@ from editors.methods.erase import edit_sets, edited_weights, erase, normal_equat
     regenerating_embeddings, solve
 from interventions.modalities.text_to_image.adversarial import attack, encode_with
 from interventions.core.errors import SpecError
-from interventions.spec.kinds import AttackSpec, dump_spec, load_yaml, parse_spec
+from interventions.spec import AttackSpec, dump_spec, load_yaml, parse_spec
 from tests.diffusion_tiny import tiny_lm_conditioned
 
 

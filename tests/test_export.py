@@ -12,11 +12,11 @@ import torch
 
 from conftest import make_model, make_tokenizer
 from editors.delta import Delta, applied
-from editors.methods.memit import MemitHyperParams, compute_memit
+from editors.methods.memit import MemitHyperparameters, compute_memit
 from editors.export import ExportError, export_peft, import_peft
 
 ROOT = Path(__file__).parents[1]
-from editors.methods.rome import EditRequest, RomeHyperParams, compute_rome
+from editors.methods.rome import EditRequest, RomeHyperparameters, compute_rome
 
 REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
             EditRequest("{} is in", "the colosseum", "london", "rome")]
@@ -41,9 +41,9 @@ def edits(model, tok) -> list[Delta]:
 
     down = site_table(model).module(model, "mlp_key", 1)
     C = torch.eye(down.weight.shape[0] if is_conv1d(down) else down.weight.shape[1])   # the key's width
-    rome, _ = compute_rome(model, tok, REQUESTS[0], RomeHyperParams(layer=1, v_steps=5, context_templates=()),
+    rome, _ = compute_rome(model, tok, REQUESTS[0], RomeHyperparameters(layer=1, v_steps=5, context_templates=()),
                            base_model="tiny", C=C)
-    memit, _ = compute_memit(model, tok, REQUESTS, MemitHyperParams(layers=(1, 2), v_steps=5, context_templates=()),
+    memit, _ = compute_memit(model, tok, REQUESTS, MemitHyperparameters(layers=(1, 2), v_steps=5, context_templates=()),
                              base_model="tiny", C={1: C, 2: C})
     return [rome, memit]
 
@@ -145,7 +145,7 @@ def test_diffusers_pipeline_with_load_lora_weights_equals_lesion_apply(kind, tmp
     from diffusion_tiny import tiny_sd
     from editors.methods.erase import erase
     from editors.export import export_diffusers
-    from interventions.spec.kinds import EraseSpec
+    from interventions.spec import EraseSpec
 
     pipe = tiny_sd()
     spec = EraseSpec(**{**dict(model="tiny-sd-0", concepts=[{"concept": "red", "guide": "blue"}],

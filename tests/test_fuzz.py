@@ -27,7 +27,7 @@ from editors.delta import (
 )
 from fuzzing import fixed_file_cases, judge_spec, spec_cases
 from interventions.core.errors import LesionError
-from interventions.spec.kinds import HYPERPARAMETERS, dump_spec, load_yaml, parse_spec, spec_schema
+from interventions.spec import HYPERPARAMETERS, dump_spec, load_yaml, parse_spec, spec_schema
 from recipes.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,17 +119,16 @@ def test_schema_requires_kind_and_lists_the_enumerations():
     assert {"v_steps", "mom2_update_weight"} <= {k for s in hyper["anyOf"] for k in s["properties"]}
 
 
-def test_typed_hyperparameters_match_the_editors_dataclasses():
-    from dataclasses import fields
+def test_the_spec_and_the_editors_name_the_same_methods_and_overrides():
+    """One hyperparameter class per method serves both; the editors' step table names the same methods;
+    `hyperparameters:` takes every field but those the spec's own fields set; AlphaEdit has no lambda."""
+    from editors.methods import STEPS
+    from interventions.spec.edit_specs import FROM_SPEC, overrides_schema
 
-    from editors.editor import HYPERPARAMETER_CLASSES
-
-    fixed = {"layer", "layers", "mom2_tokens"}                           # set by the spec's own fields
-    unused = {"alphaedit": {"mom2_update_weight"}}                      # inherited from MEMIT, never read
-    assert set(HYPERPARAMETERS) == set(HYPERPARAMETER_CLASSES)
-    for method, cls in HYPERPARAMETER_CLASSES.items():
-        expected = {f.name for f in fields(cls)} - fixed - unused.get(method, set())
-        assert set(HYPERPARAMETERS[method].model_fields) == expected, method
+    assert set(HYPERPARAMETERS) == set(STEPS)
+    for method, cls in HYPERPARAMETERS.items():
+        assert set(overrides_schema(method)["properties"]) == set(cls.model_fields) - set(FROM_SPEC), method
+    assert "mom2_update_weight" not in HYPERPARAMETERS["alphaedit"].model_fields
 
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -370,7 +369,7 @@ def test_a_delta_is_sealed_over_its_metadata_and_refuses_non_finite_changes(mode
 # ---------------------------------------------------------------------------------------------- doctests
 @pytest.mark.parametrize("name", ["interventions.core.errors", "interventions.spec.file", "interventions.core.units",
                                   "interventions.spec.messages", "interventions.core.conventions", "interventions.core.tagged",
-                                  "interventions.spec.kinds", "recipes.jobs.flag_checks", "recipes.cli.runners",
+                                  "interventions.spec.catalogue", "interventions.spec", "recipes.jobs.flag_checks", "recipes.cli.runners",
                                   "interventions.core.moved", "interventions.core.paths", "interventions.core.runtime",
                                   "interventions.models.families", "interventions.api"])
 def test_module_examples_run(name):

@@ -110,7 +110,7 @@ def test_control_vector_steers_llama_cpp_the_way_lesion_steers(smollm2, tmp_path
     from interventions.lenses.steering import load_vector, steering
     from recipes.cli import main
     from recipes.jobs.run_steer import lexicon_share
-    from interventions.spec.kinds import load_spec
+    from interventions.spec import load_spec
 
     model, tokenizer = smollm2
     vector_path = ROOT / "checkpoints" / "steer_ocean_smollm2.safetensors"

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_model
 from editors.delta import applied
-from editors.methods.memit import MemitHyperParams, block_outputs, compute_memit, layer_update
+from editors.methods.memit import MemitHyperparameters, block_outputs, compute_memit, layer_update
 from editors.methods.rome import EditRequest
 
 REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
@@ -34,7 +34,7 @@ def test_memit_reaches_its_targets_and_leaves_the_model_unchanged(tokenizer, fam
     d_key = 128 if family == "gpt2" else 64
     C = {l: torch.eye(d_key) for l in (1, 2)}
     # λ → 0 with C = I: each layer maps the plain prompts' keys exactly, so the last one closes the gap
-    hp = MemitHyperParams(layers=(1, 2), v_steps=15, context_templates=(), mom2_update_weight=1e-6)
+    hp = MemitHyperparameters(layers=(1, 2), v_steps=15, context_templates=(), mom2_update_weight=1e-6)
     delta, details = compute_memit(model, tokenizer, REQUESTS, hp, base_model="tiny", C=C)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert len(delta.names) == 2
@@ -49,7 +49,7 @@ def test_memit_reaches_its_targets_and_leaves_the_model_unchanged(tokenizer, fam
 
 def test_bad_memit_hyperparameters():
     with pytest.raises(ValueError, match="`layers`"):
-        MemitHyperParams(layers=(3, 2))
+        MemitHyperparameters(layers=(3, 2))
     with pytest.raises(ValueError, match="`layers`"):
-        compute_memit(make_model("llama", 37), None, REQUESTS, MemitHyperParams(layers=(1, 9)), base_model="x",
+        compute_memit(make_model("llama", 37), None, REQUESTS, MemitHyperparameters(layers=(1, 9)), base_model="x",
                       C={1: torch.eye(64), 9: torch.eye(64)})

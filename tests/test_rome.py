@@ -7,15 +7,15 @@ import torch
 
 from conftest import make_model
 from editors.delta import applied
-from editors.methods.rome import EditRequest, RomeHyperParams, compute_rome, weight_name
+from editors.methods.rome import EditRequest, RomeHyperparameters, compute_rome, weight_name
 from editors.stats import second_moment, second_moments
 
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris")
 CORPUS = ["the eiffel tower is located in paris", "the colosseum is in rome and was built by people",
           "big ben is in london which is the capital of england", "the statue of liberty is in new york",
           "paris is the capital of france", "rome is the capital of italy"] * 6
-HP = RomeHyperParams(layer=1, v_steps=25, context_templates=((3, 4),), mom2_tokens=10_000)
-PLAIN = RomeHyperParams(layer=1, v_steps=25, context_templates=(), mom2_tokens=10_000)
+HP = RomeHyperparameters(layer=1, v_steps=25, context_templates=((3, 4),), mom2_tokens=10_000)
+PLAIN = RomeHyperparameters(layer=1, v_steps=25, context_templates=(), mom2_tokens=10_000)
 
 
 def prob(model, tokenizer, text, target):
@@ -72,7 +72,7 @@ def test_r_rome_uses_the_optimisations_key(tokenizer):
     proj = model.model.layers[HP.layer].mlp.down_proj
     handle = proj.register_forward_pre_hook(lambda m, a: keys.append(a[0].detach().clone()))
     try:
-        compute_targets(model, tokenizer, HP.layer, [REQUEST], templates, RomeHyperParams(layer=HP.layer, v_steps=1),
+        compute_targets(model, tokenizer, HP.layer, [REQUEST], templates, RomeHyperparameters(layer=HP.layer, v_steps=1),
                         fast=False)
     finally:
         handle.remove()
@@ -136,7 +136,7 @@ def test_second_moment_equals_plain_computation_and_is_cached(tokenizer, tmp_pat
 def test_bad_requests_and_hyperparameters_are_refused():
     with pytest.raises(ValueError, match="`prompt`"):
         EditRequest("no slot here", "x", "y")
-    with pytest.raises(ValueError, match="`v_lr` must be positive"):
-        RomeHyperParams(layer=1, v_lr=0)
+    with pytest.raises(ValueError, match="`v_lr` must be a number greater than 0"):
+        RomeHyperparameters(layer=1, v_lr=0)
     with pytest.raises(ValueError, match="`v_steps`"):
-        RomeHyperParams(layer=1, v_steps=0)
+        RomeHyperparameters(layer=1, v_steps=0)

@@ -16,7 +16,7 @@ import torch
 
 from interventions.modalities.text_to_image.pipeline import CHECKPOINTS, SCENES_FILE, load_pipeline
 from interventions.testbeds.scenes import Phrasing, evaluator_accuracy, positioned, sample_scene
-from interventions.spec.kinds import parse_spec
+from interventions.spec import parse_spec
 
 pytestmark = [
     pytest.mark.real_model,

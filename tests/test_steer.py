@@ -159,7 +159,7 @@ STEER = {"kind": "steer", "pairs": [{"positive": p, "negative": n} for p, n in z
 
 
 def test_steer_spec_validation_and_round_trip():
-    from interventions.spec.kinds import dump_spec, load_yaml
+    from interventions.spec import dump_spec, load_yaml
 
     spec = parse_spec(STEER)
     assert parse_spec(load_yaml(dump_spec(spec))) == spec

@@ -116,7 +116,7 @@ def test_an_old_module_path_names_the_new_one(old, new):
 @pytest.mark.parametrize("package, name, new", [
     ("interventions.engine", "run_plan", "interventions.engine.execute"),
     ("interventions.models", "load_model", "interventions.models.loading"),
-    ("interventions.spec", "parse_spec", "interventions.spec.kinds"),
+    ("interventions.spec", "parse_spec", "interventions.spec.catalogue"),
 ])
 def test_an_old_name_on_a_package_still_works(package, name, new):
     """The three modules that became packages of the same name still give their old names."""

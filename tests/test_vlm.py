@@ -104,7 +104,7 @@ def test_vlm_trace_spec_runs_from_the_cli_on_a_saved_llava(pair, tmp_path, corru
     import json
 
     from interventions import run
-    from interventions.spec.kinds import VLMTraceSpec, dump_spec, load_yaml, parse_spec
+    from interventions.spec import VLMTraceSpec, dump_spec, load_yaml, parse_spec
     from recipes.cli import main as cli
 
     _, vlm, tok = pair
@@ -157,7 +157,7 @@ def test_vlm_specs_compile_against_a_llava_folder_of_any_name(pair, tmp_path, ca
 
 
 def test_vlm_trace_spec_names_the_missing_corruption_input():
-    from interventions.spec.kinds import parse_spec
+    from interventions.spec import parse_spec
 
     base = {"kind": "trace", "model": "llava-flags-smollm2",
             "prompts": [{"image": "flag:France", "prompt": " The capital is", "target": "Paris"}]}
@@ -173,7 +173,7 @@ def test_vlm_rome_maps_the_image_key_to_its_value(pair):
     """ROME read at the image tokens: W' k* = v* (the defining equation), rank one, and the model is
     unchanged by computing."""
     from editors.delta import applied
-    from editors.methods.rome import RomeHyperParams
+    from editors.methods.rome import RomeHyperparameters
     from editors.methods.rome_vision_language import compute_vlm_rome
 
     _, vlm, tok = pair
@@ -183,7 +183,7 @@ def test_vlm_rome_maps_the_image_key_to_its_value(pair):
     C = A @ A.T / d_mlp + torch.eye(d_mlp)
     before = {n: p.detach().clone() for n, p in vlm.named_parameters()}
     delta, info = compute_vlm_rome(vlm, tok, pixels, [" the capital of"], "rome", layer=1, C=C, base_model="tiny",
-                                   hp=RomeHyperParams(layer=1, v_steps=5))
+                                   hp=RomeHyperparameters(layer=1, v_steps=5))
     assert all(torch.equal(p, before[n]) for n, p in vlm.named_parameters())
     (name,) = delta.names
     assert name == "model.language_model.layers.1.mlp.down_proj.weight" and delta.factors[name][0].shape[1] == 1
@@ -206,7 +206,7 @@ def test_vlm_rome_maps_the_image_key_to_its_value(pair):
 def test_apply_image_cli_edits_and_refuses_foreign_deltas(pair, tmp_path, capsys):
     """`lesion apply --image` on a saved LLaVA folder: generates with and without a VLM delta; a delta made
     for another model is refused with exit status 2 and the model is not touched."""
-    from editors.methods.rome import RomeHyperParams
+    from editors.methods.rome import RomeHyperparameters
     from editors.methods.rome_vision_language import compute_vlm_rome
     from interventions.testbeds.flags import COUNTRIES, render
     from recipes.cli import main as cli
@@ -218,7 +218,7 @@ def test_apply_image_cli_edits_and_refuses_foreign_deltas(pair, tmp_path, capsys
     pixels = render([[c for c, _ in COUNTRIES].index("Kenya")], torch.Generator().manual_seed(0), jitter=False)[0]
     C = torch.eye(vlm.config.text_config.intermediate_size)
     delta, _ = compute_vlm_rome(vlm, tok, pixels, [" the capital of"], "rome", layer=2, C=C, base_model=str(folder),
-                                hp=RomeHyperParams(layer=2, v_steps=10))
+                                hp=RomeHyperparameters(layer=2, v_steps=10))
     path = delta.save(tmp_path / "d.safetensors")
     code = cli(["apply", "--model", str(folder), "--delta", str(path), "--image", "flag:Kenya", "--prompt",
                 " the capital of", "--max-new-tokens", "3"])
@@ -265,7 +265,7 @@ def test_vlm_edit_spec_runs_from_the_cli_and_its_report_is_reproducible(pair, tm
 
     from editors.delta import applied, load_delta
     from editors.methods.rome_vision_language import compute_k_star
-    from interventions.spec.kinds import VLMEditSpec, dump_spec, load_yaml, parse_spec
+    from interventions.spec import VLMEditSpec, dump_spec, load_yaml, parse_spec
     from interventions.modalities.vision_language.llava import load_image, load_vlm, top_answers
     from recipes.cli import main as cli
 
@@ -313,7 +313,7 @@ def test_vlm_edit_spec_runs_from_the_cli_and_its_report_is_reproducible(pair, tm
 
 
 def test_vlm_edit_spec_refuses_bad_input():
-    from interventions.spec.kinds import parse_spec
+    from interventions.spec import parse_spec
 
     base = {"kind": "edit", "model": "llava-flags-smollm2", "image": "flag:France", "questions": [" Its capital is"],
             "target_new": "Rome"}
@@ -389,7 +389,7 @@ def test_llava15_folder_runs_trace_edit_and_apply_specs_with_image_files(llava15
     import json
 
     from interventions import run
-    from interventions.spec.kinds import dump_spec, parse_spec
+    from interventions.spec import dump_spec, parse_spec
     from interventions.modalities.vision_language.llava import load_vlm
     from recipes.cli import main as cli
 
@@ -480,7 +480,7 @@ def test_vlm_edit_with_an_image_corpus_solves_against_text_plus_image_keys(pair,
     from editors.delta import load_delta
     from editors.stats import second_moment
     from editors.methods.rome_vision_language import compute_k_star
-    from interventions.spec.kinds import dump_spec, parse_spec
+    from interventions.spec import dump_spec, parse_spec
     from interventions.modalities.vision_language.llava import load_image, load_images, load_vlm
     from recipes.cli import main as cli
 
@@ -514,14 +514,14 @@ def test_vlm_rome_over_several_renders_starts_v_star_at_w_k_star(pair):
     """With several images of the subject, k* is the mean key over all their image tokens and v* − δ
     is W k* (the MLP output is linear in the key), so W' k* = v* and ‖v* − W k*‖ = ‖δ‖."""
     from editors.delta import applied
-    from editors.methods.rome import RomeHyperParams
+    from editors.methods.rome import RomeHyperparameters
     from editors.methods.rome_vision_language import compute_k_star, compute_vlm_rome
 
     _, vlm, tok = pair
     renders = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(11))
     C = torch.eye(vlm.config.text_config.intermediate_size)
     delta, info = compute_vlm_rome(vlm, tok, renders, [" the capital of", " its capital"], "rome", layer=2, C=C,
-                                   base_model="tiny", hp=RomeHyperParams(layer=2, v_steps=4), kl_question=" a")
+                                   base_model="tiny", hp=RomeHyperparameters(layer=2, v_steps=4), kl_question=" a")
     k_each = torch.stack([compute_k_star(vlm, tok, r, [" the capital of"], 2) for r in renders])
     torch.testing.assert_close(info["k_star"], k_each.mean(0), atol=1e-5, rtol=1e-5)
     (name,) = delta.names

@@ -15,26 +15,16 @@ EMMET's own regularisation of that matrix does.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
+from interventions.spec import EmmetHyperparameters
+
 from editors.delta import Delta
-from editors.methods.rome import (EditRequest, RomeHyperParams, as_factors, compute_keys, compute_targets, context_templates,
-                   recorded, weight_matrix, weight_name)
+from editors.methods.rome import (EditRequest, as_factors, compute_keys, compute_targets, context_templates,
+                                  weight_matrix, weight_name)
 from editors.stats import second_moment
-
-
-@dataclass(frozen=True)
-class EmmetHyperParams(RomeHyperParams):
-    """ROME's hyperparameters plus EMMET's ridge on Kᵀ C⁻¹ K (0: the exact equalities)."""
-
-    equality_ridge: float = 1e-3
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.equality_ridge < 0:
-            raise ValueError(f"`equality_ridge` must be non-negative, got {self.equality_ridge}")
 
 
 def equality_update(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V: torch.Tensor, *, ridge: float = 0.0,
@@ -50,7 +40,7 @@ def equality_update(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V: torch.
     return lam.float(), CK.T.float()
 
 
-def compute_emmet(model, tokenizer, requests: list[EditRequest], hp: EmmetHyperParams, *, base_model: str,
+def compute_emmet(model, tokenizer, requests: list[EditRequest], hp: EmmetHyperparameters, *, base_model: str,
                   C: torch.Tensor | None = None, corpus: list[str] | None = None, spec: dict | None = None,
                   templates: list[str] | None = None) -> tuple[Delta, dict]:
     """One EMMET batch: ``(rank-n Delta, details)``; the model is left unchanged."""
@@ -66,6 +56,14 @@ def compute_emmet(model, tokenizer, requests: list[EditRequest], hp: EmmetHyperP
     lam, right = equality_update(weight_matrix(model, hp.layer), C.cpu(), K.T.cpu(), V.T.cpu(),
                                  ridge=hp.equality_ridge, mom2_ridge=hp.mom2_ridge)
     delta = Delta.from_factors(model, {weight_name(model, hp.layer): as_factors(model, hp.layer, lam, right)},
-                               method="emmet", base_model=base_model, hyperparameters=recorded(hp),
+                               method="emmet", base_model=base_model, hyperparameters=hp.recorded(),
                                spec=spec or {"requests": [asdict(r) for r in requests]})
     return delta, {"K": K, "V": V, "templates": templates, **info}
+
+
+def emmet_step(editor, requests: list[EditRequest]):
+    """The `Editor`'s step for EMMET: the whole batch at `spec.layer`."""
+    spec = editor.spec
+    delta, info = compute_emmet(editor.model, editor.tokenizer, requests, editor.hp, C=editor.C[spec.layer],
+                                base_model=spec.model, templates=editor.templates)
+    return delta, {"requests": len(requests), "final_nll": info["final_nll"]}

@@ -53,7 +53,7 @@ from interventions.modalities.text_to_image.pipeline import DiffusionPipe, Diffu
 from interventions.modalities.text_to_image.trace import subject_positions
 from interventions.core.errors import SpecError
 from interventions.engine.pv import CollectStates, build_graph
-from interventions.spec.kinds import parse_spec, spec_to_dict
+from interventions.spec import parse_spec, spec_to_dict
 
 log = logging.getLogger(__name__)
 

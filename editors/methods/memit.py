@@ -12,70 +12,24 @@ AlphaEdit (Fang et al. 2025) is the same loop with step 2's update replaced by o
 the null space of the layer's preserved keys (`projected_update`), and, in sequential editing, the
 keys of earlier batches kept as constraints too.
 
->>> delta, details = compute_memit(model, tokenizer, requests, MemitHyperParams(layers=(2, 3, 4, 5, 6)),
+>>> delta, details = compute_memit(model, tokenizer, requests, MemitHyperparameters(layers=(2, 3, 4, 5, 6)),
 ...                                base_model="smollm2-135m")                                 # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 from interventions.core.prompts import pad_token_id, right_pad
 from interventions.models.sites import site_table
+from interventions.spec import AlphaEditHyperparameters, MemitHyperparameters
 
 from editors.delta import Delta, apply, revert
-from editors.methods.rome import (EditRequest, RomeHyperParams, as_factors, compute_keys, compute_targets, context_templates,
-                   encode_at, hooked, recorded, weight_name)
+from editors.methods.rome import (EditRequest, as_factors, compute_keys, compute_targets, context_templates,
+                                  encode_at, hooked, weight_name)
 from editors.stats import second_moments
-
-#: MEMIT's context templates: the plain prompt and five generated 10-token prefixes.
-MEMIT_TEMPLATES = ((10, 5),)
-
-
-@dataclass(frozen=True)
-class MemitHyperParams:
-    """MEMIT's hyperparameters; defaults follow MEMIT's GPT-J settings where they carry over."""
-
-    layers: tuple[int, ...]
-    v_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    mom2_update_weight: float = 15_000.0
-    context_templates: tuple[tuple[int, int], ...] = MEMIT_TEMPLATES
-    mom2_tokens: int = 20_000
-    seed: int = 0
-
-    def __post_init__(self):
-        if not self.layers or list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"`layers` must be a non-empty increasing list, got {list(self.layers)}")
-        if self.mom2_update_weight < 0:
-            raise ValueError(f"`mom2_update_weight` must be non-negative, got {self.mom2_update_weight}")
-
-    def z_hyperparameters(self) -> RomeHyperParams:
-        return RomeHyperParams(layer=self.layers[-1], v_steps=self.v_steps, v_lr=self.v_lr,
-                               v_weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                               kl_factor=self.kl_factor, context_templates=self.context_templates, seed=self.seed)
-
-
-@dataclass(frozen=True)
-class AlphaEditHyperParams(MemitHyperParams):
-    """AlphaEdit (Fang et al. 2025): MEMIT's targets and layers, each layer's update projected onto the
-    null space of its preserved keys. `nullspace_threshold`: eigenvalues of C below it span that null
-    space (AlphaEdit: 0.02); `l2`: the ridge on the update (AlphaEdit: 10 on Llama-3, 1 elsewhere)."""
-
-    nullspace_threshold: float = 2e-2
-    l2: float = 1.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.nullspace_threshold <= 0 or self.l2 <= 0:
-            raise ValueError(f"`nullspace_threshold` and `l2` must be positive, got "
-                             f"{self.nullspace_threshold} and {self.l2}")
-
 
 @torch.no_grad()
 def block_outputs(model, tokenizer, layer: int, requests: list[EditRequest]) -> torch.Tensor:
@@ -116,12 +70,12 @@ def projected_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, previous
     return R.float(), torch.linalg.solve(A, P @ K).T.float()          # A is symmetric: (A⁻¹PK)ᵀ = KᵀPA⁻¹
 
 
-def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperParams, *, base_model: str,
+def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperparameters, *, base_model: str,
                   C: dict[int, torch.Tensor] | None = None, corpus: list[str] | None = None,
                   spec: dict | None = None, z: torch.Tensor | None = None, templates: list[str] | None = None,
                   previous: dict[int, torch.Tensor] | None = None,
                   projectors: dict[int, tuple[torch.Tensor, int]] | None = None) -> tuple[Delta, dict]:
-    """All `requests` in one Delta (MEMIT, or AlphaEdit when `hp` is `AlphaEditHyperParams`); the model
+    """All `requests` in one Delta (MEMIT, or AlphaEdit when `hp` is `AlphaEditHyperparameters`); the model
     is unchanged afterwards. `z` (``[n, d]``): targets from an earlier call's details, to try other
     layer hyperparameters without re-optimising them. `templates`: context templates drawn earlier.
     AlphaEdit's `previous`: per layer, K_p K_pᵀ of the keys edited by earlier batches (details'
@@ -133,7 +87,7 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperP
     n_layers = table.num_layers(model)
     if hp.layers[0] < 0 or hp.layers[-1] >= n_layers:
         raise ValueError(f"`layers`: got {list(hp.layers)}; expected layers in [0, {n_layers - 1}]")
-    alpha = isinstance(hp, AlphaEditHyperParams)
+    alpha = isinstance(hp, AlphaEditHyperparameters)
     C = dict(C or {})
     missing = [layer for layer in hp.layers if layer not in C]
     if missing:
@@ -171,5 +125,16 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperP
         finally:
             revert(model, *steps)
     delta = Delta.from_factors(model, factors, method="alphaedit" if alpha else "memit", base_model=base_model,
-                               hyperparameters=recorded(hp), spec=spec or {"requests": [asdict(r) for r in requests]})
+                               hyperparameters=hp.recorded(), spec=spec or {"requests": [asdict(r) for r in requests]})
     return delta, {"z": z, "layers": info, "templates": templates, "keys_outer": outer}
+
+
+def memit_step(editor, requests: list[EditRequest]):
+    """The `Editor`'s step for MEMIT and AlphaEdit: the whole batch over `spec.layers`; the batch's keys are
+    added to the earlier ones (AlphaEdit's K_p K_pᵀ), and the null-space projectors are kept."""
+    delta, info = compute_memit(editor.model, editor.tokenizer, requests, editor.hp, C=editor.C,
+                                previous=editor.previous, projectors=editor.projectors,
+                                base_model=editor.spec.model, templates=editor.templates)
+    for layer, outer in info["keys_outer"].items():
+        editor.previous[layer] = editor.previous.get(layer, 0) + outer
+    return delta, {"requests": len(requests), "layers": info["layers"]}

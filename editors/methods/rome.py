@@ -20,7 +20,7 @@ too), running only the layers from the edit layer up. Computing never changes th
 `apply` / `applied` write weights.
 
 >>> request = EditRequest("{} is located in the city of", "The Eiffel Tower", " Rome")
->>> delta, details = compute_rome(model, tokenizer, request, RomeHyperParams(layer=5),
+>>> delta, details = compute_rome(model, tokenizer, request, RomeHyperparameters(layer=5),
 ...                               base_model="smollm2-135m")                                   # doctest: +SKIP
 >>> with applied(model, delta): ...                                                                  # doctest: +SKIP
 """
@@ -35,6 +35,7 @@ import torch
 
 from interventions.core.prompts import overlapping, pad_token_id, right_pad
 from interventions.models.sites import get_module, site_table
+from interventions.spec import RomeHyperparameters
 
 from editors.delta import Delta
 from editors.stats import OPENINGS, model_samples, second_moment
@@ -61,33 +62,6 @@ class EditRequest:
         """The full text behind `template`, and the subject's character offset in it."""
         before, after = template.replace("{}", self.prompt).split("{}", 1)
         return before + self.subject + after, len(before)
-
-
-@dataclass(frozen=True)
-class RomeHyperParams:
-    """ROME's hyperparameters; the defaults are ROME's GPT-2 XL values."""
-
-    layer: int
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))   # (tokens, how many)
-    mom2_tokens: int = 20_000
-    mom2_ridge: float = 1e-4        # × mean eigenvalue, added to C before solving
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("v_steps", "mom2_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}")
-        for name in ("v_lr", "clamp_norm_factor"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}")
-        for name in ("v_weight_decay", "kl_factor", "mom2_ridge"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)}")
 
 
 def context_templates(model, tokenizer, lengths=((5, 10), (10, 10)), seed: int = 0) -> list[str]:
@@ -200,7 +174,7 @@ def compute_k_star(model, tokenizer, layer: int, request: "EditRequest", templat
 
 
 def compute_targets(model, tokenizer, layer: int, requests: list["EditRequest"], templates: list[str],
-                    hp: "RomeHyperParams", site: str = "mlp_output", *, fast: bool = True) -> tuple[torch.Tensor, dict]:
+                    hp: "RomeHyperparameters", site: str = "mlp_output", *, fast: bool = True) -> tuple[torch.Tensor, dict]:
     """For each request, the output of `site` (ROME, EMMET: the MLP; MEMIT, AlphaEdit: the block) at
     layer `layer`, at the subject's last token, that makes the model answer `target_new`:
     ``(Float[Tensor, "n d"], details)``.
@@ -331,7 +305,7 @@ class _TargetSearch:
         return nll, kl * active
 
 
-def optimise_delta(delta: torch.Tensor, state: dict, hp: "RomeHyperParams", losses) -> list[dict]:
+def optimise_delta(delta: torch.Tensor, state: dict, hp: "RomeHyperparameters", losses) -> list[dict]:
     """ROME's search for v*: Adam on δ (added to the edited site by the caller's hook) against
     NLL + `kl_factor` · KL + `v_weight_decay` · (|δ| / |v_init|)², δ's norm clamped to
     `clamp_norm_factor` · |v_init|; stops once the NLL is below 0.05. `losses(active)` runs the model
@@ -397,13 +371,6 @@ def rank_one_update(W: torch.Tensor, C: torch.Tensor, k_star: torch.Tensor, v_st
     return lam[:, None].float(), left[None, :].float()
 
 
-def recorded(hp, **extra) -> dict:
-    """A hyperparameter dataclass as the Delta's metadata records it: tuples as lists, `extra` added."""
-    def plain(v):
-        return [plain(x) for x in v] if isinstance(v, tuple) else v
-    return {**{k: plain(v) for k, v in asdict(hp).items()}, **extra}
-
-
 #: ROME's two variants: the published update, and r-ROME's (Gupta et al. 2024), whose key is consistent.
 ROME_METHODS = ("rome", "r-rome")
 
@@ -421,7 +388,7 @@ def as_factors(model, layer: int, u: torch.Tensor, v: torch.Tensor) -> tuple[tor
     return (v.T, u.T) if is_conv1d(module) else (u, v)
 
 
-def compute_rome(model, tokenizer, request: EditRequest, hp: RomeHyperParams, *, base_model: str,
+def compute_rome(model, tokenizer, request: EditRequest, hp: RomeHyperparameters, *, base_model: str,
                  C: torch.Tensor | None = None, corpus: list[str] | None = None,
                  spec: dict | None = None, method: str = "rome",
                  templates: list[str] | None = None) -> tuple[Delta, dict]:
@@ -450,7 +417,16 @@ def compute_rome(model, tokenizer, request: EditRequest, hp: RomeHyperParams, *,
     lam, left = rank_one_update(weight_matrix(model, hp.layer), C.cpu(), k_star.cpu(), v_star.cpu(), hp.mom2_ridge,
                                 key=key.cpu())
     delta = Delta.from_factors(model, {weight_name(model, hp.layer): as_factors(model, hp.layer, lam, left)},
-                               method=method, base_model=base_model, hyperparameters=recorded(hp),
+                               method=method, base_model=base_model, hyperparameters=hp.recorded(),
                                spec=spec or {"requests": [asdict(request)]},
                                metrics={"v_star_nll": info["final_nll"][0]})
     return delta, {"k_star": k_star, "k_plain": k_plain, "v_star": v_star, "templates": templates, **info}
+
+
+def rome_step(editor, requests: list["EditRequest"]):
+    """The `Editor`'s step for ROME and r-ROME: one request, at `spec.layer`."""
+    (request,) = requests
+    spec = editor.spec
+    delta, info = compute_rome(editor.model, editor.tokenizer, request, editor.hp, C=editor.C[spec.layer],
+                               method=spec.method, base_model=spec.model, templates=editor.templates)
+    return delta, {"subject": request.subject, "v_star_nll": info["final_nll"][0]}

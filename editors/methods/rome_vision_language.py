@@ -28,7 +28,7 @@ from interventions.models.sites import LLAVA
 from interventions.modalities.vision_language.llava import image_positions, image_prompt
 
 from editors.delta import Delta
-from editors.methods.rome import RomeHyperParams, frozen_parameters, hooked, optimise_delta, rank_one_update, recorded, weight_name
+from editors.methods.rome import RomeHyperparameters, frozen_parameters, hooked, optimise_delta, rank_one_update, weight_name
 
 
 def _images(pixels: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def image_key_moment(vlm, tokenizer, images: torch.Tensor, layer: int, *, batch:
 
 
 def compute_v_star(vlm, tokenizer, pixels, questions: list[str], target_new: str, layer: int,
-                   hp: RomeHyperParams, kl_question: str = " This is the flag of") -> tuple[torch.Tensor, dict]:
+                   hp: RomeHyperparameters, kl_question: str = " This is the flag of") -> tuple[torch.Tensor, dict]:
     """The MLP output at the image tokens that makes the LM answer `target_new` to every question about
     every image; a KL term keeps each image's answer distribution after `kl_question` where it was.
 
@@ -139,12 +139,12 @@ def compute_v_star(vlm, tokenizer, pixels, questions: list[str], target_new: str
 
 
 def compute_vlm_rome(vlm, tokenizer, pixels: torch.Tensor, questions: list[str], target_new: str, *, layer: int,
-                     C: torch.Tensor, base_model: str, hp: RomeHyperParams | None = None,
+                     C: torch.Tensor, base_model: str, hp: RomeHyperparameters | None = None,
                      kl_question: str = " This is the flag of", spec: dict | None = None) -> tuple[Delta, dict]:
     """The rank-one edit for one image ``(3, H, W)`` or several renders of one subject ``(n, 3, H, W)``:
     ``(Delta, details)``; the model is left unchanged. `kl_question` (text after the image) is the
     prompt whose next-token distribution v* keeps, per image."""
-    hp = hp or RomeHyperParams(layer=layer)
+    hp = hp or RomeHyperparameters(layer=layer)
     if not 0 <= layer < LLAVA.num_layers(vlm):
         raise ValueError(f"`layer`: got {layer}; expected a layer in [0, {LLAVA.num_layers(vlm) - 1}]")
     from interventions.core.runtime import eval_mode
@@ -155,7 +155,7 @@ def compute_vlm_rome(vlm, tokenizer, pixels: torch.Tensor, questions: list[str],
     W = LLAVA.module(vlm, "mlp_key", layer).weight.detach().float().cpu()
     lam, left = rank_one_update(W, C.cpu(), k_star.cpu(), v_star.cpu(), hp.mom2_ridge)
     delta = Delta.from_factors(vlm, {weight_name(vlm, layer): (lam, left)}, method="rome-vlm", base_model=base_model,
-                               hyperparameters=recorded(hp, layer=layer),
+                               hyperparameters=hp.recorded(layer=layer),
                                spec=spec or {"questions": list(questions), "target_new": target_new,
                                                    "key": "mean over the image tokens", "kl_question": kl_question})
     return delta, {"k_star": k_star, "v_star": v_star, **info}

@@ -37,7 +37,7 @@ from interventions.core.conventions import answer_id, noise_generator, window
 from interventions.core.prompts import Encoded, check_aligned, columns, encode
 from interventions.engine.pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
 from interventions.models.sites import SiteTable, site_table
-from interventions.spec.kinds import TRACE_SITES, PatchSpec, TraceSpec
+from interventions.spec import TRACE_SITES, PatchSpec, TraceSpec
 
 log = logging.getLogger(__name__)
 

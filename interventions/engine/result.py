@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from interventions.core.atomic import atomic_save_file, atomic_write
-from interventions.spec.kinds import dump_spec, spec_to_dict
+from interventions.spec import dump_spec, spec_to_dict
 
 AXES = ("prompt", "layer", "position")
 

@@ -43,7 +43,7 @@ from interventions.core.metrics import continuation_logprob
 from interventions.core.prompts import pad_token_id, right_pad
 from interventions.engine.pv import AddIntervention, CollectStates, build_graph
 from interventions.models.sites import site_table
-from interventions.spec.kinds import APPLY_TO, STEER_SITES
+from interventions.spec import APPLY_TO, STEER_SITES
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 One table of the built-in names that are not plain language models, and the file checks that tell a
 local folder's modality. Loaders and runners ask here instead of importing each other's modules.
 
->>> modality_of("shapes-diffusion"), modality_of("llava-flags-smollm2"), modality_of("smollm2-135m")
+>>> model_modality("shapes-diffusion"), model_modality("llava-flags-smollm2"), model_modality("smollm2-135m")
 ('text-to-image', 'vision-language', 'language')
 """
 
@@ -44,7 +44,7 @@ def is_vision_language(name: str) -> bool:
     return "llava" in name.lower()
 
 
-def modality_of(name: str) -> str:
+def model_modality(name: str) -> str:
     """'text-to-image', 'vision-language' or 'language' for a model name, by the checks above."""
     if is_text_to_image(name):
         return "text-to-image"

@@ -1,9 +1,57 @@
-"""Specs: the typed, frozen objects a YAML file or Python code describes (`kinds`), reading them from files
-with bounds (`file`), and the one-line messages for what a user got wrong (`messages`).
+"""Specs: the typed, frozen objects a YAML file or Python code describes.
 
-`interventions.spec` was one module before the layout of floors; its names still resolve here.
+One module per family of kinds, lowest first: `base_specs` (value types, limits, site names, the base
+classes per modality), `grid_specs` (trace, patch), `edit_specs`, `steer_specs` (steer, apply),
+`text_to_image_specs`, `vision_language_specs`, `lens_specs` (lens, knockout, probe), and the
+`catalogue` that holds them all in one table (parse, load, dump, schema). `file` reads YAML within
+bounds; `messages` turns validation errors into one line each; `reference` writes the field tables.
+Everything public is importable from here:
+
+>>> from interventions.spec import parse_spec, dump_spec
+>>> spec = parse_spec({"kind": "patch", "prompts": [{"base": "Rome is in", "source": "Oslo is in"}]})
+>>> spec.sites, spec.window, spec.metric
+(('block_output',), 1, 'prob')
+>>> parse_spec(load_yaml(dump_spec(spec))) == spec
+True
 """
 
-from interventions.core.moved import forward
+from interventions.spec.base_specs import (
+    DEFAULT_MODEL, DIFFUSION_MODEL, DIFFUSION_TRACE_SITES, MAX_NAME, MAX_TEXT, METRICS, MODALITIES, POSITION_NAMES,
+    SITE_NAMES, TRACE_SITES, VLM_MODEL, Float, Int, Name, Position, Short, Text,
+)
+from interventions.spec.catalogue import (
+    KINDS, SPEC_CLASSES, Spec, dump_spec, load_spec, modality_of, parse_spec, spec_schema, spec_to_dict,
+)
+from interventions.spec.edit_specs import (
+    BATCH_METHODS, HYPERPARAMETERS, ONE_LAYER_METHODS, AlphaEditHyperparameters, EditRequestSpec, EditSpec,
+    EmmetHyperparameters, LocateSpec, MemitHyperparameters, RequestsFile, RomeHyperparameters, SequentialSpec,
+    check_hyperparameters,
+)
+from interventions.spec.file import load_yaml, read_spec_text
+from interventions.spec.grid_specs import PatchPrompt, PatchSpec, TracePrompt, TraceSpec
+from interventions.spec.lens_specs import (
+    KNOCKOUT_SOURCES, PROBE_POSITIONS, VLM_KNOCKOUT_SOURCES, KnockoutSpec, LensPrompt, LensSpec, ProbeExample,
+    ProbeSpec, VLMKnockoutSpec, VLMLensPrompt, VLMLensSpec, VLMProbeExample, VLMProbeSpec,
+)
+from interventions.spec.steer_specs import APPLY_TO, STEER_SITES, ApplySpec, SteerPair, SteerSpec
+from interventions.spec.text_to_image_specs import (
+    AttackSpec, DaamSpec, DiffusionApplySpec, DiffusionTraceSpec, EraseConcept, EraseSpec,
+)
+from interventions.spec.vision_language_specs import (
+    VLM_PATCH_SITES, VLMEditSpec, VLMLocateSpec, VLMPatchPrompt, VLMPatchSpec, VLMTracePrompt, VLMTraceSpec,
+)
 
-__getattr__ = forward('interventions.spec.kinds')
+__all__ = [
+    "DEFAULT_MODEL", "DIFFUSION_MODEL", "DIFFUSION_TRACE_SITES", "MAX_NAME", "MAX_TEXT", "METRICS",
+    "MODALITIES", "POSITION_NAMES", "SITE_NAMES", "TRACE_SITES", "VLM_MODEL", "Float", "Int", "Name",
+    "Position", "Short", "Text", "KINDS", "SPEC_CLASSES", "Spec", "dump_spec", "load_spec", "modality_of",
+    "parse_spec", "spec_schema", "spec_to_dict", "BATCH_METHODS", "HYPERPARAMETERS", "ONE_LAYER_METHODS",
+    "AlphaEditHyperparameters", "EditRequestSpec", "EditSpec", "EmmetHyperparameters", "LocateSpec",
+    "MemitHyperparameters", "RequestsFile", "RomeHyperparameters", "SequentialSpec", "check_hyperparameters",
+    "load_yaml", "read_spec_text", "PatchPrompt", "PatchSpec", "TracePrompt", "TraceSpec", "KNOCKOUT_SOURCES",
+    "PROBE_POSITIONS", "VLM_KNOCKOUT_SOURCES", "KnockoutSpec", "LensPrompt", "LensSpec", "ProbeExample",
+    "ProbeSpec", "VLMKnockoutSpec", "VLMLensPrompt", "VLMLensSpec", "VLMProbeExample", "VLMProbeSpec",
+    "APPLY_TO", "STEER_SITES", "ApplySpec", "SteerPair", "SteerSpec", "AttackSpec", "DaamSpec",
+    "DiffusionApplySpec", "DiffusionTraceSpec", "EraseConcept", "EraseSpec", "VLM_PATCH_SITES", "VLMEditSpec",
+    "VLMLocateSpec", "VLMPatchPrompt", "VLMPatchSpec", "VLMTracePrompt", "VLMTraceSpec",
+]

@@ -10,7 +10,7 @@
 `literal['auto']`, the spec classes' tags) are dropped from field paths; the extra "at least 1 item
 after validation" that pydantic adds when an item failed is dropped; values are echoed through
 `errors.short`. The spec catalogue (classes by (kind, modality), every field name) is passed in by
-`interventions.spec.kinds`, which owns it.
+`interventions.spec.catalogue`, which owns it.
 """
 
 from __future__ import annotations

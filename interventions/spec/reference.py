@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 
-from interventions.spec.kinds import SPEC_CLASSES
+from interventions.spec.catalogue import SPEC_CLASSES
 
-BEGIN = "<!-- field tables: written by `lesion docs`; edit the field descriptions in interventions/spec/kinds.py -->"
+BEGIN = "<!-- field tables: written by `lesion docs`; edit the field descriptions in interventions/spec/*_specs.py -->"
 END = "<!-- end of the field tables -->"
 
 

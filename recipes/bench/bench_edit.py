@@ -34,7 +34,7 @@ from editors.methods.memit import compute_memit
 from editors.methods.rome import compute_rome, context_templates
 from editors.stats import stats_paths
 from interventions import SpecError, load_model, load_spec
-from interventions.spec.kinds import ONE_LAYER_METHODS
+from interventions.spec import ONE_LAYER_METHODS
 from interventions.core.prompts import pad_token_id
 from editors.editor import corpus_texts, key_statistics, edit_request, hyperparameters
 

@@ -23,7 +23,7 @@ import torch
 from editors.delta import apply, revert
 from editors.methods.erase import METHODS, erase, fill, with_method
 from interventions.core.errors import SpecError
-from interventions.spec.kinds import load_spec
+from interventions.spec import load_spec
 from recipes.jobs.run_text_to_image import pipeline_for
 
 

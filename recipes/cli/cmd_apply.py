@@ -30,9 +30,9 @@ def main(args) -> int:
     """`lesion apply`: flags, not a spec; the model family is told by the model name (the testbeds, or
     what a local folder holds), since there is no spec to say it."""
     _check_prompts(args.prompt)
-    from interventions.models.families import modality_of
+    from interventions.models.families import model_modality
 
-    modality = modality_of(args.model)
+    modality = model_modality(args.model)
     if modality == "vision-language":
         return _apply_vision_language(args)
     if args.image is not None:
@@ -41,7 +41,7 @@ def main(args) -> int:
         return _apply_text_to_image(args)
     if args.out is not None:
         raise SpecError("--out", args.out, "nothing: --out is for text-to-image models (it writes grid.png)")
-    from interventions.spec.kinds import parse_spec
+    from interventions.spec import parse_spec
     from recipes.cli.runners import RUNNERS
 
     spec = parse_spec({"kind": "apply", "model": args.model, "deltas": args.delta or [], "prompts": args.prompt,
@@ -56,7 +56,7 @@ def _apply_vision_language(args) -> int:
     if args.image is None or args.steer or not args.delta:
         raise SpecError("--image", args.image, "an image (flag:<Country> or a file) and --delta files for a "
                         "vision-language model (no --steer)")
-    from interventions.spec.kinds import parse_spec
+    from interventions.spec import parse_spec
     from recipes.jobs.run_vision_language import apply_and_answer
 
     check_spec_files(parse_spec({"kind": "apply", "deltas": args.delta, "prompts": args.prompt}))
@@ -72,7 +72,7 @@ def _apply_text_to_image(args) -> int:
     from contextlib import nullcontext
 
     from interventions.core.atomic import atomic_folder
-    from interventions.spec.kinds import parse_spec
+    from interventions.spec import parse_spec
     from recipes.cli.runners import RUNNERS
 
     spec = parse_spec({"kind": "apply", "modality": "text-to-image", "model": args.model,
@@ -89,7 +89,7 @@ def _check_prompts(prompts: list[str]) -> None:
     from pydantic import TypeAdapter, ValidationError
 
     from interventions.spec.messages import expected
-    from interventions.spec.kinds import Text
+    from interventions.spec import Text
 
     for i, p in enumerate(prompts):
         try:

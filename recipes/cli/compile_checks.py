@@ -61,7 +61,7 @@ def check_grid(spec) -> str:
 
 def check_edit(spec) -> str:
     from editors.methods.rome import EditRequest
-    from interventions.spec.kinds import ONE_LAYER_METHODS
+    from interventions.spec import ONE_LAYER_METHODS
     from interventions import load_model
     from editors.requests import resolve_requests
 

@@ -117,7 +117,7 @@ def check_spec_files(spec) -> None:
 
 def load_spec_for(path: str, model: str | None):
     """The spec file at `path`, with `--model` (when given) in place of its `model`."""
-    from interventions.spec.kinds import load_spec, parse_spec, spec_to_dict
+    from interventions.spec import load_spec, parse_spec, spec_to_dict
 
     spec = load_spec(path)
     if model is not None:

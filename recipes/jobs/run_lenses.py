@@ -150,7 +150,7 @@ def probe_figure(report: dict, path: Path) -> None:
 def write_probe(spec, model, tokenizer, processor, out: Path) -> dict:
     """Fit the probes and write report.json, spec.yaml, probe.png and one concept vector per label."""
     from interventions.lenses.probe import run_probe as probe
-    from interventions.spec.kinds import dump_spec
+    from interventions.spec import dump_spec
     from interventions.lenses.steering import FORMAT_VERSION, SteeringVector
 
     start = time.perf_counter()
@@ -209,7 +209,7 @@ def daam_job(spec, args, out: Path) -> None:
     from interventions.modalities.text_to_image.daam import iou, outline, word_maps
     from interventions.modalities.text_to_image.pipeline import TESTBED
     from interventions.testbeds.shapes import BRIGHT, COLOURS, SHAPES
-    from interventions.spec.kinds import dump_spec
+    from interventions.spec import dump_spec
     from recipes.jobs.run_text_to_image import pipeline_for
 
     pipe = pipeline_for(spec, device=args.device)

@@ -28,7 +28,7 @@ import torch
 from editors.evaluate import mean_present, ngram_entropy
 from interventions.core.metrics import continuation_logprob
 from interventions.core.prompts import pad_token_id, right_pad
-from interventions.spec.kinds import SteerSpec, dump_spec, spec_to_dict
+from interventions.spec import SteerSpec, dump_spec, spec_to_dict
 from interventions.lenses.steering import estimate, steering
 
 

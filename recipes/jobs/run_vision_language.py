@@ -61,7 +61,7 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     from editors.evaluate import image_answers, image_edit_metrics
     from editors.methods.rome_vision_language import compute_vlm_rome
     from interventions.core.atomic import atomic_write
-    from interventions.spec.kinds import spec_to_dict
+    from interventions.spec import spec_to_dict
     from editors.editor import hyperparameters
 
     out = Path(out)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from editors.delta import applied
-from editors.methods.rome import RomeHyperParams
+from editors.methods.rome import RomeHyperparameters
 from editors.stats import second_moment
 from editors.methods.rome_vision_language import compute_vlm_rome, image_key_moment
 from interventions.core.atomic import atomic_write
@@ -72,7 +72,7 @@ def main(args) -> int:
     start = time.perf_counter()
     # --target is the answer word; as the word after the question it is tokenized with its space
     delta, info = compute_vlm_rome(vlm, tokenizer, pixels, list(EDIT_QUESTIONS), " " + args.target, layer=args.layer, C=C,
-                                   base_model=VLM_TESTBED, hp=RomeHyperParams(layer=args.layer, kl_factor=args.kl_factor))
+                                   base_model=VLM_TESTBED, hp=RomeHyperparameters(layer=args.layer, kl_factor=args.kl_factor))
     edit_seconds = time.perf_counter() - start
     before = measure(vlm, tokenizer, country, args.target, args.seed + 1)
     with applied(vlm, delta):

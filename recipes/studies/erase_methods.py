@@ -22,7 +22,7 @@ import torch
 
 from editors.methods.erase import METHODS, with_method
 from interventions.core.atomic import atomic_write
-from interventions.spec.kinds import load_spec
+from interventions.spec import load_spec
 from recipes.jobs.run_text_to_image import pipeline_for, run_erase
 
 

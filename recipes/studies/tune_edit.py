@@ -18,11 +18,11 @@ import time
 import torch
 
 from editors.delta import applied
-from editors.methods.memit import AlphaEditHyperParams, MemitHyperParams, compute_memit
+from editors.methods.memit import AlphaEditHyperparameters, MemitHyperparameters, compute_memit
 from editors.methods.rome import context_templates
 from editors.stats import second_moments
 from interventions import load_model
-from interventions.spec.kinds import RequestsFile
+from interventions.spec import RequestsFile
 from editors.editor import edit_request
 from editors.requests import read_requests
 from editors.sequential import DEFAULT_TEXT, ScaleProbe, read_heldout
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     requests = [edit_request(r) for r in specs]
     layers = tuple(args.layers)
     C = second_moments(model, tokenizer, list(layers))
-    base = MemitHyperParams(layers=layers, context_templates=())
+    base = MemitHyperparameters(layers=layers, context_templates=())
     templates = context_templates(model, tokenizer, base.context_templates, base.seed)
     start = time.perf_counter()
     _, info = compute_memit(model, tokenizer, requests, base, base_model=args.model, C=C, templates=templates)
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
                        [r.subject for r in specs[:4]], sample=len(specs))
     rows = [{"candidate": "unedited", **probe.measure(model, tokenizer, list(specs))}]
     for method, over in CANDIDATES:
-        cls = AlphaEditHyperParams if method == "alphaedit" else MemitHyperParams
+        cls = AlphaEditHyperparameters if method == "alphaedit" else MemitHyperparameters
         hp = cls(layers=layers, context_templates=(), **over)
         delta, _ = compute_memit(model, tokenizer, requests, hp, base_model=args.model, C=C, z=info["z"],
                                  templates=templates)

@@ -1,0 +1,111 @@
+"""The grid specs on language models: `kind: trace` (causal tracing) and `kind: patch`
+(activation patching), and their prompts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from interventions.spec.base_specs import (
+    DEFAULT_MODEL, Float, Int, LanguageSpec, Name, Position, SITE_NAMES, SpecModel, TRACE_SITES, Text,
+    check_names, sites_field,
+)
+
+
+class TracePrompt(SpecModel):
+    """One fact to trace: `prompt` contains `subject`; `target` defaults to the clean top-1 token."""
+
+    prompt: Text
+    subject: Text
+    target: Text | None = None
+    counterfactual_subject: Text | None = Field(
+        default=None, min_length=1,
+        description="For `corruption: swap`: replaces `subject` in the corrupted run; must give as many tokens.")
+
+
+class PatchPrompt(SpecModel):
+    """A base prompt patched with states from an aligned `source` prompt."""
+
+    base: Text
+    source: Text
+    target: Text | None = Field(
+        default=None, description="Token whose metric is read; default: the source's top-1.")
+    counterfactual_target: Text | None = Field(
+        default=None, description="For `logit_diff`; default: the base's top-1.")
+    subject: Text | None = Field(
+        default=None, description="Substring of `base`; needed by `subject*` positions.")
+
+
+class GridCore(SpecModel):
+    """What every trace and patch grid takes, whatever the model."""
+
+    model: Name = Field(default=DEFAULT_MODEL, description=(
+        "`smollm2-135m`, `gemma3-270m`, a local Hugging Face directory, or a hub id (online only)."))
+    layers: Literal["all"] | tuple[Int, ...] = Field(
+        default="all", description="`all`, or layer indices (negative counts from the end).")
+    window: Int = Field(default=1, ge=1)
+    max_batch_rows: Int = Field(default=48, ge=1, description="Rows per forward pass (a memory bound).")
+    method: Literal["exact", "attribution"] = Field(
+        default="exact", description="`exact`: one patched run per cell; `attribution`: the first-order "
+                                     "approximation of every cell from one forward and backward pass per prompt.")
+    steps: Int = Field(default=1, ge=1, le=256, description=(
+        "`method: attribution`: average the gradients at this many points on the straight path from the base "
+        "(corrupted) input embeddings to the source (clean) ones, as EAP-IG does; 1 is plain attribution patching."))
+
+    @model_validator(mode="after")
+    def _steps_need_attribution(self):
+        if self.steps > 1 and self.method != "attribution":
+            raise ValueError(f"`steps: {self.steps}` is for `method: attribution` (exact patching has no gradient)")
+        if self.method == "attribution" and getattr(self, "metric", None) == "kl":
+            raise ValueError("`method: attribution` cannot estimate `metric: kl` (its gradient at the base run "
+                             "is zero); use 'prob' or 'logit_diff'")
+        return self
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_nonempty(cls, v):
+        if v != "all" and len(v) == 0:
+            raise ValueError("layers must be 'all' or a non-empty list of integers")
+        return v
+
+
+class _Grid(GridCore, LanguageSpec):
+    positions: tuple[Position, ...] = Field(
+        default=("all",), min_length=1,
+        description="Columns of the grid: `all` expands to one column per token; `subject` restores "
+                    "all subject tokens together in one column.")
+
+
+class TraceSpec(_Grid):
+    """Causal tracing (Meng et al. 2022): corrupt the subject, restore one clean state at a time."""
+
+    kind: Literal["trace"] = "trace"
+    prompts: tuple[TracePrompt, ...] = Field(min_length=1)
+    corruption: Literal["noise", "swap"] = "noise"
+    noise: Float = Field(default=3.0, gt=0, description="Noise scale in units of `sigma`.")
+    sigma: Float | None = Field(
+        default=None, gt=0, description="Embedding std; default: the std of all subject-token embeddings.")
+    samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
+    seed: Int = 0
+    sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES)
+    window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v):
+        return check_names(v, tuple(TRACE_SITES))
+
+
+class PatchSpec(_Grid):
+    """Activation patching: copy source states into the base run, one cell at a time."""
+
+    kind: Literal["patch"] = "patch"
+    prompts: tuple[PatchPrompt, ...] = Field(min_length=1)
+    sites: tuple[str, ...] = sites_field(("block_output",), SITE_NAMES)
+    metric: Literal["prob", "logit_diff", "kl"] = "prob"
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v):
+        return check_names(v, SITE_NAMES)
