@@ -63,7 +63,7 @@ def key_statistics(spec: EditSpec, model, tokenizer, layers) -> dict[int, torch.
                           corpus_name="files" if spec.corpus else "model-samples")
 
 
-def resolve_layers(spec: EditSpec, model, tokenizer) -> tuple[EditSpec, Located | None]:
+def resolve_edit_layers(spec: EditSpec, model, tokenizer) -> tuple[EditSpec, Located | None]:
     """`layer: auto` / `layers: auto` replaced by the layers a causal trace picks (see editors.locate)."""
     one = spec.method in ONE_LAYER_METHODS
     if (spec.layer if one else spec.layers) != "auto":
@@ -90,7 +90,7 @@ class Editor:
 
     def __init__(self, spec: EditSpec, model, tokenizer):
         if spec.layer == "auto" or spec.layers == "auto":
-            raise ValueError("Editor needs resolved layers: call resolve_layers(spec, model, tokenizer) first")
+            raise ValueError("Editor needs resolved layers: call resolve_edit_layers(spec, model, tokenizer) first")
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         layers = spec.edit_layers
         if max(layers) >= n_layers:
@@ -144,7 +144,7 @@ def compute_edit(spec: EditSpec, model, tokenizer, on_batch=None, resume=None) -
     all at once, or `sequential.batch_size` at a time. `on_batch(done, editor)` runs after each batch,
     with the edits so far applied. `resume`: ``(done, stacked, previous, details)`` of a checkpoint, to
     continue after its first `done` requests. The model is unchanged afterwards. `spec` must have its
-    layers resolved (`resolve_layers`)."""
+    layers resolved (`resolve_edit_layers`)."""
     editor = Editor(spec, model, tokenizer)
     requests = [edit_request(r) for r in spec.requests]
     done = 0
@@ -166,7 +166,7 @@ def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
     out = Path(out)
     seconds = {}
     start = time.perf_counter()
-    spec, found = resolve_layers(spec, model, tokenizer)
+    spec, found = resolve_edit_layers(spec, model, tokenizer)
     if found is not None:
         found.result.save(out / "locate")
         seconds["locate"] = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Rule 4 of the layout: behaviour is unchanged. Each shipped recipe in `golden_cases.CASES`, run at small
+"""Rule 4 of the layout: behaviour is unchanged. Each shipped recipe in `support.golden.CASES`, run at small
 settings through the CLI, gives the outputs recorded in tests/golden/ before the restructuring:
 JSON numbers equal to 1e-6, tensors (deltas included) bit for bit."""
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from golden_cases import CASES, GOLDEN, differences, run_case
+from support.golden import CASES, GOLDEN, differences, run_case
 
 pytestmark = pytest.mark.real_model
 

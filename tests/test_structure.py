@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from import_graph import circles, edges, floor, modules, upward
+from support.import_graph import circles, edges, floor, modules, upward
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 60

@@ -23,9 +23,10 @@ from interventions.spec.catalogue import (
     KINDS, SPEC_CLASSES, Spec, dump_spec, load_spec, modality_of, parse_spec, spec_schema, spec_to_dict,
 )
 from interventions.spec.edit_specs import (
-    BATCH_METHODS, HYPERPARAMETERS, ONE_LAYER_METHODS, AlphaEditHyperparameters, EditRequestSpec, EditSpec,
+    BATCH_METHODS, EDIT_METHODS, FROM_SPEC, HYPERPARAMETERS, ONE_LAYER_METHODS, AlphaEditHyperparameters,
+    EditMethod, EditRequestSpec, EditSpec,
     EmmetHyperparameters, LocateSpec, MemitHyperparameters, RequestsFile, RomeHyperparameters, SequentialSpec,
-    check_hyperparameters,
+    check_hyperparameters, overrides_schema,
 )
 from interventions.spec.file import load_yaml, read_spec_text
 from interventions.spec.grid_specs import PatchPrompt, PatchSpec, TracePrompt, TraceSpec
@@ -45,10 +46,11 @@ __all__ = [
     "DEFAULT_MODEL", "DIFFUSION_MODEL", "DIFFUSION_TRACE_SITES", "MAX_NAME", "MAX_TEXT", "METRICS",
     "MODALITIES", "POSITION_NAMES", "SITE_NAMES", "TRACE_SITES", "VLM_MODEL", "Float", "Int", "Name",
     "Position", "Short", "Text", "KINDS", "SPEC_CLASSES", "Spec", "dump_spec", "load_spec", "modality_of",
-    "parse_spec", "spec_schema", "spec_to_dict", "BATCH_METHODS", "HYPERPARAMETERS", "ONE_LAYER_METHODS",
-    "AlphaEditHyperparameters", "EditRequestSpec", "EditSpec", "EmmetHyperparameters", "LocateSpec",
-    "MemitHyperparameters", "RequestsFile", "RomeHyperparameters", "SequentialSpec", "check_hyperparameters",
-    "load_yaml", "read_spec_text", "PatchPrompt", "PatchSpec", "TracePrompt", "TraceSpec", "KNOCKOUT_SOURCES",
+    "parse_spec", "spec_schema", "spec_to_dict", "BATCH_METHODS", "EDIT_METHODS", "FROM_SPEC",
+    "HYPERPARAMETERS", "ONE_LAYER_METHODS", "AlphaEditHyperparameters", "EditMethod", "EditRequestSpec",
+    "EditSpec", "EmmetHyperparameters", "LocateSpec", "MemitHyperparameters", "RequestsFile",
+    "RomeHyperparameters", "SequentialSpec", "check_hyperparameters", "overrides_schema", "load_yaml",
+    "read_spec_text", "PatchPrompt", "PatchSpec", "TracePrompt", "TraceSpec", "KNOCKOUT_SOURCES",
     "PROBE_POSITIONS", "VLM_KNOCKOUT_SOURCES", "KnockoutSpec", "LensPrompt", "LensSpec", "ProbeExample",
     "ProbeSpec", "VLMKnockoutSpec", "VLMLensPrompt", "VLMLensSpec", "VLMProbeExample", "VLMProbeSpec",
     "APPLY_TO", "STEER_SITES", "ApplySpec", "SteerPair", "SteerSpec", "AttackSpec", "DaamSpec",

@@ -6,7 +6,7 @@ from recipes.jobs.flag_checks import finite_float, natural_int, positive_int
 
 
 def add_parser(sub, parents) -> None:
-    ef = sub.add_parser("edit-flag", parents=parents, help="VLM testbed: ROME edit read at the image tokens of one flag")
+    ef = sub.add_parser("edit-flag", parents=parents, help="vision-language testbed: ROME edit read at the image tokens of one flag")
     ef.add_argument("--out", required=True)
     ef.add_argument("--country", default="France")
     ef.add_argument("--target", default="Rome")

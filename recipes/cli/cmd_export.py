@@ -14,7 +14,7 @@ def add_parser(sub, parents) -> None:
                                                         "(PEFT: vLLM, TGI, PeftModel; diffusers)")
     x.add_argument("delta", nargs="+", help="delta files (several export as one adapter), or one steering vector")
     x.add_argument("--to", default=None, choices=("peft", "diffusers", "gguf"),
-                   help="peft: a PEFT LoRA adapter (language models, VLMs); diffusers: LoRA weights for "
+                   help="peft: a PEFT LoRA adapter (language and vision-language models); diffusers: LoRA weights for "
                         "StableDiffusionPipeline.load_lora_weights (text-to-image deltas); gguf: a llama.cpp "
                         "LoRA adapter (deltas) or control vector (a steering vector file)")
     x.add_argument("--out", required=True, help="the adapter folder to write")

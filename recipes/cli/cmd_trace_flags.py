@@ -6,7 +6,7 @@ from recipes.jobs.flag_checks import natural_int, positive_int
 
 
 def add_parser(sub, parents) -> None:
-    tf = sub.add_parser("trace-flags", parents=parents, help="VLM testbed: trace a capital fact with the country as an image and "
+    tf = sub.add_parser("trace-flags", parents=parents, help="vision-language testbed: trace a capital fact with the country as an image and "
                                             "as text, side by side")
     tf.add_argument("--out", required=True)
     tf.add_argument("--countries", nargs="+", default=["France", "Germany", "Japan", "Korea"])

@@ -16,7 +16,7 @@ from editors.delta import applied
 from editors.evaluate import evaluate, mean_present
 from editors.methods.rome import compute_rome
 from interventions import load_model, load_spec
-from editors.editor import key_statistics, edit_request, fmt_metric, hyperparameters, resolve_layers
+from editors.editor import key_statistics, edit_request, fmt_metric, hyperparameters, resolve_edit_layers
 
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency")
 
@@ -32,7 +32,7 @@ def main(args) -> int:
                         "'rome' or 'r-rome' in a `kind: edit` spec (the batch methods edit all requests at once: "
                         "use `lesion run`)")
     model, tokenizer = load_model(spec.model)
-    spec, _ = resolve_layers(spec, model, tokenizer)
+    spec, _ = resolve_edit_layers(spec, model, tokenizer)
     hp = hyperparameters(spec)
     requests = spec.requests[: args.limit] if args.limit else spec.requests
     C = key_statistics(spec, model, tokenizer, [spec.layer])[spec.layer]

@@ -38,6 +38,7 @@ from interventions.core.errors import SpecError
 from interventions.core.prompts import overlapping
 from interventions.engine.pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
 from interventions.engine.result import Grid, Result
+from interventions.testbeds import Evaluator
 
 log = logging.getLogger(__name__)
 TEXT_SITES = ("text_hidden", "text_mlp", "text_attention")
@@ -202,7 +203,7 @@ def attn_windows(n_layers: int, window: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------- the whole trace
-def trace(spec, pipe: DiffusionPipe, evaluator=None) -> Result:
+def trace(spec, pipe: DiffusionPipe, evaluator: Evaluator | None = None) -> Result:
     """Run a diffusion `kind: trace` spec: one grid per site, values = share of images showing the target."""
     evaluator = evaluator or pipe.meta.get("evaluator")
     if evaluator is None:
@@ -243,7 +244,8 @@ class _Scorer:
     """Share of images showing `target`, per context row; image j of the seeds uses noise sample
     j % samples, so every cell sees the same (seed, sample) pairs."""
 
-    def __init__(self, pipe: DiffusionPipe, evaluator, seeds: list[int], samples: int, uncond, target: str):
+    def __init__(self, pipe: DiffusionPipe, evaluator: Evaluator, seeds: list[int], samples: int, uncond,
+                 target: str):
         self.pipe, self.evaluator, self.seeds, self.uncond, self.target = pipe, evaluator, seeds, uncond, target
         self.per_sample = [[s for j, s in enumerate(seeds) if j % samples == k] for k in range(samples)]
 

@@ -279,7 +279,7 @@ def merged_embeddings(vlm, ids: list[int], pixels: torch.Tensor | None) -> torch
         return merged.embeds[0]
     finally:
         handle.remove()
-    raise RuntimeError("the VLM never called its language model")
+    raise RuntimeError("the vision-language model never called its language model")
 
 
 def image_columns(tokens: tuple[str, ...], image: list[int], cells: str) -> list[tuple[str, tuple[int, ...]]]:

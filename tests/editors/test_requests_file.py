@@ -1,0 +1,92 @@
+"""Edit requests from a file (CounterFact, zsRE, Lesion's list) and the fact sets mined for the real models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from interventions import SpecError, dump_spec, load_yaml, parse_spec
+from editors.requests import resolve_requests
+
+ROOT = Path(__file__).resolve().parents[2]
+COUNTERFACT = {"case_id": 0, "split": "tune", "requested_rewrite": {
+    "prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": {"str": " Rome"},
+    "target_true": {"str": " Paris"}}, "paraphrase_prompts": ["Where is the Eiffel Tower? In"],
+    "neighborhood_prompts": ["The Louvre is located in the city of"]}
+ZSRE = {"subject": "Eiffel Tower", "src": "Which city is the Eiffel Tower in?", "alt": "Rome", "answers": ["Paris"],
+        "rephrase": "In which city is the Eiffel Tower?", "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}
+
+
+def _spec(path, **source):
+    return parse_spec({"kind": "edit", "layer": 5, "requests_from": {"path": str(path), **source}})
+
+
+def test_counterfact_zsre_and_lesion_records_read_alike(tmp_path):
+    lesion = {"prompt": "{} is in", "subject": "Big Ben", "target_new": " Rome", "target_true": " London"}
+    (tmp_path / "cf.json").write_text(json.dumps([COUNTERFACT, {**COUNTERFACT, "split": "eval"}, ZSRE]))
+    (tmp_path / "mine.yaml").write_text("requests:\n  - " + json.dumps(lesion) + "\n")
+    spec = resolve_requests(_spec(tmp_path / "cf.json"))
+    cf, cf2, zs = spec.requests
+    assert (cf.prompt, cf.subject, cf.target_new, cf.target_true) == (
+        "{} is located in the city of", "The Eiffel Tower", " Rome", " Paris")
+    assert cf.paraphrases == ("Where is the Eiffel Tower? In",) and cf.neighbours == ("The Louvre is located in the city of",)
+    assert (zs.prompt, zs.target_new, zs.target_true, zs.neighbours) == ("Which city is the {} in?", " Rome", " Paris", ())
+    assert spec.requests_from is None
+    assert resolve_requests(_spec(tmp_path / "mine.yaml")).requests[0].subject == "Big Ben"
+    # split, offset and limit
+    assert len(resolve_requests(_spec(tmp_path / "cf.json", split="tune")).requests) == 1
+    assert len(resolve_requests(_spec(tmp_path / "cf.json", split="eval")).requests) == 2     # zsRE has no split
+    assert resolve_requests(_spec(tmp_path / "cf.json", offset=2, limit=5)).requests == (zs,)
+
+
+def test_a_spec_with_a_requests_file_round_trips_through_yaml(tmp_path):
+    spec = _spec(tmp_path / "x.json", split="eval", limit=10)
+    assert parse_spec(load_yaml(dump_spec(spec))) == spec
+
+
+def test_bad_requests_files_name_the_field(tmp_path):
+    with pytest.raises(SpecError, match="give `requests`"):
+        parse_spec({"kind": "edit", "layer": 5})
+    with pytest.raises(SpecError, match=r"requests_from.path"):
+        resolve_requests(_spec(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text(json.dumps([{"requested_rewrite": {"prompt": "no slot", "subject": "x",
+                                                                          "target_new": {"str": " a"},
+                                                                          "target_true": {"str": " b"}}}]))
+    with pytest.raises(SpecError, match=r"requests_from\[0\]\.prompt"):
+        resolve_requests(_spec(tmp_path / "bad.json"))
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(SpecError, match="requests_from"):
+        resolve_requests(_spec(tmp_path / "empty.json"))
+
+
+@pytest.mark.parametrize("name, at_least", [("smollm2-135m", 1000), ("gemma3-270m", 100)])
+def test_the_shipped_fact_sets(name, at_least):
+    """Made by recipes/train/make_facts.py: tune and eval disjoint by subject, held-out known facts about subjects
+    no request uses, every request with paraphrases and neighbours; SmolLM2's eval split holds 1,000+."""
+    data = json.loads((ROOT / "recipes" / "facts" / f"{name}.json").read_text())
+    requests = data["requests"]
+    tune = {r["requested_rewrite"]["subject"] for r in requests if r["split"] == "tune"}
+    evals = {r["requested_rewrite"]["subject"] for r in requests if r["split"] == "eval"}
+    assert tune and evals and not tune & evals
+    assert sum(r["split"] == "eval" for r in requests) >= at_least
+    from recipes.train.make_facts import RELATIONS
+
+    def subject_of(prompt: str, relation: str) -> str:
+        before, after = RELATIONS[relation][1][0].split("{}")
+        assert prompt.startswith(before) and prompt.endswith(after)
+        return prompt[len(before):len(prompt) - len(after)]
+
+    held = {subject_of(k["prompt"], k["relation"]) for k in data["heldout_known"]}
+    assert held and not held & (tune | evals)
+    assert all(k["answer"].strip() == k["truth"].split()[0] for k in data["heldout_known"])
+    for r in requests:
+        rw = r["requested_rewrite"]
+        assert rw["target_new"]["str"] != rw["target_true"]["str"]
+        assert len(r["paraphrase_prompts"]) == 2 and r["neighborhood_prompts"]
+        assert all(rw["subject"] in p for p in r["paraphrase_prompts"])
+        assert rw["subject"] not in {subject_of(p, r["relation"]) for p in r["neighborhood_prompts"]}
+    spec = resolve_requests(parse_spec({"kind": "edit", "layer": 5, "requests_from": {
+        "path": str(ROOT / "recipes" / "facts" / f"{name}.json"), "split": "tune", "limit": 3}}))
+    assert len(spec.requests) == 3

@@ -1,0 +1,162 @@
+"""Frozen outputs of shipped recipes at small settings: the check that a restructuring changes no behaviour.
+
+Each case is a shipped recipe with a few fields overridden so it runs in seconds, run through the CLI
+exactly as a user would (`lesion run SPEC --out DIR`). Its outputs are reduced to a fingerprint:
+- every JSON file, parsed, with the run's clock readings dropped (seconds, timings, creation times);
+- every safetensors file as the sha256 of each tensor's bytes (with its dtype and shape), so deltas must
+  stay bit-identical, plus its metadata read the same way as the JSON files.
+
+    python tests/support/golden.py --record      # rewrite tests/golden/*.json from the code as it is now
+
+`tests/test_behaviour.py` reruns every case and compares numbers to 1e-6 and tensors bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+
+#: case name -> (recipe path relative to the project root, fields overridden for a small run)
+CASES: dict[str, tuple[str, dict]] = {
+    "trace_eiffel": ("recipes/trace/trace_eiffel.yaml",
+                     {"layers": [0, 12, 24], "samples": 2, "max_batch_rows": 16}),
+    "trace_eiffel_attribution": ("recipes/trace/trace_eiffel.yaml",
+                                 {"layers": [0, 12, 24], "samples": 2, "method": "attribution"}),
+    "patch_eiffel": ("recipes/patch/patch_eiffel.yaml", {"layers": [3, 20], "sites": ["block_output", "mlp_output"]}),
+    "knockout_eiffel": ("recipes/lenses/knockout_eiffel.yaml", {"prompts": "first:1"}),
+    "lens_eiffel": ("recipes/lenses/lens_eiffel.yaml", {}),
+    "steer_ocean": ("recipes/steer/steer_ocean.yaml",
+                    {"pairs": "first:4", "coefficients": [0, 4], "prompts": "first:1", "max_new_tokens": 6}),
+    "edit_eiffel": ("recipes/edit/edit_eiffel.yaml",
+                    {"layer": 4, "mom2_tokens": 2000, "hyperparameters": {"v_steps": 4, "context_templates": []}}),
+    "trace_flag_france": ("recipes/vision-language/trace_flag_france.yaml",
+                          {"samples": 1, "layers": [0, 15], "sites": ["hidden", "mlp"]}),
+    "patch_flag_france": ("recipes/vision-language/patch_flag_france.yaml", {"layers": [2, 20]}),
+    "probe_flags_continent": ("recipes/vision-language/probe_flags_continent.yaml", {}),
+    "trace_shapes": ("recipes/text-to-image/trace_shapes.yaml",
+                     {"prompts": "first:1", "images": 2, "steps": 4, "sites": ["text_hidden", "cross_attention"]}),
+    "erase_red": ("recipes/erase/erase_red.yaml", {"images": 2, "steps": 4, "attack": {"prompts": 0}}),
+    "daam_shapes": ("recipes/text-to-image/daam_shapes.yaml", {"images": 1, "prompts": "first:1"}),
+}
+
+#: keys whose values are clock readings or environment facts, not behaviour; `integrity` is a delta's hash
+#: over its header, creation time included (its tensors are compared bit for bit on their own)
+VOLATILE = ("seconds", "time", "created", "lesion_version", "version", "torch", "threads", "elapsed", "per_s",
+            "memory_peak", "peak", "host", "date", "argv", "command", "path", "out", "integrity")
+
+
+def small_spec(case: str) -> dict:
+    """The recipe's YAML with the case's overrides; `"first:N"` keeps the first N items of a list."""
+    recipe, overrides = CASES[case]
+    spec = yaml.safe_load((ROOT / recipe).read_text(encoding="utf-8"))
+    for key, value in overrides.items():
+        if isinstance(value, str) and value.startswith("first:"):
+            value = spec[key][: int(value.split(":")[1])]
+        elif isinstance(value, dict) and isinstance(spec.get(key), dict):
+            value = {**spec[key], **value}
+        spec[key] = value
+    return spec
+
+
+def run_case(case: str, work: Path) -> dict:
+    """Run one case through the CLI in `work`, and return its fingerprint."""
+    from recipes.cli import main
+
+    spec_file = work / f"{case}.yaml"
+    spec_file.write_text(yaml.safe_dump(small_spec(case), sort_keys=False), encoding="utf-8")
+    out = work / case
+    status = main(["--threads", "1", "run", str(spec_file), "--out", str(out)])
+    if status != 0:
+        raise RuntimeError(f"{case}: `lesion run` exited {status}")
+    return fingerprint(out)
+
+
+def _volatile(key: str) -> bool:
+    key = key.lower()
+    return any(word == key or key.startswith(word + "_") or key.endswith("_" + word) for word in VOLATILE)
+
+
+def _clean(value):
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if not _volatile(str(k))}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def fingerprint(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.suffix == ".json":
+            found[rel] = _clean(json.loads(path.read_text(encoding="utf-8")))
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                meta = {k: _maybe_json(v) for k, v in (f.metadata() or {}).items()}
+                tensors = {name: _tensor_hash(f.get_tensor(name)) for name in sorted(f.keys())}
+            found[rel] = {"metadata": _clean(meta), "tensors": tensors}
+    return found
+
+
+def _maybe_json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _tensor_hash(t) -> str:
+    t = t.contiguous()
+    return f"{t.dtype} {tuple(t.shape)} {hashlib.sha256(t.view(-1).view(__import__('torch').uint8).numpy().tobytes()).hexdigest()}"
+
+
+def differences(expected, got, where: str = "", tol: float = 1e-6) -> list[str]:
+    """Where `got` differs from `expected`: numbers beyond `tol` (absolute, or relative for large values),
+    anything else when not equal."""
+    if isinstance(expected, dict) and isinstance(got, dict):
+        out = [f"{where}/{k}: missing" for k in expected if k not in got]
+        out += [f"{where}/{k}: unexpected" for k in got if k not in expected]
+        for k in expected:
+            if k in got:
+                out += differences(expected[k], got[k], f"{where}/{k}", tol)
+        return out
+    if isinstance(expected, list) and isinstance(got, list):
+        if len(expected) != len(got):
+            return [f"{where}: length {len(got)}, expected {len(expected)}"]
+        return [d for i, (a, b) in enumerate(zip(expected, got)) for d in differences(a, b, f"{where}[{i}]", tol)]
+    numbers = (int, float)
+    if isinstance(expected, numbers) and isinstance(got, numbers) and not isinstance(expected, bool):
+        if (math.isnan(expected) and math.isnan(got)) or expected == got:
+            return []
+        if abs(expected - got) <= tol * max(1.0, abs(expected)):
+            return []
+        return [f"{where}: {got!r}, expected {expected!r}"]
+    return [] if expected == got else [f"{where}: {got!r}, expected {expected!r}"]
+
+
+def record(names: list[str]) -> None:
+    import tempfile
+
+    GOLDEN.mkdir(exist_ok=True)
+    for case in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            found = run_case(case, Path(tmp))
+        (GOLDEN / f"{case}.json").write_text(json.dumps(found, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"recorded {case}: {len(found)} files")
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    if sys.argv[1:2] != ["--record"]:
+        sys.exit("usage: python tests/support/golden.py --record [CASE ...]")
+    record(sys.argv[2:] or list(CASES))
