@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from interventions.core.atomic import atomic_folder, atomic_path
-from interventions.core.errors import LesionError
-
 from editors.delta import Delta, DeltaError, applied, verify
 from editors.methods.rome import is_conv1d
+from interventions.core.atomic import atomic_folder, atomic_path
+from interventions.core.errors import LesionError
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -121,3 +121,11 @@ def test_an_old_module_path_names_the_new_one(old, new):
 def test_an_old_name_on_a_package_still_works(package, name, new):
     """The three modules that became packages of the same name still give their old names."""
     assert getattr(importlib.import_module(package), name) is getattr(importlib.import_module(new), name)
+
+
+def test_imports_follow_one_order():
+    """isort's order (standard library, third party, first party), as ruff checks it with pyproject.toml's rules."""
+    ruff = Path(sys.executable).with_name("ruff")
+    proc = subprocess.run([str(ruff), "check", "--quiet", "interventions", "editors", "recipes", "tests"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:]

@@ -19,12 +19,18 @@ from dataclasses import asdict
 
 import torch
 
-from interventions.spec import EmmetHyperparameters
-
 from editors.delta import Delta
-from editors.methods.rome import (EditRequest, as_factors, compute_keys, compute_targets, context_templates,
-                                  weight_matrix, weight_name)
+from editors.methods.rome import (
+    EditRequest,
+    as_factors,
+    compute_keys,
+    compute_targets,
+    context_templates,
+    weight_matrix,
+    weight_name,
+)
 from editors.stats import second_moment
+from interventions.spec import EmmetHyperparameters
 
 
 def equality_update(W: torch.Tensor, C: torch.Tensor, K: torch.Tensor, V: torch.Tensor, *, ridge: float = 0.0,

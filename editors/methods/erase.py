@@ -49,10 +49,10 @@ from dataclasses import dataclass
 import torch
 
 from editors.delta import Delta
-from interventions.modalities.text_to_image.pipeline import DiffusionPipe, DiffusionSites
-from interventions.modalities.text_to_image.trace import subject_positions
 from interventions.core.errors import SpecError
 from interventions.engine.pv import CollectStates, build_graph
+from interventions.modalities.text_to_image.pipeline import DiffusionPipe, DiffusionSites
+from interventions.modalities.text_to_image.trace import subject_positions
 from interventions.spec import parse_spec, spec_to_dict
 
 log = logging.getLogger(__name__)

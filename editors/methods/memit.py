@@ -22,14 +22,22 @@ from dataclasses import asdict
 
 import torch
 
+from editors.delta import Delta, apply, revert
+from editors.methods.rome import (
+    EditRequest,
+    as_factors,
+    compute_keys,
+    compute_targets,
+    context_templates,
+    encode_at,
+    hooked,
+    weight_name,
+)
+from editors.stats import second_moments
 from interventions.core.prompts import pad_token_id, right_pad
 from interventions.models.sites import site_table
 from interventions.spec import AlphaEditHyperparameters, MemitHyperparameters
 
-from editors.delta import Delta, apply, revert
-from editors.methods.rome import (EditRequest, as_factors, compute_keys, compute_targets, context_templates,
-                                  encode_at, hooked, weight_name)
-from editors.stats import second_moments
 
 @torch.no_grad()
 def block_outputs(model, tokenizer, layer: int, requests: list[EditRequest]) -> torch.Tensor:

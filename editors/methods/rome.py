@@ -33,12 +33,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from editors.delta import Delta
+from editors.stats import OPENINGS, model_samples, second_moment
 from interventions.core.prompts import overlapping, pad_token_id, right_pad
 from interventions.models.sites import get_module, site_table
 from interventions.spec import RomeHyperparameters
-
-from editors.delta import Delta
-from editors.stats import OPENINGS, model_samples, second_moment
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,19 @@ directions other images use and leaves them alone.
 
 from __future__ import annotations
 
-
 import torch
 
-from interventions.models.sites import LLAVA
-from interventions.modalities.vision_language.llava import image_positions, image_prompt
-
 from editors.delta import Delta
-from editors.methods.rome import RomeHyperparameters, frozen_parameters, hooked, optimise_delta, rank_one_update, weight_name
+from editors.methods.rome import (
+    RomeHyperparameters,
+    frozen_parameters,
+    hooked,
+    optimise_delta,
+    rank_one_update,
+    weight_name,
+)
+from interventions.modalities.vision_language.llava import image_positions, image_prompt
+from interventions.models.sites import LLAVA
 
 
 def _images(pixels: torch.Tensor) -> torch.Tensor:

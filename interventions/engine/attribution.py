@@ -39,8 +39,8 @@ import contextlib
 import torch
 
 from interventions.core.runtime import eval_mode, input_device, keeps_logits
-from interventions.engine.plan import EMBED, Plan, compile_spec, is_trace, language_prompts
 from interventions.engine.assemble import assemble_result
+from interventions.engine.plan import EMBED, Plan, compile_spec, is_trace, language_prompts
 from interventions.engine.result import Result
 
 

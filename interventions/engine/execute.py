@@ -24,14 +24,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from interventions.core.distributed import all_sum, world
 from interventions.core.metrics import score
-from interventions.engine.plan import Chunk, Plan, compile_spec, is_trace, language_prompts
 from interventions.core.prompts import model_inputs, pad_token_id
+from interventions.core.runtime import eval_mode, input_device, keeps_logits
 from interventions.engine.assemble import assemble_result
 from interventions.engine.attribution import run_attribution
+from interventions.engine.plan import Chunk, Plan, compile_spec, is_trace, language_prompts
 from interventions.engine.result import Result
-from interventions.core.runtime import eval_mode, input_device, keeps_logits
-from interventions.core.distributed import all_sum, world
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from interventions.core.conventions import answer_id, noise_generator, window
 from interventions.core.errors import SpecError
 from interventions.core.memory import Costs
-from interventions.core.units import human
-from interventions.core.conventions import answer_id, noise_generator, window
 from interventions.core.prompts import Encoded, check_aligned, columns, encode
+from interventions.core.units import human
 from interventions.engine.pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
 from interventions.models.sites import SiteTable, site_table
 from interventions.spec import TRACE_SITES, PatchSpec, TraceSpec

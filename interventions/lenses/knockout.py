@@ -31,11 +31,12 @@ from torch import nn
 
 from interventions.core.conventions import window
 from interventions.core.errors import SpecError
-from interventions.lenses.lens import Reading, readings
+from interventions.core.prompts import columns as position_columns
+from interventions.core.prompts import model_inputs, pad_token_id
 from interventions.engine.plan import resolve_layers
-from interventions.core.prompts import columns as position_columns, model_inputs, pad_token_id
 from interventions.engine.pv import AddIntervention, build_graph
 from interventions.engine.result import Grid, Result
+from interventions.lenses.lens import Reading, readings
 from interventions.models.sites import get_module, site_table
 
 SCORES = "lesion_scores"

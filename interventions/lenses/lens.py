@@ -30,8 +30,9 @@ from torch import nn
 
 from interventions.core.conventions import answer_id
 from interventions.core.errors import SpecError
+from interventions.core.prompts import Encoded, encode, model_inputs, pad_token_id
+from interventions.core.prompts import columns as position_columns
 from interventions.engine.plan import resolve_layers
-from interventions.core.prompts import Encoded, columns as position_columns, encode, model_inputs, pad_token_id
 from interventions.engine.pv import CollectStates, build_graph
 from interventions.engine.result import Grid, Result
 from interventions.models.sites import site_table
@@ -56,7 +57,12 @@ def prepare(model, tokenizer, text: str, *, field: str, processor=None, image: s
     if not vision:
         enc = encode(tokenizer, text, subject=subject, field=field)
         return Reading(enc, {"subject": enc.subject} if subject else {})
-    from interventions.modalities.vision_language.llava import constraint_positions, encode_with_image, image_positions, load_image
+    from interventions.modalities.vision_language.llava import (
+        constraint_positions,
+        encode_with_image,
+        image_positions,
+        load_image,
+    )
 
     pixels = None if image is None else load_image(image, model, processor, field=f"{field}.image")
     enc = encode_with_image(model, tokenizer, text, pixels, field=field, subject=constraint if pixels is None else None)

@@ -24,8 +24,8 @@ import random
 import torch
 
 from interventions.core.errors import SpecError
-from interventions.lenses.lens import collect_states, prepare
 from interventions.engine.plan import resolve_layers
+from interventions.lenses.lens import collect_states, prepare
 from interventions.models.sites import site_table
 
 

@@ -38,9 +38,9 @@ from transformers import DynamicCache
 
 from interventions.core.atomic import atomic_save_file
 from interventions.core.errors import LesionError, short
-from interventions.core.tagged import read_tagged
 from interventions.core.metrics import continuation_logprob
 from interventions.core.prompts import pad_token_id, right_pad
+from interventions.core.tagged import read_tagged
 from interventions.engine.pv import AddIntervention, CollectStates, build_graph
 from interventions.models.sites import site_table
 from interventions.spec import APPLY_TO, STEER_SITES

@@ -16,30 +16,88 @@ True
 """
 
 from interventions.spec.base_specs import (
-    DEFAULT_MODEL, DIFFUSION_MODEL, DIFFUSION_TRACE_SITES, MAX_NAME, MAX_TEXT, METRICS, MODALITIES, POSITION_NAMES,
-    SITE_NAMES, TRACE_SITES, VLM_MODEL, Float, Int, Name, Position, Short, Text,
+    DEFAULT_MODEL,
+    DIFFUSION_MODEL,
+    DIFFUSION_TRACE_SITES,
+    MAX_NAME,
+    MAX_TEXT,
+    METRICS,
+    MODALITIES,
+    POSITION_NAMES,
+    SITE_NAMES,
+    TRACE_SITES,
+    VLM_MODEL,
+    Float,
+    Int,
+    Name,
+    Position,
+    Short,
+    Text,
 )
 from interventions.spec.catalogue import (
-    KINDS, SPEC_CLASSES, Spec, dump_spec, load_spec, modality_of, parse_spec, spec_schema, spec_to_dict,
+    KINDS,
+    SPEC_CLASSES,
+    Spec,
+    dump_spec,
+    load_spec,
+    modality_of,
+    parse_spec,
+    spec_schema,
+    spec_to_dict,
 )
 from interventions.spec.edit_specs import (
-    BATCH_METHODS, EDIT_METHODS, FROM_SPEC, HYPERPARAMETERS, ONE_LAYER_METHODS, AlphaEditHyperparameters,
-    EditMethod, EditRequestSpec, EditSpec,
-    EmmetHyperparameters, LocateSpec, MemitHyperparameters, RequestsFile, RomeHyperparameters, SequentialSpec,
-    check_hyperparameters, overrides_schema,
+    BATCH_METHODS,
+    EDIT_METHODS,
+    FROM_SPEC,
+    HYPERPARAMETERS,
+    ONE_LAYER_METHODS,
+    AlphaEditHyperparameters,
+    EditMethod,
+    EditRequestSpec,
+    EditSpec,
+    EmmetHyperparameters,
+    LocateSpec,
+    MemitHyperparameters,
+    RequestsFile,
+    RomeHyperparameters,
+    SequentialSpec,
+    check_hyperparameters,
+    overrides_schema,
 )
 from interventions.spec.file import load_yaml, read_spec_text
 from interventions.spec.grid_specs import PatchPrompt, PatchSpec, TracePrompt, TraceSpec
 from interventions.spec.lens_specs import (
-    KNOCKOUT_SOURCES, PROBE_POSITIONS, VLM_KNOCKOUT_SOURCES, KnockoutSpec, LensPrompt, LensSpec, ProbeExample,
-    ProbeSpec, VLMKnockoutSpec, VLMLensPrompt, VLMLensSpec, VLMProbeExample, VLMProbeSpec,
+    KNOCKOUT_SOURCES,
+    PROBE_POSITIONS,
+    VLM_KNOCKOUT_SOURCES,
+    KnockoutSpec,
+    LensPrompt,
+    LensSpec,
+    ProbeExample,
+    ProbeSpec,
+    VLMKnockoutSpec,
+    VLMLensPrompt,
+    VLMLensSpec,
+    VLMProbeExample,
+    VLMProbeSpec,
 )
 from interventions.spec.steer_specs import APPLY_TO, STEER_SITES, ApplySpec, SteerPair, SteerSpec
 from interventions.spec.text_to_image_specs import (
-    AttackSpec, DaamSpec, DiffusionApplySpec, DiffusionTraceSpec, EraseConcept, EraseSpec,
+    AttackSpec,
+    DaamSpec,
+    DiffusionApplySpec,
+    DiffusionTraceSpec,
+    EraseConcept,
+    EraseSpec,
 )
 from interventions.spec.vision_language_specs import (
-    VLM_PATCH_SITES, VLMEditSpec, VLMLocateSpec, VLMPatchPrompt, VLMPatchSpec, VLMTracePrompt, VLMTraceSpec,
+    VLM_PATCH_SITES,
+    VLMEditSpec,
+    VLMLocateSpec,
+    VLMPatchPrompt,
+    VLMPatchSpec,
+    VLMTracePrompt,
+    VLMTraceSpec,
 )
 
 __all__ = [

@@ -9,7 +9,6 @@ from pydantic import AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, 
 
 from interventions.core.errors import one_of, short
 
-
 #: Limits on what a spec may hold (stated in the README). A prompt or other text is at most
 #: MAX_TEXT characters; a model name or file path at most MAX_NAME.
 MAX_TEXT = 10_000

@@ -16,22 +16,38 @@ from typing import Annotated, Any, Union
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from interventions.core.errors import SpecError, one_of
-from interventions.spec.messages import Catalogue, problems, tag_problem
+from interventions.spec.edit_specs import EditRequestSpec, EditSpec, LocateSpec, RequestsFile, SequentialSpec
 from interventions.spec.file import load_yaml, read_spec_text
 from interventions.spec.grid_specs import PatchPrompt, PatchSpec, TracePrompt, TraceSpec
-from interventions.spec.edit_specs import EditRequestSpec, EditSpec, LocateSpec, RequestsFile, SequentialSpec
+from interventions.spec.lens_specs import (
+    KnockoutSpec,
+    LensPrompt,
+    LensSpec,
+    ProbeSpec,
+    VLMKnockoutSpec,
+    VLMLensPrompt,
+    VLMLensSpec,
+    VLMProbeExample,
+    VLMProbeSpec,
+)
+from interventions.spec.messages import Catalogue, problems, tag_problem
 from interventions.spec.steer_specs import ApplySpec, SteerPair, SteerSpec
 from interventions.spec.text_to_image_specs import (
-    AttackSpec, DaamSpec, DiffusionApplySpec, DiffusionTraceSpec, EraseConcept, EraseSpec,
+    AttackSpec,
+    DaamSpec,
+    DiffusionApplySpec,
+    DiffusionTraceSpec,
+    EraseConcept,
+    EraseSpec,
 )
 from interventions.spec.vision_language_specs import (
-    VLMEditSpec, VLMLocateSpec, VLMPatchPrompt, VLMPatchSpec, VLMTracePrompt, VLMTraceSpec,
+    VLMEditSpec,
+    VLMLocateSpec,
+    VLMPatchPrompt,
+    VLMPatchSpec,
+    VLMTracePrompt,
+    VLMTraceSpec,
 )
-from interventions.spec.lens_specs import (
-    KnockoutSpec, LensPrompt, LensSpec, ProbeSpec, VLMKnockoutSpec, VLMLensPrompt, VLMLensSpec,
-    VLMProbeExample, VLMProbeSpec,
-)
-
 
 SPEC_CLASSES = {
     ("trace", "language"): TraceSpec, ("patch", "language"): PatchSpec, ("edit", "language"): EditSpec,

@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from interventions.core.errors import one_of
-from interventions.spec.messages import expected
 from interventions.spec.base_specs import DEFAULT_MODEL, Float, Int, LanguageSpec, Name, SpecModel, Text
+from interventions.spec.messages import expected
 
 
 class EditRequestSpec(SpecModel):
@@ -247,8 +247,11 @@ class EditSpec(LanguageSpec):
     metrics."""
 
     kind: Literal["edit"] = "edit"
-    model: Name = Field(default=DEFAULT_MODEL)
-    method: EditMethodName = "rome"
+    model: Name = Field(default=DEFAULT_MODEL, description=(
+        "A built-in language model (`smollm2-135m`, `gemma3-270m`), a local Hugging Face folder, or a hub"
+        " id (online only)."))
+    method: EditMethodName = Field(default="rome", description=(
+        "The edit method: `rome`, `r-rome`, `emmet`, `memit` or `alphaedit`."))
     layer: Int | Literal["auto"] | None = Field(
         default=None, description="ROME, r-ROME, EMMET: the MLP layer whose output projection is edited, or "
                                   "`auto` (from a trace).")
@@ -264,7 +267,8 @@ class EditSpec(LanguageSpec):
                                               "with the earlier ones applied, measuring after each.")
     corpus: tuple[Name, ...] = Field(
         default=(), description="Text files for the key statistics; empty: text sampled from the model itself.")
-    mom2_tokens: Int = Field(default=20_000, ge=100)
+    mom2_tokens: Int = Field(default=20_000, ge=100, description=(
+        "Tokens of text behind the key statistics C (the second moment of the edited layer's keys)."))
     fluency_prompts: tuple[Text, ...] = Field(default=(), description="Generation prompts for the fluency metric; "
                                              "default: each request's subject.")
 

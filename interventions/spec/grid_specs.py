@@ -8,8 +8,18 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from interventions.spec.base_specs import (
-    DEFAULT_MODEL, Float, Int, LanguageSpec, Name, Position, SITE_NAMES, SpecModel, TRACE_SITES, Text,
-    check_names, sites_field,
+    DEFAULT_MODEL,
+    SITE_NAMES,
+    TRACE_SITES,
+    Float,
+    Int,
+    LanguageSpec,
+    Name,
+    Position,
+    SpecModel,
+    Text,
+    check_names,
+    sites_field,
 )
 
 
@@ -44,7 +54,9 @@ class GridCore(SpecModel):
         "`smollm2-135m`, `gemma3-270m`, a local Hugging Face directory, or a hub id (online only)."))
     layers: Literal["all"] | tuple[Int, ...] = Field(
         default="all", description="`all`, or layer indices (negative counts from the end).")
-    window: Int = Field(default=1, ge=1)
+    window: Int = Field(default=1, ge=1, description=(
+        "Layers patched together, centred on each cell's layer (ROME's clipped window); it widens every "
+        "site."))
     max_batch_rows: Int = Field(default=48, ge=1, description="Rows per forward pass (a memory bound).")
     method: Literal["exact", "attribution"] = Field(
         default="exact", description="`exact`: one patched run per cell; `attribution`: the first-order "
@@ -81,14 +93,18 @@ class TraceSpec(_Grid):
     """Causal tracing (Meng et al. 2022): corrupt the subject, restore one clean state at a time."""
 
     kind: Literal["trace"] = "trace"
-    prompts: tuple[TracePrompt, ...] = Field(min_length=1)
-    corruption: Literal["noise", "swap"] = "noise"
+    prompts: tuple[TracePrompt, ...] = Field(min_length=1, description=(
+        "The facts to trace: the prompt, its subject, and optionally the answer."))
+    corruption: Literal["noise", "swap"] = Field(default="noise", description=(
+        "How the subject is corrupted: Gaussian `noise` on its token embeddings, or a `swap` for the "
+        "prompt's `counterfactual_subject`."))
     noise: Float = Field(default=3.0, gt=0, description="Noise scale in units of `sigma`.")
     sigma: Float | None = Field(
         default=None, gt=0, description="Embedding std; default: the std of all subject-token embeddings.")
     samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
-    seed: Int = 0
-    sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES)
+    seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
+    sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES, description=(
+        "Which states the grid restores or patches, one grid per site."))
     window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
 
     @field_validator("sites")
@@ -101,9 +117,13 @@ class PatchSpec(_Grid):
     """Activation patching: copy source states into the base run, one cell at a time."""
 
     kind: Literal["patch"] = "patch"
-    prompts: tuple[PatchPrompt, ...] = Field(min_length=1)
-    sites: tuple[str, ...] = sites_field(("block_output",), SITE_NAMES)
-    metric: Literal["prob", "logit_diff", "kl"] = "prob"
+    prompts: tuple[PatchPrompt, ...] = Field(min_length=1, description=(
+        "Aligned base and source prompts (the same number of tokens)."))
+    sites: tuple[str, ...] = sites_field(("block_output",), SITE_NAMES, description=(
+        "Which states the grid restores or patches, one grid per site."))
+    metric: Literal["prob", "logit_diff", "kl"] = Field(default="prob", description=(
+        "`prob`: p(target); `logit_diff`: logit(target) - logit(counterfactual_target); `kl`: KL(source "
+        "run || patched run)."))
 
     @field_validator("sites")
     @classmethod

@@ -8,8 +8,18 @@ from typing import ClassVar, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from interventions.spec.base_specs import (
-    DEFAULT_MODEL, Float, Int, LanguageSpec, Name, Position, SpecModel, Text, VLM_MODEL, VisionLanguageSpec,
-    check_names, sites_field,
+    DEFAULT_MODEL,
+    VLM_MODEL,
+    Float,
+    Int,
+    LanguageSpec,
+    Name,
+    Position,
+    SpecModel,
+    Text,
+    VisionLanguageSpec,
+    check_names,
+    sites_field,
 )
 
 
@@ -60,8 +70,11 @@ class LensSpec(_Lens, LanguageSpec):
     state, read through the model's own final norm and unembedding (after a learned affine translator
     for the tuned lens), at every layer x position."""
 
-    model: Name = Field(default=DEFAULT_MODEL)
-    prompts: tuple[LensPrompt, ...] = Field(min_length=1)
+    model: Name = Field(default=DEFAULT_MODEL, description=(
+        "A built-in language model (`smollm2-135m`, `gemma3-270m`), a local Hugging Face folder, or a hub"
+        " id (online only)."))
+    prompts: tuple[LensPrompt, ...] = Field(min_length=1, description=(
+        "The prompts whose states are read (or whose attention edges are cut)."))
     positions: tuple[Position, ...] = Field(
         default=("all",), min_length=1, description="Columns: `all` is one column per token; a selector naming "
         "several tokens (`subject`) reads the last of them.")
@@ -71,8 +84,9 @@ class VLMLensSpec(_Lens, VisionLanguageSpec):
     """The logit and tuned lens over a VLM's language model: what each image token and text token
     'says' at each layer. Columns are every position (image tokens one each)."""
 
-    model: Name = Field(default=VLM_MODEL)
-    prompts: tuple[VLMLensPrompt, ...] = Field(min_length=1)
+    model: Name = Field(description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.", default=VLM_MODEL)
+    prompts: tuple[VLMLensPrompt, ...] = Field(min_length=1, description=(
+        "Each an image (or none) and the text after it."))
 
 
 #: What attention knockout may block: edges from these positions to the target position.
@@ -99,8 +113,11 @@ class KnockoutSpec(_Knockout, LanguageSpec):
     target position over a window of layers, and read p(answer). One grid per blocked set."""
 
     SOURCES: ClassVar[tuple[str, ...]] = KNOCKOUT_SOURCES
-    model: Name = Field(default=DEFAULT_MODEL)
-    prompts: tuple[LensPrompt, ...] = Field(min_length=1)
+    model: Name = Field(default=DEFAULT_MODEL, description=(
+        "A built-in language model (`smollm2-135m`, `gemma3-270m`), a local Hugging Face folder, or a hub"
+        " id (online only)."))
+    prompts: tuple[LensPrompt, ...] = Field(min_length=1, description=(
+        "The prompts whose states are read (or whose attention edges are cut)."))
     block: tuple[str, ...] = sites_field(("subject", "others", "self"), KNOCKOUT_SOURCES, description=(
         "Edges cut, one grid each: from the `subject` tokens, from every `others` position (neither subject "
         "nor target), from the target to itself (`self`), or from `all` positions."))
@@ -119,8 +136,9 @@ class VLMKnockoutSpec(_Knockout, VisionLanguageSpec):
     constraint or the other positions to the last token (Basu et al. 2024)."""
 
     SOURCES: ClassVar[tuple[str, ...]] = VLM_KNOCKOUT_SOURCES
-    model: Name = Field(default=VLM_MODEL)
-    prompts: tuple[VLMLensPrompt, ...] = Field(min_length=1)
+    model: Name = Field(description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.", default=VLM_MODEL)
+    prompts: tuple[VLMLensPrompt, ...] = Field(min_length=1, description=(
+        "Each an image (or none) and the text after it."))
     block: tuple[str, ...] = sites_field(("image", "constraint", "others", "self"), VLM_KNOCKOUT_SOURCES,
                                           description="As for a language model, with `image` and `constraint`.")
 
@@ -160,7 +178,9 @@ class _Probe(_LensCore):
     positions: tuple[Union[Int, Literal["last", "image"]], ...] = Field(
         default=("last",), min_length=1, description="Where the states are read: `last`, an index, or `image` "
                                                      "(the mean over the image tokens).")
-    site: Literal["block_output", "block_input", "mlp_output", "attention_output"] = "block_output"
+    site: Literal["block_output", "block_input", "mlp_output", "attention_output"] = Field(
+        default="block_output", description=(
+        "Which state is read (and, for a vector, where it is added)."))
     heldout: Float = Field(default=0.3, gt=0, lt=1, description="Share held out (stratified by label) for the "
                            "accuracy.")
     split: Literal["examples", "groups"] = Field(
@@ -170,7 +190,7 @@ class _Probe(_LensCore):
                       "standardized features.")
     control: bool = Field(default=True, description="Also fit the control task (Hewitt & Liang 2019): each "
                           "`group` gets a random label; selectivity = accuracy - control accuracy.")
-    seed: Int = 0
+    seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
 
     @model_validator(mode="after")
     def _labels(self):
@@ -184,8 +204,11 @@ class ProbeSpec(_Probe, LanguageSpec):
     accuracy and a control task; each label's probe direction is saved as a concept vector (TCAV-style)
     in the steering-vector format."""
 
-    model: Name = Field(default=DEFAULT_MODEL)
-    examples: tuple[ProbeExample, ...] = Field(min_length=4)
+    model: Name = Field(default=DEFAULT_MODEL, description=(
+        "A built-in language model (`smollm2-135m`, `gemma3-270m`), a local Hugging Face folder, or a hub"
+        " id (online only)."))
+    examples: tuple[ProbeExample, ...] = Field(min_length=4, description=(
+        "The labelled examples the probe is trained and tested on (at least 4)."))
 
     @model_validator(mode="after")
     def _text_only(self):
@@ -197,5 +220,6 @@ class ProbeSpec(_Probe, LanguageSpec):
 class VLMProbeSpec(_Probe, VisionLanguageSpec):
     """Linear probes on a VLM's language-model states (image tokens included)."""
 
-    model: Name = Field(default=VLM_MODEL)
-    examples: tuple[VLMProbeExample, ...] = Field(min_length=4)
+    model: Name = Field(description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.", default=VLM_MODEL)
+    examples: tuple[VLMProbeExample, ...] = Field(min_length=4, description=(
+        "The labelled examples the probe is trained and tested on (at least 4)."))

@@ -9,7 +9,6 @@ from pydantic import Field, model_validator
 
 from interventions.spec.base_specs import DEFAULT_MODEL, Float, Int, LanguageSpec, Name, SpecModel, Text
 
-
 STEER_SITES = ("block_output", "block_input", "mlp_output", "attention_output")
 #: Which positions a steering vector is added at during generation (see interventions.lenses.steering).
 APPLY_TO = ("all", "prompt", "generated")
@@ -25,24 +24,31 @@ class SteerSpec(LanguageSpec):
     estimated from contrastive prompts, saved, and added during generation at each coefficient."""
 
     kind: Literal["steer"] = "steer"
-    model: Name = Field(default=DEFAULT_MODEL)
+    model: Name = Field(default=DEFAULT_MODEL, description=(
+        "A built-in language model (`smollm2-135m`, `gemma3-270m`), a local Hugging Face folder, or a hub"
+        " id (online only)."))
     pairs: tuple[SteerPair, ...] = Field(default=(), description="Contrastive pairs (needed by `pca`).")
     positive: tuple[Text, ...] = Field(default=(), description="Or: a positive set ...")
     negative: tuple[Text, ...] = Field(default=(), description="... and a negative set (`mean_diff` only).")
-    method: Literal["mean_diff", "pca"] = "mean_diff"
+    method: Literal["mean_diff", "pca"] = Field(default="mean_diff", description=(
+        "`mean_diff`: the mean difference of the pairs' states (CAA/ActAdd); `pca`: their first principal"
+        " direction (RepE)."))
     layers: tuple[Int, ...] = Field(min_length=1, description="One vector per layer, each added at its layer.")
-    site: Literal["block_output", "block_input", "mlp_output", "attention_output"] = "block_output"
+    site: Literal["block_output", "block_input", "mlp_output", "attention_output"] = Field(
+        default="block_output", description=(
+        "Which state is read (and, for a vector, where it is added)."))
     read: Literal["last", "mean"] = Field(default="last", description="Read the states at the last token, "
                                           "or averaged over each prompt's tokens.")
-    coefficients: tuple[Float, ...] = Field(default=(0.0, 1.0, 2.0, 4.0, 8.0), min_length=1)
+    coefficients: tuple[Float, ...] = Field(default=(0.0, 1.0, 2.0, 4.0, 8.0), min_length=1, description=(
+        "The coefficients the vector is added with; one generation per coefficient and prompt."))
     apply_to: Literal["all", "prompt", "generated"] = Field(
         default="all", description="Add at every position (prompt and generated), the prompt only, or the "
                                    "generated tokens only.")
     prompts: tuple[Text, ...] = Field(min_length=1, description="Test prompts to generate from.")
-    max_new_tokens: Int = Field(default=40, ge=1)
+    max_new_tokens: Int = Field(description="Tokens generated per prompt.", default=40, ge=1)
     temperature: Float = Field(default=0.0, ge=0, description="0: greedy; otherwise sampled with `seed`.")
     samples: Int = Field(default=1, ge=1, description="Generations per prompt and coefficient (sampling only).")
-    seed: Int = 0
+    seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
     lexicon: tuple[Text, ...] = Field(default=(), description="Metric: the share of generated words in this list.")
     targets: tuple[Text, ...] = Field(default=(), description="Metric: mean log-probability of these continuations.")
 
@@ -74,13 +80,18 @@ class ApplySpec(LanguageSpec):
     """Load deltas (verified against the base) and/or a steering vector, and generate with and without."""
 
     kind: Literal["apply"] = "apply"
-    model: Name = Field(default=DEFAULT_MODEL)
+    model: Name = Field(default=DEFAULT_MODEL, description=(
+        "A built-in language model (`smollm2-135m`, `gemma3-270m`), a local Hugging Face folder, or a hub"
+        " id (online only)."))
     deltas: tuple[Name, ...] = Field(default=(), description="Delta files, applied in this order.")
     steer: Name | None = Field(default=None, description="A steering vector file (from `kind: steer`).")
     coef: Float = Field(default=4.0, description="The steering vector's coefficient.")
-    apply_to: Literal["all", "prompt", "generated"] = "all"
-    prompts: tuple[Text, ...] = Field(min_length=1)
-    max_new_tokens: Int = Field(default=20, ge=1)
+    apply_to: Literal["all", "prompt", "generated"] = Field(default="all", description=(
+        "Where the steering vector is added: `all` positions, the `prompt` only, or the `generated` "
+        "tokens only."))
+    prompts: tuple[Text, ...] = Field(min_length=1, description=(
+        "The prompts to generate from (or to draw, on a text-to-image model)."))
+    max_new_tokens: Int = Field(description="Tokens generated per prompt.", default=20, ge=1)
 
     @model_validator(mode="after")
     def _something(self):

@@ -8,8 +8,17 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from interventions.spec.base_specs import (
-    DIFFUSION_MODEL, DIFFUSION_TRACE_SITES, Float, Int, Name, Short, SpecModel, Text, TextToImageSpec,
-    check_names, sites_field,
+    DIFFUSION_MODEL,
+    DIFFUSION_TRACE_SITES,
+    Float,
+    Int,
+    Name,
+    Short,
+    SpecModel,
+    Text,
+    TextToImageSpec,
+    check_names,
+    sites_field,
 )
 from interventions.spec.grid_specs import TracePrompt
 
@@ -30,11 +39,15 @@ class DiffusionTraceSpec(_Images):
     model: Name = Field(default=DIFFUSION_MODEL, description="`shapes-diffusion` or a local diffusers pipeline folder.")
     prompts: tuple[TracePrompt, ...] = Field(min_length=1, description="`target` (a word the image evaluator "
                                              "names) defaults to the subject.")
-    corruption: Literal["swap", "noise"] = "swap"
-    noise: Float = Field(default=3.0, gt=0)
-    sigma: Float | None = Field(default=None, gt=0)
+    corruption: Literal["swap", "noise"] = Field(default="swap", description=(
+        "How the prompt is corrupted: a `swap` of the subject for `counterfactual_subject`, or Gaussian "
+        "`noise` on the subject's text embeddings."))
+    noise: Float = Field(description="Noise scale in units of `sigma`.", default=3.0, gt=0)
+    sigma: Float | None = Field(default=None, gt=0, description=(
+        "Noise std; default: the std of the corrupted text-encoder embeddings."))
     samples: Int = Field(default=4, ge=1, description="Noise draws (`corruption: noise`); images cycle over them.")
-    sites: tuple[str, ...] = sites_field(DIFFUSION_TRACE_SITES, DIFFUSION_TRACE_SITES)
+    sites: tuple[str, ...] = sites_field(DIFFUSION_TRACE_SITES, DIFFUSION_TRACE_SITES, description=(
+        "Which states the grid restores or patches, one grid per site."))
     layers: Literal["all"] | tuple[Int, ...] = Field(default="all", description="Text-encoder layers.")
     positions: Literal["all", "prompt"] = Field(
         default="all", description="`all`: every token the UNet sees (padding included); `prompt`: up to <eos>.")
@@ -77,7 +90,8 @@ class EraseSpec(_Images):
     iteration, Diff-QuickFix (`edit: text_encoder`) and an ESD-x fine-tuning baseline."""
 
     kind: Literal["erase"] = "erase"
-    model: Name = Field(default=DIFFUSION_MODEL)
+    model: Name = Field(default=DIFFUSION_MODEL, description=(
+        "`shapes-diffusion`, `scenes-smollm2`, or a local diffusers pipeline folder."))
     method: Literal["uce", "time", "rece", "esd-x"] = Field(
         default="uce", description="`uce`: erase towards the guide while preserving `preserve`; `time`: remap, "
         "kept close to the base only; `rece`: UCE, then `rece_rounds` times find in closed form the embeddings that "
@@ -90,12 +104,14 @@ class EraseSpec(_Images):
         default=None, description="Text-encoder layer for `edit: text_encoder`; `auto`: the layer whose "
         "self-attention output, restored at the concept's tokens, brings the concept back most (a `kind: trace` "
         "of the first template against the guide, or the first preserved word; needs the testbed's evaluator).")
-    concepts: tuple[EraseConcept, ...] = Field(min_length=1)
+    concepts: tuple[EraseConcept, ...] = Field(min_length=1, description=(
+        "The concepts to erase (or remap, with a `guide`)."))
     preserve: tuple[Text, ...] = Field(default=(), description="Concepts whose keys and values must not move.")
     templates: tuple[Text, ...] = Field(default=("{}",), min_length=1, description="Contexts in which each "
                                        "concept is encoded, each with one '{}' (e.g. 'a {} circle').")
     lam: Float = Field(default=0.1, gt=0, description="Weight of staying close to the base projection.")
-    preserve_scale: Float = Field(default=1.0, ge=0)
+    preserve_scale: Float = Field(default=1.0, ge=0, description=(
+        "Weight of keeping the `preserve` concepts' keys and values where they were."))
     rece_rounds: Int = Field(default=2, ge=1, description="`rece`: rounds of finding and erasing embeddings.")
     esd_steps: Int = Field(default=200, ge=1, description="`esd-x`: fine-tuning steps.")
     esd_lr: Float = Field(default=1e-4, gt=0, description="`esd-x`: Adam's learning rate.")
@@ -106,8 +122,9 @@ class EraseSpec(_Images):
                                       "edit never used; default: the testbed's held-out phrasings of it.")
     kept: tuple[Text, ...] = Field(default=(), description="Prompts for the other concepts; default: the "
                                    "testbed's (each other colour and shape, several phrasings).")
-    attack: AttackSpec = Field(default_factory=AttackSpec)
-    seed: Int = 1_000_000
+    attack: AttackSpec = Field(default_factory=AttackSpec, description=(
+        "The adversarial prompt search run against the edited model (`prompts: 0` skips it)."))
+    seed: Int = Field(default=1_000_000, description="Seeds every random draw (noise, sampling, splits).")
 
     @field_validator("templates")
     @classmethod
@@ -137,10 +154,12 @@ class DiffusionApplySpec(_Images):
     """Apply deltas to a text-to-image pipeline; images with the same prompts and seeds before and after."""
 
     kind: Literal["apply"] = "apply"
-    model: Name = Field(default=DIFFUSION_MODEL)
-    deltas: tuple[Name, ...] = Field(min_length=1)
-    prompts: tuple[Text, ...] = Field(min_length=1)
-    images: Int = Field(default=8, ge=1)
+    model: Name = Field(default=DIFFUSION_MODEL, description=(
+        "`shapes-diffusion`, `scenes-smollm2`, or a local diffusers pipeline folder."))
+    deltas: tuple[Name, ...] = Field(description="Delta files to apply, in this order.", min_length=1)
+    prompts: tuple[Text, ...] = Field(min_length=1, description=(
+        "The prompts to generate from (or to draw, on a text-to-image model)."))
+    images: Int = Field(description="Images per prompt: one per seed.", default=8, ge=1)
 
 
 class DaamSpec(_Images):
@@ -149,13 +168,15 @@ class DaamSpec(_Images):
     on it. On the shapes testbed each map is scored against the object's mask (IoU)."""
 
     kind: Literal["daam"] = "daam"
-    model: Name = Field(default=DIFFUSION_MODEL)
-    prompts: tuple[Text, ...] = Field(min_length=1)
+    model: Name = Field(default=DIFFUSION_MODEL, description=(
+        "`shapes-diffusion`, `scenes-smollm2`, or a local diffusers pipeline folder."))
+    prompts: tuple[Text, ...] = Field(min_length=1, description=(
+        "The prompts to generate from (or to draw, on a text-to-image model)."))
     words: tuple[Text, ...] = Field(default=(), description="The words mapped; default: every word of each prompt.")
     layers: Literal["all"] | tuple[Int, ...] = Field(
         default="all", description="The cross-attention (`attn2`) layers summed, as indices in the UNet's order "
                                    "(down, mid, up blocks); `all` is DAAM's choice.")
-    images: Int = Field(default=8, ge=1)
+    images: Int = Field(description="Images per prompt: one per seed.", default=8, ge=1)
     threshold: Float = Field(default=0.4, gt=0, lt=1, description="A map's pixels above this share of its maximum "
                              "form its region (DAAM's tau).")
 

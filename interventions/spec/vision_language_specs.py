@@ -8,11 +8,20 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from interventions.spec.base_specs import (
-    Float, Int, Name, SITE_NAMES, SpecModel, TRACE_SITES, Text, VLM_MODEL, VisionLanguageSpec, check_names,
+    SITE_NAMES,
+    TRACE_SITES,
+    VLM_MODEL,
+    Float,
+    Int,
+    Name,
+    SpecModel,
+    Text,
+    VisionLanguageSpec,
+    check_names,
     sites_field,
 )
-from interventions.spec.grid_specs import GridCore
 from interventions.spec.edit_specs import check_hyperparameters, hyperparameters_field
+from interventions.spec.grid_specs import GridCore
 
 
 class VLMTracePrompt(SpecModel):
@@ -58,14 +67,18 @@ class VLMTraceSpec(_VLMGrid):
     language model's states over image and text positions. Runs on the same engine as `TraceSpec`."""
 
     kind: Literal["trace"] = "trace"
-    prompts: tuple[VLMTracePrompt, ...] = Field(min_length=1)
-    corruption: Literal["noise", "swap", "text"] = "noise"
+    prompts: tuple[VLMTracePrompt, ...] = Field(min_length=1, description=(
+        "Each an image (or none) and the text after it, with the answer traced."))
+    corruption: Literal["noise", "swap", "text"] = Field(default="noise", description=(
+        "How the run is corrupted: Gaussian `noise` on the image tokens, a `swap` to "
+        "`counterfactual_image`, or `text`: noise on the `constraint` words."))
     noise: Float = Field(default=3.0, gt=0, description="In units of `sigma`.")
     sigma: Float | None = Field(default=None, gt=0, description="Default: the std, over all prompts, of the clean "
                                 "image tokens (`noise`) or of the constraint's token embeddings (`text`).")
     samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
-    seed: Int = 0
-    sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES)
+    seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
+    sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES, description=(
+        "Which states the grid restores or patches, one grid per site."))
     window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
 
     @field_validator("sites")
@@ -97,9 +110,13 @@ class VLMPatchSpec(_VLMGrid):
     or another question) into the base run, one cell at a time. Runs on the same engine as `PatchSpec`."""
 
     kind: Literal["patch"] = "patch"
-    prompts: tuple[VLMPatchPrompt, ...] = Field(min_length=1)
-    sites: tuple[str, ...] = sites_field(("block_output",), VLM_PATCH_SITES)
-    metric: Literal["prob", "logit_diff", "kl"] = "prob"
+    prompts: tuple[VLMPatchPrompt, ...] = Field(min_length=1, description=(
+        "Each a base run (image, text) and a source run whose states are patched in."))
+    sites: tuple[str, ...] = sites_field(("block_output",), VLM_PATCH_SITES, description=(
+        "Which states the grid restores or patches, one grid per site."))
+    metric: Literal["prob", "logit_diff", "kl"] = Field(default="prob", description=(
+        "`prob`: p(target); `logit_diff`: logit(target) - logit(counterfactual_target); `kl`: KL(source "
+        "run || patched run)."))
 
     @field_validator("sites")
     @classmethod
@@ -124,13 +141,14 @@ class VLMEditSpec(VisionLanguageSpec):
 
     kind: Literal["edit"] = "edit"
     model: Name = Field(default=VLM_MODEL, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
-    method: Literal["rome"] = "rome"
+    method: Literal["rome"] = Field(default="rome", description=(
+        "ROME, keyed at the image tokens (the only method for a vision-language edit)."))
     layer: Int | Literal["auto"] = Field(description="The LM's MLP layer whose output projection is edited, or "
                                          "`auto` (from an image-noise trace; needs `target_true`).")
     image: Text = Field(description="`flag:<Country>` or an image file: the subject of the edit.")
     questions: tuple[Text, ...] = Field(min_length=1, description="The text after the image that the edit answers "
                                        "with `target_new`; k* is the mean key over their image tokens.")
-    target_new: Text
+    target_new: Text = Field(description="The new answer, tokenized as written (' Rome').")
     target_true: Text | None = Field(default=None, description="The answer before the edit (reported; the trace "
                                     "target of `layer: auto`).")
     paraphrases: tuple[Text, ...] = Field(default=(), description="Held-out questions about the same image "
@@ -143,12 +161,14 @@ class VLMEditSpec(VisionLanguageSpec):
     hyperparameters: dict[str, Int | Float] = hyperparameters_field("rome")
     corpus: tuple[Name, ...] = Field(
         default=(), description="Text files for the key statistics; empty: text sampled from the model itself.")
-    mom2_tokens: Int = Field(default=20_000, ge=100)
+    mom2_tokens: Int = Field(default=20_000, ge=100, description=(
+        "Tokens of text behind the key statistics C (the second moment of the edited layer's keys)."))
     image_corpus: tuple[Name, ...] = Field(
         default=(), description="Images whose image-token keys join the key statistics: C = C_text + "
         "`image_corpus_weight` × C_images. Image files, folders of them, `flag:<Country>@<seed>` or `flag:*@<seed>` "
         "(every testbed flag, jittered). Empty: text statistics only, as ROME.")
-    image_corpus_weight: Float = Field(default=1.0, ge=0)
+    image_corpus_weight: Float = Field(default=1.0, ge=0, description=(
+        "Weight of the image-token keys of `image_corpus` added to C."))
 
     @field_validator("hyperparameters")
     @classmethod

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 
 from editors.delta import apply, load_delta, revert
+from editors.editor import corpus_texts, edit_request, hyperparameters, key_statistics
 from editors.methods.emmet import compute_emmet
 from editors.methods.memit import compute_memit
 from editors.methods.rome import compute_rome, context_templates
 from editors.stats import stats_paths
 from interventions import SpecError, load_model, load_spec
-from interventions.spec import ONE_LAYER_METHODS
 from interventions.core.prompts import pad_token_id
-from editors.editor import corpus_texts, key_statistics, edit_request, hyperparameters
+from interventions.spec import ONE_LAYER_METHODS
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The capital of France is", "My favourite food is"]
 

@@ -26,7 +26,7 @@ import torch
 from interventions import compile_spec, load_model, parse_spec, run, run_plan
 from interventions.engine.compare import correlation
 from interventions.models.sites import site_table
-from recipes.bench.bench_trace import sync, plain_and_attribution, print_report
+from recipes.bench.bench_trace import plain_and_attribution, print_report, sync
 
 COUNTRIES = ["France", "Japan", "Italy", "Spain", "Germany", "China", "India", "Russia", "Canada", "Brazil",
              "Egypt", "Greece", "Mexico", "Poland", "Sweden", "Norway", "Kenya", "Peru", "Chile", "Turkey",

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from interventions.core.paths import CHECKPOINTS
 
 PROMPT = "The Eiffel Tower is located in the city of"

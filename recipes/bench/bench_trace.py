@@ -23,13 +23,13 @@ import time
 import torch
 
 from interventions import compile_spec, parse_spec, run, run_plan
-from interventions.engine.compare import correlation
 from interventions.core.conventions import window
-from interventions.core.runtime import input_device
 from interventions.core.memory import PeakMemory
 from interventions.core.prompts import model_inputs, pad_token_id
-from interventions.models.sites import site_table
+from interventions.core.runtime import input_device
 from interventions.core.units import parse_bytes
+from interventions.engine.compare import correlation
+from interventions.models.sites import site_table
 
 SPEC = {
     "kind": "trace",

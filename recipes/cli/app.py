@@ -21,9 +21,25 @@ import sys
 
 from interventions.core.errors import LesionError, clip
 from recipes.cli import (
-    cmd_apply, cmd_attribution_steps, cmd_bench_edit, cmd_docs, cmd_bench_erase, cmd_bench_patch, cmd_bench_serve,
-    cmd_bench_steer, cmd_bench_trace, cmd_compare, cmd_edit_flag, cmd_eval_edits, cmd_export, cmd_import, cmd_run,
-    cmd_schema, cmd_trace_flags, cmd_train_lens, cmd_validate,
+    cmd_apply,
+    cmd_attribution_steps,
+    cmd_bench_edit,
+    cmd_bench_erase,
+    cmd_bench_patch,
+    cmd_bench_serve,
+    cmd_bench_steer,
+    cmd_bench_trace,
+    cmd_compare,
+    cmd_docs,
+    cmd_edit_flag,
+    cmd_eval_edits,
+    cmd_export,
+    cmd_import,
+    cmd_run,
+    cmd_schema,
+    cmd_trace_flags,
+    cmd_train_lens,
+    cmd_validate,
 )
 from recipes.jobs.flag_checks import positive_int
 

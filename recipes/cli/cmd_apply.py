@@ -88,8 +88,8 @@ def _check_prompts(prompts: list[str]) -> None:
     """Each `--prompt` by the spec's own rule for texts, before anything heavy is imported."""
     from pydantic import TypeAdapter, ValidationError
 
-    from interventions.spec.messages import expected
     from interventions.spec import Text
+    from interventions.spec.messages import expected
 
     for i, p in enumerate(prompts):
         try:

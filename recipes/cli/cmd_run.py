@@ -36,8 +36,8 @@ def main(args) -> int:
 
     from interventions.core.atomic import atomic_folder
     from interventions.core.units import parse_bytes
-    from recipes.train.manifest import check_name
     from recipes.cli.runners import runner_for
+    from recipes.train.manifest import check_name
 
     spec = load_spec_for(args.spec, args.model)
     runner = runner_for(spec, args)
@@ -48,7 +48,7 @@ def main(args) -> int:
     if args.checkpoint:
         check_name(args.checkpoint)
     out = check_out(args.out, runner.writes, f"a `kind: {spec.kind}` spec")
-    from interventions.core.distributed import init_from_env, world   # torch: only once the flags are known good
+    from interventions.core.distributed import init_from_env, world  # torch: only once the flags are known good
 
     if init_from_env() and not runner.distributed:
         raise SpecError("kind", spec.kind, "'trace' or 'patch' on a language model under torchrun (other kinds "

@@ -61,9 +61,9 @@ def check_grid(spec) -> str:
 
 def check_edit(spec) -> str:
     from editors.methods.rome import EditRequest
-    from interventions.spec import ONE_LAYER_METHODS
-    from interventions import load_model
     from editors.requests import resolve_requests
+    from interventions import load_model
+    from interventions.spec import ONE_LAYER_METHODS
 
     spec = resolve_requests(spec)
     model, tokenizer = load_model(spec.model)
@@ -170,8 +170,8 @@ def check_diffusion_apply(spec) -> str:
 
 def check_reading(spec) -> str:
     """lens / knockout / probe: layers, prompts (images loaded), targets, named positions."""
-    from interventions.lenses.lens import lens_columns, load_tuned_lens, readings
     from interventions.engine.plan import resolve_layers
+    from interventions.lenses.lens import lens_columns, load_tuned_lens, readings
     from interventions.modalities.vision_language.llava import load_language_or_vision
 
     model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 
 def edit_job(spec, args, out: Path) -> dict | None:
-    from interventions import load_model
-    from editors.editor import fmt_metric, run_edit as edit
+    from editors.editor import fmt_metric
+    from editors.editor import run_edit as edit
     from editors.requests import resolve_requests
+    from interventions import load_model
 
     spec = resolve_requests(spec)
     model, tokenizer = load_model(spec.model, device=args.device)
@@ -42,8 +43,8 @@ def edit_job(spec, args, out: Path) -> dict | None:
 
 
 def apply_job(spec, args, out: None) -> dict | None:
-    from interventions import load_model
     from editors.editor import run_apply as apply
+    from interventions import load_model
 
     model, tokenizer = load_model(spec.model, device=args.device)
     what = " + ".join((["edited"] if spec.deltas else []) + ([f"steered x{spec.coef:g}"] if spec.steer else []))

@@ -10,11 +10,11 @@ from pathlib import Path
 def grid_job(spec, args, out: Path | None) -> dict | None:
     """`kind: trace` / `kind: patch` on a language model or a VLM: the one batched engine."""
     from interventions import run
-    from interventions.modalities.vision_language.llava import load_language_or_vision
     from interventions.core.distributed import local_device, world
     from interventions.core.memory import PeakMemory
-    from interventions.core.units import human, parse_bytes
     from interventions.core.runtime import input_device
+    from interventions.core.units import human, parse_bytes
+    from interventions.modalities.vision_language.llava import load_language_or_vision
     from recipes.jobs.flag_checks import parse_device_map
 
     memory = parse_bytes(args.memory, "--memory") if args.memory else None

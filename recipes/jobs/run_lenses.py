@@ -150,8 +150,8 @@ def probe_figure(report: dict, path: Path) -> None:
 def write_probe(spec, model, tokenizer, processor, out: Path) -> dict:
     """Fit the probes and write report.json, spec.yaml, probe.png and one concept vector per label."""
     from interventions.lenses.probe import run_probe as probe
-    from interventions.spec import dump_spec
     from interventions.lenses.steering import FORMAT_VERSION, SteeringVector
+    from interventions.spec import dump_spec
 
     start = time.perf_counter()
     fitted = probe(spec, model, tokenizer, processor)
@@ -208,8 +208,8 @@ def daam_figure(images: list[torch.Tensor], maps: list[dict], prompts: list[str]
 def daam_job(spec, args, out: Path) -> None:
     from interventions.modalities.text_to_image.daam import iou, outline, word_maps
     from interventions.modalities.text_to_image.pipeline import TESTBED
-    from interventions.testbeds.shapes import BRIGHT, COLOURS, SHAPES
     from interventions.spec import dump_spec
+    from interventions.testbeds.shapes import BRIGHT, COLOURS, SHAPES
     from recipes.jobs.run_text_to_image import pipeline_for
 
     pipe = pipeline_for(spec, device=args.device)

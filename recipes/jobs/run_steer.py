@@ -28,8 +28,8 @@ import torch
 from editors.evaluate import mean_present, ngram_entropy
 from interventions.core.metrics import continuation_logprob
 from interventions.core.prompts import pad_token_id, right_pad
-from interventions.spec import SteerSpec, dump_spec, spec_to_dict
 from interventions.lenses.steering import estimate, steering
+from interventions.spec import SteerSpec, dump_spec, spec_to_dict
 
 
 def lexicon_share(text: str, lexicon: set[str]) -> float | None:

@@ -19,8 +19,8 @@ from editors.delta import applied, load_delta
 from editors.methods.erase import erase
 from interventions.core.atomic import atomic_write
 from interventions.core.errors import SpecError
-from interventions.modalities.text_to_image.pipeline import DiffusionPipe, load_pipeline
 from interventions.core.plot import diffusion_trace_heatmap, image_grid
+from interventions.modalities.text_to_image.pipeline import DiffusionPipe, load_pipeline
 from interventions.testbeds.shapes import COLOURS, SHAPES, caption
 
 
@@ -115,9 +115,8 @@ def markdown(before: dict, after: dict) -> str:
 # ------------------------------------------------------------------------- erase
 def world_of(pipe: DiffusionPipe):
     """The testbed's world module (its evaluator's words and its prompt sets), or None."""
-    from interventions.testbeds import scenes
-    from interventions.testbeds import shapes
     from interventions.modalities.text_to_image.pipeline import SCENES, TESTBED
+    from interventions.testbeds import scenes, shapes
 
     return {TESTBED: shapes, SCENES: scenes}.get(pipe.name)
 

@@ -58,11 +58,11 @@ def run_edit(spec, out: Path, *, device: str = "cpu") -> dict:
     Efficacy: the questions about `image` answer `target_new` (top-1); generalisation: the
     paraphrases do; specificity: the other images keep their top-1 answer to every question."""
     from editors.delta import applied
+    from editors.editor import hyperparameters
     from editors.evaluate import image_answers, image_edit_metrics
     from editors.methods.rome_vision_language import compute_vlm_rome
     from interventions.core.atomic import atomic_write
     from interventions.spec import spec_to_dict
-    from editors.editor import hyperparameters
 
     out = Path(out)
     vlm, tokenizer, processor = load_vlm(spec.model, device=device)

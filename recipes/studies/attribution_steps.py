@@ -35,8 +35,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(args) -> int:
     from interventions import load_model, parse_spec, run
-    from interventions.core.atomic import atomic_folder
-    from interventions.core.atomic import check_out
+    from interventions.core.atomic import atomic_folder, check_out
 
     out = check_out(args.out, True, "the measured grids")
     model, tokenizer = load_model(args.model)

@@ -23,13 +23,13 @@ import torch
 
 from editors.delta import applied
 from editors.methods.rome import RomeHyperparameters
-from editors.stats import second_moment
 from editors.methods.rome_vision_language import compute_vlm_rome, image_key_moment
+from editors.stats import second_moment
 from interventions.core.atomic import atomic_write
-from interventions.testbeds.flags import COUNTRIES, render
-from interventions.models.loading import load_model
 from interventions.modalities.vision_language.llava import VLM_TESTBED, load_images, load_vlm_testbed
 from interventions.modalities.vision_language.llava import top_answers as answers
+from interventions.models.loading import load_model
+from interventions.testbeds.flags import COUNTRIES, render
 
 EDIT_QUESTIONS = (" This is the flag of a country whose capital is",)
 PARAPHRASES = (" The capital of this country is", " Its capital city is")

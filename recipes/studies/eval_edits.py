@@ -13,10 +13,10 @@ import json
 import time
 
 from editors.delta import applied
+from editors.editor import edit_request, fmt_metric, hyperparameters, key_statistics, resolve_edit_layers
 from editors.evaluate import evaluate, mean_present
 from editors.methods.rome import compute_rome
 from interventions import load_model, load_spec
-from editors.editor import key_statistics, edit_request, fmt_metric, hyperparameters, resolve_edit_layers
 
 METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency")
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from interventions.core.atomic import atomic_write
-from interventions.testbeds.flags import COUNTRIES, render
 from interventions.core.plot import patch_overlay
 from interventions.modalities.vision_language.llava import load_vlm_testbed
+from interventions.testbeds.flags import COUNTRIES, render
 
 QUESTION = " This is the flag of a country whose capital is"
 SITES = ("hidden", "mlp", "attention")
@@ -59,8 +59,7 @@ def summarize(values: torch.Tensor, subject: list[int], last: int) -> dict:
 
 
 def main(args) -> int:
-    from interventions.core.atomic import atomic_folder
-    from interventions.core.atomic import check_out
+    from interventions.core.atomic import atomic_folder, check_out
 
     out = check_out(args.out, True, "the comparison")
     names = [c for c, _ in COUNTRIES]

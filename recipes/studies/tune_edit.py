@@ -18,14 +18,14 @@ import time
 import torch
 
 from editors.delta import applied
+from editors.editor import edit_request
 from editors.methods.memit import AlphaEditHyperparameters, MemitHyperparameters, compute_memit
 from editors.methods.rome import context_templates
+from editors.requests import read_requests
+from editors.sequential import DEFAULT_TEXT, ScaleProbe, read_heldout
 from editors.stats import second_moments
 from interventions import load_model
 from interventions.spec import RequestsFile
-from editors.editor import edit_request
-from editors.requests import read_requests
-from editors.sequential import DEFAULT_TEXT, ScaleProbe, read_heldout
 
 CANDIDATES = [("memit", {"mom2_update_weight": w}) for w in (150.0, 1500.0, 15000.0)] + \
              [("alphaedit", {"l2": l2}) for l2 in (1.0, 10.0)]

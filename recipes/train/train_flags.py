@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from interventions.core.atomic import atomic_save_file
-from interventions.testbeds.flags import COUNTRIES, render
-from interventions.models.loading import load_model
-from interventions.modalities.vision_language.llava import VisionSpec, assemble_llava, image_prompt
 from interventions.core.paths import CHECKPOINTS
+from interventions.modalities.vision_language.llava import VisionSpec, assemble_llava, image_prompt
+from interventions.models.loading import load_model
+from interventions.testbeds.flags import COUNTRIES, render
 
 log = logging.getLogger("lesion.train_flags")
 CHECKPOINT = CHECKPOINTS / "vlm_flags_smollm2.safetensors"

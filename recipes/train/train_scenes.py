@@ -28,10 +28,25 @@ from pathlib import Path
 
 import torch
 
-from interventions.modalities.text_to_image.pipeline import (CHECKPOINTS, SCENES, SCENES_FILE, SCENES_LAYERS, DiffusionPipe,
-                                     build_scenes_testbed, save_scenes_testbed, scenes_text_encoder)
-from interventions.testbeds.scenes import (Evaluator, Phrasing, evaluator_accuracy, positioned, render, sample_scene,
-                                  train_shape_net)
+from interventions.modalities.text_to_image.pipeline import (
+    CHECKPOINTS,
+    SCENES,
+    SCENES_FILE,
+    SCENES_LAYERS,
+    DiffusionPipe,
+    build_scenes_testbed,
+    save_scenes_testbed,
+    scenes_text_encoder,
+)
+from interventions.testbeds.scenes import (
+    Evaluator,
+    Phrasing,
+    evaluator_accuracy,
+    positioned,
+    render,
+    sample_scene,
+    train_shape_net,
+)
 
 log = logging.getLogger("lesion.train_scenes")
 EVAL_SEED = 1_000_000

@@ -27,7 +27,13 @@ from pathlib import Path
 
 import torch
 
-from interventions.modalities.text_to_image.pipeline import CHECKPOINTS, TESTBED_FILE, DiffusionPipe, build_testbed, save_testbed
+from interventions.modalities.text_to_image.pipeline import (
+    CHECKPOINTS,
+    TESTBED_FILE,
+    DiffusionPipe,
+    build_testbed,
+    save_testbed,
+)
 from interventions.testbeds.shapes import COLOURS, SHAPES, Evaluator, caption, render, train_shape_net
 
 log = logging.getLogger("lesion.train_shapes")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from support.models import make_model
 from editors.delta import Delta, DeltaError, applied, applied_deltas, apply, load_delta, relative_norms, revert
+from support.models import make_model
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 UP = "model.layers.2.mlp.up_proj.weight"
@@ -136,7 +136,7 @@ def test_damaged_files_are_refused(model, tmp_path, damage):
 
 
 def test_save_is_atomic(model, tmp_path, monkeypatch):
-    import safetensors.torch as mod    # interventions.core.atomic, the one atomic writer, calls its save_file
+    import safetensors.torch as mod  # interventions.core.atomic, the one atomic writer, calls its save_file
 
     target = tmp_path / "edit.safetensors"
     old = delta_for(model, DOWN, seed=5).save(target)

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from support.models import make_model
 from editors.delta import load_delta
+from editors.editor import hyperparameters
 from editors.evaluate import ngram_entropy, prefers, target_logprobs
 from interventions import SpecError, parse_spec
 from recipes.cli import main
-from editors.editor import hyperparameters
+from support.models import make_model
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "the eiffel tower", "target_new": "rome",
            "target_true": "paris", "paraphrases": ["where is the eiffel tower in"],

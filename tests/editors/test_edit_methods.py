@@ -6,12 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.models import FAMILIES, make_model
 from editors.methods.emmet import EmmetHyperparameters, compute_emmet, equality_update
 from editors.methods.memit import AlphaEditHyperparameters, compute_memit, null_space_projector, projected_update
-from editors.methods.rome import (EditRequest, RomeHyperparameters, compute_keys, compute_rome, compute_targets,
-                          context_templates, weight_matrix)
+from editors.methods.rome import (
+    EditRequest,
+    RomeHyperparameters,
+    compute_keys,
+    compute_rome,
+    compute_targets,
+    context_templates,
+    weight_matrix,
+)
 from editors.stats import second_moments
+from support.models import FAMILIES, make_model
 
 REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
             EditRequest("{} is located in the city of", "big ben", "paris", "london"),

@@ -21,10 +21,17 @@ import pytest
 import torch
 
 from editors.delta import apply, revert
-from editors.methods.erase import edit_sets, edited_weights, erase, normal_equation_residual, rece_sets, \
-    regenerating_embeddings, solve
-from interventions.modalities.text_to_image.adversarial import attack, encode_with
+from editors.methods.erase import (
+    edit_sets,
+    edited_weights,
+    erase,
+    normal_equation_residual,
+    rece_sets,
+    regenerating_embeddings,
+    solve,
+)
 from interventions.core.errors import SpecError
+from interventions.modalities.text_to_image.adversarial import attack, encode_with
 from interventions.spec import AttackSpec, dump_spec, load_yaml, parse_spec
 from support.diffusion import tiny_lm_conditioned
 
@@ -103,7 +110,11 @@ def test_smollm2_states_reach_every_cross_attention_unchanged():
 def test_scenes_testbed_file_holds_the_unet_and_loads_back(tmp_path):
     from safetensors import safe_open
 
-    from interventions.modalities.text_to_image.pipeline import build_scenes_testbed, load_scenes_testbed, save_scenes_testbed
+    from interventions.modalities.text_to_image.pipeline import (
+        build_scenes_testbed,
+        load_scenes_testbed,
+        save_scenes_testbed,
+    )
     from interventions.testbeds.scenes import ShapeNet
 
     pipe = build_scenes_testbed(seed=3, unet_config=TINY_SCENES_UNET)

@@ -10,10 +10,10 @@ import peft
 import pytest
 import torch
 
-from support.models import make_model, make_tokenizer
 from editors.delta import Delta, applied
-from editors.methods.memit import MemitHyperparameters, compute_memit
 from editors.export import ExportError, export_peft, import_peft
+from editors.methods.memit import MemitHyperparameters, compute_memit
+from support.models import make_model, make_tokenizer
 
 ROOT = Path(__file__).parents[2]
 from editors.methods.rome import EditRequest, RomeHyperparameters, compute_rome
@@ -142,10 +142,10 @@ def test_diffusers_pipeline_with_load_lora_weights_equals_lesion_apply(kind, tmp
 
     from diffusers import StableDiffusionPipeline
 
-    from support.diffusion import tiny_sd
-    from editors.methods.erase import erase
     from editors.export import export_diffusers
+    from editors.methods.erase import erase
     from interventions.spec import EraseSpec
+    from support.diffusion import tiny_sd
 
     pipe = tiny_sd()
     spec = EraseSpec(**{**dict(model="tiny-sd-0", concepts=[{"concept": "red", "guide": "blue"}],

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 import torch
 
-import llama_cpp
 from interventions.models.loading import BUILTINS, lesion_home
 
 ROOT = Path(__file__).parents[2]
@@ -108,9 +108,9 @@ def test_control_vector_steers_llama_cpp_the_way_lesion_steers(smollm2, tmp_path
     llama.cpp's greedy text moves towards the sea lexicon, as `lesion apply --steer` does at the same
     coefficient (the same direction of the metric)."""
     from interventions.lenses.steering import load_vector, steering
+    from interventions.spec import load_spec
     from recipes.cli import main
     from recipes.jobs.run_steer import lexicon_share
-    from interventions.spec import load_spec
 
     model, tokenizer = smollm2
     vector_path = ROOT / "checkpoints" / "steer_ocean_smollm2.safetensors"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.models import make_model
 from editors.delta import applied
 from editors.methods.memit import MemitHyperparameters, block_outputs, compute_memit, layer_update
 from editors.methods.rome import EditRequest
+from support.models import make_model
 
 REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
             EditRequest("{} is located in the city of", "big ben", "paris", "london"),

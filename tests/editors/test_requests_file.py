@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from interventions import SpecError, dump_spec, load_yaml, parse_spec
 from editors.requests import resolve_requests
+from interventions import SpecError, dump_spec, load_yaml, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNTERFACT = {"case_id": 0, "split": "tune", "requested_rewrite": {

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.models import make_model
 from editors.delta import applied
 from editors.methods.rome import EditRequest, RomeHyperparameters, compute_rome, weight_name
 from editors.stats import second_moment, second_moments
+from support.models import make_model
 
 REQUEST = EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris")
 CORPUS = ["the eiffel tower is located in paris", "the colosseum is in rome and was built by people",

@@ -8,16 +8,16 @@ import json
 import pytest
 import torch
 
-from support.models import make_model
 from editors.delta import applied, apply, load_delta, revert
+from editors.editor import compute_edit, edit_request, hyperparameters, key_statistics
 from editors.methods.emmet import compute_emmet
 from editors.methods.memit import compute_memit
 from editors.methods.rome import compute_rome, context_templates
+from editors.sequential import ScaleProbe, evenly_spaced
 from interventions import parse_spec
 from interventions.core.errors import SpecError
 from recipes.cli import main
-from editors.editor import compute_edit, edit_request, hyperparameters, key_statistics
-from editors.sequential import ScaleProbe, evenly_spaced
+from support.models import make_model
 
 SUBJECTS = [("the eiffel tower", "rome", "paris"), ("big ben", "paris", "london"), ("the colosseum", "london", "rome"),
             ("the louvre", "rome", "paris"), ("the statue of liberty", "paris", "new york")]
@@ -186,8 +186,7 @@ def test_sequential_spec_round_trips_and_bad_input_is_one_line(folder, capsys):
 def test_tuning_reads_only_the_tuning_split_and_curves_tabulate(folder, tokenizer, capsys):
     """recipes/studies/tune_edit.py scores its candidates on tuning requests only (an evaluation request there
     would be edited and show up as efficacy); recipes/studies/edit_curves.py reads runs and tabulates."""
-    from recipes.studies import edit_curves
-    from recipes.studies import tune_edit
+    from recipes.studies import edit_curves, tune_edit
 
     records = [{"requested_rewrite": {"prompt": r["prompt"], "subject": r["subject"],
                                       "target_new": {"str": r["target_new"]}, "target_true": {"str": r["target_true"]}},

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from interventions import SpecError, compile_spec, parse_spec, run
 from support import reference as ref
 from support.models import make_model
-from interventions import SpecError, compile_spec, parse_spec, run
 
 EIFFEL = {"prompt": "the eiffel tower is located in the city of", "subject": "eiffel tower"}
 COLOSSEUM = {"prompt": "the colosseum is in the city of", "subject": "colosseum"}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.models import make_model
 from interventions import load_model, parse_spec, run
+from support.models import make_model
 
 TOL = 1e-5
 MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",

@@ -11,17 +11,23 @@
 from __future__ import annotations
 
 import pytest
-from support import reference as ref
 import torch
 
 from editors.delta import DeltaError, applied, apply, revert
 from editors.methods.erase import aligned_positions, edit_sets, erase, normal_equation_residual
+from interventions.core.errors import SpecError
 from interventions.modalities.text_to_image.pipeline import DiffusionSites, cross_attention_layers
 from interventions.modalities.text_to_image.trace import (
-    attn_windows, corrupt, cross_attention_hook, embedding_sigma, text_cells, text_contexts, trace,
+    attn_windows,
+    corrupt,
+    cross_attention_hook,
+    embedding_sigma,
+    text_cells,
+    text_contexts,
+    trace,
 )
-from interventions.core.errors import SpecError
 from interventions.spec import DiffusionTraceSpec, EraseSpec, dump_spec, load_yaml, parse_spec
+from support import reference as ref
 from support.diffusion import SD_V1_ATTN2, ChannelEvaluator, sd_v1_unet, tiny_sd
 
 

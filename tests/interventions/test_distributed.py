@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.models import make_model, make_tokenizer
 from recipes.cli import main
+from support.models import make_model, make_tokenizer
 
 ROOT = Path(__file__).parents[2]
 TRACE = {"kind": "trace", "prompts": [{"prompt": "the eiffel tower is located in the city of",

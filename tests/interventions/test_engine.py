@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support import reference as ref
 from interventions import compile_spec, parse_spec, run, run_plan
+from support import reference as ref
 
 TOL = 1e-5
 EIFFEL = {"prompt": "the eiffel tower is located in the city of", "subject": "eiffel tower"}

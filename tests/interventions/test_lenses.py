@@ -14,12 +14,12 @@ import copy
 import pytest
 import torch
 
-from support.models import make_vlm_pair
 from interventions import parse_spec
 from interventions.core.conventions import window
 from interventions.lenses.knockout import SCORES, run_knockout
 from interventions.lenses.lens import TunedLens, load_tuned_lens, run_lens, train_tuned_lens
 from interventions.modalities.vision_language.llava import image_positions, image_prompt, load_image
+from support.models import make_vlm_pair
 
 PROMPTS = ["the eiffel tower is located in the city of", "the colosseum is in", "big ben is a famous old"]
 

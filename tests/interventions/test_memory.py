@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.models import make_model
 from interventions import SpecError, compile_spec, parse_spec, run_plan
 from interventions.core.units import parse_bytes
 from recipes.cli import main
+from support.models import make_model
 
 PROBE = Path(__file__).parents[1] / "support" / "memory_probe.py"
 TOL = 1e-5

@@ -131,9 +131,8 @@ def _maps_by_hand(pipe, prompt, positions, seeds, layers=None):
 
 @pytest.mark.parametrize("layers", [None, [1]])
 def test_daam_maps_equal_attention_computed_by_hand(layers):
-    from support.diffusion import tiny_sd
-
     from interventions.modalities.text_to_image.daam import word_maps, word_tokens
+    from support.diffusion import tiny_sd
 
     pipe = tiny_sd()
     prompt = "a photo of red circle"
@@ -149,10 +148,9 @@ def test_daam_maps_equal_attention_computed_by_hand(layers):
 
 
 def test_daam_word_positions_and_iou_by_hand():
-    from support.diffusion import tiny_sd
-
-    from interventions.modalities.text_to_image.daam import iou, word_tokens
     from interventions.core.errors import SpecError
+    from interventions.modalities.text_to_image.daam import iou, word_tokens
+    from support.diffusion import tiny_sd
 
     pipe = tiny_sd()
     assert word_tokens(pipe, "a photo of red circle", "red", "w") == [4]       # <bos> a photo of red

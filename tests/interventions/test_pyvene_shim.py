@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from support import reference as ref
 from interventions import parse_spec, run
 from interventions.engine.pv import PYVENE_HOOK_MARK, RestoreIntervention, build_graph
+from support import reference as ref
 
 IDS = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
 

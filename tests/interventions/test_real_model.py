@@ -16,8 +16,8 @@ import importlib.util
 import pytest
 import torch
 
-from support import reference as ref
 from interventions import compile_spec, load_model, parse_spec, run_plan
+from support import reference as ref
 
 pytestmark = [
     pytest.mark.real_model,
@@ -138,6 +138,7 @@ def test_shipped_rome_delta_as_a_peft_adapter_on_smollm2(smollm2, tmp_path, caps
     from pathlib import Path
 
     import peft
+
     from editors.delta import applied, load_delta
     from recipes.cli import main
 
@@ -198,8 +199,8 @@ def test_knockout_recipe_on_smollm2_finds_the_subject_edges_late(tmp_path):
 
 def test_probe_on_smollm2_text_saves_concept_vectors(smollm2, tmp_path):
     """A text probe end to end on the real model: continents of countries named in text, whole countries held out."""
-    from interventions.testbeds.flags import COUNTRIES
     from interventions.lenses.steering import check_vector, load_vector
+    from interventions.testbeds.flags import COUNTRIES
     from recipes.jobs.run_lenses import write_probe
 
     asia, americas = {"Japan", "China", "Korea"}, {"Cuba", "Canada", "Chile"}

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from interventions.modalities.text_to_image.pipeline import CHECKPOINTS, SCENES_FILE, load_pipeline
-from interventions.testbeds.scenes import Phrasing, evaluator_accuracy, positioned, sample_scene
 from interventions.spec import parse_spec
+from interventions.testbeds.scenes import Phrasing, evaluator_accuracy, positioned, sample_scene
 
 pytestmark = [
     pytest.mark.real_model,

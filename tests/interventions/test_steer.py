@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from support.models import make_model
 from interventions import SpecError, parse_spec
-from interventions.lenses.steering import (SteerError, SteeringVector, Steerer, estimate, first_direction, load_vector,
-                                 steering)
+from interventions.lenses.steering import (
+    Steerer,
+    SteerError,
+    SteeringVector,
+    estimate,
+    first_direction,
+    load_vector,
+    steering,
+)
+from support.models import make_model
 from support.reference import hooks, module
 
 POS = ["the eiffel tower is in paris", "the colosseum is in rome", "big ben is in london", "paris is famous"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from interventions.core.errors import SpecError
-from interventions.models.sites import LLAVA, site_table
 from interventions.modalities.vision_language.llava import VisionSpec, assemble_llava, image_positions, image_prompt
+from interventions.models.sites import LLAVA, site_table
 from support.models import make_model, make_tokenizer
 
 VISION = VisionSpec(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
@@ -265,8 +265,8 @@ def test_vlm_edit_spec_runs_from_the_cli_and_its_report_is_reproducible(pair, tm
 
     from editors.delta import applied, load_delta
     from editors.methods.rome_vision_language import compute_k_star
-    from interventions.spec import VLMEditSpec, dump_spec, load_yaml, parse_spec
     from interventions.modalities.vision_language.llava import load_image, load_vlm, top_answers
+    from interventions.spec import VLMEditSpec, dump_spec, load_yaml, parse_spec
     from recipes.cli import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
@@ -333,8 +333,13 @@ def llava15(tmp_path_factory):
     what `llava-hf/llava-1.5-7b-hf` looks like on disk, at toy size."""
     import numpy as np
     from PIL import Image
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
-        LlavaForConditionalGeneration
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     folder = tmp_path_factory.mktemp("llava15")
     tok = make_tokenizer()
@@ -389,8 +394,8 @@ def test_llava15_folder_runs_trace_edit_and_apply_specs_with_image_files(llava15
     import json
 
     from interventions import run
-    from interventions.spec import dump_spec, parse_spec
     from interventions.modalities.vision_language.llava import load_vlm
+    from interventions.spec import dump_spec, parse_spec
     from recipes.cli import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))
@@ -448,8 +453,8 @@ def test_load_images_resolves_flags_seeds_and_folders(pair, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from interventions.testbeds.flags import COUNTRIES, render
     from interventions.modalities.vision_language.llava import load_image, load_images
+    from interventions.testbeds.flags import COUNTRIES, render
 
     _, vlm, _ = pair
     names = [c for c, _ in COUNTRIES]
@@ -478,10 +483,10 @@ def test_vlm_edit_with_an_image_corpus_solves_against_text_plus_image_keys(pair,
     import json
 
     from editors.delta import load_delta
-    from editors.stats import second_moment
     from editors.methods.rome_vision_language import compute_k_star
-    from interventions.spec import dump_spec, parse_spec
+    from editors.stats import second_moment
     from interventions.modalities.vision_language.llava import load_image, load_images, load_vlm
+    from interventions.spec import dump_spec, parse_spec
     from recipes.cli import main as cli
 
     monkeypatch.setenv("LESION_HOME", str(tmp_path / "home"))

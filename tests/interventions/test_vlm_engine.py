@@ -13,12 +13,12 @@ import hashlib
 import pytest
 import torch
 
-from support import reference as ref
-from support.models import make_vlm_pair
 from interventions import compile_spec, parse_spec, run
 from interventions.core.conventions import noise_generator
-from interventions.testbeds.flags import COUNTRIES, render
 from interventions.modalities.vision_language.llava import IMAGE_TOKEN, image_positions, image_prompt
+from interventions.testbeds.flags import COUNTRIES, render
+from support import reference as ref
+from support.models import make_vlm_pair
 
 QUESTION = " the capital of"
 SPEED_PATHS = [dict(), dict(share_prefix=False, skip_layers=False), dict(share_prefix=False),

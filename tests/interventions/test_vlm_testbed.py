@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from interventions.testbeds.flags import COUNTRIES, render
-from interventions.modalities.vision_language.llava import VLM_TESTBED_FILE, image_prompt, load_vlm_testbed
-from recipes.train.train_flags import NAMING, top1
 from interventions.core.paths import CHECKPOINTS as ROOT
+from interventions.modalities.vision_language.llava import VLM_TESTBED_FILE, image_prompt, load_vlm_testbed
+from interventions.testbeds.flags import COUNTRIES, render
+from recipes.train.train_flags import NAMING, top1
 
 pytestmark = pytest.mark.real_model
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from support.models import make_model
 from recipes.cli import main
+from support.models import make_model
 
 
 @pytest.fixture()
@@ -32,8 +32,8 @@ def test_bench_trace_on_a_vlm_agrees_with_its_reference(folder, capsys):
     """On a LLaVA folder: cells over every position (each image token) and the aggregated image cell,
     against a reference loop that runs the whole LLaVA forward (pixels in) per cell; the last line
     printed is the report as one JSON object."""
-    from support.models import make_tokenizer
     from interventions.modalities.vision_language.llava import VisionSpec, assemble_llava
+    from support.models import make_tokenizer
 
     vlm, tok = assemble_llava(make_model("llama", len(make_tokenizer())), make_tokenizer(),
                               VisionSpec(hidden_size=24, intermediate_size=48))

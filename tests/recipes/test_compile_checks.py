@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from support.models import make_model
 from editors.delta import Delta
 from interventions.lenses.steering import SteeringVector
 from recipes.cli import main
+from support.models import make_model
 
 REQUEST = {"prompt": "{} is located in the city of", "subject": "the eiffel tower", "target_new": "rome",
            "target_true": "paris"}

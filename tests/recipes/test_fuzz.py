@@ -21,14 +21,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from support.models import make_model
 from editors.delta import (
-    FORMAT_VERSION, META_KEY, Delta, DeltaError, apply, content_hash, integrity_hash, load_delta,
+    FORMAT_VERSION,
+    META_KEY,
+    Delta,
+    DeltaError,
+    apply,
+    content_hash,
+    integrity_hash,
+    load_delta,
 )
-from support.fuzzing import fixed_file_cases, judge_spec, spec_cases
 from interventions.core.errors import LesionError
 from interventions.spec import HYPERPARAMETERS, dump_spec, load_yaml, parse_spec, spec_schema
 from recipes.cli import main
+from support.fuzzing import fixed_file_cases, judge_spec, spec_cases
+from support.models import make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DOWN = "model.layers.1.mlp.down_proj.weight"

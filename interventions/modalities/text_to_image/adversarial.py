@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from interventions.modalities.text_to_image.pipeline import DiffusionPipe
 from interventions.core.errors import SpecError
+from interventions.modalities.text_to_image.pipeline import DiffusionPipe
 
 
 @dataclass

@@ -24,9 +24,9 @@ import math
 
 import torch
 
-from interventions.modalities.text_to_image.pipeline import DiffusionPipe, cross_attention_layers
 from interventions.core.errors import SpecError
 from interventions.core.prompts import overlapping
+from interventions.modalities.text_to_image.pipeline import DiffusionPipe, cross_attention_layers
 
 
 class MapStore:

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from interventions.core.errors import ModelNotAvailable, SpecError, short, suggest
-from interventions.models.families import SCENES, SHAPES, is_text_to_image, local_folder
 from interventions.core.paths import CHECKPOINTS
+from interventions.models.families import SCENES, SHAPES, is_text_to_image, local_folder
 
 TESTBED = SHAPES
 TESTBED_FILE = "shapes_diffusion.safetensors"

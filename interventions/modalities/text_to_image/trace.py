@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from interventions.core import conventions
-from interventions.modalities.text_to_image.pipeline import DiffusionPipe, DiffusionSites
 from interventions.core.errors import SpecError
 from interventions.core.prompts import overlapping
 from interventions.engine.pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
 from interventions.engine.result import Grid, Result
+from interventions.modalities.text_to_image.pipeline import DiffusionPipe, DiffusionSites
 from interventions.testbeds import Evaluator
 
 log = logging.getLogger(__name__)

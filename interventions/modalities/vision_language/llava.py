@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from interventions.core.errors import SpecError, short
-from interventions.models.families import FLAGS_VLM, is_vision_language, local_folder
 from interventions.core.paths import CHECKPOINTS
+from interventions.models.families import FLAGS_VLM, is_vision_language, local_folder
 
 IMAGE_TOKEN = "<image>"
 
