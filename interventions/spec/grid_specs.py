@@ -22,6 +22,11 @@ from interventions.spec.base_specs import (
     sites_field,
 )
 
+#: What a patch spec's `metric` and a grid's `sites` mean, for every modality's patch spec.
+METRIC_DESCRIPTION = ("`prob`: p(target); `logit_diff`: logit(target) - logit(counterfactual_target); `kl`: "
+                      "KL(source run || patched run).")
+SITES_DESCRIPTION = "Which states the grid restores or patches, one grid per site."
+
 
 class TracePrompt(SpecModel):
     """One fact to trace: `prompt` contains `subject`; `target` defaults to the clean top-1 token."""
@@ -103,8 +108,8 @@ class TraceSpec(_Grid):
         default=None, gt=0, description="Embedding std; default: the std of all subject-token embeddings.")
     samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
     seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
-    sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES, description=(
-        "Which states the grid restores or patches, one grid per site."))
+    sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES,
+                                         description=SITES_DESCRIPTION)
     window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
 
     @field_validator("sites")
@@ -119,11 +124,8 @@ class PatchSpec(_Grid):
     kind: Literal["patch"] = "patch"
     prompts: tuple[PatchPrompt, ...] = Field(min_length=1, description=(
         "Aligned base and source prompts (the same number of tokens)."))
-    sites: tuple[str, ...] = sites_field(("block_output",), SITE_NAMES, description=(
-        "Which states the grid restores or patches, one grid per site."))
-    metric: Literal["prob", "logit_diff", "kl"] = Field(default="prob", description=(
-        "`prob`: p(target); `logit_diff`: logit(target) - logit(counterfactual_target); `kl`: KL(source "
-        "run || patched run)."))
+    sites: tuple[str, ...] = sites_field(("block_output",), SITE_NAMES, description=SITES_DESCRIPTION)
+    metric: Literal["prob", "logit_diff", "kl"] = Field(default="prob", description=METRIC_DESCRIPTION)
 
     @field_validator("sites")
     @classmethod

@@ -21,7 +21,7 @@ from interventions.spec.base_specs import (
     sites_field,
 )
 from interventions.spec.edit_specs import check_hyperparameters, hyperparameters_field
-from interventions.spec.grid_specs import GridCore
+from interventions.spec.grid_specs import METRIC_DESCRIPTION, SITES_DESCRIPTION, GridCore
 
 
 class VLMTracePrompt(SpecModel):
@@ -77,8 +77,8 @@ class VLMTraceSpec(_VLMGrid):
                                 "image tokens (`noise`) or of the constraint's token embeddings (`text`).")
     samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
     seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
-    sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES, description=(
-        "Which states the grid restores or patches, one grid per site."))
+    sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES,
+                                         description=SITES_DESCRIPTION)
     window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
 
     @field_validator("sites")
@@ -112,11 +112,8 @@ class VLMPatchSpec(_VLMGrid):
     kind: Literal["patch"] = "patch"
     prompts: tuple[VLMPatchPrompt, ...] = Field(min_length=1, description=(
         "Each a base run (image, text) and a source run whose states are patched in."))
-    sites: tuple[str, ...] = sites_field(("block_output",), VLM_PATCH_SITES, description=(
-        "Which states the grid restores or patches, one grid per site."))
-    metric: Literal["prob", "logit_diff", "kl"] = Field(default="prob", description=(
-        "`prob`: p(target); `logit_diff`: logit(target) - logit(counterfactual_target); `kl`: KL(source "
-        "run || patched run)."))
+    sites: tuple[str, ...] = sites_field(("block_output",), VLM_PATCH_SITES, description=SITES_DESCRIPTION)
+    metric: Literal["prob", "logit_diff", "kl"] = Field(default="prob", description=METRIC_DESCRIPTION)
 
     @field_validator("sites")
     @classmethod
