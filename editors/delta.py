@@ -106,6 +106,7 @@ class Delta:
         delta = cls(factors, dense, meta)
         _check_shapes(delta)
         _check_finite(delta.tensors(), "the computed change")
+        _check_products(delta, "the computed change")
         meta["content_sha256"] = content_hash(delta.tensors())
         return delta
 
@@ -158,6 +159,23 @@ def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
                              "are left as they are")
 
 
+def _check_products(delta: Delta, what: str) -> None:
+    """Finite factors can still multiply to inf (u and v of 1e20 each): each factored change is checked
+    as it would reach the weight. A float64 bound, rank x max|u| x max|v|, clears almost every delta
+    without forming the product; only a delta near float32's range is multiplied out."""
+    limit = torch.finfo(torch.float32).max / 2
+    for name, (u, v) in delta.factors.items():
+        if not u.numel() or not v.numel():
+            continue
+        bound = u.shape[1] * u.double().abs().max() * v.double().abs().max()
+        if bound < limit:
+            continue
+        for rows in range(0, u.shape[0], 1024):
+            if not bool(torch.isfinite(u[rows:rows + 1024].float() @ v.float()).all()):
+                raise DeltaError(f"`{name}`: {what}: its factors multiply to inf (u @ v overflows float32); "
+                                 "refused, the weights are left as they are")
+
+
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
@@ -205,6 +223,7 @@ def load_delta(path: str | Path) -> Delta:
         raise DeltaError(f"`delta`: {shown}: a `::u` factor has no `::v`")
     delta = Delta(factors, dense, meta)
     _check_shapes(delta)
+    _check_products(delta, shown)
     return delta
 
 
@@ -271,17 +290,21 @@ def verify(model: torch.nn.Module, delta: Delta) -> None:
                                  f"it was made for base model {delta.meta.get('base_model')!r}")
 
 
+def _value(base: torch.Tensor, stack: list[Delta], name: str) -> torch.Tensor:
+    """Parameter `name`'s value with every delta of `stack` that touches it added to its base value."""
+    touching = [d for d in stack if name in d.names]
+    if not touching:
+        return base
+    total = base.float()
+    for d in touching:
+        total = total + d.difference(name).to(total.device)
+    return total.to(base.dtype)
+
+
 @torch.no_grad()
-def _rewrite(model: torch.nn.Module, names, state: _Applied) -> None:
+def _rewrite(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
-    for name in names:
-        value = state.base[name]
-        touching = [d for d in state.stack if name in d.names]
-        if touching:
-            total = value.float()
-            for d in touching:
-                total = total + d.difference(name).to(total.device)
-            value = total.to(value.dtype)
+    for name, value in values.items():
         params[name].copy_(value)
 
 
@@ -298,12 +321,19 @@ def apply(model: torch.nn.Module, *deltas: Delta) -> None:
             raise DeltaError(f"delta {delta.id[:12]} ({delta.meta.get('method')}) is already applied")
         verify(model, delta)
     params = dict(model.named_parameters())
-    for delta in deltas:
-        for name in delta.names:
-            state.base.setdefault(name, params[name].detach().clone())
+    stack = [*state.stack, *deltas]
+    values = {}
+    for name in sorted({n for d in deltas for n in d.names}):
+        base = state.base.get(name, params[name].detach())
+        values[name] = _value(base, stack, name)
+        if values[name].is_floating_point() and not bool(torch.isfinite(values[name]).all()):
+            raise DeltaError(f"`{name}`: the weight would hold inf or nan with this delta added (in "
+                             f"{values[name].dtype}); refused, the weights are left as they are")
+    for name in values:
+        state.base.setdefault(name, params[name].detach().clone())
     state.stack.extend(deltas)
     _STATE[model] = state
-    _rewrite(model, {n for d in deltas for n in d.names}, state)
+    _rewrite(model, values)
 
 
 def revert(model: torch.nn.Module, *deltas: Delta) -> None:
@@ -321,7 +351,7 @@ def revert(model: torch.nn.Module, *deltas: Delta) -> None:
     gone = {d.id for d in targets}
     names = {n for d in targets for n in d.names}
     state.stack = [d for d in state.stack if d.id not in gone]
-    _rewrite(model, names, state)
+    _rewrite(model, {name: _value(state.base[name], state.stack, name) for name in names})
     for name in names:
         if not any(name in d.names for d in state.stack):
             del state.base[name]

@@ -60,7 +60,11 @@ def lora_factors(model: torch.nn.Module, deltas: list[Delta]) -> tuple[dict[str,
     whether the layers are `Conv1D` (``fan_in_fan_out``)."""
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     conv = set()
+    ids = [d.id for d in deltas]
     for delta in deltas:
+        if ids.count(delta.id) > 1:
+            raise ExportError(f"`deltas`: delta {delta.id[:12]} ({delta.meta.get('method')}) is given "
+                              f"{ids.count(delta.id)} times; an adapter adds each delta once")
         verify(model, delta)
         if delta.dense:
             raise ExportError(f"`{sorted(delta.dense)[0]}`: a dense change (method {delta.meta.get('method')!r}); "

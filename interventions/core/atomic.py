@@ -102,3 +102,23 @@ def check_out(out: str | None, needed: bool, what: str) -> Path | None:
         raise SpecError("--out", out, "a new or empty folder, or one holding an earlier Lesion result; this one "
                         "holds other files, which Lesion will not replace (nothing was run)")
     return path
+
+
+def check_out_file(out: str, what: str, suffix: str | None = None) -> Path:
+    """`--out` for one file, before any work: a new path in an existing folder. An existing file, folder
+    or link (a dangling one included) is refused, so nothing the user had is replaced."""
+    path = Path(out)
+    try:
+        taken = path.is_symlink() or path.exists()
+        folder = path.parent.is_dir()
+    except (OSError, ValueError) as err:
+        raise SpecError("--out", out, f"a usable file path ({getattr(err, 'strerror', None) or err})") from None
+    if taken:
+        raise SpecError("--out", out, f"a new file path for {what}; this one exists, and Lesion does not replace "
+                        "a file (nothing was run)")
+    if not folder:
+        raise SpecError("--out", out, f"a file path in an existing folder for {what} (nothing was run)")
+    if suffix is not None and path.suffix != suffix:
+        raise SpecError("--out", out, f"a {suffix} file path for {what}")
+    return path
+

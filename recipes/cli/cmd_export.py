@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from interventions.core.atomic import check_out
+from interventions.core.atomic import check_out, check_out_file
 from interventions.core.errors import SpecError
 from recipes.jobs.flag_checks import model_for
 
@@ -33,9 +33,7 @@ def main(args) -> int:
     from interventions.models.families import is_text_to_image
 
     if args.to == "gguf":       # one file, not a folder
-        out = Path(args.out)
-        if out.is_dir() or out.suffix != ".gguf":
-            raise SpecError("--out", args.out, "a .gguf file path (not a folder)")
+        out = check_out_file(args.out, "the GGUF file", ".gguf")
     else:
         out = check_out(args.out, True, "the adapter")
     if (args.to is None) == (not args.merged):

@@ -16,7 +16,9 @@ def add_parser(sub, parents) -> None:
 def main(args) -> int:
     """`lesion import ADAPTER --model M --out FILE`: a PEFT LoRA adapter as a Delta."""
     from editors.export import import_peft
+    from interventions.core.atomic import check_out_file
 
+    check_out_file(args.out, "the delta")
     model, _ = model_for(args.model)
     delta = import_peft(model, args.adapter, base_model=args.model)
     path = delta.save(args.out)

@@ -20,8 +20,10 @@ def main(args) -> int:
 
     from editors.stats import model_samples
     from interventions import load_model
+    from interventions.core.atomic import check_out_file
     from interventions.lenses.lens import train_tuned_lens
 
+    check_out_file(args.out, "the tuned lens")
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()

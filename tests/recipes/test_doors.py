@@ -1,0 +1,170 @@
+"""The doors issue "bad input" had not reached yet, each checked the way a careless or hostile user would
+come through it: one `error:` line, exit 2, the folder around it byte for byte as it was, and the model's
+weights bit for bit.
+
+- A delta whose factors are finite but multiply to inf (u and v of 1e20 each, resealed so its hashes are
+  right) is refused by `load_delta`, `Delta.from_factors`, `lesion apply` and `lesion export`; a finite
+  change that would overflow the weight's own dtype is refused by `apply`.
+- An export never adds the same delta twice (the same file twice, or two copies of it).
+- A file `--out` (`lesion import`, `lesion export --to gguf`, `lesion train-lens`) never replaces what is
+  there: an existing file, another delta, a symlink (dangling too) are refused before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from editors.delta import META_KEY, Delta, DeltaError, apply, content_hash, integrity_hash, load_delta
+from interventions.core.atomic import atomic_save_file
+from recipes.cli import main
+from support.models import make_model
+
+DOWN = "model.layers.1.mlp.down_proj.weight"
+
+
+def one_error(err: str) -> str:
+    """The run's one `error:` line (a model load may have drawn a progress bar before it), no traceback."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert "Traceback" not in err and sum(line.startswith("error:") for line in lines) == 1, err
+    assert lines[-1].startswith("error:"), err
+    return lines[-1]
+
+
+def listing(folder: Path) -> dict[str, str]:
+    """Every path under `folder` with its bytes' sha256 (a link: where it points)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        key = str(p.relative_to(folder))
+        out[key] = f"-> {p.readlink()}" if p.is_symlink() else \
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(model, before) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.fixture()
+def small(tiny_folder, tokenizer):
+    """The tiny Llama folder, and a real rank-one delta on it saved as small.safetensors."""
+    model = make_model("llama", len(tokenizer))
+    out, inner = model.get_parameter(DOWN).shape
+    delta = Delta.from_factors(model, {DOWN: (torch.full((out, 1), 0.01), torch.full((1, inner), 0.01))},
+                               method="test", base_model=str(tiny_folder / "tiny"))
+    delta.save(tiny_folder / "small.safetensors")
+    return tiny_folder, model
+
+
+def resealed(path: Path, out: Path, scale: float) -> Path:
+    """`path`'s delta with every factor multiplied by `scale`, its content and integrity hashes made right."""
+    tensors = {k: v * scale for k, v in load_file(str(path)).items()}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+    meta["content_sha256"] = content_hash(tensors)
+    meta["integrity_sha256"] = integrity_hash(meta)
+    return atomic_save_file(tensors, out, {META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def test_factors_that_multiply_to_inf_are_refused_on_load_and_when_made(small):
+    folder, model = small
+    bad = resealed(folder / "small.safetensors", folder / "overflow.safetensors", 1e22)
+    assert torch.isfinite(load_file(str(bad))[f"{DOWN}::u"]).all()          # each factor alone is finite
+    with pytest.raises(DeltaError, match="multiply to inf"):
+        load_delta(bad)
+    u, v = (t * 1e22 for t in load_delta(folder / "small.safetensors").factors[DOWN])
+    with pytest.raises(DeltaError, match="multiply to inf"):
+        Delta.from_factors(model, {DOWN: (u, v)}, method="test", base_model="tiny")
+
+
+@pytest.mark.parametrize("command", [
+    ["apply", "--model", "{tiny}", "--delta", "{bad}", "--prompt", "the eiffel tower"],
+    ["export", "{bad}", "--to", "peft", "--model", "{tiny}", "--out", "{folder}/adapter"],
+    ["export", "{bad}", "--to", "gguf", "--model", "{tiny}", "--out", "{folder}/adapter.gguf"],
+    ["export", "{bad}", "--merged", "--model", "{tiny}", "--out", "{folder}/merged"],
+])
+def test_the_cli_refuses_an_overflowing_delta_and_writes_nothing(small, command, capsys):
+    folder, _ = small
+    bad = resealed(folder / "small.safetensors", folder / "overflow.safetensors", 1e22)
+    before = listing(folder)
+    args = [a.format(tiny=folder / "tiny", bad=bad, folder=folder) for a in command]
+    assert main(args) == 2
+    assert "multiply to inf" in one_error(capsys.readouterr().err)
+    assert listing(folder) == before
+
+
+def test_apply_refuses_a_change_that_overflows_the_weights_dtype(tokenizer):
+    model = make_model("llama", len(tokenizer)).half()
+    out, inner = model.get_parameter(DOWN).shape
+    delta = Delta.from_factors(model, {DOWN: (torch.full((out, 1), 300.0), torch.full((1, inner), 300.0))},
+                               method="test", base_model="tiny")                # 90,000 > float16's 65,504
+    before = weights(model)
+    with pytest.raises(DeltaError, match="would hold inf or nan"):
+        apply(model, delta)
+    assert same(model, before)
+
+
+@pytest.mark.parametrize("to", ["peft", "gguf"])
+@pytest.mark.parametrize("copies", ["the same file twice", "two copies"])
+def test_export_never_adds_one_delta_twice(small, to, copies, capsys):
+    folder, _ = small
+    first = folder / "small.safetensors"
+    second = first if copies == "the same file twice" else Path(shutil.copy(first, folder / "copy.safetensors"))
+    out = folder / ("twice.gguf" if to == "gguf" else "twice")
+    before = listing(folder)
+    assert main(["export", str(first), str(second), "--to", to, "--model", str(folder / "tiny"),
+                 "--out", str(out)]) == 2
+    assert "given 2 times" in one_error(capsys.readouterr().err)
+    assert listing(folder) == before and not out.exists()
+
+
+def out_cases(folder: Path) -> dict[str, Path]:
+    """`--out` paths that already hold something: a user's file, another delta, a symlink to a file, a
+    dangling symlink, a folder."""
+    (folder / "notes.safetensors").write_text("my notes")
+    shutil.copy(folder / "small.safetensors", folder / "other.safetensors")
+    (folder / "link.safetensors").symlink_to(folder / "notes.safetensors")
+    (folder / "dangling.safetensors").symlink_to(folder / "nowhere.safetensors")
+    (folder / "taken.safetensors").mkdir()
+    return {name: folder / f"{name}.safetensors" for name in ("notes", "other", "link", "dangling", "taken")}
+
+
+@pytest.mark.parametrize("case", ["notes", "other", "link", "dangling", "taken"])
+def test_import_and_train_lens_never_replace_an_existing_out(small, case, capsys):
+    folder, _ = small
+    target = out_cases(folder)[case]
+    assert main(["export", str(folder / "small.safetensors"), "--to", "peft", "--model", str(folder / "tiny"),
+                 "--out", str(folder / "adapter")]) == 0
+    capsys.readouterr()
+    before = listing(folder)
+    for args in (["import", str(folder / "adapter"), "--model", str(folder / "tiny"), "--out", str(target)],
+                 ["train-lens", "--model", str(folder / "tiny"), "--out", str(target), "--steps", "1"]):
+        assert main(args) == 2
+        assert one_error(capsys.readouterr().err).startswith("error: `--out`")
+        assert listing(folder) == before
+
+
+@pytest.mark.parametrize("case", ["notes", "link", "dangling"])
+def test_gguf_export_never_replaces_an_existing_out(small, case, capsys):
+    folder, _ = small
+    target = folder / f"{case}.gguf"
+    {"notes": lambda: target.write_text("my notes"),
+     "link": lambda: target.symlink_to(folder / "small.safetensors"),
+     "dangling": lambda: target.symlink_to(folder / "nowhere.gguf")}[case]()
+    before = listing(folder)
+    assert main(["export", str(folder / "small.safetensors"), "--to", "gguf", "--model", str(folder / "tiny"),
+                 "--out", str(target)]) == 2
+    assert one_error(capsys.readouterr().err).startswith("error: `--out`")
+    assert listing(folder) == before
