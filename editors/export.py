@@ -23,6 +23,7 @@ folder is written atomically.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ import torch
 from editors.delta import Delta, DeltaError, applied, verify
 from editors.methods.rome import is_conv1d
 from interventions.core.atomic import atomic_folder, atomic_path
-from interventions.core.errors import LesionError
+from interventions.core.errors import LesionError, short
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -281,21 +282,11 @@ def export_control_vector(vector, model, out: str | Path) -> Path:
 
 
 def import_peft(model: torch.nn.Module, folder: str | Path, *, base_model: str) -> Delta:
-    """A Delta from a PEFT LoRA adapter on linear layers: per module ``scaling · B @ A`` as factors."""
-    from safetensors import safe_open
-
+    """A Delta from a PEFT LoRA adapter on linear layers: per module ``scaling · B @ A`` as factors.
+    Only what PEFT itself would load with the same meaning is taken: plain LoRA (no DoRA, no biases, no
+    other tensors), each module's rank a positive integer equal to its tensors' rank, a finite alpha."""
     folder = Path(folder)
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-        with safe_open(str(folder / WEIGHTS), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError) as err:
-        raise ExportError(f"`adapter`: {folder} is not a PEFT adapter folder that loads "
-                          f"({err.__class__.__name__}: {err})") from None
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("bias", "none") != "none":
-        raise ExportError(f"`adapter`: {folder} is a {config.get('peft_type')} adapter"
-                          f"{' with DoRA' if config.get('use_dora') else ''}{' with biases' if config.get('bias', 'none') != 'none' else ''}; "
-                          "only plain LoRA on linear layers maps to a Delta")
+    config, tensors = _read_adapter(folder)
     params = dict(model.named_parameters())
     factors = {}
     for key in sorted(tensors):
@@ -303,9 +294,7 @@ def import_peft(model: torch.nn.Module, folder: str | Path, *, base_model: str) 
             continue
         module = key[len(PREFIX):-len(".lora_A.weight")]
         a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
-        rank = config.get("rank_pattern", {}).get(module, config["r"])
-        alpha = config.get("alpha_pattern", {}).get(module, config["lora_alpha"])
-        scale = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+        scale = _scaling(config, module, a, b)
         name = f"{module}.weight"
         if name not in params:
             raise ExportError(f"`{name}`: the adapter changes a layer this model does not have")
@@ -319,3 +308,59 @@ def import_peft(model: torch.nn.Module, folder: str | Path, *, base_model: str) 
         raise DeltaError(f"`adapter`: {folder} holds no LoRA weights")
     return Delta.from_factors(model, factors, method="peft-lora", base_model=base_model,
                               hyperparameters={"r": config["r"], "lora_alpha": config["lora_alpha"]})
+
+
+#: The largest adapter_config.json read (PEFT's own are a few KB).
+MAX_CONFIG_BYTES = 1_000_000
+
+
+def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter's config and tensors, read only from regular files (a FIFO would hang), the config within
+    a size bound; every tensor must be a `lora_A` or `lora_B` weight with its partner."""
+    from safetensors import safe_open
+
+    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ExportError(f"`adapter`: {short(str(path))} is missing or not a regular file; a PEFT adapter "
+                              f"folder holds {CONFIG} and {WEIGHTS}")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ExportError(f"`adapter`: {CONFIG} has {config_path.stat().st_size:,} bytes; at most "
+                          f"{MAX_CONFIG_BYTES:,} are read")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        with safe_open(str(weights_path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:   # noqa: BLE001 - json, UTF-8 and safetensors each raise their own errors
+        raise ExportError(f"`adapter`: {short(str(folder))} is not a PEFT adapter folder that loads "
+                          f"({err.__class__.__name__}: {short(str(err), 200)})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"`adapter`: {CONFIG} holds {type(config).__name__}; expected a mapping (a LoraConfig)")
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("bias", "none") != "none":
+        raise ExportError(f"`adapter`: {short(str(folder))} is a {short(config.get('peft_type'))} adapter"
+                          f"{' with DoRA' if config.get('use_dora') else ''}"
+                          f"{' with biases' if config.get('bias', 'none') != 'none' else ''}; "
+                          "only plain LoRA on linear layers maps to a Delta")
+    for key in tensors:
+        partner = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(".lora_B.", ".lora_A.")
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ExportError(f"`adapter`: tensor {short(key)} is not a plain LoRA weight (a DoRA magnitude, a "
+                              "bias or another module's weights would be dropped); refused")
+        if partner not in tensors:
+            raise ExportError(f"`adapter`: tensor {short(key)} has no partner {short(partner)}")
+    return config, tensors
+
+
+def _scaling(config: dict, module: str, a: torch.Tensor, b: torch.Tensor) -> float:
+    """PEFT's scaling for `module`, alpha / r (alpha / sqrt(r) with rsLoRA), once the config's rank is a
+    positive integer equal to the tensors' and alpha a finite number, as PEFT's loading requires."""
+    rank = (config.get("rank_pattern") or {}).get(module, config.get("r"))
+    alpha = (config.get("alpha_pattern") or {}).get(module, config.get("lora_alpha"))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ExportError(f"`r` (module {short(module)}): got {short(rank)}; expected a positive integer")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        raise ExportError(f"`r` (module {short(module)}): {rank}, but its lora_A is {tuple(a.shape)} and lora_B "
+                          f"{tuple(b.shape)}; PEFT would not load these weights with this rank")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ExportError(f"`lora_alpha` (module {short(module)}): got {short(alpha)}; expected a finite number")
+    return alpha / (rank ** 0.5 if config.get("use_rslora") else rank)

@@ -8,6 +8,10 @@ weights bit for bit.
 - An export never adds the same delta twice (the same file twice, or two copies of it).
 - A file `--out` (`lesion import`, `lesion export --to gguf`, `lesion train-lens`) never replaces what is
   there: an existing file, another delta, a symlink (dangling too) are refused before any work.
+- `lesion import` takes only what PEFT itself would load with the same meaning: a negative rank (which
+  flipped the edit's sign), a rank the tensors do not have (which scaled it by 1e-12), DoRA magnitudes and
+  biases (which were dropped), malformed configs and weight files (which crashed), and a FIFO for a config
+  (which hung) are each refused with one line.
 """
 
 from __future__ import annotations
@@ -168,3 +172,64 @@ def test_gguf_export_never_replaces_an_existing_out(small, case, capsys):
                  "--out", str(target)]) == 2
     assert one_error(capsys.readouterr().err).startswith("error: `--out`")
     assert listing(folder) == before
+
+
+def _config(adapter: Path, **change) -> None:
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key, value in change.items():
+        if value is _DROP:
+            config.pop(key)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def _tensors(adapter: Path, change) -> None:
+    from safetensors.torch import save_file
+
+    path = adapter / "adapter_model.safetensors"
+    save_file(change(load_file(str(path))), str(path))
+
+
+_DROP = object()
+#: adapters PEFT would refuse, or load with another meaning: each must be refused by `lesion import`
+BAD_ADAPTERS = {
+    "negative r (would flip the edit's sign)": lambda a: _config(a, r=-1, lora_alpha=-1),
+    "r far above the tensors' rank (would scale the edit by 1e-12)": lambda a: _config(a, r=10**12, lora_alpha=1),
+    "r as text": lambda a: _config(a, r="1"),
+    "r true": lambda a: _config(a, r=True),
+    "no r": lambda a: _config(a, r=_DROP),
+    "no lora_alpha": lambda a: _config(a, lora_alpha=_DROP),
+    "lora_alpha as text": lambda a: _config(a, lora_alpha="big"),
+    "factors of 1e20 each (a change of inf)": lambda a: _tensors(a, lambda t: {k: v * 1e22 for k, v in t.items()}),
+    "DoRA magnitudes beside the weights": lambda a: _tensors(a, lambda t: {
+        **t, next(iter(t)).replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(4)}),
+    "a bias tensor": lambda a: _tensors(a, lambda t: {**t, "base_model.model.lm_head.bias": torch.ones(4)}),
+    "lora_A without lora_B": lambda a: _tensors(a, lambda t: {k: v for k, v in t.items() if "lora_B" not in k}),
+    "lora_B of another rank": lambda a: _tensors(a, lambda t: {
+        k: torch.cat([v, v], 1) if "lora_B" in k else v for k, v in t.items()}),
+    "config is a list": lambda a: (a / "adapter_config.json").write_text("[1, 2]"),
+    "config is not JSON": lambda a: (a / "adapter_config.json").write_text("{r: 1"),
+    "config is not UTF-8": lambda a: (a / "adapter_config.json").write_bytes(b"\xff\xfe{}"),
+    "config is a FIFO": lambda a: ((a / "adapter_config.json").unlink(), __import__("os").mkfifo(a / "adapter_config.json")),
+    "weights truncated": lambda a: (a / "adapter_model.safetensors").write_bytes(
+        (a / "adapter_model.safetensors").read_bytes()[:100]),
+    "weights are random bytes": lambda a: (a / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 4),
+    "no weights file": lambda a: (a / "adapter_model.safetensors").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BAD_ADAPTERS))
+def test_import_takes_only_what_peft_would_load_with_the_same_meaning(small, damage, capsys):
+    folder, _ = small
+    adapter = folder / "adapter"
+    assert main(["export", str(folder / "small.safetensors"), "--to", "peft", "--model", str(folder / "tiny"),
+                 "--out", str(adapter)]) == 0
+    assert main(["import", str(adapter), "--model", str(folder / "tiny"), "--out", str(folder / "ok.safetensors")]) == 0
+    capsys.readouterr()
+    BAD_ADAPTERS[damage](adapter)
+    before = {p.name for p in folder.iterdir()}
+    assert main(["import", str(adapter), "--model", str(folder / "tiny"), "--out", str(folder / "back.safetensors")]) == 2
+    assert one_error(capsys.readouterr().err).startswith("error: `")
+    assert {p.name for p in folder.iterdir()} == before
