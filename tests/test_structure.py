@@ -129,3 +129,14 @@ def test_imports_follow_one_order():
     proc = subprocess.run([str(ruff), "check", "--quiet", "interventions", "editors", "recipes", "tests"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_every_runner_names_a_job_that_exists():
+    """`lesion run`'s table names each job as 'module:function' in recipes/jobs (imported when it runs):
+    every name resolves to a function, and every (kind, modality) the specs have has a runner."""
+    from interventions.spec import SPEC_CLASSES
+    from recipes.cli.runners import RUNNERS
+
+    assert set(RUNNERS) == set(SPEC_CLASSES)
+    for key, runner in RUNNERS.items():
+        assert callable(runner.function()), key
