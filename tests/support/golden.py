@@ -19,6 +19,7 @@ import math
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,7 +118,8 @@ def _maybe_json(text: str):
 
 def _tensor_hash(t) -> str:
     t = t.contiguous()
-    return f"{t.dtype} {tuple(t.shape)} {hashlib.sha256(t.view(-1).view(__import__('torch').uint8).numpy().tobytes()).hexdigest()}"
+    digest = hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return f"{t.dtype} {tuple(t.shape)} {digest}"
 
 
 def differences(expected, got, where: str = "", tol: float = 1e-6) -> list[str]:
