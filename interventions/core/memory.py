@@ -85,7 +85,9 @@ class PeakMemory:
     On CUDA, the caching allocator's exact peak. On the CPU (Linux), the process's resident
     set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) after handing
     freed heap memory back with ``malloc_trim``: an upper bound of what torch allocated,
-    since the C allocator may keep freed memory resident. Pass the `model` so that its
+    since the C allocator may keep freed memory resident. glibc raises its mmap threshold
+    as large blocks are freed, which keeps tens of megabytes resident; for a tight figure
+    run with ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072`` (as the tests do). Pass the `model` so that its
     memory-mapped weights are paged in before the measurement starts.
 
     >>> with PeakMemory("cpu") as peak:        # doctest: +SKIP
