@@ -32,7 +32,6 @@ order leaves exactly what applying the others alone would give.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import weakref
@@ -44,7 +43,7 @@ import torch
 
 from interventions.core.atomic import atomic_save_file
 from interventions.core.errors import LesionError, short
-from interventions.core.tagged import read_tagged
+from interventions.core.tagged import content_hash, fingerprint, integrity_hash, read_tagged
 
 FORMAT_VERSION = 2
 META_KEY = "lesion_delta"
@@ -52,13 +51,6 @@ META_KEY = "lesion_delta"
 
 class DeltaError(LesionError, ValueError):
     """A delta file or a delta/model pair that cannot be used; the model is left untouched."""
-
-
-def fingerprint(tensor: torch.Tensor) -> dict:
-    """Shape, dtype and sha256 of a tensor's bytes."""
-    data = tensor.detach().to("cpu").contiguous()
-    digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-    return {"shape": list(data.shape), "dtype": str(data.dtype).removeprefix("torch."), "sha256": digest}
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,12 +138,6 @@ def stack(model: torch.nn.Module, deltas: list[Delta], **meta) -> Delta:
     return Delta.from_factors(model, factors, dense, **meta)
 
 
-def integrity_hash(meta: dict) -> str:
-    """sha256 of the metadata (which holds the tensors' content hash), itself excluded."""
-    body = {k: v for k, v in meta.items() if k != "integrity_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
 def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -174,13 +160,6 @@ def _check_products(delta: Delta, what: str) -> None:
             if not bool(torch.isfinite(u[rows:rows + 1024].float() @ v.float()).all()):
                 raise DeltaError(f"`{name}`: {what}: its factors multiply to inf (u @ v overflows float32); "
                                  "refused, the weights are left as they are")
-
-
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode() + b"\0" + json.dumps(fingerprint(tensors[name])).encode())
-    return digest.hexdigest()
 
 
 def _check_shapes(delta: Delta) -> None:

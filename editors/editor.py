@@ -17,10 +17,12 @@ from editors.evaluate import evaluate
 from editors.locate import Located, locate_layers
 from editors.methods import STEPS
 from editors.methods.rome import EditRequest, context_templates
+from editors.sequential import batch_size, run_sequential
 from editors.stats import second_moments
 from interventions.core.errors import SpecError
 from interventions.core.prompts import pad_token_id
-from interventions.spec import BATCH_METHODS, HYPERPARAMETERS, ONE_LAYER_METHODS, ApplySpec, EditSpec, spec_to_dict
+from interventions.core.reading import read_text
+from interventions.spec import HYPERPARAMETERS, ONE_LAYER_METHODS, ApplySpec, EditSpec, spec_to_dict
 
 
 def hyperparameters(spec: EditSpec):
@@ -52,9 +54,8 @@ def corpus_texts(spec: EditSpec) -> list[str] | None:
         return None
     texts = []
     for i, path in enumerate(spec.corpus):
-        if not Path(path).is_file():
-            raise SpecError(f"corpus[{i}]", path, "an existing text file")
-        texts += [t for t in Path(path).read_text().split("\n\n") if t.strip()]
+        text = read_text(path, f"corpus[{i}]", "a text corpus (passages separated by blank lines)")
+        texts += [t for t in text.split("\n\n") if t.strip()]
     return texts
 
 
@@ -70,13 +71,6 @@ def resolve_edit_layers(spec: EditSpec, model, tokenizer) -> tuple[EditSpec, Loc
         return spec, None
     found = locate_layers(model, tokenizer, spec.requests, spec.locate, model_name=spec.model)
     return spec.model_copy(update={"layer": found.layer} if one else {"layers": found.layers}), found
-
-
-def batch_size(spec: EditSpec) -> int:
-    """Requests per batch: `sequential.batch_size`; without it, one (ROME, r-ROME) or all (the others)."""
-    if spec.sequential is not None:
-        return spec.sequential.batch_size
-    return len(spec.requests) if spec.method in BATCH_METHODS else 1
 
 
 class Editor:
@@ -171,8 +165,6 @@ def run_edit(spec: EditSpec, model, tokenizer, out: str | Path) -> dict:
         found.result.save(out / "locate")
         seconds["locate"] = time.perf_counter() - start
     if spec.sequential is not None:
-        from editors.sequential import run_sequential
-
         report = run_sequential(spec, model, tokenizer, out, compute_edit)
         report.update(layers=delta_layers(spec), located=found.summary() if found else None,
                       seconds={**seconds, **report["seconds"]})
@@ -217,7 +209,7 @@ def run_apply(spec: ApplySpec, model, tokenizer) -> list[dict]:
     deltas = [load_delta(p) for p in spec.deltas]
     vector = load_vector(spec.steer) if spec.steer else None
     if vector is not None:
-        check_vector(model, vector)
+        check_vector(model, vector, (spec.coef,))
     rows = [{"prompt": p, "base": generate(model, tokenizer, p, spec.max_new_tokens)} for p in spec.prompts]
     with applied(model, *deltas):
         if vector is None:

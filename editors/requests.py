@@ -18,33 +18,57 @@ A file is a JSON or YAML list of records, or a mapping with such a list under ``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from interventions.core.errors import SpecError, short
+from interventions.core.reading import parse_json, read_text
+
+
+def _text_list(record: dict, key: str, where: str) -> list[str]:
+    """An optional list of texts in a CounterFact or zsRE record; a string or a list of others is refused."""
+    value = record.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpecError(f"{where}.{key}", value, "a list of texts")
+    return value
+
+
+def _counterfact(record: dict, where: str) -> dict:
+    rw = record["requested_rewrite"]
+    try:
+        fields = {"prompt": rw["prompt"], "subject": rw["subject"], "target_new": rw["target_new"]["str"],
+                  "target_true": rw["target_true"]["str"]}
+    except (KeyError, TypeError):
+        fields = None
+    if fields is None or not all(isinstance(v, str) for v in fields.values()):
+        raise SpecError(where, record, "a CounterFact record: requested_rewrite.{prompt, subject, "
+                        "target_new.str, target_true.str}, each a text")
+    return {**fields, "paraphrases": _text_list(record, "paraphrase_prompts", where),
+            "neighbours": _text_list(record, "neighborhood_prompts", where)}
+
+
+def _zsre(record: dict, where: str) -> dict:
+    subject, src, alt = record.get("subject"), record["src"], record["alt"]
+    if not isinstance(subject, str) or not isinstance(src, str) or subject not in src:
+        raise SpecError(f"{where}.subject", subject, f"a substring of the zsRE question {short(src)}")
+    if not isinstance(alt, str) or not alt.strip():
+        raise SpecError(f"{where}.alt", alt, "the new answer, a non-empty text")
+    answers = _text_list(record, "answers", where) or [record.get("pred")]
+    if not isinstance(answers[0], str) or not answers[0].strip():
+        raise SpecError(f"{where}.answers", record.get("answers"), "a list of the true answers (texts), or `pred`")
+    rephrase = record.get("rephrase")
+    if rephrase is not None and not isinstance(rephrase, str):
+        raise SpecError(f"{where}.rephrase", rephrase, "a text (a paraphrase of the question)")
+    return {"prompt": src.replace(subject, "{}", 1), "subject": subject, "target_new": " " + alt,
+            "target_true": " " + answers[0], "paraphrases": [rephrase] if rephrase else []}
 
 
 def _entry(record, where: str) -> dict:
     if not isinstance(record, dict):
         raise SpecError(where, record, "a mapping (a CounterFact, zsRE or `requests` record)")
     if "requested_rewrite" in record:
-        rw = record["requested_rewrite"]
-        try:
-            return {"prompt": rw["prompt"], "subject": rw["subject"], "target_new": rw["target_new"]["str"],
-                    "target_true": rw["target_true"]["str"],
-                    "paraphrases": list(record.get("paraphrase_prompts", [])),
-                    "neighbours": list(record.get("neighborhood_prompts", []))}
-        except (KeyError, TypeError):
-            raise SpecError(where, record, "a CounterFact record: requested_rewrite.{prompt, subject, "
-                            "target_new.str, target_true.str}") from None
+        return _counterfact(record, where)
     if "src" in record and "alt" in record:
-        subject, src = record.get("subject"), record["src"]
-        if not isinstance(subject, str) or not isinstance(src, str) or subject not in src:
-            raise SpecError(f"{where}.subject", subject, f"a substring of the zsRE question {short(src)}")
-        answers = record.get("answers") or [record.get("pred", "")]
-        rephrase = record.get("rephrase")
-        return {"prompt": src.replace(subject, "{}", 1), "subject": subject, "target_new": " " + str(record["alt"]),
-                "target_true": " " + str(answers[0]), "paraphrases": [rephrase] if isinstance(rephrase, str) else []}
+        return _zsre(record, where)
     return record
 
 
@@ -55,13 +79,12 @@ def read_requests(source, *, field: str = "requests_from") -> list:
     from interventions.spec import EditRequestSpec, load_yaml
 
     path = Path(source.path).expanduser()
-    if not path.is_file():
-        raise SpecError(f"{field}.path", source.path, "an existing JSON or YAML file of edit requests")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if path.suffix == ".json" else load_yaml(text, source=str(path))
-    except json.JSONDecodeError as err:
-        raise SpecError(f"{field}.path", source.path, f"valid JSON (line {err.lineno}: {err.msg})") from None
+    what = "a JSON or YAML file of edit requests"
+    text = read_text(path, f"{field}.path", what, "json")
+    if path.suffix == ".json":
+        data = parse_json(text, f"{field}.path", source.path, what)
+    else:
+        data = load_yaml(text, source=f"{field}.path: {source.path}")
     records = data.get("requests") if isinstance(data, dict) else data
     if not isinstance(records, list):
         raise SpecError(f"{field}.path", source.path, "a list of requests, or a mapping with one under `requests`")

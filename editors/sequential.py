@@ -33,15 +33,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from editors.delta import relative_norms
+import torch
+from safetensors.torch import load_file
+
+from editors.delta import DeltaError, content_hash, integrity_hash, load_delta, relative_norms, verify
 from editors.evaluate import fluency, perplexity, prefers_each, top1_accuracy
-from interventions.core.errors import SpecError
+from interventions.core.atomic import atomic_save_file, atomic_write
+from interventions.core.errors import SpecError, short
 from interventions.core.paths import RECIPES
+from interventions.core.reading import read_json, read_text, regular_file
+from interventions.spec import BATCH_METHODS, spec_to_dict
 
 #: The held-out text whose perplexity the curves track, shipped with the fact sets.
 DEFAULT_TEXT = RECIPES / "facts" / "heldout_text.txt"
 #: What each measurement row holds, in the order of the figure's panels.
 CURVE_METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency", "heldout_accuracy", "perplexity")
+
+
+def batch_size(spec) -> int:
+    """Requests per batch: `sequential.batch_size`; without it, one (ROME, r-ROME) or all (the others)."""
+    if spec.sequential is not None:
+        return spec.sequential.batch_size
+    return len(spec.requests) if spec.method in BATCH_METHODS else 1
 
 
 def evenly_spaced(items: list, k: int) -> list:
@@ -53,15 +66,15 @@ def evenly_spaced(items: list, k: int) -> list:
 
 def read_heldout(path, field: str = "sequential.heldout") -> list[tuple[str, str]]:
     """``(prompt, answer)`` of the held-out known facts in a fact-set file (its ``heldout_known``)."""
-    if path is None or not Path(path).is_file():
-        raise SpecError(field, path, "a JSON file with a `heldout_known` list of {prompt, answer} facts (the fact "
-                        "sets in recipes/facts/ have one)")
-    try:
-        facts = json.loads(Path(path).read_text(encoding="utf-8")).get("heldout_known")
-    except (json.JSONDecodeError, AttributeError):
-        facts = None
-    if not facts or not all(isinstance(f, dict) and {"prompt", "answer"} <= set(f) for f in facts):
-        raise SpecError(field, path, "a JSON file with a non-empty `heldout_known` list of {prompt, answer} facts")
+    what = "a JSON file with a non-empty `heldout_known` list of {prompt, answer} facts (the fact sets in recipes/facts/ have one)"
+    if path is None:
+        raise SpecError(field, path, what)
+    data = read_json(path, field, what)
+    facts = data.get("heldout_known") if isinstance(data, dict) else None
+    if not isinstance(facts, list) or not facts or not all(
+            isinstance(f, dict) and isinstance(f.get("prompt"), str) and isinstance(f.get("answer"), str)
+            and f["prompt"].strip() and f["answer"].strip() for f in facts):
+        raise SpecError(field, path, what)
     return [(f["prompt"], f["answer"]) for f in facts]
 
 
@@ -85,9 +98,10 @@ class ScaleProbe:
     @classmethod
     def from_spec(cls, spec) -> "ScaleProbe":
         path = Path(spec.sequential.text) if spec.sequential.text else DEFAULT_TEXT
-        if not path.is_file():
-            raise SpecError("sequential.text", str(path), "an existing text file")
-        return cls(read_heldout(spec.sequential.heldout), path.read_text(encoding="utf-8"),
+        text = read_text(path, "sequential.text", "a held-out text file")
+        if not text.strip():
+            raise SpecError("sequential.text", str(path), "a held-out text file with text in it (this one is empty)")
+        return cls(read_heldout(spec.sequential.heldout), text,
                    [r.subject for r in spec.requests[: spec.sequential.fluency_prompts]], spec.sequential.sample)
 
     def measure(self, model, tokenizer, edited: list) -> dict:
@@ -110,46 +124,95 @@ CHECKPOINT_KEYS = "checkpoint_keys.safetensors"   # AlphaEdit's earlier keys (K_
 
 
 def save_checkpoint(out: Path, spec, editor, done: int, rows: list[dict]) -> None:
-    """After a measurement: what a later run needs to continue exactly from here (`sequential.resume`)."""
-    from interventions.core.atomic import atomic_save_file, atomic_write
-
+    """After a measurement: what a later run needs to continue exactly from here (`sequential.resume`).
+    The state names its delta and keys by content hash and is sealed by its own integrity hash."""
     if editor is None or editor.stacked is None:
         return
     editor.stacked.save(out / CHECKPOINT)
-    atomic_save_file({f"previous.{k}": v.contiguous() for k, v in editor.previous.items()}, out / CHECKPOINT_KEYS)
+    keys = {f"previous.{k}": v.contiguous() for k, v in editor.previous.items()}
+    atomic_save_file(keys, out / CHECKPOINT_KEYS)
     state = {"edits": done, "batches": len(editor.details), "rows": rows, "details": editor.details,
-             "spec": checkpoint_spec(spec)}
+             "spec": checkpoint_spec(spec), "delta": editor.stacked.id, "keys": content_hash(keys)}
+    state["integrity_sha256"] = integrity_hash(state)
     atomic_write(out / CHECKPOINT_STATE, json.dumps(state, indent=1).encode())
 
 
 def checkpoint_spec(spec) -> dict:
     """The spec as a checkpoint records it: everything but where it resumes from."""
-    from interventions.spec import spec_to_dict
-
-    data = spec_to_dict(spec)
-    data["sequential"] = {k: v for k, v in data["sequential"].items() if k != "resume"}
+    data = spec_to_dict(spec) if not isinstance(spec, dict) else json.loads(json.dumps(spec))
+    if isinstance(data.get("sequential"), dict):
+        data["sequential"] = {k: v for k, v in data["sequential"].items() if k != "resume"}
     return json.loads(json.dumps(data))
 
 
-def load_checkpoint(spec):
-    """``(done, stacked delta, previous keys, details, rows)`` from `spec.sequential.resume`."""
-    from safetensors.torch import load_file
+#: The fields of checkpoint.json and their types.
+STATE_FIELDS = {"edits": int, "batches": int, "rows": list, "details": list, "spec": dict, "delta": str,
+                "keys": str, "integrity_sha256": str}
 
-    from editors.delta import load_delta
 
+def _refuse(folder: Path, allowed: str):
+    return SpecError("sequential.resume", str(folder), allowed)
+
+
+def _read_state(folder: Path, spec) -> dict:
+    """checkpoint.json, whole and sealed, of this same spec, with an edit count this run can reach."""
+    what = f"the staging folder of an interrupted sequential run, holding {CHECKPOINT_STATE} and {CHECKPOINT}"
+    if not folder.is_dir():
+        raise _refuse(folder, what)
+    state = read_json(folder / CHECKPOINT_STATE, "sequential.resume", f"{CHECKPOINT_STATE} of {what}")
+    bad = [k for k, t in STATE_FIELDS.items() if not isinstance(state, dict) or type(state.get(k)) is not t]
+    if bad:
+        raise _refuse(folder, f"a {CHECKPOINT_STATE} written by Lesion (damaged: {', '.join(bad)})")
+    if integrity_hash(state) != state["integrity_sha256"]:
+        raise _refuse(folder, f"a {CHECKPOINT_STATE} that matches its integrity hash (it was edited or damaged)")
+    ours = checkpoint_spec(spec)
+    if state["spec"] != ours:
+        differ = sorted(k for k in set(state["spec"]) | set(ours) if state["spec"].get(k) != ours.get(k))
+        raise _refuse(folder, "a checkpoint of this same spec (it differs in " + ", ".join(differ) + ")")
+    total, size, done = len(spec.requests), batch_size(spec), state["edits"]
+    rows = state["rows"]
+    if not 1 <= done <= total or done != min(state["batches"] * size, total) or len(state["details"]) != \
+            state["batches"] or not rows or not isinstance(rows[-1], dict) or rows[-1].get("edits") != done:
+        raise _refuse(folder, f"a checkpoint after 1 to {total} edits, in whole batches of {size}, its rows "
+                      f"ending there (it records {short(done)} edits in {state['batches']} batches)")
+    return state
+
+
+def load_checkpoint(spec, model):
+    """``(done, stacked delta, previous keys, details, rows)`` from `spec.sequential.resume`, checked to
+    belong to this run: the spec, the delta (its hash, spec, method, layers and base fingerprints) and
+    AlphaEdit's keys (their hash and layers). Anything else is one `SpecError`; the model is not touched."""
     folder = Path(spec.sequential.resume)
-    if not (folder / CHECKPOINT_STATE).is_file():
-        raise SpecError("sequential.resume", str(folder), f"a folder holding {CHECKPOINT_STATE} and {CHECKPOINT} "
-                        "(the staging folder of an interrupted sequential run)")
-    state = json.loads((folder / CHECKPOINT_STATE).read_text())
-    if state["spec"] != checkpoint_spec(spec):
-        differ = sorted(k for k in set(state["spec"]) | set(checkpoint_spec(spec))
-                        if state["spec"].get(k) != checkpoint_spec(spec).get(k))
-        raise SpecError("sequential.resume", str(folder), "a checkpoint of this same spec (it differs in "
-                        + ", ".join(differ) + ")")
-    keys = load_file(str(folder / CHECKPOINT_KEYS))
+    state = _read_state(folder, spec)
+    try:
+        stacked = load_delta(folder / CHECKPOINT)
+        verify(model, stacked)
+    except DeltaError as err:
+        raise _refuse(folder, f"a checkpoint whose delta fits this model ({err})") from None
+    layers = set(spec.edit_layers)
+    if stacked.id != state["delta"] or checkpoint_spec(stacked.meta.get("spec") or {}) != state["spec"] \
+            or stacked.meta.get("method") != spec.method or not all(
+                any(f".{layer}." in name for layer in layers) for name in stacked.names):
+        raise _refuse(folder, f"a checkpoint whose {CHECKPOINT} is this run's edit (its hash, spec, method or "
+                      "layers differ)")
+    keys = _read_keys(folder / CHECKPOINT_KEYS, folder)
     previous = {int(k.split(".")[1]): v for k, v in keys.items()}
-    return state["edits"], load_delta(folder / CHECKPOINT), previous, state["details"], state["rows"]
+    if content_hash(keys) != state["keys"] or not set(previous) <= layers:
+        raise _refuse(folder, f"a checkpoint whose {CHECKPOINT_KEYS} is this run's (its hash or layers differ)")
+    return state["edits"], stacked, previous, state["details"], state["rows"]
+
+
+def _read_keys(path: Path, folder: Path) -> dict:
+    """AlphaEdit's earlier keys: ``previous.<layer>`` tensors, finite."""
+    regular_file(path, "sequential.resume", f"{CHECKPOINT_KEYS} of a checkpoint")
+    try:
+        keys = load_file(str(path))
+    except Exception as err:   # noqa: BLE001 - safetensors raises several types for damaged files
+        raise _refuse(folder, f"a readable {CHECKPOINT_KEYS} ({short(str(err))})") from None
+    if not all(k.startswith("previous.") and k.split(".", 1)[1].isdecimal() and v.is_floating_point()
+               and bool(torch.isfinite(v).all()) for k, v in keys.items()):
+        raise _refuse(folder, f"a {CHECKPOINT_KEYS} holding finite `previous.<layer>` tensors")
+    return keys
 
 
 def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
@@ -161,7 +224,7 @@ def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
     rows, clock = [], {"editing": 0.0, "since": time.perf_counter(), "batches": 0}
     resume = None
     if spec.sequential.resume is not None:
-        done, stacked, previous, details, rows = load_checkpoint(spec)
+        done, stacked, previous, details, rows = load_checkpoint(spec, model)
         resume = (done, stacked, previous, details)
         clock.update(editing=rows[-1]["edit_seconds"], batches=len(details))
         print(f"resuming after {done} of {total} edits from {spec.sequential.resume}", flush=True)

@@ -4,6 +4,7 @@ removed on failure, so a crash never leaves a half-written result, delta, vector
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,8 +17,11 @@ from interventions.core.errors import SpecError
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on a clean exit it replaces `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise SpecError("--out", str(path), f"a file Lesion may create ({err.strerror or err})") from None
     os.close(fd)
     try:
         yield tmp
@@ -52,13 +56,39 @@ OUTPUT_NAMES = frozenset({
 OUTPUT_PATTERNS = ("concept_*.safetensors",)
 
 
+#: Written into every folder `atomic_folder` finishes: the files Lesion put there (relative paths and
+#: sizes). A folder whose contents are exactly its listing is an earlier Lesion output (a run, an
+#: adapter, a merged model) and may be replaced whole; one the user added to or changed is not.
+MARKER = ".lesion-output.json"
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.name != MARKER}
+
+
+def _marked(folder: Path) -> bool:
+    """Whether `folder` holds exactly what its marker says Lesion wrote there."""
+    marker = folder / MARKER
+    if not marker.is_file() or marker.is_symlink() or marker.stat().st_size > 10_000_000:
+        return False
+    try:
+        listed = json.loads(marker.read_text(encoding="utf-8")).get("files")
+    except (ValueError, AttributeError, RecursionError):
+        return False
+    others = [p for p in folder.rglob("*") if p.is_symlink() or not (p.is_file() or p.is_dir())]
+    return not others and listed == _listing(folder)
+
+
 def replaceable(path: str | Path) -> bool:
     """True when `path` does not exist, or is a folder that is empty or holds only an earlier result."""
     path = Path(path)
     if not path.exists():
         return True
-    return path.is_dir() and all(p.name in OUTPUT_NAMES or any(p.match(g) for g in OUTPUT_PATTERNS)
-                                 for p in path.iterdir())
+    if not path.is_dir():
+        return False
+    return _marked(path) or all(p.name in OUTPUT_NAMES or any(p.match(g) for g in OUTPUT_PATTERNS)
+                                for p in path.iterdir())
 
 
 @contextlib.contextmanager
@@ -67,20 +97,35 @@ def atomic_folder(path: str | Path):
     there is replaced whole); on an error or Ctrl-C it is removed. So a run leaves either no new result
     or a complete one, never a half-written folder. The caller checks `replaceable(path)` first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    except OSError as err:
+        raise SpecError("--out", str(path), f"a folder Lesion may create ({err.strerror or err}; nothing was run)") \
+            from None
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = None
-    if path.exists():
-        old = staging.with_name(staging.name.replace(".partial-", ".old-"))
-        os.rename(path, old)
-    os.rename(staging, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _settle(staging, path)
+
+
+def _settle(staging: Path, path: Path) -> None:
+    """Mark a finished staging folder (`MARKER`) and move it to `path`, replacing an earlier result; if the
+    file system refuses, the error says where the finished result is, so nothing is lost."""
+    old = staging.with_name(staging.name.replace(".partial-", ".old-"))
+    try:
+        (staging / MARKER).write_text(json.dumps({"files": _listing(staging)}, indent=1))
+        if path.exists():
+            os.rename(path, old)
+        os.rename(staging, path)
+    except OSError as err:
+        if old.exists() and not path.exists():
+            os.rename(old, path)
+        raise SpecError("--out", str(path), f"a folder Lesion may replace ({err.strerror or err}); the finished "
+                        f"result is in {staging}") from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_out(out: str | None, needed: bool, what: str) -> Path | None:
@@ -92,16 +137,38 @@ def check_out(out: str | None, needed: bool, what: str) -> Path | None:
         return None
     path = Path(out)
     try:
-        ok = replaceable(path)
+        link = path.is_symlink()
+        ok = not link and replaceable(path)
         exists_as_file = path.exists() and not path.is_dir()
-    except OSError as err:
-        raise SpecError("--out", out, f"a usable folder path ({err.strerror or err})") from None
+        parent = _writable_ancestor(path.parent)
+    except (OSError, ValueError) as err:
+        raise SpecError("--out", out, f"a usable folder path ({getattr(err, 'strerror', None) or err})") from None
+    if link:
+        raise SpecError("--out", out, "a folder path, not a link (Lesion replaces a result folder whole, and will "
+                        "not replace a link or what it points to; nothing was run)")
+    if parent is not None:
+        raise SpecError("--out", out, f"a folder path Lesion can create: {parent} (nothing was run)")
     if exists_as_file:
         raise SpecError("--out", out, "a folder; a file of that name exists (nothing was run)")
     if not ok:
         raise SpecError("--out", out, "a new or empty folder, or one holding an earlier Lesion result; this one "
                         "holds other files, which Lesion will not replace (nothing was run)")
     return path
+
+
+def _writable_ancestor(folder: Path) -> str | None:
+    """None when `folder` exists and may be written to, or can be created; else what stands in the way."""
+    while not folder.exists():
+        if folder.is_symlink():
+            return f"{folder} is a link to nothing"
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} may not be written to"
+    return None
 
 
 def check_out_file(out: str, what: str, suffix: str | None = None) -> Path:
@@ -118,6 +185,8 @@ def check_out_file(out: str, what: str, suffix: str | None = None) -> Path:
                         "a file (nothing was run)")
     if not folder:
         raise SpecError("--out", out, f"a file path in an existing folder for {what} (nothing was run)")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise SpecError("--out", out, f"a file path in a folder you may write to, for {what} (nothing was run)")
     if suffix is not None and path.suffix != suffix:
         raise SpecError("--out", out, f"a {suffix} file path for {what}")
     return path

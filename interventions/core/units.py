@@ -14,15 +14,24 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+#: The largest size a budget may name (1 PiB): beyond any machine, yet far from float overflow.
+MAX_BYTES = 2**50
+
+
 def parse_bytes(text: str | int, field: str = "memory") -> int:
     """``"512MB"``, ``"2GiB"``, ``"1.5g"`` or a plain number of bytes."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if m is None or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise SpecError(field, text, "a positive size such as 512MB, 2GiB or 1500000000 (units: "
-                        "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    allowed = ("a positive size of at most 1 PiB such as 512MB, 2GiB or 1500000000 (units: B, KB, MB, GB, TB, "
+               "KiB, MiB, GiB, TiB)")
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d{1,20}(?:\.\d{1,20})?)\s*([a-zA-Z]*)\s*", str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise SpecError(field, text, allowed)
+        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if not 0 < size <= MAX_BYTES:
+        raise SpecError(field, text, allowed)
+    return size
 
 
 def human(n: float) -> str:

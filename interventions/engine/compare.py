@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
+from interventions.core.errors import SpecError, short
+from interventions.core.reading import read_json, regular_file
 from interventions.engine.result import Result
 
 
@@ -32,27 +35,38 @@ def correlation(a: Result, b: Result, grid: str) -> float:
     return pearson(_values(a, grid), _values(b, grid), grid)
 
 
-def saved_grids(folder: str | Path) -> dict[str, torch.Tensor]:
-    """A saved result's grids (indirect effects for traces) from its result.safetensors."""
+def saved_grids(folder: str | Path, field: str = "result") -> tuple[str | None, dict[str, torch.Tensor]]:
+    """A saved result's kind (from result.json) and grids (indirect effects for traces, from
+    result.safetensors); a folder that is not a whole `lesion run` result is one `SpecError`."""
     from safetensors.torch import load_file
 
-    from interventions.core.errors import SpecError
-
-    path = Path(folder) / "result.safetensors"
-    if not path.is_file():
-        raise SpecError("result folder", str(folder), "a folder written by `lesion run` (with result.safetensors)")
-    tensors = load_file(str(path))
+    what = "a result folder written by `lesion run` (result.json and result.safetensors)"
+    path = regular_file(Path(folder) / "result.safetensors", field, what)
+    meta = read_json(Path(folder) / "result.json", field, what)
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:   # noqa: BLE001 - safetensors raises several types for damaged files
+        raise SpecError(field, str(folder), f"{what}; its result.safetensors is damaged ({short(str(err))})") \
+            from None
     names = [k for k in tensors if "." not in k and k not in ("clean_prob", "corrupted_prob")]
-    return {k: tensors.get(f"{k}.indirect_effect", tensors[k]) for k in names}
+    grids = {k: tensors.get(f"{k}.indirect_effect", tensors[k]) for k in names}
+    if not grids or not all(g.is_floating_point() for g in grids.values()):
+        raise SpecError(field, str(folder), f"{what}; its result.safetensors holds no floating-point grids")
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    return kind if isinstance(kind, str) else None, grids
 
 
 def compare_saved(a: str | Path, b: str | Path) -> dict[str, dict]:
-    """`compare` for two result folders on disk (the grids both have)."""
-    x, y = saved_grids(a), saved_grids(b)
+    """`compare` for two result folders on disk (the grids both have, which must have one shape)."""
+    (kind_a, x), (kind_b, y) = saved_grids(a, "a"), saved_grids(b, "b")
+    if kind_a != kind_b:
+        raise SpecError("b", str(b), f"a result of the same kind as `a` ({kind_a}); it is a {kind_b} result")
     out = {}
     for grid in [g for g in x if g in y]:
+        if x[grid].shape != y[grid].shape:
+            raise SpecError("b", str(b), f"a result of the same spec as `a`: grid {grid!r} has shape "
+                            f"{list(y[grid].shape)} there and {list(x[grid].shape)} in `a`")
         keep = torch.isfinite(x[grid]) & torch.isfinite(y[grid])
         out[grid] = {"pearson": pearson(x[grid], y[grid], grid),
-                     "max_abs_diff": float((x[grid][keep] - y[grid][keep]).abs().max())}
+                     "max_abs_diff": float((x[grid][keep] - y[grid][keep]).abs().max()) if keep.any() else math.nan}
     return out
-

@@ -28,10 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from interventions.core.atomic import atomic_save_file
 from interventions.core.conventions import answer_id
-from interventions.core.errors import SpecError
+from interventions.core.errors import SpecError, short
 from interventions.core.prompts import Encoded, encode, model_inputs, pad_token_id
 from interventions.core.prompts import columns as position_columns
+from interventions.core.reading import regular_file
+from interventions.core.tagged import broken_seal, seal
 from interventions.engine.plan import resolve_layers
 from interventions.engine.pv import CollectStates, build_graph
 from interventions.engine.result import Grid, Result
@@ -156,39 +159,49 @@ class TunedLens(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Written in float16 (half the size; a lens needs no more precision), read back as float32."""
-        from interventions.core.atomic import atomic_save_file
-
         meta = {"format": "lesion-tuned-lens", "d": str(self.d), "rank": str(self.rank or "full"),
                 "layers": json.dumps(self.layers), "meta": json.dumps(self.meta)}
         tensors = {k: v.detach().half().contiguous() for k, v in self.state_dict().items()}
-        atomic_save_file(tensors, Path(path), meta)
+        atomic_save_file(tensors, Path(path), seal(meta, tensors))
         return Path(path)
 
 
 def load_tuned_lens(path: str | Path, model, *, field: str = "tuned") -> TunedLens:
-    """A tuned lens file, checked against `model` (width and layer count)."""
+    """A tuned lens file, sealed, whole, finite, and checked against `model` (width and layer count)."""
     from safetensors import safe_open
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise SpecError(field, str(path), "an existing tuned lens file (written by `lesion train-lens`)")
+    p = regular_file(Path(path).expanduser(), field, "a tuned lens file (written by `lesion train-lens`)")
     try:
         with safe_open(str(p), "pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:    # not a safetensors file
+    except Exception as err:   # noqa: BLE001 - safetensors raises several types for damaged files
         raise SpecError(field, str(path), f"a tuned lens safetensors file ({err.__class__.__name__})") from None
     if meta.get("format") != "lesion-tuned-lens":
         raise SpecError(field, str(path), "a tuned lens file (its metadata says format lesion-tuned-lens)")
+    broken = broken_seal(meta, tensors)
+    if broken:
+        raise SpecError(field, str(path), f"a tuned lens file as `lesion train-lens` wrote it; {broken}")
     config = getattr(model.config, "text_config", model.config)
-    d, layers = int(meta["d"]), json.loads(meta["layers"])
     n = site_table(model).num_layers(model)
-    if d != config.hidden_size or max(layers) >= n:
-        raise SpecError(field, str(path), f"a tuned lens for this model (width {config.hidden_size}, {n} layers); "
-                        f"it is for width {d} with layers up to {max(layers)}")
-    rank = None if meta["rank"] == "full" else int(meta["rank"])
-    lens = TunedLens(d, layers, rank, json.loads(meta.get("meta", "{}")))
-    lens.load_state_dict({k: v.float() for k, v in tensors.items()})
+    try:
+        d, layers, notes = int(meta["d"]), json.loads(meta["layers"]), json.loads(meta.get("meta", "{}"))
+        rank = None if meta["rank"] == "full" else int(meta["rank"])
+    except (KeyError, ValueError, TypeError, RecursionError) as err:
+        raise SpecError(field, str(path), f"a tuned lens file with d, layers and rank fields ({short(str(err))})") \
+            from None
+    if d != config.hidden_size or not isinstance(layers, list) or not layers or not all(
+            type(x) is int and 0 <= x < n for x in layers) or not (rank is None or 1 <= rank <= d):
+        raise SpecError(field, str(path), f"a tuned lens for this model (width {config.hidden_size}, layers in [0, "
+                        f"{n - 1}], rank in [1, width] or full); it says width {short(d)}, layers {short(layers)}, "
+                        f"rank {short(rank)}")
+    lens = TunedLens(d, layers, rank, notes if isinstance(notes, dict) else {})
+    try:
+        lens.load_state_dict({k: v.float() for k, v in tensors.items()})
+    except RuntimeError as err:
+        raise SpecError(field, str(path), f"a tuned lens whose tensors match its fields ({short(str(err))})") from None
+    if not all(bool(torch.isfinite(t).all()) for t in lens.state_dict().values()):
+        raise SpecError(field, str(path), "a tuned lens with finite translators (this one holds nan or inf)")
     return lens.eval()
 
 

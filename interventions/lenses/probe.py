@@ -27,6 +27,7 @@ from interventions.core.errors import SpecError
 from interventions.engine.plan import resolve_layers
 from interventions.lenses.lens import collect_states, prepare
 from interventions.models.sites import site_table
+from interventions.spec.lens_specs import example_group
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, *, iterations: int = 500):
@@ -123,7 +124,7 @@ def run_probe(spec, model, tokenizer, processor=None) -> dict:
     and the concept vectors of the best cell, ``{label: (layer, Float[Tensor, "d"])}``."""
     names = sorted({e.label for e in spec.examples})
     y = torch.tensor([names.index(e.label) for e in spec.examples])
-    groups = [e.group or getattr(e, "image", None) or e.prompt for e in spec.examples]
+    groups = [example_group(e) for e in spec.examples]
     train, test = stratified_split(y.tolist(), spec.heldout, spec.seed,
                                    groups if spec.split == "groups" else None)
     control = torch.tensor(control_labels(groups, y.tolist(), spec.seed))

@@ -40,7 +40,7 @@ from interventions.core.atomic import atomic_save_file
 from interventions.core.errors import LesionError, short
 from interventions.core.metrics import continuation_logprob
 from interventions.core.prompts import pad_token_id, right_pad
-from interventions.core.tagged import read_tagged
+from interventions.core.tagged import broken_seal, read_tagged, seal
 from interventions.engine.pv import AddIntervention, CollectStates, build_graph
 from interventions.models.sites import site_table
 from interventions.spec import APPLY_TO, STEER_SITES
@@ -48,7 +48,7 @@ from interventions.spec import APPLY_TO, STEER_SITES
 log = logging.getLogger(__name__)
 
 META_KEY = "lesion_steer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2           # 2: sealed with content and integrity hashes (1 had none)
 
 
 class SteerError(LesionError, ValueError):
@@ -77,7 +77,8 @@ class SteeringVector:
     def save(self, path: str | Path) -> Path:
         """Write atomically: a temporary file in the same folder, then a rename."""
         tensors = {f"layer.{l}": v.detach().float().contiguous().cpu() for l, v in self.vectors.items()}
-        return atomic_save_file(tensors, path, {META_KEY: json.dumps(self.meta, sort_keys=True)})
+        meta = seal({**self.meta, "format_version": FORMAT_VERSION}, tensors)
+        return atomic_save_file(tensors, path, {META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def load_vector(path: str | Path) -> SteeringVector:
@@ -86,11 +87,17 @@ def load_vector(path: str | Path) -> SteeringVector:
     meta, tensors = read_tagged(path, META_KEY, SteerError, "steer", "vector file written by `kind: steer`")
     if meta.get("format_version") != FORMAT_VERSION:
         raise SteerError(f"`steer`: {shown} has format_version {short(meta.get('format_version'))}; "
-                         f"this Lesion reads {FORMAT_VERSION}")
+                         f"this Lesion reads {FORMAT_VERSION} (version 1 carries no integrity hash: run the steer "
+                         "spec again)")
+    broken = broken_seal(meta, tensors)
+    if broken:
+        raise SteerError(f"`steer`: {shown}: {broken}")
+    if not isinstance(meta.get("site"), str) or not isinstance(meta.get("layers"), list):
+        raise SteerError(f"`steer`: {shown}: its metadata must name the `site` and the `layers` (a list)")
     vectors = {}
     for key, value in tensors.items():
         layer = key.removeprefix("layer.")
-        if not key.startswith("layer.") or not layer.isdigit() or value.dim() != 1:
+        if not key.startswith("layer.") or not (layer.isascii() and layer.isdigit()) or value.dim() != 1:
             raise SteerError(f"`steer`: {shown} holds {short(key)} of shape {list(value.shape)}; expected "
                              "1-d tensors named layer.N")
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
@@ -99,13 +106,22 @@ def load_vector(path: str | Path) -> SteeringVector:
     if sorted(vectors) != meta.get("layers"):
         raise SteerError(f"`steer`: {shown} holds layers {sorted(vectors)} but its metadata says "
                          f"{short(meta.get('layers'))}")
-    return SteeringVector(vectors, meta)
+    return SteeringVector(vectors, {k: v for k, v in meta.items() if k not in ("content_sha256", "integrity_sha256")})
 
 
-def check_vector(model, vector: SteeringVector) -> None:
-    """Refuse a vector whose site, layers or width do not fit `model`."""
+#: The largest value ``coef × v`` may add to a hidden state (or the model dtype's largest / 16, when
+#: smaller): hidden states of real language models are at most in the thousands, and a change past
+#: this overflows the norms that follow (their squares), turning every logit into nan.
+MAX_ADDED = 1e6
+
+
+def check_vector(model, vector: SteeringVector, coefficients: tuple[float, ...] = (1.0,)) -> None:
+    """Refuse a vector whose site, layers or width do not fit `model`, or that the largest of
+    `coefficients` scales past what the hidden states can hold (`MAX_ADDED`)."""
     table = site_table(model)
     n = table.num_layers(model)
+    if not vector.vectors:
+        raise SteerError("`steer`: the vector file holds no layers; expected at least one `layer.N` vector")
     if vector.site not in STEER_SITES:
         raise SteerError(f"`steer`: site {vector.site!r} is not one of {list(STEER_SITES)}")
     bad = [l for l in vector.layers if l >= n]
@@ -117,6 +133,12 @@ def check_vector(model, vector: SteeringVector) -> None:
         if v.shape[0] != width:
             raise SteerError(f"`steer`: layer {layer}'s vector has {v.shape[0]} dims but this model's hidden size "
                              f"is {width}; the vector was made for {vector.meta.get('model')!r}")
+    limit = min(MAX_ADDED, torch.finfo(next(model.parameters()).dtype).max / 16)
+    added = max(abs(c) for c in coefficients) * max(float(v.abs().max()) for v in vector.vectors.values())
+    if added > limit:
+        raise SteerError(f"`coef`: {max(coefficients, key=abs)!r} times the vector's largest value adds "
+                         f"{added:.3g} to a hidden state; expected at most {limit:.3g} (a smaller coefficient, or "
+                         "a vector from `kind: steer`)")
 
 
 @torch.inference_mode()
@@ -177,7 +199,7 @@ def estimate(model, tokenizer, positive: list[str], negative: list[str], *, laye
             "prompts_sha256": prompts_sha256(positive, negative),
             "norms": {str(l): float(v.norm()) for l, v in vectors.items()},
             "hidden_size": int(next(iter(vectors.values())).shape[0]), "lesion_version": __version__}
-    return SteeringVector(vectors, meta)
+    return SteeringVector(vectors, {k: v for k, v in meta.items() if k not in ("content_sha256", "integrity_sha256")})
 
 
 def _row_seed(seed: int, prompt: str, sample: int) -> int:
@@ -204,7 +226,7 @@ class Steerer:
     def __init__(self, model, tokenizer, vector: SteeringVector, *, coef: float = 1.0, apply_to: str = "all"):
         if apply_to not in APPLY_TO:
             raise SteerError(f"`apply_to`: {apply_to!r}; expected one of {list(APPLY_TO)}")
-        check_vector(model, vector)
+        check_vector(model, vector, (coef,))
         self.model, self.tokenizer, self.vector = model, tokenizer, vector
         self.coef, self.apply_to = coef, apply_to
         table = site_table(model)

@@ -27,6 +27,8 @@ def _text(limit: int, blank: bool = False):
 
 #: An integer: true/false and 2.0 are refused, not read as 1 and 2.
 Int = Annotated[int, Strict()]
+#: A random seed: an integer in [0, 2^62), what torch, Python and image j (seed + j) all accept.
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**62)]
 #: A finite number: nan, inf and true/false are refused.
 Float = Annotated[float, Strict(), AllowInfNan(False)]
 #: A prompt, subject or answer: not empty, not only spaces, at most MAX_TEXT characters.

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from interventions.core.errors import one_of
-from interventions.spec.base_specs import DEFAULT_MODEL, Float, Int, LanguageSpec, Name, SpecModel, Text
+from interventions.spec.base_specs import DEFAULT_MODEL, Float, Int, LanguageSpec, Name, Seed, SpecModel, Text
 from interventions.spec.messages import expected
 
 
@@ -43,7 +43,7 @@ class LocateSpec(SpecModel):
     noise: Float = Field(default=3.0, gt=0)
     sigma: Float | None = Field(default=None, gt=0, description="As in `kind: trace`; default: the std of "
                                 "the requests' subject-token embeddings.")
-    seed: Int = 0
+    seed: Seed = 0
     span: Int = Field(default=5, ge=1, description="MEMIT: how many consecutive layers `layers: auto` takes.")
 
 
@@ -97,7 +97,7 @@ class RomeHyperparameters(_Optimiser):
     context_templates: tuple[tuple[Int, Int], ...] = Field(default=((5, 10), (10, 10)), description=_TEMPLATES)
     mom2_tokens: Int = Field(default=20_000, ge=1, description=_MOM2)
     mom2_ridge: Float = Field(default=1e-4, ge=0, description="Ridge added to C, x its mean eigenvalue.")
-    seed: Int = 0
+    seed: Seed = 0
 
 
 class EmmetHyperparameters(RomeHyperparameters):
@@ -118,7 +118,7 @@ class _MemitFamily(_Optimiser):
     kl_factor: Float = Field(default=0.0625, ge=0, description=_KL)
     context_templates: tuple[tuple[Int, Int], ...] = Field(default=((10, 5),), description=_TEMPLATES)
     mom2_tokens: Int = Field(default=20_000, ge=1, description=_MOM2)
-    seed: Int = 0
+    seed: Seed = 0
 
     @field_validator("layers")
     @classmethod

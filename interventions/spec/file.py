@@ -17,40 +17,22 @@ The bounds, each a module constant:
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from interventions.core.errors import SpecError, short
+from interventions.core.reading import LIMITS, MAX_DEPTH, read_text
 
-MAX_BYTES = 1_000_000
-MAX_DEPTH = 32
+MAX_BYTES = LIMITS["spec"]
 MAX_NODES = 100_000
 
 
 def read_spec_text(path: str | Path) -> str:
-    """The text of a spec file: an existing, readable UTF-8 file of at most `MAX_BYTES`."""
-    try:
-        size = os.stat(path).st_size
-        if not Path(path).is_file():
-            raise SpecError("spec", str(path), "a YAML file, not a folder or a device")
-        if size > MAX_BYTES:
-            raise SpecError("spec", str(path), f"a spec file of at most {MAX_BYTES:,} bytes (this one has {size:,})")
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise SpecError("spec", str(path), "an existing YAML file") from None
-    except PermissionError:
-        raise SpecError("spec", str(path), "a file you may read (permission denied)") from None
-    except OSError as err:   # a name too long, a broken mount, ...
-        raise SpecError("spec", str(path), f"a readable file path ({err.strerror or err})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise SpecError("spec", str(path), f"UTF-8 text (byte {err.start} is not UTF-8; save the file as UTF-8)") \
-            from None
+    """The text of a spec file: an existing, readable, regular UTF-8 file of at most `MAX_BYTES`."""
+    return read_text(path, "spec", "the YAML spec", "spec")
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -83,6 +65,13 @@ class _BoundedLoader(yaml.SafeLoader):
                 raise _Refused("each key once (YAML lets the last one win silently)", key_node.start_mark, key)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+#: YAML 1.2 (and JSON) read ``1e30`` and ``2E-3`` as numbers; PyYAML follows YAML 1.1, which needs a dot
+#: (``1.0e30``) and reads them as text, so a JSON spec's ``"coef": 1e+30`` would be refused as "not a number".
+#: This loader (only) resolves them as floats too.
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 class _Refused(Exception):

@@ -16,6 +16,7 @@ from interventions.spec.base_specs import (
     LanguageSpec,
     Name,
     Position,
+    Seed,
     SpecModel,
     Text,
     check_names,
@@ -107,7 +108,7 @@ class TraceSpec(_Grid):
     sigma: Float | None = Field(
         default=None, gt=0, description="Embedding std; default: the std of all subject-token embeddings.")
     samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
-    seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
+    seed: Seed = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
     sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES,
                                          description=SITES_DESCRIPTION)
     window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")

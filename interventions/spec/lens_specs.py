@@ -15,6 +15,7 @@ from interventions.spec.base_specs import (
     LanguageSpec,
     Name,
     Position,
+    Seed,
     SpecModel,
     Text,
     VisionLanguageSpec,
@@ -154,11 +155,23 @@ class VLMKnockoutSpec(_Knockout, VisionLanguageSpec):
         return self
 
 
+def concept_file(label: str) -> str:
+    """The file a probe writes a label's concept vector to: ASCII letters and digits kept, the rest `_`."""
+    return "concept_" + "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in label) + ".safetensors"
+
+
+def example_group(example) -> str:
+    """An example's group for the control task and the `groups` split: its `group`, else its image,
+    else its prompt."""
+    return example.group or getattr(example, "image", None) or example.prompt
+
+
 class ProbeExample(SpecModel):
     """A labelled input: its states are the probe's features."""
 
     prompt: Text
-    label: Text
+    label: Text = Field(max_length=64, description="The example's class; its concept vector is saved as "
+                        "`concept_<label>.safetensors` (characters other than ASCII letters and digits as `_`).")
     group: Text | None = Field(default=None, description="The input's type for the control task: examples of "
                                "one group share a random control label (default: the image, else the prompt).")
 
@@ -190,12 +203,26 @@ class _Probe(_LensCore):
                       "standardized features.")
     control: bool = Field(default=True, description="Also fit the control task (Hewitt & Liang 2019): each "
                           "`group` gets a random label; selectivity = accuracy - control accuracy.")
-    seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
+    seed: Seed = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
 
     @model_validator(mode="after")
     def _labels(self):
-        if len({e.label for e in self.examples}) < 2:
+        labels = sorted({e.label for e in self.examples})
+        if len(labels) < 2:
             raise ValueError("`examples` need at least two different labels")
+        for label in labels:
+            units = {example_group(e) if self.split == "groups" else i
+                     for i, e in enumerate(self.examples) if e.label == label}
+            if len(units) < 2:
+                raise ValueError(f"`examples`: label {label!r} needs at least two "
+                                 f"{'groups' if self.split == 'groups' else 'examples'} (one to train on, one held "
+                                 "out to test)")
+        files: dict[str, str] = {}
+        for label in labels:
+            other = files.setdefault(concept_file(label), label)
+            if other != label:
+                raise ValueError(f"`examples`: labels {other!r} and {label!r} would share the concept vector file "
+                                 f"{concept_file(label)}; rename one")
         return self
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from interventions.spec.base_specs import DEFAULT_MODEL, Float, Int, LanguageSpec, Name, SpecModel, Text
+from interventions.spec.base_specs import DEFAULT_MODEL, Float, Int, LanguageSpec, Name, Seed, SpecModel, Text
 
 STEER_SITES = ("block_output", "block_input", "mlp_output", "attention_output")
 #: Which positions a steering vector is added at during generation (see interventions.lenses.steering).
@@ -48,7 +48,7 @@ class SteerSpec(LanguageSpec):
     max_new_tokens: Int = Field(description="Tokens generated per prompt.", default=40, ge=1)
     temperature: Float = Field(default=0.0, ge=0, description="0: greedy; otherwise sampled with `seed`.")
     samples: Int = Field(default=1, ge=1, description="Generations per prompt and coefficient (sampling only).")
-    seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
+    seed: Seed = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
     lexicon: tuple[Text, ...] = Field(default=(), description="Metric: the share of generated words in this list.")
     targets: tuple[Text, ...] = Field(default=(), description="Metric: mean log-probability of these continuations.")
 

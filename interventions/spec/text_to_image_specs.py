@@ -13,6 +13,7 @@ from interventions.spec.base_specs import (
     Float,
     Int,
     Name,
+    Seed,
     Short,
     SpecModel,
     Text,
@@ -25,7 +26,7 @@ from interventions.spec.grid_specs import TracePrompt
 
 class _Images(TextToImageSpec):
     images: Int = Field(default=32, ge=1, description="Images per prompt (or per cell): one per seed.")
-    seed: Int = Field(default=0, description="The first seed; image j uses seed + j.")
+    seed: Seed = Field(default=0, description="The first seed; image j uses seed + j.")
     steps: Int | None = Field(default=None, ge=1, description="DDIM steps; default: the pipeline's (25).")
     guidance: Float | None = Field(default=None, ge=0, description="Classifier-free guidance; default: the "
                                    "pipeline's (1.5 for the testbed, 7.5 for Stable Diffusion).")
@@ -81,7 +82,7 @@ class AttackSpec(SpecModel):
     space: Literal["tokens", "soft"] = Field(default="tokens", description="`tokens`: a token sequence (PEZ: "
                                              "optimised continuously, used projected to the nearest tokens); "
                                              "`soft`: free embedding vectors (a stronger, white-box attack).")
-    seed: Int = Field(default=0, description="Seeds the initial tokens and every draw.")
+    seed: Seed = Field(default=0, description="Seeds the initial tokens and every draw.")
 
 
 class EraseSpec(_Images):
@@ -124,7 +125,7 @@ class EraseSpec(_Images):
                                    "testbed's (each other colour and shape, several phrasings).")
     attack: AttackSpec = Field(default_factory=AttackSpec, description=(
         "The adversarial prompt search run against the edited model (`prompts: 0` skips it)."))
-    seed: Int = Field(default=1_000_000, description="Seeds every random draw (noise, sampling, splits).")
+    seed: Seed = Field(default=1_000_000, description="Seeds every random draw (noise, sampling, splits).")
 
     @field_validator("templates")
     @classmethod

@@ -14,6 +14,7 @@ from interventions.spec.base_specs import (
     Float,
     Int,
     Name,
+    Seed,
     SpecModel,
     Text,
     VisionLanguageSpec,
@@ -76,7 +77,7 @@ class VLMTraceSpec(_VLMGrid):
     sigma: Float | None = Field(default=None, gt=0, description="Default: the std, over all prompts, of the clean "
                                 "image tokens (`noise`) or of the constraint's token embeddings (`text`).")
     samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
-    seed: Int = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
+    seed: Seed = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
     sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES,
                                          description=SITES_DESCRIPTION)
     window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
@@ -129,7 +130,7 @@ class VLMLocateSpec(SpecModel):
     window: Int = Field(default=10, ge=1, description="MLP layers restored together around each layer.")
     samples: Int = Field(default=5, ge=1)
     noise: Float = Field(default=3.0, gt=0)
-    seed: Int = 0
+    seed: Seed = 0
 
 
 class VLMEditSpec(VisionLanguageSpec):

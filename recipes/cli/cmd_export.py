@@ -109,7 +109,7 @@ def _export_gguf(args, out) -> int:
     """`--to gguf`: deltas as a llama.cpp LoRA adapter, or one steering vector as a control vector."""
     from editors.delta import load_delta
     from editors.export import export_control_vector, export_gguf_lora
-    from interventions.core.tagged import existing_file
+    from interventions.core.reading import existing_file
     from interventions.lenses.steering import META_KEY as STEER_KEY
     from interventions.lenses.steering import load_vector
 

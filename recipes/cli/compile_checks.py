@@ -109,7 +109,7 @@ def check_apply(spec) -> str:
     model, _ = load_model(spec.model)
     _check_deltas(model, spec.deltas)
     if spec.steer is not None:
-        check_vector(model, load_vector(spec.steer))
+        check_vector(model, load_vector(spec.steer), (spec.coef,))
     return f"{len(spec.deltas)} delta(s) fit {spec.model}" + (", and the steering vector" if spec.steer else "")
 
 

@@ -16,7 +16,7 @@ import json
 import re
 
 from interventions.core.errors import SpecError, short
-from interventions.core.tagged import existing_file
+from interventions.core.reading import existing_file
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 _DEVICE = re.compile(r"(cpu|mps|cuda|xpu)(:\d+)?")

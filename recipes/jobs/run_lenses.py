@@ -152,13 +152,14 @@ def write_probe(spec, model, tokenizer, processor, out: Path) -> dict:
     from interventions.lenses.probe import run_probe as probe
     from interventions.lenses.steering import FORMAT_VERSION, SteeringVector
     from interventions.spec import dump_spec
+    from interventions.spec.lens_specs import concept_file
 
     start = time.perf_counter()
     fitted = probe(spec, model, tokenizer, processor)
     report = fitted["report"] | {"seconds": round(time.perf_counter() - start, 1), "model": spec.model}
     written = []
     for label, (layer, vector) in fitted["vectors"].items():
-        name = "concept_" + "".join(ch if ch.isalnum() else "_" for ch in label) + ".safetensors"
+        name = concept_file(label)
         SteeringVector({layer: vector}, {
             "format_version": FORMAT_VERSION, "site": spec.site, "layers": [layer], "model": spec.model,
             "method": "probe", "label": label, "position": report["best"]["position"],

@@ -13,10 +13,11 @@ import torch
 from editors.delta import Delta, applied
 from editors.export import ExportError, export_peft, import_peft
 from editors.methods.memit import MemitHyperparameters, compute_memit
+from editors.methods.rome import EditRequest, RomeHyperparameters, compute_rome
+from interventions.core.atomic import MARKER
 from support.models import make_model, make_tokenizer
 
 ROOT = Path(__file__).parents[2]
-from editors.methods.rome import EditRequest, RomeHyperparameters, compute_rome
 
 REQUESTS = [EditRequest("{} is located in the city of", "the eiffel tower", "rome", "paris"),
             EditRequest("{} is in", "the colosseum", "london", "rome")]
@@ -113,7 +114,7 @@ def test_cli_exports_stacked_deltas_as_one_adapter_or_as_named_adapters(tiny_fol
     args = ["export", *map(str, paths), "--to", "peft", "--model", str(tiny_folder / "tiny")]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     assert main(args + ["--out", str(tmp_path / "named"), "--each"]) == 0
-    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == ["memit", "rome"]
+    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == [MARKER, "memit", "rome"]
     served = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "named" / "rome"),
                                             adapter_name="rome").eval()
     served.load_adapter(str(tmp_path / "named" / "memit"), adapter_name="memit")
@@ -173,7 +174,7 @@ def test_diffusers_pipeline_with_load_lora_weights_equals_lesion_apply(kind, tmp
     # the same delta as PEFT adapters, one per part it changes, on the bare UNet / text encoder
     export_peft(pipe, [delta], tmp_path / "peft")
     part = "text_encoder" if kind.get("edit") == "text_encoder" else "unet"
-    assert [p.name for p in (tmp_path / "peft").iterdir()] == [part]
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == sorted([MARKER, part])
     wrapped = peft.PeftModel.from_pretrained(copy.deepcopy(getattr(pipe, part)), str(tmp_path / "peft" / part)).eval()
     with torch.no_grad():
         if part == "unet":
@@ -212,7 +213,7 @@ def test_cli_exports_the_shipped_erase_delta_for_diffusers(tmp_path, capsys):
         got = tensors[f"{module}.lora_B.weight"] @ tensors[f"{module}.lora_A.weight"]
         torch.testing.assert_close(got, delta.difference(name), atol=1e-6, rtol=0)
     assert main(["export", str(path), "--to", "peft", "--out", str(tmp_path / "peft")]) == 0
-    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["unet"]     # UCE changes the UNet only
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == [MARKER, "unet"]    # UCE changes the UNet only
     capsys.readouterr()
     assert main(["export", str(ROOT / "checkpoints" / "rome_eiffel_to_rome_smollm2.safetensors"), "--to",
                  "diffusers", "--out", str(tmp_path / "no")]) == 2

@@ -4,6 +4,8 @@ its stacked delta reproduces it; the curves are measured as configured; bad inpu
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -247,3 +249,149 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(fold
     other = again.model_copy(update={"method": "memit" if method == "alphaedit" else "rome"})
     with pytest.raises(SpecError, match="sequential.resume"):
         run_sequential(other, model, tokenizer, folder / "wrong", compute_edit)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, tokenizer):
+    """An r-ROME run (batches of 1) stopped after its 2nd edit: its staging folder, spec and model."""
+    from editors.sequential import run_sequential
+
+    root = tmp_path_factory.mktemp("interrupted")
+    (root / "tiny").mkdir()
+    model = make_model("llama", len(tokenizer))
+    for name, text in (("corpus.txt", CORPUS), ("heldout.json", json.dumps(HELDOUT)), ("text.txt", CORPUS[:300])):
+        (root / name).write_text(text)
+    spec = spec_for(root, "r-rome", 1)
+
+    def stopped(spec, model, tokenizer, on_batch, resume):
+        def then_stop(done, editor):
+            on_batch(done, editor)
+            if done >= 2:
+                raise Stop
+        return compute_edit(spec, model, tokenizer, on_batch=then_stop, resume=resume)
+
+    with pytest.raises(Stop):
+        run_sequential(spec, model, tokenizer, root / "partial", stopped)
+    other = spec.model_copy(update={"requests": spec.requests[1:]})
+    run_sequential(other, model, tokenizer, root / "foreign", compute_edit)
+    return root, spec, model
+
+
+def _reseal(state: dict) -> dict:
+    from editors.delta import integrity_hash
+
+    state.pop("integrity_sha256", None)
+    return {**state, "integrity_sha256": integrity_hash(state)}
+
+
+def _state_change(**change):
+    def damage(folder):
+        state = json.loads((folder / "checkpoint.json").read_text())
+        (folder / "checkpoint.json").write_text(json.dumps(_reseal({**state, **change})))
+    return damage
+
+
+def _file(name: str, data):
+    def damage(folder):
+        path = folder / name
+        content = data(folder) if callable(data) else data
+        path.unlink()
+        if content == "fifo":
+            os.mkfifo(path)
+        else:
+            path.write_bytes(content)
+    return damage
+
+
+def _foreign_delta(folder):
+    (folder / "checkpoint.safetensors").write_bytes((folder.parent / "foreign" / "delta.safetensors").read_bytes())
+
+
+def _foreign_delta_resealed(folder):
+    _foreign_delta(folder)
+    from editors.delta import load_delta
+
+    _state_change(delta=load_delta(folder / "checkpoint.safetensors").id)(folder)
+
+
+def _flip(name: str, at: float):
+    def damage(folder):
+        data = bytearray((folder / name).read_bytes())
+        data[int(len(data) * at)] ^= 0xFF
+        (folder / name).write_bytes(bytes(data))
+    return damage
+
+
+def _keys_of_another_layer(folder):
+    from safetensors.torch import save_file
+
+    from editors.delta import content_hash
+
+    keys = {"previous.3": torch.eye(4)}
+    save_file(keys, str(folder / "checkpoint_keys.safetensors"))
+    _state_change(keys=content_hash(keys))(folder)
+
+
+RESUME_DAMAGE = {
+    "a foreign delta": _foreign_delta,
+    "a foreign delta, the state resealed to it": _foreign_delta_resealed,
+    "edits 99 of 5": _state_change(edits=99),
+    "edits -1": _state_change(edits=-1),
+    "edits 0": _state_change(edits=0),
+    "edits between batches' counts": _state_change(edits=3),
+    "edits as text": _state_change(edits="2"),
+    "edits edited, not resealed": lambda f: (f / "checkpoint.json").write_text(
+        (f / "checkpoint.json").read_text().replace('"edits": 2', '"edits": 1', 1)),
+    "no rows": _state_change(rows=[]),
+    "a field missing": lambda f: (f / "checkpoint.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((f / "checkpoint.json").read_text()).items() if k != "details"})),
+    "another spec, resealed": _state_change(spec={"kind": "edit"}),
+    "state not JSON": _file("checkpoint.json", b"{not json"),
+    "state a list": _file("checkpoint.json", b"[1, 2]"),
+    "state not UTF-8": _file("checkpoint.json", b"\xff\xfe\x00garbage"),
+    "state nested 100000 deep": _file("checkpoint.json", b"[" * 100000 + b"]" * 100000),
+    "state with NaN": _file("checkpoint.json", b'{"edits": NaN}'),
+    "state a pipe": _file("checkpoint.json", "fifo"),
+    "state empty": _file("checkpoint.json", b""),
+    "delta truncated": _file("checkpoint.safetensors", lambda f: (f / "checkpoint.safetensors").read_bytes()[:300]),
+    "delta byte flipped": _flip("checkpoint.safetensors", 0.9),
+    "delta missing": lambda f: (f / "checkpoint.safetensors").unlink(),
+    "keys truncated": _file("checkpoint_keys.safetensors", lambda f: (f / "checkpoint_keys.safetensors")
+                            .read_bytes()[:5]),
+    "keys random bytes": _file("checkpoint_keys.safetensors", bytes(range(256)) * 4),
+    "keys of a layer outside the spec, resealed": _keys_of_another_layer,
+    "keys missing": lambda f: (f / "checkpoint_keys.safetensors").unlink(),
+    "the folder is a file": lambda f: (shutil.rmtree(f), f.write_text("x")),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(RESUME_DAMAGE))
+def test_resume_refuses_a_checkpoint_that_is_not_this_runs(interrupted, tmp_path, tokenizer, damage):
+    """Finding 2 of the doors issue: a damaged, edited or foreign checkpoint is one `sequential.resume`
+    error before anything runs; the model keeps its weights and no output folder appears."""
+    from editors.sequential import run_sequential
+
+    root, spec, model = interrupted
+    folder = tmp_path / "partial"
+    shutil.copytree(root / "partial", folder)
+    shutil.copytree(root / "foreign", tmp_path / "foreign")
+    RESUME_DAMAGE[damage](folder)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    again = spec.model_copy(update={"sequential": spec.sequential.model_copy(update={"resume": str(folder)})})
+    with pytest.raises(SpecError) as err:
+        run_sequential(again, model, tokenizer, tmp_path / "out", compute_edit)
+    assert str(err.value).startswith("`sequential.resume`") and "\n" not in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_undamaged_checkpoint_resumes(interrupted, tmp_path, tokenizer):
+    """The control for the damage cases: the same copy, undamaged, resumes to the end."""
+    from editors.sequential import run_sequential
+
+    root, spec, model = interrupted
+    shutil.copytree(root / "partial", tmp_path / "partial")
+    again = spec.model_copy(update={"sequential": spec.sequential.model_copy(
+        update={"resume": str(tmp_path / "partial")})})
+    report = run_sequential(again, model, tokenizer, tmp_path / "out", compute_edit)
+    assert report["rows"][-1]["edits"] == len(spec.requests)

@@ -82,7 +82,7 @@ def test_malformed_yaml_names_the_line(tmp_path):
 
 
 def test_missing_file():
-    assert "an existing YAML file" in error_of(lambda: load_spec("/nonexistent/spec.yaml"))
+    assert "an existing file, the YAML spec" in error_of(lambda: load_spec("/nonexistent/spec.yaml"))
 
 
 @pytest.mark.parametrize("data, field, needle", [

@@ -470,7 +470,7 @@ def test_load_images_resolves_flags_seeds_and_folders(pair, tmp_path):
             (tmp_path / name).write_text("not an image")
     folder = load_images(str(tmp_path), vlm)
     assert len(folder) == 2 and float(folder[0].mean()) < float(folder[1].mean())     # sorted: a.png first
-    with pytest.raises(SpecError, match="seed a non-negative integer"):
+    with pytest.raises(SpecError, match="seed an integer in \\[0, 2\\^63\\)"):
         load_image("flag:France@x", vlm)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SpecError, match=r"`image_corpus\[2\]`.*folder holding image files"):

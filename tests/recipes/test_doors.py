@@ -233,3 +233,25 @@ def test_import_takes_only_what_peft_would_load_with_the_same_meaning(small, dam
     assert main(["import", str(adapter), "--model", str(folder / "tiny"), "--out", str(folder / "back.safetensors")]) == 2
     assert one_error(capsys.readouterr().err).startswith("error: `")
     assert {p.name for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("form", [["--to", "peft"], ["--merged"], ["--to", "peft", "--each"]])
+def test_an_earlier_export_is_replaced_but_a_folder_the_user_added_to_is_not(small, form, capsys):
+    """An export folder is a result like a run folder: exporting again replaces it whole (its marker lists
+    what Lesion wrote); once the user adds a file, or changes one, it is refused and left as it is."""
+    folder, _ = small
+    args = ["export", str(folder / "small.safetensors"), *form, "--model", str(folder / "tiny"),
+            "--out", str(folder / "adapter")]
+    assert main(args) == 0
+    first = listing(folder / "adapter")
+    assert main(args) == 0 and listing(folder / "adapter").keys() == first.keys()
+    capsys.readouterr()
+    for change in (lambda: (folder / "adapter" / "notes.md").write_text("mine"),
+                   lambda: (folder / "adapter" / "notes.md").unlink() or next(
+                       p for p in sorted((folder / "adapter").rglob("*.json")) if p.name != ".lesion-output.json")
+                   .write_text("{}")):
+        change()
+        before = listing(folder)
+        assert main(args) == 2
+        assert one_error(capsys.readouterr().err).startswith("error: `--out`")
+        assert listing(folder) == before

@@ -375,7 +375,7 @@ def test_a_delta_is_sealed_over_its_metadata_and_refuses_non_finite_changes(mode
 
 # ---------------------------------------------------------------------------------------------- doctests
 @pytest.mark.parametrize("name", ["interventions.core.errors", "interventions.spec.file", "interventions.core.units",
-                                  "interventions.spec.messages", "interventions.core.conventions", "interventions.core.tagged",
+                                  "interventions.spec.messages", "interventions.core.conventions", "interventions.core.reading",
                                   "interventions.spec.catalogue", "interventions.spec", "recipes.jobs.flag_checks", "recipes.cli.runners",
                                   "interventions.core.moved", "interventions.core.paths", "interventions.core.runtime",
                                   "interventions.models.families", "interventions.api", "interventions.testbeds",

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from interventions.core.atomic import MARKER
+
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
@@ -99,6 +101,8 @@ def fingerprint(folder: Path) -> dict:
     found = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
+        if path.name == MARKER:          # bookkeeping (file sizes, PNGs' included), not behaviour
+            continue
         if path.suffix == ".json":
             found[rel] = _clean(json.loads(path.read_text(encoding="utf-8")))
         elif path.suffix == ".safetensors":

@@ -27,6 +27,7 @@ import torch
 
 from interventions.core.errors import SpecError, short
 from interventions.core.paths import CHECKPOINTS
+from interventions.core.reading import read_image
 from interventions.models.families import FLAGS_VLM, is_vision_language, local_folder
 
 IMAGE_TOKEN = "<image>"
@@ -213,18 +214,13 @@ def load_image(ref: str, vlm, processor=None, *, field: str = "image") -> torch.
             from interventions.core.errors import one_of
 
             raise SpecError(field, ref, "flag:" + one_of(country, names).replace("one of ", "<one of ") + ">[@<seed>]")
-        if seed and not seed.isdigit():
-            raise SpecError(field, ref, f"flag:{country}@<seed>, the seed a non-negative integer")
+        if seed and not (seed.isascii() and seed.isdigit() and int(seed) < 2**63):
+            raise SpecError(field, ref, f"flag:{country}@<seed>, the seed an integer in [0, 2^63)")
         drawn = render([names.index(country)], torch.Generator().manual_seed(int(seed or 0)), jitter=bool(seed))
         if drawn.shape[-1] != size:      # the flags are drawn at the testbed's size; another model's, scaled
             drawn = torch.nn.functional.interpolate(drawn, size=(size, size), mode="nearest")
         return drawn[0]
-    path = Path(ref).expanduser()
-    if not path.is_file():
-        raise SpecError(field, ref, "`flag:<Country>[@<seed>]` or an existing image file")
-    from PIL import Image
-
-    image = Image.open(path).convert("RGB")
+    image = read_image(Path(ref).expanduser(), field, "an image file (or `flag:<Country>[@<seed>]`)")
     if processor is not None:
         return processor(images=image, return_tensors="pt").pixel_values[0]
     import numpy as np
