@@ -2,7 +2,7 @@
 
 One module per family of kinds, lowest first: `base_specs` (value types, limits, site names, the base
 classes per modality), `grid_specs` (trace, patch), `edit_specs`, `steer_specs` (steer, apply),
-`text_to_image_specs`, `vision_language_specs`, `lens_specs` (lens, knockout, probe), and the
+`text_to_image_specs`, `vision_language_specs`, `lens_specs` (lens, knockout, probe), `feature_specs`, and the
 `catalogue` that holds them all in one table (parse, load, dump, schema). `file` reads YAML within
 bounds; `messages` turns validation errors into one line each; `reference` writes the field tables.
 Everything public is importable from here:
@@ -64,6 +64,7 @@ from interventions.spec.edit_specs import (
     check_hyperparameters,
     overrides_schema,
 )
+from interventions.spec.feature_specs import FeatureExample, FeaturesSpec
 from interventions.spec.file import load_yaml, read_spec_text
 from interventions.spec.grid_specs import PatchPrompt, PatchSpec, TracePrompt, TraceSpec
 from interventions.spec.lens_specs import (
@@ -111,7 +112,7 @@ __all__ = [
     "read_spec_text", "PatchPrompt", "PatchSpec", "TracePrompt", "TraceSpec", "KNOCKOUT_SOURCES",
     "PROBE_POSITIONS", "VLM_KNOCKOUT_SOURCES", "KnockoutSpec", "LensPrompt", "LensSpec", "ProbeExample",
     "ProbeSpec", "VLMKnockoutSpec", "VLMLensPrompt", "VLMLensSpec", "VLMProbeExample", "VLMProbeSpec",
-    "APPLY_TO", "STEER_SITES", "ApplySpec", "SteerPair", "SteerSpec", "AttackSpec", "DaamSpec",
+    "FeatureExample", "FeaturesSpec", "APPLY_TO", "STEER_SITES", "ApplySpec", "SteerPair", "SteerSpec", "AttackSpec", "DaamSpec",
     "DiffusionApplySpec", "DiffusionTraceSpec", "EraseConcept", "EraseSpec", "VLM_PATCH_SITES", "VLMEditSpec",
     "VLMLocateSpec", "VLMPatchPrompt", "VLMPatchSpec", "VLMTracePrompt", "VLMTraceSpec",
 ]

@@ -17,6 +17,7 @@ from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from interventions.core.errors import SpecError, one_of
 from interventions.spec.edit_specs import EditRequestSpec, EditSpec, LocateSpec, RequestsFile, SequentialSpec
+from interventions.spec.feature_specs import FeatureExample, FeaturesSpec
 from interventions.spec.file import load_yaml, read_spec_text
 from interventions.spec.grid_specs import PatchPrompt, PatchSpec, TracePrompt, TraceSpec
 from interventions.spec.lens_specs import (
@@ -59,9 +60,9 @@ SPEC_CLASSES = {
     ("lens", "language"): LensSpec, ("lens", "vision-language"): VLMLensSpec,
     ("knockout", "language"): KnockoutSpec, ("knockout", "vision-language"): VLMKnockoutSpec,
     ("probe", "language"): ProbeSpec, ("probe", "vision-language"): VLMProbeSpec,
-    ("daam", "text-to-image"): DaamSpec,
+    ("daam", "text-to-image"): DaamSpec, ("features", "language"): FeaturesSpec,
 }
-KINDS = ("trace", "patch", "edit", "steer", "apply", "erase", "lens", "knockout", "probe", "daam")
+KINDS = ("trace", "patch", "edit", "steer", "apply", "erase", "lens", "knockout", "probe", "daam", "features")
 
 
 def modality_of(data: dict) -> Any:
@@ -90,7 +91,8 @@ _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 #: Every field name of every spec class, for "did you mean" on an unknown field.
 _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
                                    SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec,
-                                   LensPrompt, VLMLensPrompt, VLMProbeExample, RequestsFile, SequentialSpec, AttackSpec)
+                                   LensPrompt, VLMLensPrompt, VLMProbeExample, RequestsFile, SequentialSpec, AttackSpec,
+                                   FeatureExample)
                   for name in cls.model_fields})
 
 

@@ -23,6 +23,7 @@ from interventions.core.errors import LesionError, clip
 from recipes.cli import (
     cmd_apply,
     cmd_attribution_steps,
+    cmd_bench_dictionary,
     cmd_bench_edit,
     cmd_bench_erase,
     cmd_bench_patch,
@@ -38,6 +39,7 @@ from recipes.cli import (
     cmd_run,
     cmd_schema,
     cmd_trace_flags,
+    cmd_train_dictionary,
     cmd_train_lens,
     cmd_validate,
 )
@@ -45,8 +47,8 @@ from recipes.jobs.flag_checks import positive_int
 
 #: the subcommands, in the order `lesion --help` lists them
 COMMANDS = (cmd_run, cmd_validate, cmd_export, cmd_import, cmd_apply, cmd_compare, cmd_schema, cmd_docs, cmd_eval_edits,
-            cmd_bench_trace, cmd_bench_serve, cmd_bench_patch, cmd_bench_edit, cmd_train_lens, cmd_bench_steer,
-            cmd_bench_erase, cmd_attribution_steps, cmd_trace_flags, cmd_edit_flag)
+            cmd_bench_trace, cmd_bench_serve, cmd_bench_patch, cmd_bench_edit, cmd_train_lens, cmd_train_dictionary,
+            cmd_bench_dictionary, cmd_bench_steer, cmd_bench_erase, cmd_attribution_steps, cmd_trace_flags, cmd_edit_flag)
 
 
 class _Parser(argparse.ArgumentParser):

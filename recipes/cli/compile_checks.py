@@ -168,6 +168,19 @@ def check_diffusion_apply(spec) -> str:
     return f"{len(spec.deltas)} delta(s) fit {spec.model}"
 
 
+def check_features(spec) -> str:
+    """features: the dictionary loads and fits the model; the layer exists; the examples tokenize."""
+    from interventions import load_model
+    from interventions.core.prompts import encode
+    from interventions.features.readout import spec_units
+
+    model, tokenizer = load_model(spec.model)
+    d, layer = spec_units(spec, model)
+    for i, e in enumerate(spec.examples):
+        encode(tokenizer, e.prompt, field=f"examples[{i}].prompt")
+    return f"{len(spec.examples)} example(s), layer {layer}" + (f", {d.d_sae} features" if d else ", neurons only")
+
+
 def check_reading(spec) -> str:
     """lens / knockout / probe: layers, prompts (images loaded), targets, named positions."""
     from interventions.engine.plan import resolve_layers

@@ -68,3 +68,11 @@ def test_bench_erase_times_every_method_and_ends_with_json(capsys):
     assert report["methods"]["diff-quickfix"]["projections"] == 1 and report["methods"]["uce"]["projections"] == 14
     assert all(r["edit_seconds_median"] > 0 and r["edited_images_per_s"] > 0 for r in report["methods"].values())
     assert {"uce_edit_s", "rece_ratio", "diff_quickfix_edit_s"} <= set(report)
+
+
+def test_bench_dictionary_ends_with_its_figures_as_json(folder, capsys):
+    assert main(["bench-dictionary", "--model", str(folder / "tiny"), "--layer", "1", "--tokens", "512",
+                 "--features", "64", "--k", "4", "--batch", "3", "--repeats", "1"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["d_sae"] == 64 and figures["train_tokens"] == 512 and figures["overhead"] > 0
+    assert figures["threads"] >= 1 and figures["forward_tokens"] > 0

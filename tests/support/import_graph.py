@@ -22,7 +22,7 @@ FLOORS = {
     "interventions.spec": 1, "interventions.models": 1, "interventions.testbeds": 1,
     "interventions.engine": 2,
     "interventions.modalities": 3,
-    "interventions.lenses": 4,
+    "interventions.lenses": 4, "interventions.features": 4,
     "interventions.api": 5,
     "interventions": 6,
     "editors.delta": 10, "editors.stats": 10, "editors.evaluate": 10, "editors.requests": 10,

@@ -1,0 +1,159 @@
+"""`kind: features`: read a dictionary's features and a layer's MLP neurons on a spec's inputs.
+
+>>> report = run_features(parse_spec(data), model, tokenizer)        # doctest: +SKIP
+>>> report["concepts"][0]                                             # doctest: +SKIP
+{'concept': 'red', 'feature': {'unit': 1204, 'f1': 0.97, ...}, 'neuron': {'unit': 88, 'f1': 0.71, ...}}
+
+The report holds, per example, each token's top features; for the described units (the most often
+active features, the neurons with the largest activations), their top examples with the token marked
+``⟦so⟧``; and, when the examples carry concepts, each concept's best feature and best neuron, chosen
+and thresholded on one seeded split of the examples and scored on the other (`describe.best_units`).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from interventions.core.errors import SpecError
+from interventions.core.prompts import encode
+from interventions.features.describe import best_units, max_activating
+from interventions.features.dictionary import Dictionary, load_dictionary
+from interventions.lenses.lens import collect_states
+from interventions.lenses.steering import FORMAT_VERSION, SteeringVector
+from interventions.models.sites import site_table
+
+
+def _unit_states(model, tokenizer, encs, d: Dictionary | None, layer: int, neurons: bool) -> dict[str, list]:
+    """Per example ``Float[Tensor, "tokens units"]``: the dictionary's features, the MLP neurons."""
+    out = {}
+    if d is not None:
+        states, _ = collect_states(model, tokenizer, encs, [d.where.layer], site=d.where.site)
+        out["feature"] = [d.encode(s[0]) for s in states]
+    if neurons:
+        states, _ = collect_states(model, tokenizer, encs, [layer], site="mlp_key")
+        out["neuron"] = [s[0] for s in states]
+    return out
+
+
+def check_dictionary(d: Dictionary, model, field: str = "dictionary") -> None:
+    """The dictionary reads a site this model has, at a layer it has, of the width it has."""
+    table = site_table(model)
+    n = table.num_layers(model)
+    width = model.config.get_text_config(decoder=True).hidden_size
+    if d.where.site not in ("block_output", "block_input", "mlp_output", "attention_output") or d.where.layer is None \
+            or not 0 <= d.where.layer < n:
+        raise SpecError(field, f"{d.where.site} at layer {d.where.layer}", f"a dictionary at a residual, MLP or "
+                        f"attention output of a layer in [0, {n - 1}] of this model")
+    if d.d_in != width:
+        raise SpecError(field, f"d_in {d.d_in}", f"a dictionary of this model's width ({width})")
+
+
+def spec_units(spec, model) -> tuple[Dictionary | None, int]:
+    """The spec's dictionary (loaded and checked against `model`) and the neurons' layer (checked)."""
+    d = load_dictionary(spec.dictionary) if spec.dictionary else None
+    if d is not None:
+        check_dictionary(d, model)
+    n = site_table(model).num_layers(model)
+    layer = spec.layer if spec.layer is not None else d.where.layer
+    if layer >= n:
+        raise SpecError("layer", layer, f"a layer in [0, {n - 1}] (the model has {n})")
+    return d, layer
+
+
+def _pooled(acts: list[torch.Tensor], pool: str) -> torch.Tensor:
+    """``[examples, units]``: each example's largest activation after its first token (or its last)."""
+    if pool == "last":
+        return torch.stack([a[-1] for a in acts])
+    return torch.stack([(a[1:] if len(a) > 1 else a).max(0).values for a in acts])
+
+
+def _marked(tokens: list[str], at: int) -> str:
+    return "".join(f"⟦{t}⟧" if i == at else t for i, t in enumerate(tokens)).replace("Ġ", " ").replace("▁", " ")
+
+
+def _describe(acts: list[torch.Tensor], tokens: list[list[str]], units: list[int], top: int) -> list[dict]:
+    """Each unit's top examples (its largest activation in the example, at which token)."""
+    pooled = torch.stack([a.max(0).values for a in acts])
+    rows = []
+    for u in units:
+        examples = []
+        for i, value in max_activating(pooled, u, top):
+            at = int(acts[i][:, u].argmax())
+            examples.append({"example": i, "token": at, "activation": value, "text": _marked(tokens[i], at)})
+        rows.append({"unit": u, "active_share": round(float((pooled[:, u] > 0).float().mean()), 4),
+                     "examples": examples})
+    return rows
+
+
+def _chosen(kind: str, acts: list[torch.Tensor], n: int) -> list[int]:
+    pooled = torch.stack([a.max(0).values for a in acts])
+    score = (pooled > 0).float().sum(0) if kind == "feature" else pooled.abs().max(0).values
+    return [int(u) for u in score.argsort(descending=True)[:n]]
+
+
+def _concepts(spec, units: dict[str, list]) -> list[dict]:
+    names = sorted({c for e in spec.examples for c in e.concepts})
+    if not names:
+        return []
+    labels = torch.tensor([[c in e.concepts for c in names] for e in spec.examples])
+    order = list(range(len(spec.examples)))
+    random.Random(spec.seed).shuffle(order)
+    cut = max(2, min(len(order) - 2, round(len(order) * (1 - spec.heldout))))
+    fit, test = torch.tensor(sorted(order[:cut])), torch.tensor(sorted(order[cut:]))
+    best = {kind: best_units(_pooled(acts, spec.pool), labels, fit, test, dense=kind == "neuron")
+            for kind, acts in units.items()}
+    rows = [{"concept": c, "examples": int(labels[:, j].sum()), **{kind: best[kind][j] for kind in best}}
+            for j, c in enumerate(names)]
+    if "feature" in units:                     # the feature's typical size where it fires: a steering scale
+        pooled = _pooled(units["feature"], spec.pool)
+        for row in rows:
+            on = pooled[:, row["feature"]["unit"]]
+            row["feature"]["mean_active"] = round(float(on[on > 0].mean()), 4) if bool((on > 0).any()) else 0.0
+    return rows
+
+
+@torch.no_grad()
+def run_features(spec, model, tokenizer, units: tuple[Dictionary | None, int] | None = None) -> dict:
+    """The report of a `kind: features` spec (see the module docstring); `units`: `spec_units`'s answer,
+    when the caller has it already."""
+    d, layer = units or spec_units(spec, model)
+    encs = [encode(tokenizer, e.prompt, field=f"examples[{i}].prompt") for i, e in enumerate(spec.examples)]
+    tokens = [tokenizer.convert_ids_to_tokens(list(e.ids)) for e in encs]
+    states = _unit_states(model, tokenizer, encs, d, layer, spec.neurons)
+    report = {"model": spec.model, "dictionary": spec.dictionary, "layer": layer, "examples": len(encs),
+              "site": d.where.site if d else "mlp_key", "pool": spec.pool}
+    if d is not None:
+        report["tokens"] = [[{"token": t, "top": [[int(i), round(float(v), 4)] for v, i in zip(*f[p].topk(spec.top))
+                                                  if v > 0]} for p, t in enumerate(toks)]
+                            for f, toks in zip(states["feature"], tokens)]
+    for kind, acts in states.items():
+        report[f"{kind}s"] = _describe(acts, tokens, _chosen(kind, acts, spec.describe), spec.max_examples)
+    report["concepts"] = _concepts(spec, states)
+    return report
+
+
+def concept_vectors(report: dict, d: Dictionary) -> dict[str, SteeringVector]:
+    """Each concept's best feature as a steering vector: its decoder direction times its mean activation
+    where it fires, at the dictionary's site and layer (`kind: apply` adds it with `steer:`)."""
+    out = {}
+    for row in report["concepts"]:
+        f = row["feature"]
+        out[row["concept"]] = SteeringVector({d.where.layer: d.W_dec[f["unit"]].detach() * f["mean_active"]}, {
+            "format_version": FORMAT_VERSION, "site": d.where.site, "layers": [d.where.layer], "model": report["model"],
+            "method": "dictionary feature", "feature": f["unit"], "concept": row["concept"],
+            "note": "the feature's decoder direction times its mean activation where it fires"})
+    return out
+
+
+def concept_table(report: dict) -> str:
+    """The concept table as markdown: best feature and best neuron per concept (held-out F1)."""
+    kinds = [k for k in ("feature", "neuron") if report["concepts"] and k in report["concepts"][0]]
+    head = "| concept | examples | " + " | ".join(f"best {k} | F1 (P, R)" for k in kinds) + " |"
+    rows = [head, "|" + "---|" * (2 + 2 * len(kinds))]
+    for row in report["concepts"]:
+        cells = [f"{row[k]['unit']} | {row[k]['f1']:.2f} ({row[k]['precision']:.2f}, {row[k]['recall']:.2f})"
+                 for k in kinds]
+        rows.append(f"| {row['concept']} | {row['examples']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
