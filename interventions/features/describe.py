@@ -79,6 +79,31 @@ def best_units(acts: torch.Tensor, labels: torch.Tensor, fit: torch.Tensor, test
     return out
 
 
+def best_union(acts: torch.Tensor, labels: torch.Tensor, fit: torch.Tensor, test: torch.Tensor, *,
+               most: int = 8) -> list[dict]:
+    """Per concept, the set of at most `most` features whose union (any of them above 0) detects it
+    best: chosen greedily on `fit` (the feature that raises F1 most, until none does), scored on
+    `test`. A dictionary often splits a concept by the words that express it ("red", "ruby", "a
+    tomato"); one feature then has high precision and low recall, and the union is the concept."""
+    fires = acts > 0
+    out = []
+    for c in range(labels.shape[1]):
+        y = labels[:, c]
+        chosen, union, best = [], torch.zeros(len(acts), dtype=torch.bool), 0.0
+        for _ in range(most):
+            cand = union[fit, None] | fires[fit]
+            tp = (cand & y[fit, None]).sum(0).double()
+            f1 = 2 * tp / (cand.sum(0) + y[fit].sum()).double().clamp_min(1)
+            u = int(f1.argmax())
+            if float(f1[u]) <= best + 1e-9:
+                break
+            chosen.append(u)
+            union, best = union | fires[:, u], float(f1[u])
+        scores = detection_scores(union[test, None].double(), y[test, None], 0.5)
+        out.append({"units": chosen, **{k: round(float(v[0, 0]), 4) for k, v in scores.items()}})
+    return out
+
+
 def iou_scores(acts: torch.Tensor, masks: torch.Tensor, thresholds: torch.Tensor | float) -> torch.Tensor:
     """``Float[Tensor, "units concepts"]``: Σ|A ∩ M| / Σ|A ∪ M| over every position of every example,
     with A the positions where a unit is above its threshold. `acts`: ``[positions, units]``; `masks`:

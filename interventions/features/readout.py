@@ -18,7 +18,7 @@ import torch
 
 from interventions.core.errors import SpecError
 from interventions.core.prompts import encode
-from interventions.features.describe import best_units, max_activating
+from interventions.features.describe import best_union, best_units, max_activating
 from interventions.features.dictionary import Dictionary, load_dictionary
 from interventions.lenses.lens import collect_states
 from interventions.lenses.steering import FORMAT_VERSION, SteeringVector
@@ -104,6 +104,8 @@ def _concepts(spec, units: dict[str, list]) -> list[dict]:
     fit, test = torch.tensor(sorted(order[:cut])), torch.tensor(sorted(order[cut:]))
     best = {kind: best_units(_pooled(acts, spec.pool), labels, fit, test, dense=kind == "neuron")
             for kind, acts in units.items()}
+    if "feature" in units:
+        best["features"] = best_union(_pooled(units["feature"], spec.pool), labels, fit, test)
     rows = [{"concept": c, "examples": int(labels[:, j].sum()), **{kind: best[kind][j] for kind in best}}
             for j, c in enumerate(names)]
     if "feature" in units:                     # the feature's typical size where it fires: a steering scale
@@ -149,11 +151,12 @@ def concept_vectors(report: dict, d: Dictionary) -> dict[str, SteeringVector]:
 
 def concept_table(report: dict) -> str:
     """The concept table as markdown: best feature and best neuron per concept (held-out F1)."""
-    kinds = [k for k in ("feature", "neuron") if report["concepts"] and k in report["concepts"][0]]
-    head = "| concept | examples | " + " | ".join(f"best {k} | F1 (P, R)" for k in kinds) + " |"
+    kinds = [k for k in ("feature", "features", "neuron") if report["concepts"] and k in report["concepts"][0]]
+    titles = {"feature": "best feature", "features": "best union of features", "neuron": "best neuron"}
+    head = "| concept | examples | " + " | ".join(f"{titles[k]} | F1 (P, R)" for k in kinds) + " |"
     rows = [head, "|" + "---|" * (2 + 2 * len(kinds))]
     for row in report["concepts"]:
-        cells = [f"{row[k]['unit']} | {row[k]['f1']:.2f} ({row[k]['precision']:.2f}, {row[k]['recall']:.2f})"
-                 for k in kinds]
+        cells = [f"{row[k].get('unit', row[k].get('units'))} | {row[k]['f1']:.2f} ({row[k]['precision']:.2f}, "
+                 f"{row[k]['recall']:.2f})" for k in kinds]
         rows.append(f"| {row['concept']} | {row['examples']} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -95,6 +96,23 @@ def patch_features(features: list[int]) -> Change:
         return out
     change.needs_source = True
     return change
+
+
+@contextlib.contextmanager
+def features_edited(module: torch.nn.Module, dictionary: Dictionary, change: Change):
+    """Within the block, `module`'s output (its first element, if a tuple) has its features changed by
+    `change` with the error kept, at every position: for models no pyvene graph wraps, such as a
+    text-to-image pipeline's text encoder. The hook is removed on exit."""
+    def hook(mod, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        new = dictionary.edit(h, lambda f: change(f, None))
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def component(model, dictionary: Dictionary) -> str:

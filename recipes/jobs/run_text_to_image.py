@@ -181,10 +181,10 @@ def erase_prompt_sets(spec, pipe: DiffusionPipe) -> dict:
             "asks": [w for _, w in pairs] + [w for _, w in held]}
 
 
-def adversarial_search(spec, pipe: DiffusionPipe, delta, prompts: list[str], base_images: torch.Tensor,
+def adversarial_search(spec, pipe: DiffusionPipe, edited, prompts: list[str], base_images: torch.Tensor,
                        evaluator, asks: list[str]) -> tuple[torch.Tensor, list[dict]]:
-    """Attack the first `spec.attack.prompts` template prompts of the edited model; its images
-    ``[prompts, images, 3, h, w]`` (same seeds as every other set) and one record per attack."""
+    """Attack the first `spec.attack.prompts` template prompts of the edited model (inside `edited()`); its
+    images ``[prompts, images, 3, h, w]`` (same seeds as every other set) and one record per attack."""
     from interventions.modalities.text_to_image.adversarial import attack, to_x0
 
     images, records = [], []
@@ -193,7 +193,7 @@ def adversarial_search(spec, pipe: DiffusionPipe, delta, prompts: list[str], bas
         mine = base_images[k]
         keep = shown(evaluator, mine, [asks[k]])
         x0 = to_x0(pipe, mine[keep] if keep.any() else mine)      # the unedited model's images of the concept
-        with applied(pipe, delta):
+        with edited():
             found = attack(pipe, prompts[k], x0, spec.attack, seed=spec.attack.seed + k)
             imgs = pipe.sample(found.context.expand(len(seeds), -1, -1), seeds)
         images.append(imgs)
@@ -204,10 +204,12 @@ def adversarial_search(spec, pipe: DiffusionPipe, delta, prompts: list[str], bas
     return (torch.stack(images) if images else empty), records
 
 
-def judge_erasure(spec, pipe: DiffusionPipe, delta) -> tuple[dict, dict]:
+def judge_erasure(spec, pipe: DiffusionPipe, delta, edited=None) -> tuple[dict, dict]:
     """``(report fields, images)``: the erased concepts' rates on templates, held-out phrasings and under
     the adversarial search (after the edit, and before where it applies), and the other concepts' rates
-    after / before (`kept_rate`: their mean ratio)."""
+    after / before (`kept_rate`: their mean ratio). `edited()`: a context in which the pipeline is the
+    edited one (default: `delta` applied), e.g. a feature ablation in the text encoder."""
+    edited = edited or (lambda: applied(pipe, delta))
     evaluator = pipe.meta.get("evaluator")
     sets = erase_prompt_sets(spec, pipe)
     words = sets["words"]
@@ -220,12 +222,12 @@ def judge_erasure(spec, pipe: DiffusionPipe, delta) -> tuple[dict, dict]:
     unique = list(dict.fromkeys(prompts))         # a prompt in two sets is generated once (same seeds)
     rows = torch.tensor([unique.index(p) for p in prompts])
     before = images_for(pipe, unique, spec.images, spec.seed)[rows]
-    with applied(pipe, delta):
+    with edited():
         after = images_for(pipe, unique, spec.images, spec.seed)[rows]
     nt, nh = len(sets["templates"]), len(sets["heldout"])
     parts = {"templates": slice(0, nt), "heldout": slice(nt, nt + nh)}
     asks = sets["asks"]
-    adv_images, attacks = adversarial_search(spec, pipe, delta, sets["templates"], before[:nt], evaluator, asks)
+    adv_images, attacks = adversarial_search(spec, pipe, edited, sets["templates"], before[:nt], evaluator, asks)
     erased = {k: rate_asked(evaluator, after[sl], asks[sl], words) if sl.stop > sl.start else None
               for k, sl in parts.items()}
     erased["adversarial"] = (rate_asked(evaluator, adv_images, [a["concept"] for a in attacks], words)

@@ -300,3 +300,34 @@ def test_kind_features_reports_top_features_per_token_as_plain_hooks_compute_the
     best = report["concepts"][1]["feature"]
     assert vector.site == "block_output" and vector.layers == [1] and vector.meta["feature"] == best["unit"]
     assert torch.allclose(vector.vectors[1], d.W_dec[best["unit"]].detach() * best["mean_active"])
+
+
+def test_a_concept_split_over_features_is_found_as_their_union():
+    from interventions.features.describe import best_union
+
+    labels = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)[:, None]
+    acts = torch.zeros(10, 3)
+    acts[[0, 1, 2], 0] = 1.0                      # "red"
+    acts[[3, 4, 5], 1] = 2.0                      # "ruby": the same concept, another word
+    acts[[0, 6, 7], 2] = 1.0                      # noise
+    everything = torch.arange(10)
+    (found,) = best_union(acts, labels, everything, everything)
+    # alone, the first gives P 1, R 1/2 (F1 2/3); with the second, P 1 and R 1: nothing more helps
+    assert sorted(found["units"]) == [0, 1] and found["f1"] == 1.0
+
+
+def test_the_scoped_hook_edits_as_the_pyvene_node_does_and_leaves_no_hook(tiny_llama):
+    from interventions.features.splice import features_edited
+
+    model, tokenizer = tiny_llama
+    d = random_dictionary("standard")
+    ids = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
+    layer = module(model, "llama", "block_output", 1)
+    graph = build_graph(model, [(component(model, d), FeatureEdit(d, zero_features([2, 4])))])
+    with torch.no_grad():
+        _, out = graph(base={"input_ids": ids}, unit_locations={"base": [[list(range(ids.shape[1]))]]})
+        with features_edited(layer, d, zero_features([2, 4])):
+            hooked = model(ids).logits
+        plain = model(ids).logits
+    assert torch.allclose(hooked, out.logits, atol=1e-6) and not torch.allclose(hooked, plain, atol=1e-3)
+    assert not layer._forward_hooks
