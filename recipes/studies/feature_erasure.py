@@ -23,6 +23,7 @@ import torch
 
 from interventions import load_model, load_spec
 from interventions.core.atomic import atomic_write
+from interventions.core.prompts import encode
 from interventions.features.dictionary import load_dictionary
 from interventions.features.readout import run_features, spec_units
 from interventions.features.splice import features_edited, zero_features
@@ -32,12 +33,25 @@ DICTIONARY = "checkpoints/sae_scenes_captions_smollm2_l7"
 CAPTIONS = "recipes/features/features_scenes_trained.yaml"
 
 
-def concept_features(concept: str) -> dict:
-    """The concept's best union of features on the training-phrasing captions, and its scores."""
+def concept_features(concept: str, precision: float) -> dict:
+    """The features selective for `concept` on the training-phrasing captions: every feature that fires
+    on at least 3 captions, at least `precision` of them holding the concept (a caption's largest
+    activation after its first token); and the concept's detection union, for reference."""
+    from interventions.features.describe import detection_scores
+    from interventions.features.readout import _pooled, _unit_states
+
     spec = load_spec(CAPTIONS)
     model, tokenizer = load_model(spec.model)
-    report = run_features(spec, model, tokenizer, spec_units(spec, model))
-    return next(row["features"] for row in report["concepts"] if row["concept"] == concept)
+    d, layer = spec_units(spec, model)
+    report = run_features(spec, model, tokenizer, (d, layer))
+    encs = [encode(tokenizer, e.prompt, field="examples") for e in spec.examples]
+    pooled = _pooled(_unit_states(model, tokenizer, encs, d, layer, False)["feature"], spec.pool)
+    labels = torch.tensor([[concept in e.concepts] for e in spec.examples])
+    scores = detection_scores(pooled, labels)
+    fired = (pooled > 0).sum(0)
+    chosen = [int(u) for u in torch.nonzero((scores["precision"][:, 0] >= precision) & (fired >= 3)).flatten()]
+    union = next(row["features"] for row in report["concepts"] if row["concept"] == concept)
+    return {"units": chosen, "union": union["units"], "union_f1": union["f1"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,26 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--images", type=int, default=None, help="images per prompt (default: the spec's)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", type=float, default=0.9, help="a feature is the concept's when at least this "
+                    "share of the captions it fires on hold the concept")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = load_spec(args.spec)
     if args.images:
         spec = spec.model_copy(update={"images": args.images})
     concept = spec.concepts[0].concept
-    chosen = concept_features(concept)
+    chosen = concept_features(concept, args.precision)
     d = load_dictionary(DICTIONARY)
     pipe = pipeline_for(spec)
     layer = pipe.text_encoder.layers[d.where.layer]
     start = time.perf_counter()
     fields, _ = judge_erasure(spec, pipe, None, lambda: features_edited(layer, d, zero_features(chosen["units"])))
     e, b = fields["erased_rate"], fields["erased_rate_before"]
-    result = {"concept": concept, "features": chosen["units"], "caption_f1": chosen["f1"], "images": spec.images,
+    result = {"concept": concept, "features": chosen["units"], "union": chosen["union"], "union_f1": chosen["union_f1"],
+              "precision": args.precision, "images": spec.images,
               "before": b, "after": e, "kept_rate": fields["kept_rate"], "kept": fields["kept"],
               "seconds": round(time.perf_counter() - start, 1)}
     table = ("| method | red shown: templates | held-out phrasings | adversarial search | others kept |\n"
              "|---|---|---|---|---|\n"
              f"| before (unedited) | {b['templates']:.2f} | {b['heldout']:.2f} | – | 1.00 |\n"
-             f"| ablate features {chosen['units']} | {e['templates']:.2f} | {e['heldout']:.2f} | "
+             f"| ablate {len(chosen['units'])} features (precision ≥ {args.precision}) | {e['templates']:.2f} | {e['heldout']:.2f} | "
              f"{'n/a' if e['adversarial'] is None else format(e['adversarial'], '.2f')} | {fields['kept_rate']:.2f} |\n")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "table.md", table.encode())

@@ -79,3 +79,29 @@ def test_erase_red_on_the_scenes_testbed_is_judged_three_ways(pipe, tmp_path):
     assert set(report["kept"]) >= {"green", "blue", "circle", "square"}
     assert report["adversarial"]["attacks"][0]["adversarial"].endswith("a red circle")
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_ablating_the_red_features_of_the_shipped_dictionary_erases_red_with_no_weight_edit(pipe):
+    """The caption dictionary reads the states the adapter reads. Ablating nothing leaves the UNet's
+    context bit for bit; ablating the features selective for red (precision >= 0.35 on the shipped
+    training-phrasing captions) stops red being drawn for "a red circle" and keeps blue."""
+    from interventions.features.dictionary import load_dictionary
+    from interventions.features.splice import features_edited, zero_features
+    from recipes.studies.feature_erasure import DICTIONARY, concept_features
+
+    d = load_dictionary(DICTIONARY)
+    layer = pipe.text_encoder.layers[d.where.layer]
+    plain = pipe.encode(["a red circle", "a blue square"])
+    with features_edited(layer, d, zero_features([])):
+        assert torch.equal(pipe.encode(["a red circle", "a blue square"]), plain)
+    red = concept_features("red", 0.35)["units"]
+    seeds = [9_000_000 + i for i in range(4)]
+    evaluator = pipe.meta["evaluator"]
+    before = pipe.generate(["a red circle"] * 4 + ["a blue square"] * 4, seeds * 2)
+    with features_edited(layer, d, zero_features(red)):
+        after = pipe.generate(["a red circle"] * 4 + ["a blue square"] * 4, seeds * 2)
+    assert float(evaluator.shows(before[:4], "red").float().mean()) >= 0.5
+    assert float(evaluator.shows(after[:4], "red").float().mean()) <= 0.25
+    assert float(evaluator.shows(after[4:], "blue").float().mean()) >= float(evaluator.shows(before[4:], "blue")
+                                                                                  .float().mean()) - 0.25
+    assert not layer._forward_hooks
