@@ -289,7 +289,8 @@ def test_kind_features_reports_top_features_per_token_as_plain_hooks_compute_the
         values, index = f[p].topk(3)
         assert [u for u, _ in cell["top"]] == [int(i) for v, i in zip(values, index) if v > 0]
     assert [c["concept"] for c in report["concepts"]] == sorted(words) and len(report["features"]) == 4
-    assert set(report["concepts"][0]) >= {"feature", "neuron"} and 0 <= report["concepts"][0]["feature"]["f1"] <= 1
+    assert set(report["concepts"][0]) >= {"feature", "features", "neuron", "probe"}
+    assert all(0 <= row[k]["f1"] <= 1 for row in report["concepts"] for k in ("feature", "features", "neuron", "probe"))
     (tiny_folder / "features.yaml").write_text(json.dumps(spec.model_dump(mode="json", exclude_none=True)))
     assert main(["run", str(tiny_folder / "features.yaml"), "--out", str(tiny_folder / "out")]) == 0
     assert json.loads((tiny_folder / "out" / "report.json").read_text())["concepts"] == report["concepts"]
@@ -331,3 +332,14 @@ def test_the_scoped_hook_edits_as_the_pyvene_node_does_and_leaves_no_hook(tiny_l
         plain = model(ids).logits
     assert torch.allclose(hooked, out.logits, atol=1e-6) and not torch.allclose(hooked, plain, atol=1e-3)
     assert not layer._forward_hooks
+
+
+def test_the_probe_column_finds_a_linearly_separable_concept():
+    from interventions.features.readout import probe_scores
+
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(16, generator=g)
+    states = [torch.randn(5, 16, generator=g) for _ in range(120)]
+    labels = torch.tensor([[bool(float(s[1:].mean(0) @ direction) > 0)] for s in states])
+    (found,) = probe_scores(states, labels, torch.arange(0, 80), torch.arange(80, 120))
+    assert found["f1"] >= 0.9 and set(found) == {"precision", "recall", "f1"}
