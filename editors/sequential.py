@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from editors.delta import DeltaError, content_hash, integrity_hash, load_delta, relative_norms, verify
 from editors.evaluate import fluency, perplexity, prefers_each, top1_accuracy
 from interventions.core.atomic import atomic_save_file, atomic_write
 from interventions.core.errors import SpecError, short
 from interventions.core.paths import RECIPES
-from interventions.core.reading import read_json, read_text, regular_file
+from interventions.core.reading import read_json, read_safetensors, read_text
 from interventions.spec import BATCH_METHODS, spec_to_dict
 
 #: The held-out text whose perplexity the curves track, shipped with the fact sets.
@@ -204,11 +203,7 @@ def load_checkpoint(spec, model):
 
 def _read_keys(path: Path, folder: Path) -> dict:
     """AlphaEdit's earlier keys: ``previous.<layer>`` tensors, finite."""
-    regular_file(path, "sequential.resume", f"{CHECKPOINT_KEYS} of a checkpoint")
-    try:
-        keys = load_file(str(path))
-    except Exception as err:   # noqa: BLE001 - safetensors raises several types for damaged files
-        raise _refuse(folder, f"a readable {CHECKPOINT_KEYS} ({short(str(err))})") from None
+    _, keys = read_safetensors(path, "sequential.resume", f"the {CHECKPOINT_KEYS} of a checkpoint")
     if not all(k.startswith("previous.") and k.split(".", 1)[1].isdecimal() and v.is_floating_point()
                and bool(torch.isfinite(v).all()) for k, v in keys.items()):
         raise _refuse(folder, f"a {CHECKPOINT_KEYS} holding finite `previous.<layer>` tensors")

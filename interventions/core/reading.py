@@ -121,6 +121,18 @@ def depth(value: Any) -> int:
     return deepest
 
 
+def read_safetensors(path: str | Path, field: str, what: str) -> tuple[dict[str, str], dict]:
+    """``(metadata, tensors)`` of a regular safetensors file; a damaged one is one `SpecError`."""
+    from safetensors import safe_open
+
+    regular_file(path, field, what)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:   # noqa: BLE001 - safetensors raises several types for damaged files
+        raise SpecError(field, str(path), f"{what}, readable ({short(str(err))})") from None
+
+
 def read_image(path: str | Path, field: str, what: str = "an image file"):
     """A Pillow RGB image from a regular file: a known format, at most `MAX_PIXELS`, decoded whole."""
     from PIL import Image

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from interventions.core.errors import SpecError, short
-from interventions.core.reading import read_json, regular_file
+from interventions.core.errors import SpecError
+from interventions.core.reading import read_json, read_safetensors
 from interventions.engine.result import Result
 
 
@@ -38,16 +38,9 @@ def correlation(a: Result, b: Result, grid: str) -> float:
 def saved_grids(folder: str | Path, field: str = "result") -> tuple[str | None, dict[str, torch.Tensor]]:
     """A saved result's kind (from result.json) and grids (indirect effects for traces, from
     result.safetensors); a folder that is not a whole `lesion run` result is one `SpecError`."""
-    from safetensors.torch import load_file
-
     what = "a result folder written by `lesion run` (result.json and result.safetensors)"
-    path = regular_file(Path(folder) / "result.safetensors", field, what)
     meta = read_json(Path(folder) / "result.json", field, what)
-    try:
-        tensors = load_file(str(path))
-    except Exception as err:   # noqa: BLE001 - safetensors raises several types for damaged files
-        raise SpecError(field, str(folder), f"{what}; its result.safetensors is damaged ({short(str(err))})") \
-            from None
+    _, tensors = read_safetensors(Path(folder) / "result.safetensors", field, what)
     names = [k for k in tensors if "." not in k and k not in ("clean_prob", "corrupted_prob")]
     grids = {k: tensors.get(f"{k}.indirect_effect", tensors[k]) for k in names}
     if not grids or not all(g.is_floating_point() for g in grids.values()):

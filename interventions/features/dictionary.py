@@ -32,7 +32,7 @@ from torch import nn
 
 from interventions.core.atomic import atomic_folder
 from interventions.core.errors import SpecError, short
-from interventions.core.reading import read_json, regular_file
+from interventions.core.reading import read_json, read_safetensors
 from interventions.core.tagged import broken_seal, seal
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
@@ -200,15 +200,8 @@ def _config_fields(cfg, folder: Path, field: str) -> tuple[int, int, str]:
 
 
 def _read_weights(path: Path, field: str, what: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    from safetensors import safe_open
-
-    regular_file(path, field, what)
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get("lesion_dictionary")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:   # noqa: BLE001 - safetensors raises several types for damaged files
-        raise SpecError(field, str(path), f"{what}; its weights file is damaged ({short(str(err))})") from None
+    meta, tensors = read_safetensors(path, field, what)
+    raw = meta.get("lesion_dictionary")
     if raw is None:
         return tensors, None
     try:

@@ -26,7 +26,7 @@ from interventions.lenses.steering import FORMAT_VERSION, SteeringVector
 from interventions.models.sites import site_table
 
 
-def _unit_states(model, tokenizer, encs, d: Dictionary | None, layer: int, neurons: bool) -> dict[str, list]:
+def unit_states(model, tokenizer, encs, d: Dictionary | None, layer: int, neurons: bool) -> dict[str, list]:
     """Per example ``Float[Tensor, "tokens units"]``: the dictionary's features, the MLP neurons."""
     out = {}
     if d is not None:
@@ -64,7 +64,7 @@ def spec_units(spec, model) -> tuple[Dictionary | None, int]:
     return d, layer
 
 
-def _pooled(acts: list[torch.Tensor], pool: str) -> torch.Tensor:
+def pooled(acts: list[torch.Tensor], pool: str) -> torch.Tensor:
     """``[examples, units]``: each example's largest activation after its first token (or its last)."""
     if pool == "last":
         return torch.stack([a[-1] for a in acts])
@@ -75,23 +75,22 @@ def _marked(tokens: list[str], at: int) -> str:
     return "".join(f"⟦{t}⟧" if i == at else t for i, t in enumerate(tokens)).replace("Ġ", " ").replace("▁", " ")
 
 
-def _describe(acts: list[torch.Tensor], tokens: list[list[str]], units: list[int], top: int) -> list[dict]:
-    """Each unit's top examples (its largest activation in the example, at which token)."""
-    pooled = torch.stack([a.max(0).values for a in acts])
+def _describe(acts: list[torch.Tensor], highest: torch.Tensor, tokens: list[list[str]], units: list[int],
+              top: int) -> list[dict]:
+    """Each unit's top examples (`highest`: its largest activation per example; at which token)."""
     rows = []
     for u in units:
         examples = []
-        for i, value in max_activating(pooled, u, top):
+        for i, value in max_activating(highest, u, top):
             at = int(acts[i][:, u].argmax())
             examples.append({"example": i, "token": at, "activation": value, "text": _marked(tokens[i], at)})
-        rows.append({"unit": u, "active_share": round(float((pooled[:, u] > 0).float().mean()), 4),
+        rows.append({"unit": u, "active_share": round(float((highest[:, u] > 0).float().mean()), 4),
                      "examples": examples})
     return rows
 
 
-def _chosen(kind: str, acts: list[torch.Tensor], n: int) -> list[int]:
-    pooled = torch.stack([a.max(0).values for a in acts])
-    score = (pooled > 0).float().sum(0) if kind == "feature" else pooled.abs().max(0).values
+def _chosen(kind: str, highest: torch.Tensor, n: int) -> list[int]:
+    score = (highest > 0).float().sum(0) if kind == "feature" else highest.abs().max(0).values
     return [int(u) for u in score.argsort(descending=True)[:n]]
 
 
@@ -111,7 +110,7 @@ def probe_scores(states: list[torch.Tensor], labels: torch.Tensor, fit: torch.Te
     return out
 
 
-def _concepts(spec, units: dict[str, list]) -> list[dict]:
+def concept_rows(spec, units: dict[str, list]) -> list[dict]:
     names = sorted({c for e in spec.examples for c in e.concepts})
     if not names:
         return []
@@ -120,17 +119,17 @@ def _concepts(spec, units: dict[str, list]) -> list[dict]:
     random.Random(spec.seed).shuffle(order)
     cut = max(2, min(len(order) - 2, round(len(order) * (1 - spec.heldout))))
     fit, test = torch.tensor(sorted(order[:cut])), torch.tensor(sorted(order[cut:]))
-    best = {kind: best_units(_pooled(acts, spec.pool), labels, fit, test, dense=kind == "neuron")
+    best = {kind: best_units(pooled(acts, spec.pool), labels, fit, test, dense=kind == "neuron")
             for kind, acts in units.items() if kind != "state"}
     if "feature" in units:
-        best["features"] = best_union(_pooled(units["feature"], spec.pool), labels, fit, test)
+        best["features"] = best_union(pooled(units["feature"], spec.pool), labels, fit, test)
         best["probe"] = probe_scores(units["state"], labels, fit, test)
     rows = [{"concept": c, "examples": int(labels[:, j].sum()), **{kind: best[kind][j] for kind in best}}
             for j, c in enumerate(names)]
     if "feature" in units:                     # the feature's typical size where it fires: a steering scale
-        pooled = _pooled(units["feature"], spec.pool)
+        per_example = pooled(units["feature"], spec.pool)
         for row in rows:
-            on = pooled[:, row["feature"]["unit"]]
+            on = per_example[:, row["feature"]["unit"]]
             row["feature"]["mean_active"] = round(float(on[on > 0].mean()), 4) if bool((on > 0).any()) else 0.0
     return rows
 
@@ -142,7 +141,7 @@ def run_features(spec, model, tokenizer, units: tuple[Dictionary | None, int] | 
     d, layer = units or spec_units(spec, model)
     encs = [encode(tokenizer, e.prompt, field=f"examples[{i}].prompt") for i, e in enumerate(spec.examples)]
     tokens = [tokenizer.convert_ids_to_tokens(list(e.ids)) for e in encs]
-    states = _unit_states(model, tokenizer, encs, d, layer, spec.neurons)
+    states = unit_states(model, tokenizer, encs, d, layer, spec.neurons)
     report = {"model": spec.model, "dictionary": spec.dictionary, "layer": layer, "examples": len(encs),
               "site": d.where.site if d else "mlp_key", "pool": spec.pool}
     if d is not None:
@@ -151,8 +150,10 @@ def run_features(spec, model, tokenizer, units: tuple[Dictionary | None, int] | 
                             for f, toks in zip(states["feature"], tokens)]
     for kind, acts in states.items():
         if kind != "state":
-            report[f"{kind}s"] = _describe(acts, tokens, _chosen(kind, acts, spec.describe), spec.max_examples)
-    report["concepts"] = _concepts(spec, states)
+            highest = torch.stack([a.max(0).values for a in acts])
+            report[f"{kind}s"] = _describe(acts, highest, tokens, _chosen(kind, highest, spec.describe),
+                                           spec.max_examples)
+    report["concepts"] = concept_rows(spec, states)
     return report
 
 

@@ -33,7 +33,7 @@ from interventions.core.conventions import answer_id
 from interventions.core.errors import SpecError, short
 from interventions.core.prompts import Encoded, encode, model_inputs, pad_token_id
 from interventions.core.prompts import columns as position_columns
-from interventions.core.reading import regular_file
+from interventions.core.reading import read_safetensors
 from interventions.core.tagged import broken_seal, seal
 from interventions.engine.plan import resolve_layers
 from interventions.engine.pv import CollectStates, build_graph
@@ -168,15 +168,8 @@ class TunedLens(nn.Module):
 
 def load_tuned_lens(path: str | Path, model, *, field: str = "tuned") -> TunedLens:
     """A tuned lens file, sealed, whole, finite, and checked against `model` (width and layer count)."""
-    from safetensors import safe_open
-
-    p = regular_file(Path(path).expanduser(), field, "a tuned lens file (written by `lesion train-lens`)")
-    try:
-        with safe_open(str(p), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:   # noqa: BLE001 - safetensors raises several types for damaged files
-        raise SpecError(field, str(path), f"a tuned lens safetensors file ({err.__class__.__name__})") from None
+    meta, tensors = read_safetensors(Path(path).expanduser(), field,
+                                     "a tuned lens file (written by `lesion train-lens`)")
     if meta.get("format") != "lesion-tuned-lens":
         raise SpecError(field, str(path), "a tuned lens file (its metadata says format lesion-tuned-lens)")
     broken = broken_seal(meta, tensors)

@@ -25,7 +25,7 @@ from interventions import load_model, load_spec
 from interventions.core.atomic import atomic_write
 from interventions.core.prompts import encode
 from interventions.features.dictionary import load_dictionary
-from interventions.features.readout import run_features, spec_units
+from interventions.features.readout import spec_units
 from interventions.features.splice import features_edited, zero_features
 from recipes.jobs.run_text_to_image import judge_erasure, pipeline_for
 
@@ -38,19 +38,19 @@ def concept_features(concept: str, precision: float) -> dict:
     on at least 3 captions, at least `precision` of them holding the concept (a caption's largest
     activation after its first token); and the concept's detection union, for reference."""
     from interventions.features.describe import detection_scores
-    from interventions.features.readout import _pooled, _unit_states
+    from interventions.features.readout import concept_rows, pooled, unit_states
 
     spec = load_spec(CAPTIONS)
     model, tokenizer = load_model(spec.model)
     d, layer = spec_units(spec, model)
-    report = run_features(spec, model, tokenizer, (d, layer))
     encs = [encode(tokenizer, e.prompt, field="examples") for e in spec.examples]
-    pooled = _pooled(_unit_states(model, tokenizer, encs, d, layer, False)["feature"], spec.pool)
+    states = unit_states(model, tokenizer, encs, d, layer, False)          # collected once, used twice
+    acts = pooled(states["feature"], spec.pool)
     labels = torch.tensor([[concept in e.concepts] for e in spec.examples])
-    scores = detection_scores(pooled, labels)
-    fired = (pooled > 0).sum(0)
+    scores = detection_scores(acts, labels)
+    fired = (acts > 0).sum(0)
     chosen = [int(u) for u in torch.nonzero((scores["precision"][:, 0] >= precision) & (fired >= 3)).flatten()]
-    union = next(row["features"] for row in report["concepts"] if row["concept"] == concept)
+    union = next(row["features"] for row in concept_rows(spec, states) if row["concept"] == concept)
     return {"units": chosen, "union": union["units"], "union_f1": union["f1"]}
 
 
