@@ -16,7 +16,10 @@ torch.Size([1, 30, 10])
 from __future__ import annotations
 
 from interventions.core.errors import SpecError
+from interventions.core.runtime import input_device
 from interventions.engine import execute, plan
+from interventions.features.dictionary import load_dictionary
+from interventions.features.readout import check_dictionary
 from interventions.modalities.vision_language.llava import vlm_prompts
 
 #: spec.modality -> the function that turns the spec's prompts into the engine's prompts
@@ -32,11 +35,27 @@ def preparer(spec):
                                                    "(text-to-image traces run in their own loop)") from None
 
 
+def unit_axes(spec, model) -> tuple[plan.UnitAxis, ...]:
+    """The spec's feature grid (`features:`), its dictionary loaded and checked against `model`; () without one."""
+    site = getattr(spec, "features", None)
+    if site is None:
+        return ()
+    d = load_dictionary(site.dictionary, "features.dictionary")
+    check_dictionary(d, model, "features.dictionary")
+    units = tuple(range(d.d_sae)) if site.features == "all" else site.features
+    for i, f in enumerate(units):
+        if f >= d.d_sae:
+            raise SpecError(f"features.features[{i}]", f, f"a feature of the dictionary, in [0, {d.d_sae - 1}]")
+    d = d.requires_grad_(False).to(input_device(model))
+    return (plan.UnitAxis(site.name, d.where.site, d.where.layer, units, d),)
+
+
 def compile_spec(spec, model, tokenizer, **options) -> plan.Plan:
-    """`interventions.engine.plan.compile_spec` with the preparer for the spec's modality."""
-    return plan.compile_spec(spec, model, tokenizer, prepare=preparer(spec), **options)
+    """`interventions.engine.plan.compile_spec` with the preparer for the spec's modality and its feature grid."""
+    return plan.compile_spec(spec, model, tokenizer, prepare=preparer(spec), units=unit_axes(spec, model), **options)
 
 
 def run(spec, model, tokenizer, **options):
-    """`interventions.engine.execute.run` with the preparer for the spec's modality: the `Result`."""
-    return execute.run(spec, model, tokenizer, prepare=preparer(spec), **options)
+    """`interventions.engine.execute.run` with the preparer for the spec's modality and its feature grid: the
+    `Result`."""
+    return execute.run(spec, model, tokenizer, prepare=preparer(spec), units=unit_axes(spec, model), **options)

@@ -57,12 +57,20 @@ def _panel(fig, ax, result, name, i, record, plt):
     ax.set_yticks(range(n), labels, fontsize=7)
     step = max(1, len(grid.layers) // 10)
     ax.set_xticks(range(0, len(grid.layers), step), [str(x) for x in grid.layers[::step]], fontsize=7)
-    ax.set_xlabel("layer" + (" (window centre)" if name in ("mlp", "attention") else ""), fontsize=8)
+    ax.set_xlabel(axis_label(grid, name), fontsize=8)
     what = TITLES.get(name, name)
     ax.set_title(f"{what}\n{record['prompt'][:48]} → {record['answer']!r}", fontsize=8)
     bar = fig.colorbar(im, ax=ax, fraction=0.05)
     bar.ax.tick_params(labelsize=7)
     bar.set_label(f"p({record['answer'].strip()})" if grid.metric == "prob" else grid.metric, fontsize=7)
+
+
+def axis_label(grid, name: str) -> str:
+    """What a grid panel's horizontal axis counts: layers (window centres for `mlp` and `attention`) or a
+    dictionary's features at one layer."""
+    if grid.axis == "feature":
+        return f"feature (at layer {grid.layer})"
+    return "layer" + (" (window centre)" if name in ("mlp", "attention") else "")
 
 
 def image_grid(panels: list[tuple[str, object]], row_labels: list[str], path: str | Path, *,
@@ -217,7 +225,7 @@ def vlm_trace_heatmap(result, images: list, path: str | Path, *, max_prompts: in
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
             step = max(1, len(grid.layers) // 10)
             ax.set_xticks(range(0, len(grid.layers), step), [str(x) for x in grid.layers[::step]], fontsize=7)
-            ax.set_xlabel("layer" + (" (window centre)" if name in ("mlp", "attention") else ""), fontsize=8)
+            ax.set_xlabel(axis_label(grid, name), fontsize=8)
             ax.set_title(f"{TITLES.get(name, name)}, {how}\n{record['prompt'][:44]} → {record['answer']!r}",
                          fontsize=8)
             bar = fig.colorbar(im, ax=ax, fraction=0.05)

@@ -45,7 +45,7 @@ def assemble_result(plan: Plan, acc: dict, baseline: torch.Tensor, clean_probs: 
         for i, n in enumerate(lengths):
             values[i, :, n:] = float("nan")
         grids[name] = Grid(name=name, site=axes.site, metric=axes.metric, layers=list(axes.layers),
-                           values=values, lengths=lengths)
+                           values=values, lengths=lengths, axis=axes.axis, layer=axes.layer)
     config = plan.model.config
     meta = {"sigma": plan.sigma, "rows": plan.num_rows, "variants": plan.variants, "processes": world()[1],
             "chunks": len(plan.chunks), "prompt_blocks": len(plan.blocks), "memory_budget": plan.memory,

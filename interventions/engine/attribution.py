@@ -17,7 +17,9 @@ plain attribution patching), and multiplied by the same state difference a_sourc
 
 For the embeddings themselves this is integrated gradients, whose terms over all positions add up
 to m(source) − m(base) as k grows (tested). Cost: k forwards and backwards per prompt.
-A window of layers, or a column of several positions, is the sum of its members' terms.
+A window of layers, or a column of several positions, is the sum of its members' terms. A feature
+(a `features:` grid) moves its site's state along its decoder row, so its term is
+``(a_source[u] − a_base[u]) · (∂m/∂x · W_dec[u])``.
 The grids have the exact engine's layout and meaning (patched metric, so a trace's indirect
 effect is value − corrupted probability), and `meta.method` says "attribution".
 
@@ -119,9 +121,10 @@ def _metric_tensor(metric: str, logits: torch.Tensor, target: int, counterfactua
     raise ValueError(f"`metric`: {metric!r} has no first-order attribution; use 'prob' or 'logit_diff'")
 
 
-def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, processor=None) -> Result:
-    """Every grid of `spec` by attribution patching (see the module docstring); `prepare` as in `compile_spec`."""
-    plan = compile_spec(spec, model, tokenizer, prepare=prepare, processor=processor)
+def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, processor=None, units: tuple = ()) -> Result:
+    """Every grid of `spec` by attribution patching (see the module docstring); `prepare` and `units` as in
+    `compile_spec`."""
+    plan = compile_spec(spec, model, tokenizer, prepare=prepare, processor=processor, units=units)
     nodes = _sites_needed(plan)
     device = input_device(model)
     trace = is_trace(spec)
@@ -166,17 +169,37 @@ def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, process
                     states = {node: _wide(run[node].detach()) for node in nodes}
                 for node in nodes:
                     grads[node] = grads.get(node, 0) + _wide(run[node].grad) / steps
-            # per (site, layer): Σ_d (a_source − a_base)·grad, averaged over the rows: [T]
-            terms = {node: ((_wide(source[node]) - states[node]) * grads[node]).sum(-1).mean(0).double().cpu()
-                     for node in nodes}
-            for cell in cells[i]:
-                acc[cell.grid][i, cell.layer_index, cell.column] = baseline[i] + sum(
-                    float(terms[(cell.site, l)][list(cell.positions)].sum()) for l in (cell.layers or (None,)))
+            _fill(acc, i, cells[i], float(baseline[i]), nodes, units, source, states, grads)
     result = assemble_result(plan, acc, baseline, clean_probs, base_top1)
     result.meta.update(method="attribution", steps=steps, rows=len(plan.prompts) * (steps * plan.variants + 1),
                        forward_passes=len(plan.prompts) * (steps + 1), backward_passes=len(plan.prompts) * steps)
     result.meta.pop("cells_equal_to_baseline", None)
     return result
+
+
+def _fill(acc: dict, i: int, cells: list, baseline: float, nodes, units, source: dict, states: dict,
+          grads: dict) -> None:
+    """Prompt `i`'s cells: the baseline plus the first-order terms of the states (and features) each restores."""
+    # per (site, layer): Σ_d (a_source − a_base)·grad, averaged over the rows: [T]
+    terms = {node: ((_wide(source[node]) - states[node]) * grads[node]).sum(-1).mean(0).double().cpu()
+             for node in nodes}
+    features = {u.name: _feature_terms(u, source, states, grads) for u in units}
+    for cell in cells:
+        if cell.grid in features:
+            value = float(features[cell.grid][list(cell.positions), cell.layer_index].sum())
+        else:
+            value = sum(float(terms[(cell.site, l)][list(cell.positions)].sum()) for l in (cell.layers or (None,)))
+        acc[cell.grid][i, cell.layer_index, cell.column] = baseline + value
+
+
+def _feature_terms(axis, source: dict, states: dict, grads: dict) -> torch.Tensor:
+    """``Float[Tensor, "T units"]``: each feature's first-order term at each position, averaged over the rows,
+    ``(a_source[u] − a_base[u]) · (grad · W_dec[u])``: a feature moves the state along its decoder row, the
+    dictionary's error held fixed."""
+    node, basis = (axis.site, axis.layer), axis.basis
+    weight = basis.W_dec[list(axis.units)]
+    acts = [basis.encode(x.to(weight.dtype))[..., list(axis.units)] for x in (source[node], states[node])]
+    return ((acts[0] - acts[1]) * (grads[node].to(weight.dtype) @ weight.T)).mean(0).double().cpu()
 
 
 def _final_logits(model, embeds: torch.Tensor) -> torch.Tensor:

@@ -38,14 +38,14 @@ log = logging.getLogger(__name__)
 
 def run(spec, model, tokenizer, *, prepare=language_prompts, processor=None, max_batch_rows: int | None = None,
         progress: bool | None = None, share_prefix: bool = True, skip_layers: bool = True,
-        memory: int | None = None) -> Result:
+        memory: int | None = None, units: tuple = ()) -> Result:
     """Compile and run a trace or patch `spec` on a model the caller already has (`method: attribution`
     included). `prepare`: the prompt preparer for the spec's modality (see `compile_spec`);
-    `processor`: a VLM's image processor."""
+    `processor`: a VLM's image processor; `units`: feature grids (`plan.UnitAxis`)."""
     if getattr(spec, "method", "exact") == "attribution":
-        return run_attribution(spec, model, tokenizer, prepare=prepare, processor=processor)
+        return run_attribution(spec, model, tokenizer, prepare=prepare, processor=processor, units=units)
     plan = compile_spec(spec, model, tokenizer, prepare=prepare, processor=processor, max_batch_rows=max_batch_rows,
-                        share_prefix=share_prefix, skip_layers=skip_layers, memory=memory)
+                        share_prefix=share_prefix, skip_layers=skip_layers, memory=memory, units=units)
     return run_plan(plan, progress=progress)
 
 

@@ -35,7 +35,7 @@ from interventions.core.errors import SpecError
 from interventions.core.memory import Costs
 from interventions.core.prompts import Encoded, check_aligned, columns, encode
 from interventions.core.units import human
-from interventions.engine.pv import AddIntervention, CollectStates, RestoreIntervention, build_graph
+from interventions.engine.pv import AddIntervention, CollectStates, RestoreIntervention, UnitRestore, build_graph
 from interventions.models.sites import SiteTable, site_table
 from interventions.spec import TRACE_SITES, PatchSpec, TraceSpec
 
@@ -55,6 +55,22 @@ class Cell:
     column: int
     layers: tuple[int, ...]
     positions: tuple[int, ...]
+    unit: int = 0          # the pyvene subspace the cell restores: 0 (the whole state), or a feature
+
+
+@dataclass(frozen=True)
+class UnitAxis:
+    """A grid whose rows are units of a basis at one site and layer: a dictionary's features.
+
+    A cell restores one unit's source activation and keeps the rest of the base state
+    (``x + (a_source[u] - a_base[u]) W_dec[u]``, `pv.UnitRestore`); `basis` has ``encode(x)``
+    (``... d -> ... n``) and ``W_dec`` (``n d``), as `interventions.features.Dictionary` does."""
+
+    name: str
+    site: str
+    layer: int
+    units: tuple[int, ...]
+    basis: torch.nn.Module
 
 
 @dataclass(frozen=True)
@@ -84,8 +100,10 @@ class Prompt:
 class GridAxes:
     name: str
     site: str
-    layers: tuple[int, ...]        # the layer axis: model layer indices (0 for `embed`)
+    layers: tuple[int, ...]        # the row axis: model layer indices (0 for `embed`), or the units
     metric: str
+    axis: str = "layer"            # what the rows are: "layer", or "feature" (a `UnitAxis`)
+    layer: int | None = None       # a feature grid's one layer
 
 
 @dataclass
@@ -121,8 +139,8 @@ class Plan:
     table: SiteTable
     prompts: list[Prompt]
     grids: dict[str, GridAxes]
-    graphs: dict[str, object]           # site -> IntervenableModel
-    nodes: dict[str, list[tuple[str, int | None]]]   # site -> (node site, layer) per intervention
+    graphs: dict[str, object]           # site (a feature grid: its name) -> IntervenableModel
+    nodes: dict[str, list[tuple[str, int | None]]]   # the same keys -> (node site, layer) per intervention
     collect_graph: object
     collect_nodes: list[tuple[str, int | None]]
     chunks: list[Chunk]
@@ -147,14 +165,15 @@ class Plan:
         return {"base": [self._node_locations(chunk, node, table) for node in self.nodes[chunk.graph]]}
 
     def subspaces(self, chunk: Chunk) -> list:
-        """Per node, per row: ``[0]`` where the row's cell restores this node, ``[]`` elsewhere."""
+        """Per node, per row: ``[unit]`` where the row's cell restores this node (0, or a feature), ``[]``
+        elsewhere."""
         out, table = [], _restoring(chunk)
         for site, layer in self.nodes[chunk.graph]:
             if site == "noise":
                 out.append(None)
                 continue
             on = table.get((site, layer), ())
-            out.append([[0] if b in on else [] for b in range(len(chunk.rows))])
+            out.append([[r.cell.unit] if b in on else [] for b, r in enumerate(chunk.rows)])
         return out
 
     def noised(self, chunk: Chunk, row: Row) -> list[int]:
@@ -213,7 +232,7 @@ language_prompts.modality = "language"
 
 def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_prompts, processor=None,
                  max_batch_rows: int | None = None, share_prefix: bool = True, skip_layers: bool = True,
-                 memory: int | None = None) -> Plan:
+                 memory: int | None = None, units: tuple[UnitAxis, ...] = ()) -> Plan:
     """Compile a trace or patch spec for `model` into a `Plan`. Raises `SpecError` for inputs the model
     cannot take.
 
@@ -226,6 +245,7 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
     beyond the weights: 35% for the states of the prompts in flight, 35% for one forward
     pass, the rest headroom. Chunks hold at most `max_batch_rows` rows either way.
     `processor`: a VLM's image processor, for image files (None: raw pixels in [0, 1]).
+    `units`: feature grids beside the spec's site grids (the front door builds them from `spec.features`).
     """
     if getattr(prepare, "modality", None) != spec.modality:
         raise TypeError(f"compile_spec: the preparer {getattr(prepare, '__name__', prepare)!r} is not for "
@@ -238,8 +258,12 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
     for site in grid_sites.values():
         table.component(site, 0)   # unknown site for this family -> SpecError
     grids, cells = _grid_cells(spec, table, prompts, grid_sites, layers, num_layers)
+    unit_grids, unit_cells = _unit_cells(spec, prompts, units)
+    grids, cells = {**grids, **unit_grids}, {**cells, **unit_cells}
     noise, sigma, variants = _noise(spec, model, table, prompts)
-    nodes, graphs, collect_nodes, collect_graph = _graphs(model, table, grid_sites, cells, prompts, noise is not None)
+    nodes, graphs, collect_nodes, collect_graph = _graphs(model, table, grid_sites, cells, prompts, noise is not None,
+                                                          units)
+    grid_sites = {**grid_sites, **{u.name: u.name for u in units}}     # grid -> its graph's key
     diverge = [first_difference(p, noise is not None) for p in prompts]
     noop = [c for name in cells for c in cells[name] if max(c.positions) < diverge[c.prompt]]
     cells = {name: [c for c in cells[name] if max(c.positions) >= diverge[c.prompt]] for name in cells}
@@ -269,6 +293,17 @@ def _grid_cells(spec, table: SiteTable, prompts: list[Prompt], grid_sites: dict,
     return grids, cells
 
 
+def _unit_cells(spec, prompts: list[Prompt], units: tuple[UnitAxis, ...]):
+    """Each feature grid's axes, and its cells: one per (prompt, unit, column), at the grid's one layer."""
+    grids, cells = {}, {}
+    for u in units:
+        grids[u.name] = GridAxes(u.name, u.site, u.units, "prob" if is_trace(spec) else spec.metric, "feature", u.layer)
+        cells[u.name] = [Cell(u.name, u.site, pi, ui, ci, (u.layer,), cols[1], unit)
+                         for pi, p in enumerate(prompts) for ui, unit in enumerate(u.units)
+                         for ci, cols in enumerate(p.columns)]
+    return grids, cells
+
+
 def _noise(spec, model, table: SiteTable, prompts: list[Prompt]):
     """A noise trace's seeded noise per prompt, its sigma and its number of draws; `(None, None, 1)` otherwise."""
     if not (is_trace(spec) and spec.corruption in ("noise", "text")):
@@ -277,18 +312,23 @@ def _noise(spec, model, table: SiteTable, prompts: list[Prompt]):
     return [draw_noise(spec, p, sigma, _embed_dim(model, table)) for p in prompts], sigma, spec.samples
 
 
-def _graphs(model, table: SiteTable, grid_sites: dict, cells: dict, prompts: list[Prompt], noised: bool):
-    """Per site, the nodes its rows restore (plus the noise node) and their pyvene graph; and the graph
-    that collects every needed clean state in one pass."""
+def _graphs(model, table: SiteTable, grid_sites: dict, cells: dict, prompts: list[Prompt], noised: bool,
+            units: tuple[UnitAxis, ...] = ()):
+    """Per site (a feature grid: per grid name), the nodes its rows restore (plus the noise node) and their
+    pyvene graph; and the graph that collects every needed clean state in one pass."""
     # prompts run as embeddings (a VLM's image features merged in) have no embedding lookup to corrupt:
     # their noise is added where the embeddings enter the first layer, which is the same tensor
     noise_at = (EMBED, None) if prompts[0].source.embeds is None else ("block_input", 0)
+    noise = [("noise", None)] if noised else []
     nodes, graphs = {}, {}
     for name, site in grid_sites.items():
         used = sorted({layer for c in cells[name] for layer in c.layers}) if table.is_layered(site) else [None]
-        nodes[site] = ([("noise", None)] if noised else []) + [(site, layer) for layer in used]
+        nodes[site] = noise + [(site, layer) for layer in used]
         graphs[site] = build_graph(model, [_node(table, n, noise_at) for n in nodes[site]])
-    collect_nodes = [n for site in nodes for n in nodes[site] if n[0] != "noise"]
+    for u in units:
+        nodes[u.name] = noise + [(u.site, u.layer)]
+        graphs[u.name] = build_graph(model, [_node(table, n, noise_at, u.basis) for n in nodes[u.name]])
+    collect_nodes = list(dict.fromkeys(n for key in nodes for n in nodes[key] if n[0] != "noise"))
     collect_graph = build_graph(model, [(table.component(s, l), CollectStates()) for s, l in collect_nodes])
     return nodes, graphs, collect_nodes, collect_graph
 
@@ -327,11 +367,11 @@ def first_difference(prompt: Prompt, noised: bool) -> int:
     return same.index(False) if False in same else len(same)
 
 
-def _node(table: SiteTable, node, noise_at: tuple[str, int | None]):
+def _node(table: SiteTable, node, noise_at: tuple[str, int | None], basis: torch.nn.Module | None = None):
     site, layer = node
     if site == "noise":
         return table.component(*noise_at), AddIntervention()
-    return table.component(site, layer), RestoreIntervention()
+    return table.component(site, layer), RestoreIntervention() if basis is None else UnitRestore(basis)
 
 
 #: Without a memory budget: the baseline states held at once; prompts run in blocks under it.

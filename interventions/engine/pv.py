@@ -6,6 +6,8 @@ compiled graph is stateless and can be driven directly:
 - `RestoreIntervention`: copy the cached clean state (``source_representations``)
   into the base run. ``subspaces[b]`` is pyvene's per-example subspace list over a
   single partition (the whole vector): ``[0]`` restores row ``b``, ``[]`` leaves it.
+- `UnitRestore`: the same for one unit of a basis (a dictionary's feature) per row, the rest of
+  the base state kept; ``subspaces[b]`` is ``[unit]``.
 - `AddIntervention`: add the source (e.g. seeded embedding noise) to the base.
 - `CollectStates`: return the states at the unit locations (multi-position safe).
 
@@ -61,6 +63,40 @@ class RestoreIntervention(Intervention, LocalistRepresentationIntervention):
 
     def __str__(self):
         return "RestoreIntervention()"
+
+
+class UnitRestore(Intervention, LocalistRepresentationIntervention):
+    """Restore one unit of a basis (a dictionary's feature) from the source, row by row, and keep the
+    rest of the base state: ``x + (a_source[u] - a_base[u]) W_dec[u]`` with ``a = basis.encode(x)``, so
+    the dictionary's reconstruction error and every other feature stay the base run's.
+
+    ``subspaces[b]``: ``[u]`` restores unit ``u`` in row ``b``; ``[]`` leaves the row bit for bit.
+    """
+
+    def __init__(self, basis: torch.nn.Module, **kwargs):
+        super().__init__(keep_last_dim=True, **kwargs)
+        self.basis = basis
+
+    def forward(self, base, source, subspaces=None, **kwargs):
+        if subspaces is None:
+            raise ValueError("UnitRestore needs subspaces: [unit] for each row it restores, [] for the others")
+        rows = [b for b, s in enumerate(subspaces) if s]
+        if not rows:
+            return base
+        basis = self.basis
+        weight = basis.W_dec
+        units = torch.tensor([subspaces[b][0] for b in rows], device=weight.device)
+        index = torch.tensor(rows, device=base.device)
+        x = base[index].to(weight.device, weight.dtype)
+        a_base, a_source = basis.encode(x), basis.encode(source[index].to(weight.device, weight.dtype))
+        pick = units.view(-1, 1, 1).expand(-1, x.shape[1], 1)
+        change = (a_source.gather(-1, pick) - a_base.gather(-1, pick)) * weight[units][:, None, :]
+        out = base.clone()
+        out[index] = base[index] + change.to(base.device, base.dtype)
+        return out
+
+    def __str__(self):
+        return "UnitRestore()"
 
 
 class AddIntervention(Intervention, LocalistRepresentationIntervention):

@@ -23,7 +23,8 @@ AXES = ("prompt", "layer", "position")
 
 @dataclass
 class Grid:
-    """``values``: ``Float[Tensor, "prompt layer position"]``, NaN beyond each prompt's `lengths`."""
+    """``values``: ``Float[Tensor, "prompt layer position"]``, NaN beyond each prompt's `lengths`. A feature
+    grid's rows are features (`axis` "feature"; `layers` then holds the feature indices, all at `layer`)."""
 
     name: str
     site: str
@@ -31,6 +32,8 @@ class Grid:
     layers: list[int]
     values: torch.Tensor
     lengths: list[int]
+    axis: str = "layer"
+    layer: int | None = None
 
     def nested(self, values: torch.Tensor | None = None) -> list:
         """[prompt][layer][position] lists, each prompt cut to its own length."""
@@ -57,8 +60,10 @@ class Result:
 
         grids = {}
         for name, grid in self.grids.items():
-            grids[name] = {"site": grid.site, "metric": grid.metric, "axes": list(AXES),
-                           "layers": grid.layers, "values": grid.nested()}
+            grids[name] = {"site": grid.site, "metric": grid.metric, "axes": ["prompt", grid.axis, "position"]}
+            grids[name].update({"layers": grid.layers} if grid.axis == "layer" else
+                               {"layer": grid.layer, "features": grid.layers})
+            grids[name]["values"] = grid.nested()
             if self.kind == "trace":
                 grids[name]["indirect_effect"] = grid.nested(self.indirect_effect(name))
         return {"kind": self.kind, "model": self.model, "spec": spec_to_dict(self.spec),

@@ -66,7 +66,7 @@ from interventions.spec.edit_specs import (
 )
 from interventions.spec.feature_specs import FeatureExample, FeaturesSpec
 from interventions.spec.file import load_yaml, read_spec_text
-from interventions.spec.grid_specs import PatchPrompt, PatchSpec, TracePrompt, TraceSpec
+from interventions.spec.grid_specs import FeatureSite, PatchPrompt, PatchSpec, TracePrompt, TraceSpec
 from interventions.spec.lens_specs import (
     KNOCKOUT_SOURCES,
     PROBE_POSITIONS,
@@ -109,7 +109,7 @@ __all__ = [
     "HYPERPARAMETERS", "ONE_LAYER_METHODS", "AlphaEditHyperparameters", "EditMethod", "EditRequestSpec",
     "EditSpec", "EmmetHyperparameters", "LocateSpec", "MemitHyperparameters", "RequestsFile",
     "RomeHyperparameters", "SequentialSpec", "check_hyperparameters", "overrides_schema", "load_yaml",
-    "read_spec_text", "PatchPrompt", "PatchSpec", "TracePrompt", "TraceSpec", "KNOCKOUT_SOURCES",
+    "read_spec_text", "FeatureSite", "PatchPrompt", "PatchSpec", "TracePrompt", "TraceSpec", "KNOCKOUT_SOURCES",
     "PROBE_POSITIONS", "VLM_KNOCKOUT_SOURCES", "KnockoutSpec", "LensPrompt", "LensSpec", "ProbeExample",
     "ProbeSpec", "VLMKnockoutSpec", "VLMLensPrompt", "VLMLensSpec", "VLMProbeExample", "VLMProbeSpec",
     "FeatureExample", "FeaturesSpec", "APPLY_TO", "STEER_SITES", "ApplySpec", "SteerPair", "SteerSpec", "AttackSpec", "DaamSpec",

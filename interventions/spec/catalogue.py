@@ -19,7 +19,7 @@ from interventions.core.errors import SpecError, one_of
 from interventions.spec.edit_specs import EditRequestSpec, EditSpec, LocateSpec, RequestsFile, SequentialSpec
 from interventions.spec.feature_specs import FeatureExample, FeaturesSpec
 from interventions.spec.file import load_yaml, read_spec_text
-from interventions.spec.grid_specs import PatchPrompt, PatchSpec, TracePrompt, TraceSpec
+from interventions.spec.grid_specs import FeatureSite, PatchPrompt, PatchSpec, TracePrompt, TraceSpec
 from interventions.spec.lens_specs import (
     KnockoutSpec,
     LensPrompt,
@@ -92,7 +92,7 @@ _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
                                    SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec,
                                    LensPrompt, VLMLensPrompt, VLMProbeExample, RequestsFile, SequentialSpec, AttackSpec,
-                                   FeatureExample)
+                                   FeatureExample, FeatureSite)
                   for name in cls.model_fields})
 
 

@@ -53,6 +53,34 @@ class PatchPrompt(SpecModel):
         default=None, description="Substring of `base`; needed by `subject*` positions.")
 
 
+#: The most features one grid may have rows for.
+MAX_GRID_FEATURES = 512
+
+
+class FeatureSite(SpecModel):
+    """A grid whose rows are a dictionary's features: each cell restores one feature's source (clean)
+    activation at the column's positions, at the dictionary's own site and layer, and keeps everything
+    else of the base run's state, the dictionary's reconstruction error included."""
+
+    dictionary: Name = Field(description="A SAELens dictionary folder (from `lesion train-dictionary`, or "
+                             "made elsewhere) at a residual, MLP or attention output of this model.")
+    features: Literal["all"] | tuple[Int, ...] = Field(min_length=1, max_length=MAX_GRID_FEATURES, description=(
+        f"The features, one grid row each (indices into the dictionary), at most {MAX_GRID_FEATURES}; or `all` "
+        "with `method: attribution`, which estimates every feature from one backward pass per prompt."))
+    name: Name = Field(default="features", description="The grid's name in the result (not a site name).")
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v):
+        if v == "all":
+            return v
+        if any(f < 0 for f in v):
+            raise ValueError(f"feature indices are at least 0, got {min(v)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"features must not repeat, got {list(v)}")
+        return v
+
+
 class GridCore(SpecModel):
     """What every trace and patch grid takes, whatever the model."""
 
@@ -70,6 +98,22 @@ class GridCore(SpecModel):
     steps: Int = Field(default=1, ge=1, le=256, description=(
         "`method: attribution`: average the gradients at this many points on the straight path from the base "
         "(corrupted) input embeddings to the source (clean) ones, as EAP-IG does; 1 is plain attribution patching."))
+
+    features: FeatureSite | None = Field(default=None, description=(
+        "A grid of a dictionary's features beside the site grids: one row per feature, restored alone "
+        "(see `FeatureSite`)."))
+
+    @model_validator(mode="after")
+    def _feature_grid(self):
+        if self.features is None:
+            return self
+        if self.features.name in (*SITE_NAMES, *TRACE_SITES, *getattr(self, "sites", ())):
+            raise ValueError(f"`features.name`: {self.features.name!r} names a site grid; give the feature grid "
+                             "another name")
+        if self.features.features == "all" and self.method != "attribution":
+            raise ValueError("`features.features: all` is for `method: attribution` (exact patching would run one "
+                             f"row per feature and cell); name at most {MAX_GRID_FEATURES} features for `method: exact`")
+        return self
 
     @model_validator(mode="after")
     def _steps_need_attribution(self):

@@ -22,6 +22,7 @@ from interventions.features.splice import (
     zero_features,
 )
 from interventions.features.training import fit, train_dictionary
+from support.models import random_dictionary
 from support.reference import hooks, module
 
 PROMPTS = ["the eiffel tower is located in the city of paris", "the colosseum is in rome which is the capital of italy"]
@@ -46,16 +47,6 @@ def test_training_recovers_planted_sparse_directions(architecture, l1, lr):
         found = directions @ (d.W_dec / d.W_dec.norm(dim=1, keepdim=True)).T
     assert float(found.max(1).values.min()) >= 0.95           # every planted direction has a feature
     assert state["tokens"] == 6 * 20000 // 256 * 256
-
-
-def random_dictionary(architecture: str, d_in: int = 32, d_sae: int = 64, seed: int = 0, **extra) -> Dictionary:
-    g = torch.Generator().manual_seed(seed)
-    d = Dictionary(d_in, d_sae, architecture, k=8 if architecture == "topk" else None,
-                   where=Where("block_output", 1, "tiny"), **extra)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return d
 
 
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])

@@ -74,3 +74,16 @@ def make_vlm_pair():
         lm.get_input_embeddings().weight.copy_(vlm.get_input_embeddings().weight)
         lm.lm_head.weight.copy_(vlm.lm_head.weight)
     return lm, vlm, tok
+
+
+def random_dictionary(architecture: str, d_in: int = 32, d_sae: int = 64, seed: int = 0, layer: int = 1, **extra):
+    """A seeded feature dictionary of the tiny models' width at `block_output` of `layer`."""
+    from interventions.features.dictionary import Dictionary, Where
+
+    g = torch.Generator().manual_seed(seed)
+    d = Dictionary(d_in, d_sae, architecture, k=8 if architecture == "topk" else None,
+                   where=Where("block_output", layer, "tiny"), **extra)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return d
