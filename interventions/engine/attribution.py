@@ -193,13 +193,18 @@ def _fill(acc: dict, i: int, cells: list, baseline: float, nodes, units, source:
 
 
 def _feature_terms(axis, source: dict, states: dict, grads: dict) -> torch.Tensor:
-    """``Float[Tensor, "T units"]``: each feature's first-order term at each position, averaged over the rows,
-    ``(a_source[u] − a_base[u]) · (grad · W_dec[u])``: a feature moves the state along its decoder row, the
-    dictionary's error held fixed."""
-    node, basis = (axis.site, axis.layer), axis.basis
-    weight = basis.W_dec[list(axis.units)]
-    acts = [basis.encode(x.to(weight.dtype))[..., list(axis.units)] for x in (source[node], states[node])]
-    return ((acts[0] - acts[1]) * (grads[node].to(weight.dtype) @ weight.T)).mean(0).double().cpu()
+    """``Float[Tensor, "T rows"]``: each grid row's first-order term at each position, averaged over the
+    batch rows, ``(a_source[u] − a_base[u]) · (grad · W_dec[u])`` summed over the row's features: a feature
+    moves the state along its decoder row, the dictionary's error held fixed."""
+    node, basis, rows = (axis.site, axis.layer), axis.basis, axis.rows()
+    units = sorted({u for row in rows for u in row})
+    weight = basis.W_dec[units]
+    acts = [basis.encode(x.to(weight.dtype))[..., units] for x in (source[node], states[node])]
+    terms = ((acts[0] - acts[1]) * (grads[node].to(weight.dtype) @ weight.T)).mean(0).double().cpu()
+    if all(len(row) == 1 for row in rows) and [row[0] for row in rows] == units:
+        return terms
+    column = {u: i for i, u in enumerate(units)}          # a row of several features: the sum of their terms
+    return torch.stack([terms[:, [column[u] for u in row]].sum(-1) for row in rows], dim=-1)
 
 
 def _final_logits(model, embeds: torch.Tensor) -> torch.Tensor:

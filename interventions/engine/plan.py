@@ -55,22 +55,27 @@ class Cell:
     column: int
     layers: tuple[int, ...]
     positions: tuple[int, ...]
-    unit: int = 0          # the pyvene subspace the cell restores: 0 (the whole state), or a feature
+    units: tuple[int, ...] = (0,)   # the pyvene subspaces the cell restores: 0 (the whole state), or features
 
 
 @dataclass(frozen=True)
 class UnitAxis:
     """A grid whose rows are units of a basis at one site and layer: a dictionary's features.
 
-    A cell restores one unit's source activation and keeps the rest of the base state
-    (``x + (a_source[u] - a_base[u]) W_dec[u]``, `pv.UnitRestore`); `basis` has ``encode(x)``
-    (``... d -> ... n``) and ``W_dec`` (``n d``), as `interventions.features.Dictionary` does."""
+    A cell restores one row's units (a feature, or several together) from the source and keeps the
+    rest of the base state (``x + Σ_u (a_source[u] - a_base[u]) W_dec[u]``, `pv.UnitRestore`); `basis`
+    has ``encode(x)`` (``... d -> ... n``) and ``W_dec`` (``n d``), as `interventions.features.Dictionary`
+    does. `units`: per row, a unit or a tuple of units."""
 
     name: str
     site: str
     layer: int
-    units: tuple[int, ...]
+    units: tuple[int | tuple[int, ...], ...]
     basis: torch.nn.Module
+
+    def rows(self) -> list[tuple[int, ...]]:
+        """Each row's units as a tuple."""
+        return [u if isinstance(u, tuple) else (u,) for u in self.units]
 
 
 @dataclass(frozen=True)
@@ -165,15 +170,15 @@ class Plan:
         return {"base": [self._node_locations(chunk, node, table) for node in self.nodes[chunk.graph]]}
 
     def subspaces(self, chunk: Chunk) -> list:
-        """Per node, per row: ``[unit]`` where the row's cell restores this node (0, or a feature), ``[]``
-        elsewhere."""
+        """Per node, per row: the row's units where its cell restores this node (``[0]``, or its features),
+        ``[]`` elsewhere."""
         out, table = [], _restoring(chunk)
         for site, layer in self.nodes[chunk.graph]:
             if site == "noise":
                 out.append(None)
                 continue
             on = table.get((site, layer), ())
-            out.append([[r.cell.unit] if b in on else [] for b, r in enumerate(chunk.rows)])
+            out.append([list(r.cell.units) if b in on else [] for b, r in enumerate(chunk.rows)])
         return out
 
     def noised(self, chunk: Chunk, row: Row) -> list[int]:
@@ -298,8 +303,8 @@ def _unit_cells(spec, prompts: list[Prompt], units: tuple[UnitAxis, ...]):
     grids, cells = {}, {}
     for u in units:
         grids[u.name] = GridAxes(u.name, u.site, u.units, "prob" if is_trace(spec) else spec.metric, "feature", u.layer)
-        cells[u.name] = [Cell(u.name, u.site, pi, ui, ci, (u.layer,), cols[1], unit)
-                         for pi, p in enumerate(prompts) for ui, unit in enumerate(u.units)
+        cells[u.name] = [Cell(u.name, u.site, pi, ui, ci, (u.layer,), cols[1], row)
+                         for pi, p in enumerate(prompts) for ui, row in enumerate(u.rows())
                          for ci, cols in enumerate(p.columns)]
     return grids, cells
 

@@ -66,11 +66,11 @@ class RestoreIntervention(Intervention, LocalistRepresentationIntervention):
 
 
 class UnitRestore(Intervention, LocalistRepresentationIntervention):
-    """Restore one unit of a basis (a dictionary's feature) from the source, row by row, and keep the
-    rest of the base state: ``x + (a_source[u] - a_base[u]) W_dec[u]`` with ``a = basis.encode(x)``, so
-    the dictionary's reconstruction error and every other feature stay the base run's.
+    """Restore units of a basis (a dictionary's features) from the source, row by row, and keep the
+    rest of the base state: ``x + Σ_u (a_source[u] - a_base[u]) W_dec[u]`` with ``a = basis.encode(x)``,
+    so the dictionary's reconstruction error and every other feature stay the base run's.
 
-    ``subspaces[b]``: ``[u]`` restores unit ``u`` in row ``b``; ``[]`` leaves the row bit for bit.
+    ``subspaces[b]``: the units row ``b`` restores (``[u]``, or several); ``[]`` leaves the row bit for bit.
     """
 
     def __init__(self, basis: torch.nn.Module, **kwargs):
@@ -85,12 +85,17 @@ class UnitRestore(Intervention, LocalistRepresentationIntervention):
             return base
         basis = self.basis
         weight = basis.W_dec
-        units = torch.tensor([subspaces[b][0] for b in rows], device=weight.device)
+        width = max(len(subspaces[b]) for b in rows)        # rows with fewer units repeat their first, masked
+        units = torch.tensor([subspaces[b] + subspaces[b][:1] * (width - len(subspaces[b])) for b in rows],
+                             device=weight.device)
+        used = torch.tensor([[k < len(subspaces[b]) for k in range(width)] for b in rows], device=weight.device)
         index = torch.tensor(rows, device=base.device)
         x = base[index].to(weight.device, weight.dtype)
         a_base, a_source = basis.encode(x), basis.encode(source[index].to(weight.device, weight.dtype))
-        pick = units.view(-1, 1, 1).expand(-1, x.shape[1], 1)
-        change = (a_source.gather(-1, pick) - a_base.gather(-1, pick)) * weight[units][:, None, :]
+        pick = units[:, None, :].expand(-1, x.shape[1], -1)                       # (rows, units, width)
+        delta = (a_source.gather(-1, pick) - a_base.gather(-1, pick)) * used[:, None, :]
+        change = delta[..., None].mul(weight[units][:, None]).sum(-2) if width > 1 else \
+            delta * weight[units[:, 0]][:, None, :]
         out = base.clone()
         out[index] = base[index] + change.to(base.device, base.dtype)
         return out

@@ -20,7 +20,7 @@ from interventions.core.errors import SpecError
 from interventions.core.prompts import encode
 from interventions.features.describe import best_union, best_units, detection_scores, max_activating
 from interventions.features.dictionary import Dictionary, load_dictionary
-from interventions.lenses.lens import collect_states
+from interventions.lenses.lens import collect_states, prepare
 from interventions.lenses.probe import fit_logistic
 from interventions.lenses.steering import FORMAT_VERSION, SteeringVector
 from interventions.models.sites import site_table
@@ -64,11 +64,36 @@ def spec_units(spec, model) -> tuple[Dictionary | None, int]:
     return d, layer
 
 
-def pooled(acts: list[torch.Tensor], pool: str) -> torch.Tensor:
-    """``[examples, units]``: each example's largest activation after its first token (or its last)."""
+def pooled(acts: list[torch.Tensor], pool: str, skip_first: bool = True) -> torch.Tensor:
+    """``[examples, units]``: each example's largest activation after its first token (every one read, when
+    not `skip_first`: a VLM's image tokens), or its last."""
     if pool == "last":
         return torch.stack([a[-1] for a in acts])
-    return torch.stack([(a[1:] if len(a) > 1 else a).max(0).values for a in acts])
+    return torch.stack([(a[1:] if skip_first and len(a) > 1 else a).max(0).values for a in acts])
+
+
+def skips_first(spec) -> bool:
+    """Whether an example's first token is left out of its pooled activations: yes, unless only a VLM's
+    image tokens are read (the first token of a prompt is an outlier of huge norm; an image token is not)."""
+    return getattr(spec, "positions", "all") != "image"
+
+
+def read_examples(spec, model, tokenizer, processor=None) -> tuple[list, list[list[str]], list | None]:
+    """Each example's encoding (image merged in, for a VLM), its token labels, and the positions read:
+    None (every token), or each example's image positions (`positions: image`)."""
+    if spec.modality != "vision-language":
+        encs = [encode(tokenizer, e.prompt, field=f"examples[{i}].prompt") for i, e in enumerate(spec.examples)]
+        return encs, [tokenizer.convert_ids_to_tokens(list(e.ids)) for e in encs], None
+    readings = [prepare(model, tokenizer, e.prompt, field=f"examples[{i}]", processor=processor, image=e.image,
+                        vision=True) for i, e in enumerate(spec.examples)]
+    tokens = [list(r.enc.tokens) for r in readings]
+    for r, toks in zip(readings, tokens):
+        for k, p in enumerate(r.groups["image"]):
+            toks[p] = f"[image {k}]"
+    kept = [list(r.groups["image"]) for r in readings] if spec.positions == "image" else None
+    if kept is not None:
+        tokens = [[toks[p] for p in keep] for toks, keep in zip(tokens, kept)]
+    return [r.enc for r in readings], tokens, kept
 
 
 def _marked(tokens: list[str], at: int) -> str:
@@ -94,11 +119,13 @@ def _chosen(kind: str, highest: torch.Tensor, n: int) -> list[int]:
     return [int(u) for u in score.argsort(descending=True)[:n]]
 
 
-def probe_scores(states: list[torch.Tensor], labels: torch.Tensor, fit: torch.Tensor, test: torch.Tensor) -> list[dict]:
+def probe_scores(states: list[torch.Tensor], labels: torch.Tensor, fit: torch.Tensor, test: torch.Tensor,
+                 skip_first: bool = True) -> list[dict]:
     """Per concept, a logistic probe (L2 1, standardised features; `lenses.probe.fit_logistic`) on each
-    example's mean state after its first token at the dictionary's site, fitted on `fit`, with its
-    precision, recall and F1 on `test`: the direction a probe finds, beside the best units."""
-    x = torch.stack([(s[1:] if len(s) > 1 else s).mean(0) for s in states]).double()
+    example's mean state after its first token (or over every token read, when not `skip_first`) at the
+    dictionary's site, fitted on `fit`, with its precision, recall and F1 on `test`: the direction a probe
+    finds, beside the best units."""
+    x = torch.stack([(s[1:] if skip_first and len(s) > 1 else s).mean(0) for s in states]).double()
     mean, std = x[fit].mean(0), x[fit].std(0).clamp_min(1e-6)
     z = (x - mean) / std
     out = []
@@ -119,15 +146,16 @@ def concept_rows(spec, units: dict[str, list]) -> list[dict]:
     random.Random(spec.seed).shuffle(order)
     cut = max(2, min(len(order) - 2, round(len(order) * (1 - spec.heldout))))
     fit, test = torch.tensor(sorted(order[:cut])), torch.tensor(sorted(order[cut:]))
-    best = {kind: best_units(pooled(acts, spec.pool), labels, fit, test, dense=kind == "neuron")
+    skip = skips_first(spec)
+    best = {kind: best_units(pooled(acts, spec.pool, skip), labels, fit, test, dense=kind == "neuron")
             for kind, acts in units.items() if kind != "state"}
     if "feature" in units:
-        best["features"] = best_union(pooled(units["feature"], spec.pool), labels, fit, test)
-        best["probe"] = probe_scores(units["state"], labels, fit, test)
+        best["features"] = best_union(pooled(units["feature"], spec.pool, skip), labels, fit, test)
+        best["probe"] = probe_scores(units["state"], labels, fit, test, skip)
     rows = [{"concept": c, "examples": int(labels[:, j].sum()), **{kind: best[kind][j] for kind in best}}
             for j, c in enumerate(names)]
     if "feature" in units:                     # the feature's typical size where it fires: a steering scale
-        per_example = pooled(units["feature"], spec.pool)
+        per_example = pooled(units["feature"], spec.pool, skip)
         for row in rows:
             on = per_example[:, row["feature"]["unit"]]
             row["feature"]["mean_active"] = round(float(on[on > 0].mean()), 4) if bool((on > 0).any()) else 0.0
@@ -135,15 +163,18 @@ def concept_rows(spec, units: dict[str, list]) -> list[dict]:
 
 
 @torch.no_grad()
-def run_features(spec, model, tokenizer, units: tuple[Dictionary | None, int] | None = None) -> dict:
+def run_features(spec, model, tokenizer, units: tuple[Dictionary | None, int] | None = None,
+                 processor=None) -> dict:
     """The report of a `kind: features` spec (see the module docstring); `units`: `spec_units`'s answer,
-    when the caller has it already."""
+    when the caller has it already; `processor`: a VLM's image processor."""
     d, layer = units or spec_units(spec, model)
-    encs = [encode(tokenizer, e.prompt, field=f"examples[{i}].prompt") for i, e in enumerate(spec.examples)]
-    tokens = [tokenizer.convert_ids_to_tokens(list(e.ids)) for e in encs]
+    encs, tokens, kept = read_examples(spec, model, tokenizer, processor)
     states = unit_states(model, tokenizer, encs, d, layer, spec.neurons)
+    if kept is not None:                      # only the image tokens are read
+        states = {kind: [a[keep] for a, keep in zip(acts, kept)] for kind, acts in states.items()}
     report = {"model": spec.model, "dictionary": spec.dictionary, "layer": layer, "examples": len(encs),
-              "site": d.where.site if d else "mlp_key", "pool": spec.pool}
+              "site": d.where.site if d else "mlp_key", "pool": spec.pool,
+              "positions": getattr(spec, "positions", "all")}
     if d is not None:
         report["tokens"] = [[{"token": t, "top": [[int(i), round(float(v), 4)] for v, i in zip(*f[p].topk(spec.top))
                                                   if v > 0]} for p, t in enumerate(toks)]

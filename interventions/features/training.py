@@ -5,7 +5,8 @@
 
 - **Activations** come through the same pyvene collection the lenses use (`collect_states`), text by
   text, every position but the first (the first token's state is an outlier of huge norm in most
-  language models; SAELens and Gemma Scope leave it out too). They fill a buffer of at most
+  language models; SAELens and Gemma Scope leave it out too); or, with another `read` (a VLM's
+  images, `interventions.features.images`), the positions it names. They fill a buffer of at most
   `buffer_tokens` rows, which is shuffled and consumed before the next one is collected, so memory
   stays bounded whatever the corpus size. A share of the texts is held out for the report.
 - **Scale**: activations are scaled by one constant so that their mean squared norm is ``d_in``
@@ -31,26 +32,41 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from interventions.core.prompts import encode
+from interventions.core.prompts import Encoded, encode
 from interventions.features.dictionary import Dictionary, Where
 from interventions.features.splice import spliced_losses
 from interventions.lenses.lens import collect_states
 
+#: Reads a batch of inputs: each input's encoding and the positions whose states are kept.
+Read = Callable[[list], list[tuple[Encoded, list[int]]]]
+#: A dictionary's downstream losses on held-out inputs: ``{"clean", "spliced", "zero"}`` (mean cross-entropy).
+Losses = Callable[[Dictionary, list], dict[str, float]]
 
-def stream_activations(model, tokenizer, texts: list[str], where: Where, *, buffer_tokens: int,
-                       seed: int = 0, texts_per_pass: int = 192) -> Iterator[torch.Tensor]:
+
+def text_reader(tokenizer) -> Read:
+    """Texts, read at every position but the first."""
+    def read(texts: list[str]) -> list[tuple[Encoded, list[int]]]:
+        encs = [encode(tokenizer, t, field="texts") for t in texts]
+        return [(e, list(range(1, len(e)))) for e in encs if len(e) > 1]
+    return read
+
+
+def stream_activations(model, tokenizer, texts: list, where: Where, *, buffer_tokens: int,
+                       seed: int = 0, texts_per_pass: int = 192, read: Read | None = None) -> Iterator[torch.Tensor]:
     """Shuffled buffers ``Float[Tensor, "tokens d"]`` of at most `buffer_tokens` rows, each filled by
-    collecting `where` over the next texts (positions 1 onward), until the texts run out."""
+    collecting `where` over the next inputs at the positions `read` keeps (texts: 1 onward), until the
+    inputs run out."""
+    read = read or text_reader(tokenizer)
     g = torch.Generator().manual_seed(seed)
     pending: list[torch.Tensor] = []
     held = 0
     for lo in range(0, len(texts), texts_per_pass):
-        encs = [e for e in (encode(tokenizer, t, field="texts") for t in texts[lo:lo + texts_per_pass]) if len(e) > 1]
-        if not encs:
+        got = read(texts[lo:lo + texts_per_pass])
+        if not got:
             continue
-        states, _ = collect_states(model, tokenizer, encs, [where.layer], site=where.site)
-        for s in states:
-            pending.append(s[0, 1:])
+        states, _ = collect_states(model, tokenizer, [e for e, _ in got], [where.layer], site=where.site)
+        for s, (_, keep) in zip(states, got):
+            pending.append(s[0, keep])
             held += len(pending[-1])
         while held >= buffer_tokens:
             rows = torch.cat(pending)
@@ -161,20 +177,22 @@ def fit(buffers: Iterable[torch.Tensor], d_in: int, *, features: int, architectu
     return d.eval(), {k: v for k, v in state.items() if k not in ("opt", "since")}
 
 
-def train_dictionary(model, tokenizer, texts: list[str], where: Where, *, heldout: float = 0.1, epochs: int = 1,
-                     buffer_tokens: int = 65536, seed: int = 0, **options) -> tuple[Dictionary, dict]:
+def train_dictionary(model, tokenizer, texts: list, where: Where, *, heldout: float = 0.1, epochs: int = 1,
+                     buffer_tokens: int = 65536, seed: int = 0, read: Read | None = None,
+                     losses: Losses | None = None, **options) -> tuple[Dictionary, dict]:
     """Train on the activations of `texts` (all but the held-out share), `epochs` passes, streamed in
-    buffers of at most `buffer_tokens` rows (`options`: `fit`'s); see the module docstring. Returns
-    the dictionary and its report on the held-out texts."""
+    buffers of at most `buffer_tokens` rows (`options`: `fit`'s); see the module docstring. `read` and
+    `losses` replace the text reader and the next-token losses for other inputs (a VLM's images).
+    Returns the dictionary and its report on the held-out inputs."""
     width = model.config.get_text_config(decoder=True).hidden_size
     cut = max(1, int(len(texts) * (1 - heldout)))
     train, test = texts[:cut], texts[cut:] or texts[-1:]
     start = time.perf_counter()
     with _frozen(model):
         buffers = _epochs(lambda: stream_activations(model, tokenizer, train, where, buffer_tokens=buffer_tokens,
-                                                     seed=seed), epochs, seed)
+                                                     seed=seed, read=read), epochs, seed)
         d, state = fit(buffers, width, where=where, seed=seed, **options)
-        report = evaluate_dictionary(d, model, tokenizer, test)
+        report = evaluate_dictionary(d, model, tokenizer, test, read=read, losses=losses)
     report.update(architecture=d.architecture, features=d.d_sae, k=d.k, train_texts=len(train), heldout_texts=len(test),
                   train_tokens=state["tokens"], steps=state["step"], resampled=state["resampled"], seed=seed,
                   seconds=round(time.perf_counter() - start, 1),
@@ -249,14 +267,17 @@ def fold_scale(d: Dictionary, scale: float) -> None:
 
 
 @torch.no_grad()
-def evaluate_dictionary(d: Dictionary, model, tokenizer, texts: list[str], *, max_tokens: int = 8192) -> dict:
-    """L0, explained variance and dead share on `texts`' activations, and the loss recovered."""
-    rows = torch.cat(list(stream_activations(model, tokenizer, texts, d.where, buffer_tokens=max_tokens)))[:max_tokens]
+def evaluate_dictionary(d: Dictionary, model, tokenizer, texts: list, *, max_tokens: int = 8192,
+                        read: Read | None = None, losses: Losses | None = None) -> dict:
+    """L0, explained variance and dead share on `texts`' activations (as `read` keeps them), and the loss
+    recovered (`losses`; default: next-token losses on the texts, `splice.spliced_losses`)."""
+    rows = torch.cat(list(stream_activations(model, tokenizer, texts, d.where, buffer_tokens=max_tokens,
+                                             read=read)))[:max_tokens]
     f = d.encode(rows)
     recon = d.decode(f)
     residual = (rows - recon).pow(2).sum()
     total = (rows - rows.mean(0)).pow(2).sum()
-    losses = spliced_losses(d, model, tokenizer, texts)
+    losses = (losses or (lambda d, texts: spliced_losses(d, model, tokenizer, texts)))(d, texts)
     gap = losses["zero"] - losses["clean"]        # undefined when zero-ablating the site costs nothing
     recovered = None if gap < 1e-3 else round((losses["zero"] - losses["spliced"]) / gap, 4)
     return {"heldout_tokens": len(rows), "l0": round(float((f > 0).sum(-1).float().mean()), 2),

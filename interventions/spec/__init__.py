@@ -64,7 +64,7 @@ from interventions.spec.edit_specs import (
     check_hyperparameters,
     overrides_schema,
 )
-from interventions.spec.feature_specs import FeatureExample, FeaturesSpec
+from interventions.spec.feature_specs import FeatureExample, FeaturesSpec, VLMFeatureExample, VLMFeaturesSpec
 from interventions.spec.file import load_yaml, read_spec_text
 from interventions.spec.grid_specs import FeatureSite, PatchPrompt, PatchSpec, TracePrompt, TraceSpec
 from interventions.spec.lens_specs import (
@@ -112,7 +112,7 @@ __all__ = [
     "read_spec_text", "FeatureSite", "PatchPrompt", "PatchSpec", "TracePrompt", "TraceSpec", "KNOCKOUT_SOURCES",
     "PROBE_POSITIONS", "VLM_KNOCKOUT_SOURCES", "KnockoutSpec", "LensPrompt", "LensSpec", "ProbeExample",
     "ProbeSpec", "VLMKnockoutSpec", "VLMLensPrompt", "VLMLensSpec", "VLMProbeExample", "VLMProbeSpec",
-    "FeatureExample", "FeaturesSpec", "APPLY_TO", "STEER_SITES", "ApplySpec", "SteerPair", "SteerSpec", "AttackSpec", "DaamSpec",
+    "FeatureExample", "FeaturesSpec", "VLMFeatureExample", "VLMFeaturesSpec", "APPLY_TO", "STEER_SITES", "ApplySpec", "SteerPair", "SteerSpec", "AttackSpec", "DaamSpec",
     "DiffusionApplySpec", "DiffusionTraceSpec", "EraseConcept", "EraseSpec", "VLM_PATCH_SITES", "VLMEditSpec",
     "VLMLocateSpec", "VLMPatchPrompt", "VLMPatchSpec", "VLMTracePrompt", "VLMTraceSpec",
 ]

@@ -17,7 +17,7 @@ from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from interventions.core.errors import SpecError, one_of
 from interventions.spec.edit_specs import EditRequestSpec, EditSpec, LocateSpec, RequestsFile, SequentialSpec
-from interventions.spec.feature_specs import FeatureExample, FeaturesSpec
+from interventions.spec.feature_specs import FeatureExample, FeaturesSpec, VLMFeatureExample, VLMFeaturesSpec
 from interventions.spec.file import load_yaml, read_spec_text
 from interventions.spec.grid_specs import FeatureSite, PatchPrompt, PatchSpec, TracePrompt, TraceSpec
 from interventions.spec.lens_specs import (
@@ -61,6 +61,7 @@ SPEC_CLASSES = {
     ("knockout", "language"): KnockoutSpec, ("knockout", "vision-language"): VLMKnockoutSpec,
     ("probe", "language"): ProbeSpec, ("probe", "vision-language"): VLMProbeSpec,
     ("daam", "text-to-image"): DaamSpec, ("features", "language"): FeaturesSpec,
+    ("features", "vision-language"): VLMFeaturesSpec,
 }
 KINDS = ("trace", "patch", "edit", "steer", "apply", "erase", "lens", "knockout", "probe", "daam", "features")
 
@@ -92,7 +93,7 @@ _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
                                    SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec,
                                    LensPrompt, VLMLensPrompt, VLMProbeExample, RequestsFile, SequentialSpec, AttackSpec,
-                                   FeatureExample, FeatureSite)
+                                   FeatureExample, VLMFeatureExample, FeatureSite)
                   for name in cls.model_fields})
 
 

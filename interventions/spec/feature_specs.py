@@ -7,7 +7,17 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from interventions.spec.base_specs import DEFAULT_MODEL, Float, Int, LanguageSpec, Name, Seed, SpecModel, Text
+from interventions.spec.base_specs import (
+    DEFAULT_MODEL,
+    VLM_MODEL,
+    Float,
+    Int,
+    LanguageSpec,
+    Name,
+    Seed,
+    SpecModel,
+    Text,
+)
 
 
 class FeatureExample(SpecModel):
@@ -53,3 +63,23 @@ class FeaturesSpec(LanguageSpec):
         if concepts and len(self.examples) < 4:
             raise ValueError("`examples`: scoring concepts needs at least 4 examples (two to fit, two to test)")
         return self
+
+
+class VLMFeatureExample(FeatureExample):
+    """An image, the text after it, and the concepts the image holds."""
+
+    image: Text = Field(description="`flag:<Country>[@<seed>]` or an image file.")
+
+
+class VLMFeaturesSpec(FeaturesSpec):
+    """`kind: features` on a vision-language model's language model: the units are read at the image
+    tokens (or at every token), each example's image placed before its prompt."""
+
+    modality: Literal["vision-language"] = Field(default="vision-language", description=(
+        "A LLaVA-style model; implied by the examples' `image:`."))
+    model: Name = Field(default=VLM_MODEL, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
+    examples: tuple[VLMFeatureExample, ...] = Field(min_length=1, description="The inputs: an image and the text "
+                                                    "after it each.")
+    positions: Literal["image", "all"] = Field(default="image", description=(
+        "Which tokens are read: the image tokens (an example's activation of a unit is then its largest, or with "
+        "`pool: last` the last image token's), or every token (as for a language model)."))

@@ -64,9 +64,11 @@ class FeatureSite(SpecModel):
 
     dictionary: Name = Field(description="A SAELens dictionary folder (from `lesion train-dictionary`, or "
                              "made elsewhere) at a residual, MLP or attention output of this model.")
-    features: Literal["all"] | tuple[Int, ...] = Field(min_length=1, max_length=MAX_GRID_FEATURES, description=(
-        f"The features, one grid row each (indices into the dictionary), at most {MAX_GRID_FEATURES}; or `all` "
-        "with `method: attribution`, which estimates every feature from one backward pass per prompt."))
+    features: Literal["all"] | tuple[Int | tuple[Int, ...], ...] = Field(
+        min_length=1, max_length=MAX_GRID_FEATURES, description=(
+            f"The grid's rows, at most {MAX_GRID_FEATURES}: a feature (an index into the dictionary), or a list of "
+            "features restored together in one row; or `all` with `method: attribution`, every feature, each "
+            "estimated from one backward pass per prompt."))
     name: Name = Field(default="features", description="The grid's name in the result (not a site name).")
 
     @field_validator("features")
@@ -74,10 +76,13 @@ class FeatureSite(SpecModel):
     def _features(cls, v):
         if v == "all":
             return v
-        if any(f < 0 for f in v):
-            raise ValueError(f"feature indices are at least 0, got {min(v)}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"features must not repeat, got {list(v)}")
+        groups = [g if isinstance(g, tuple) else (g,) for g in v]
+        if any(not g for g in groups):
+            raise ValueError("a row's list of features must hold at least one feature")
+        if any(f < 0 for g in groups for f in g):
+            raise ValueError(f"feature indices are at least 0, got {min(f for g in groups for f in g)}")
+        if any(len(set(g)) != len(g) for g in groups) or len({tuple(sorted(g)) for g in groups}) != len(groups):
+            raise ValueError(f"features must not repeat, in a row or as rows, got {[list(g) if isinstance(g, tuple) else g for g in v]}")
         return v
 
 

@@ -19,6 +19,8 @@ def add_parser(sub, parents) -> None:
                     "lines (repeatable); default: texts sampled from the model")
     td.add_argument("--texts", type=positive_int, default=512, help="texts sampled from the model (without --text)")
     td.add_argument("--length", type=positive_int, default=64, help="tokens per sampled text")
+    td.add_argument("--flag-renders", type=positive_int, default=None, help="the flag testbed (--model "
+                    "llava-flags-smollm2): this many jittered renders of every flag, read at the image tokens")
     td.add_argument("--architecture", default="topk", choices=("topk", "standard"))
     td.add_argument("--features", type=positive_int, default=4096)
     td.add_argument("--k", type=positive_int, default=32, help="active features per token (TopK)")

@@ -169,15 +169,14 @@ def check_diffusion_apply(spec) -> str:
 
 
 def check_features(spec) -> str:
-    """features: the dictionary loads and fits the model; the layer exists; the examples tokenize."""
-    from interventions import load_model
-    from interventions.core.prompts import encode
-    from interventions.features.readout import spec_units
+    """features: the dictionary loads and fits the model; the layer exists; the examples tokenize (and their
+    images load)."""
+    from interventions.features.readout import read_examples, spec_units
+    from interventions.modalities.vision_language.llava import load_language_or_vision
 
-    model, tokenizer = load_model(spec.model)
+    model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")
     d, layer = spec_units(spec, model)
-    for i, e in enumerate(spec.examples):
-        encode(tokenizer, e.prompt, field=f"examples[{i}].prompt")
+    read_examples(spec, model, tokenizer, processor)
     return f"{len(spec.examples)} example(s), layer {layer}" + (f", {d.d_sae} features" if d else ", neurons only")
 
 

@@ -64,6 +64,7 @@ RUNNERS: dict[tuple[str, str], Runner] = {
     ("probe", "vision-language"): Runner("run_lenses:probe_job", checks.check_reading),
     ("daam", "text-to-image"): Runner("run_lenses:daam_job", checks.check_daam),
     ("features", "language"): Runner("run_features:features_job", checks.check_features),
+    ("features", "vision-language"): Runner("run_features:features_job", checks.check_features),
 }
 #: The optional flags of `lesion run`, as argparse names them, and how the user spells them.
 OPTIONAL_FLAGS = {"device_map": "--device-map", "offload_folder": "--offload-folder", "memory": "--memory",

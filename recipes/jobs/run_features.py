@@ -9,14 +9,14 @@ from interventions.core.atomic import atomic_write
 
 
 def features_job(spec, args, out: Path) -> None:
-    from interventions import load_model
     from interventions.features.readout import concept_table, concept_vectors, run_features, spec_units
+    from interventions.modalities.vision_language.llava import load_language_or_vision
     from interventions.spec import dump_spec
     from interventions.spec.lens_specs import concept_file
 
-    model, tokenizer = load_model(spec.model)
+    model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")
     d, layer = spec_units(spec, model)
-    report = run_features(spec, model, tokenizer, (d, layer))
+    report = run_features(spec, model, tokenizer, (d, layer), processor)
     written = []
     if d is not None and report["concepts"]:
         for concept, vector in concept_vectors(report, d).items():

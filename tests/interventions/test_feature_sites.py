@@ -223,3 +223,33 @@ def test_every_feature_by_attribution_equals_naming_them_all_and_the_study_chunk
     summary = study.compare(whole + 0.001 * torch.randn(whole.shape, generator=torch.Generator().manual_seed(0)),
                             whole, 5)
     assert summary["pearson_r"] > 0.99 and summary["top_overlap"] == 5
+
+
+def test_a_row_of_several_features_restores_them_together(tiny_llama, tmp_path):
+    model, tokenizer = tiny_llama
+    folder = saved(tmp_path, "standard")
+    d = random_dictionary("standard")
+    rows = [3, [3, 7], [0, 12, 40]]
+    spec = patch_spec(folder, metric="logit_diff").model_copy(update={"features": parse_spec(
+        {"kind": "patch", "prompts": PATCHES, "features": {"dictionary": folder, "features": rows}}).features})
+    result = run(spec, model, tokenizer)
+    assert json.loads(json.dumps(result.to_dict()))["grids"]["features"]["features"] == rows
+    base, source = (tokenizer(PATCHES[0][k])["input_ids"] for k in ("base", "source"))
+    record = result.prompts[0]
+    source_states = state(model, source, 1)
+    for r, row in enumerate(rows):
+        units = row if isinstance(row, list) else [row]
+        for pos in range(len(base)):
+            steps = [restore_by_hand(d, source_states, [pos], u) for u in units]
+            want = metric(feature_moved(model, base, 1, [pos], lambda x: sum(s(x) for s in steps)), "logit_diff",
+                          record["answer_id"], record["counterfactual_id"])
+            assert float(result.grids["features"].values[0, r, pos]) == pytest.approx(want, abs=1e-5), (row, pos)
+    estimate = run(spec.model_copy(update={"method": "attribution"}), model, tokenizer).grids["features"].values
+    singles = run(patch_spec(folder, metric="logit_diff", method="attribution"), model, tokenizer).grids["features"].values
+    base_metric = torch.tensor([p["base_metric"] for p in result.prompts])[:, None]
+    by_unit = {u: singles[:, FEATURES.index(u)] - base_metric for u in (3, 0, 12, 40)}
+    assert torch.allclose(estimate[:, 2] - base_metric, by_unit[0] + by_unit[12] + by_unit[40], atol=1e-5, equal_nan=True)
+    with pytest.raises(SpecError, match="must not repeat"):
+        parse_spec({"kind": "patch", "prompts": PATCHES, "features": {"dictionary": folder, "features": [[3, 7], [7, 3]]}})
+    with pytest.raises(SpecError, match="at least one feature"):
+        parse_spec({"kind": "patch", "prompts": PATCHES, "features": {"dictionary": folder, "features": [[]]}})

@@ -29,14 +29,15 @@ def test_train_dictionary_writes_a_folder_saelens_loads(tiny_folder, capsys):
 
 
 @pytest.mark.parametrize("change,field", [(["--layer", "9"], "--layer"), (["--k", "65"], "--k"),
-                                          (["--text", "missing.txt"], "--text[0]"), (["--out", "mine"], "--out")])
+                                          (["--text", "missing.txt"], "--text[0]"), (["--out", "mine"], "--out"),
+                                          (["--flag-renders", "3"], "--flag-renders")])
 def test_bad_options_are_refused_before_training(tiny_folder, capsys, change, field):
     (tiny_folder / "text.txt").write_text(TEXT)
     (tiny_folder / "mine").mkdir()
     (tiny_folder / "mine" / "thesis.tex").write_text("mine")
     options = {"--model": str(tiny_folder / "tiny"), "--layer": "1", "--text": str(tiny_folder / "text.txt"),
                "--features": "64", "--out": str(tiny_folder / "sae")}
-    options[change[0]] = change[1] if change[0] != "--text" and change[0] != "--out" else str(tiny_folder / change[1])
+    options[change[0]] = change[1] if change[0] not in ("--text", "--out") else str(tiny_folder / change[1])
     before = listing(tiny_folder)
     assert main(["train-dictionary", *[x for kv in options.items() for x in kv]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
