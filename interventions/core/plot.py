@@ -56,13 +56,21 @@ def _panel(fig, ax, result, name, i, record, plt):
         labels.append(repr(label)[1:-1] + ("*" if marked else ""))
     ax.set_yticks(range(n), labels, fontsize=7)
     step = max(1, len(grid.layers) // 10)
-    ax.set_xticks(range(0, len(grid.layers), step), [str(x) for x in grid.layers[::step]], fontsize=7)
+    ax.set_xticks(range(0, len(grid.layers), step), [row_label(x) for x in grid.layers[::step]], fontsize=7)
     ax.set_xlabel(axis_label(grid, name), fontsize=8)
     what = TITLES.get(name, name)
     ax.set_title(f"{what}\n{record['prompt'][:48]} → {record['answer']!r}", fontsize=8)
     bar = fig.colorbar(im, ax=ax, fraction=0.05)
     bar.ax.tick_params(labelsize=7)
     bar.set_label(f"p({record['answer'].strip()})" if grid.metric == "prob" else grid.metric, fontsize=7)
+
+
+def row_label(row) -> str:
+    """A grid row's tick label: a layer or a feature, features restored together joined by "+" (more than
+    three: their count)."""
+    if not isinstance(row, (tuple, list)):
+        return str(row)
+    return "+".join(map(str, row)) if len(row) <= 3 else f"{len(row)} features"
 
 
 def axis_label(grid, name: str) -> str:
@@ -224,7 +232,7 @@ def vlm_trace_heatmap(result, images: list, path: str | Path, *, max_prompts: in
             im = ax.imshow(rows, aspect="auto", cmap=CMAPS.get(name, "viridis"), vmin=low, interpolation="nearest")
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
             step = max(1, len(grid.layers) // 10)
-            ax.set_xticks(range(0, len(grid.layers), step), [str(x) for x in grid.layers[::step]], fontsize=7)
+            ax.set_xticks(range(0, len(grid.layers), step), [row_label(x) for x in grid.layers[::step]], fontsize=7)
             ax.set_xlabel(axis_label(grid, name), fontsize=8)
             ax.set_title(f"{TITLES.get(name, name)}, {how}\n{record['prompt'][:44]} → {record['answer']!r}",
                          fontsize=8)
@@ -243,7 +251,7 @@ def vlm_trace_heatmap(result, images: list, path: str | Path, *, max_prompts: in
         cells = grid.values[i][:, singles].numpy()
         layer = int(cells.mean(axis=1).argmax())
         patch_overlay(ax, images[i], cells[layer].reshape(side, side),
-                      f"{name}: per-patch {grid.metric}, layer {grid.layers[layer]}")
+                      f"{name}: per-patch {grid.metric}, {grid.axis} {row_label(grid.layers[layer])}")
     if len(result.prompts) > max_prompts:
         fig.suptitle(f"first {max_prompts} of {len(result.prompts)} prompts; all values are in result.json")
     fig.tight_layout()

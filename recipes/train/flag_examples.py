@@ -11,6 +11,7 @@ concepts are the country, the flag's pattern and the colours it shows.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import yaml
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     data = spec(args.renders, args.first_seed, args.dictionary, args.layer)
     head = (f"# {args.renders} held-out renders of each of the {len(COUNTRIES)} flags (seeds {args.first_seed} on), each "
             "with its country, pattern and colours; written by\n# python -m recipes.train.flag_examples "
-            + " ".join(argv if argv is not None else []) + "\n")
+            + " ".join(sys.argv[1:] if argv is None else argv) + "\n")
     atomic_write(args.spec, (head + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)).encode())
     print(f"wrote {args.spec}: {len(data['examples'])} examples")
     return 0

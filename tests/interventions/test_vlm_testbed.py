@@ -67,3 +67,32 @@ def test_knockout_of_the_image_tokens_matters_only_late(testbed):
     clean = result.prompts[0]["clean_prob"]
     early, late = (float(v) / clean - 1 for v in result.grids["image"].values[0, :, 0])
     assert clean > 0.5 and late < -0.5 and early > -0.1
+
+
+def test_the_shipped_flag_dictionary_has_country_features_and_patching_them_moves_the_answer(testbed):
+    """The known truth: feature 158 fires on renders of Japan's flag and on no other flag, 19 on France's; and
+    the recipe's patch rows (`recipes/features/patch_flag_features.yaml`) move the answer as its write-up says."""
+    import sae_lens
+
+    from interventions import load_spec, run
+    from interventions.features.dictionary import load_dictionary
+    from interventions.lenses.lens import collect_states, prepare
+
+    vlm, tokenizer, _ = testbed
+    d = load_dictionary(ROOT / "sae_flags_vlm_l3")
+    assert (d.where.site, d.where.layer, d.d_sae, d.k) == ("block_output", 3, 512, 8)
+    assert sae_lens.SAE.load_from_disk(str(ROOT / "sae_flags_vlm_l3")).cfg.d_sae == 512
+    readings = [prepare(vlm, tokenizer, " This is the flag of", field="x", image=f"flag:{c}@{20_000 + s}", vision=True)
+                for c, _ in COUNTRIES for s in range(2)]
+    states, _ = collect_states(vlm, tokenizer, [r.enc for r in readings], [3])
+    fired = torch.stack([d.encode(s[0][list(r.groups["image"])]).amax(0) > 0 for s, r in zip(states, readings)])
+    names = [c for c, _ in COUNTRIES for _ in range(2)]
+    assert [n for n, on in zip(names, fired[:, 158]) if on] == ["Japan", "Japan"]
+    assert [n for n, on in zip(names, fired[:, 19]) if on] == ["France", "France"]
+    result = run(load_spec("recipes/features/patch_flag_features.yaml"), vlm, tokenizer)
+    image = result.prompts[0]["image_column"]
+    base = result.prompts[0]["base_metric"]
+    rows = result.grids["features"].values[0, :, image] - base
+    whole = float(result.grids["block_output"].values[0, 0, image]) - base
+    assert whole > 10 and 0.5 < rows[0] < 2 and 0.5 < rows[1] < 2 and rows[2] > rows[0]
+    assert abs(float(rows[3]) - whole) < 0.2
