@@ -48,7 +48,7 @@ def unit_axes(spec, model) -> tuple[plan.UnitAxis, ...]:
             if f >= d.d_sae:
                 raise SpecError(f"features.features[{i}]", f, f"a feature of the dictionary, in [0, {d.d_sae - 1}]")
     d = d.requires_grad_(False).to(input_device(model))
-    return (plan.UnitAxis(site.name, d.where.site, d.where.layer, units, d),)
+    return (plan.UnitAxis(site.name, d.where.site, d.where.layer, units, d, site.edit, site.value or 0.0),)
 
 
 def compile_spec(spec, model, tokenizer, **options) -> plan.Plan:

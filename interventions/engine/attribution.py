@@ -43,6 +43,7 @@ import torch
 from interventions.core.runtime import eval_mode, input_device, keeps_logits
 from interventions.engine.assemble import assemble_result
 from interventions.engine.plan import EMBED, Plan, compile_spec, is_trace, language_prompts
+from interventions.engine.pv import unit_target
 from interventions.engine.result import Result
 
 
@@ -199,8 +200,9 @@ def _feature_terms(axis, source: dict, states: dict, grads: dict) -> torch.Tenso
     node, basis, rows = (axis.site, axis.layer), axis.basis, axis.rows()
     units = sorted({u for row in rows for u in row})
     weight = basis.W_dec[units]
-    acts = [basis.encode(x.to(weight.dtype))[..., units] for x in (source[node], states[node])]
-    terms = ((acts[0] - acts[1]) * (grads[node].to(weight.dtype) @ weight.T)).mean(0).double().cpu()
+    a_source, a_base = (basis.encode(x.to(weight.dtype))[..., units] for x in (source[node], states[node]))
+    target = unit_target(axis.edit, axis.value, a_base, a_source.expand_as(a_base))
+    terms = ((target - a_base) * (grads[node].to(weight.dtype) @ weight.T)).mean(0).double().cpu()
     if all(len(row) == 1 for row in rows) and [row[0] for row in rows] == units:
         return terms
     column = {u: i for i, u in enumerate(units)}          # a row of several features: the sum of their terms

@@ -72,6 +72,8 @@ class UnitAxis:
     layer: int
     units: tuple[int | tuple[int, ...], ...]
     basis: torch.nn.Module
+    edit: str = "restore"        # or "zero", "clamp" (to `value`), "add" (`value`): `pv.UnitRestore`'s modes
+    value: float = 0.0
 
     def rows(self) -> list[tuple[int, ...]]:
         """Each row's units as a tuple."""
@@ -270,8 +272,11 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
                                                           units)
     grid_sites = {**grid_sites, **{u.name: u.name for u in units}}     # grid -> its graph's key
     diverge = [first_difference(p, noise is not None) for p in prompts]
-    noop = [c for name in cells for c in cells[name] if max(c.positions) < diverge[c.prompt]]
-    cells = {name: [c for c in cells[name] if max(c.positions) >= diverge[c.prompt]] for name in cells}
+    # before the runs diverge a restore copies what is there already; a feature edit (zero, clamp, add) still acts
+    same = {name for name in cells} - {u.name for u in units if u.edit != "restore"}
+    noop = [c for name in same for c in cells[name] if max(c.positions) < diverge[c.prompt]]
+    cells = {name: [c for c in cells[name] if name not in same or max(c.positions) >= diverge[c.prompt]]
+             for name in cells}
     sizer = _Sizer(max_batch_rows or spec.max_batch_rows, Costs.of(model), memory,
                    {site: len(n) for site, n in nodes.items()}, len(collect_nodes), variants, skip_layers)
     blocks = sizer.blocks(prompts)
@@ -332,7 +337,7 @@ def _graphs(model, table: SiteTable, grid_sites: dict, cells: dict, prompts: lis
         graphs[site] = build_graph(model, [_node(table, n, noise_at) for n in nodes[site]])
     for u in units:
         nodes[u.name] = noise + [(u.site, u.layer)]
-        graphs[u.name] = build_graph(model, [_node(table, n, noise_at, u.basis) for n in nodes[u.name]])
+        graphs[u.name] = build_graph(model, [_node(table, n, noise_at, u) for n in nodes[u.name]])
     collect_nodes = list(dict.fromkeys(n for key in nodes for n in nodes[key] if n[0] != "noise"))
     collect_graph = build_graph(model, [(table.component(s, l), CollectStates()) for s, l in collect_nodes])
     return nodes, graphs, collect_nodes, collect_graph
@@ -372,11 +377,13 @@ def first_difference(prompt: Prompt, noised: bool) -> int:
     return same.index(False) if False in same else len(same)
 
 
-def _node(table: SiteTable, node, noise_at: tuple[str, int | None], basis: torch.nn.Module | None = None):
+def _node(table: SiteTable, node, noise_at: tuple[str, int | None], axis: UnitAxis | None = None):
     site, layer = node
     if site == "noise":
         return table.component(*noise_at), AddIntervention()
-    return table.component(site, layer), RestoreIntervention() if basis is None else UnitRestore(basis)
+    if axis is None:
+        return table.component(site, layer), RestoreIntervention()
+    return table.component(site, layer), UnitRestore(axis.basis, axis.edit, axis.value)
 
 
 #: Without a memory budget: the baseline states held at once; prompts run in blocks under it.

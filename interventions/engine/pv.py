@@ -65,17 +65,28 @@ class RestoreIntervention(Intervention, LocalistRepresentationIntervention):
         return "RestoreIntervention()"
 
 
+def unit_target(mode: str, value: float, a_base: torch.Tensor, a_source: torch.Tensor) -> torch.Tensor:
+    """The activations a unit edit sets: the source's (`restore`), 0 (`zero`), `value` (`clamp`), or the
+    base's plus `value` (`add`)."""
+    if mode == "restore":
+        return a_source
+    if mode == "zero":
+        return torch.zeros_like(a_base)
+    return torch.full_like(a_base, value) if mode == "clamp" else a_base + value
+
+
 class UnitRestore(Intervention, LocalistRepresentationIntervention):
     """Restore units of a basis (a dictionary's features) from the source, row by row, and keep the
     rest of the base state: ``x + Σ_u (a_source[u] - a_base[u]) W_dec[u]`` with ``a = basis.encode(x)``,
-    so the dictionary's reconstruction error and every other feature stay the base run's.
+    so the dictionary's reconstruction error and every other feature stay the base run's. `mode` may
+    set the units to 0, clamp them to `value` or add `value` instead (`unit_target`).
 
     ``subspaces[b]``: the units row ``b`` restores (``[u]``, or several); ``[]`` leaves the row bit for bit.
     """
 
-    def __init__(self, basis: torch.nn.Module, **kwargs):
+    def __init__(self, basis: torch.nn.Module, mode: str = "restore", value: float = 0.0, **kwargs):
         super().__init__(keep_last_dim=True, **kwargs)
-        self.basis = basis
+        self.basis, self.mode, self.value = basis, mode, value
 
     def forward(self, base, source, subspaces=None, **kwargs):
         if subspaces is None:
@@ -93,7 +104,8 @@ class UnitRestore(Intervention, LocalistRepresentationIntervention):
         x = base[index].to(weight.device, weight.dtype)
         a_base, a_source = basis.encode(x), basis.encode(source[index].to(weight.device, weight.dtype))
         pick = units[:, None, :].expand(-1, x.shape[1], -1)                       # (rows, units, width)
-        delta = (a_source.gather(-1, pick) - a_base.gather(-1, pick)) * used[:, None, :]
+        before = a_base.gather(-1, pick)
+        delta = (unit_target(self.mode, self.value, before, a_source.gather(-1, pick)) - before) * used[:, None, :]
         change = delta[..., None].mul(weight[units][:, None]).sum(-2) if width > 1 else \
             delta * weight[units[:, 0]][:, None, :]
         out = base.clone()

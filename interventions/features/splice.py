@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from pyvene.models.interventions import Intervention, LocalistRepresentationIntervention
 
-from interventions.core.prompts import encode, model_inputs, pad_token_id
+from interventions.core.prompts import Encoded, encode, model_inputs, pad_token_id
 from interventions.core.runtime import eval_mode, input_device
 from interventions.engine.pv import build_graph
 from interventions.features.dictionary import Dictionary
@@ -123,9 +123,11 @@ def component(model, dictionary: Dictionary) -> str:
 @torch.no_grad()
 def spliced_losses(d: Dictionary, model, tokenizer, texts: list[str], *, scale: float = 1.0,
                    max_texts: int = 64) -> dict[str, float]:
-    """Mean next-token cross-entropy over `texts`: clean, with the reconstruction spliced in at every
-    position but the first, and with the site zero-ablated there."""
+    """Mean next-token cross-entropy over `texts` (each cut to its first 256 tokens): clean, with the
+    reconstruction spliced in at every position but the first, and with the site zero-ablated there."""
+    cut = 256          # as the training reader (`training.MAX_TEXT_TOKENS`): a long text's first tokens
     encs = [e for e in (encode(tokenizer, t, field="texts") for t in texts[:max_texts]) if len(e) > 2]
+    encs = [e if len(e) <= cut else Encoded(e.text, e.ids[:cut], e.tokens[:cut]) for e in encs]
     where = component(model, d)
     sums = {"clean": 0.0, "reconstruct": 0.0, "zero": 0.0}
     count = 0

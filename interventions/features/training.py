@@ -43,10 +43,16 @@ Read = Callable[[list], list[tuple[Encoded, list[int]]]]
 Losses = Callable[[Dictionary, list], dict[str, float]]
 
 
-def text_reader(tokenizer) -> Read:
-    """Texts, read at every position but the first."""
+#: A text's tokens read at most (the rest is cut): one forward pass's memory grows with the square of it.
+MAX_TEXT_TOKENS = 256
+
+
+def text_reader(tokenizer, max_tokens: int = MAX_TEXT_TOKENS) -> Read:
+    """Texts, read at every position but the first, each cut to its first `max_tokens` tokens."""
     def read(texts: list[str]) -> list[tuple[Encoded, list[int]]]:
         encs = [encode(tokenizer, t, field="texts") for t in texts]
+        encs = [e if len(e) <= max_tokens else Encoded(e.text, e.ids[:max_tokens], e.tokens[:max_tokens])
+                for e in encs]
         return [(e, list(range(1, len(e)))) for e in encs if len(e) > 1]
     return read
 

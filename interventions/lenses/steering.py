@@ -5,6 +5,10 @@ spec's layers, at each prompt's last token (`read: last`) or averaged over its t
 (`read: mean`):
 
 - `mean_diff` (ActAdd, Turner et al. 2023; CAA, Rimsky et al. 2024): mean(positive) − mean(negative).
+- `feature` (AxBench's SAE baseline, Wu et al. 2025): one feature of a dictionary at the layer, its
+  decoder row times the difference of its mean activation on the positive and the negative read
+  states (the feature with the largest difference unless the spec names one): the part of the mean
+  difference that one feature carries, so a coefficient means the same as for `mean_diff`.
 - `pca` (representation engineering, Zou et al. 2023): the first principal direction of the paired
   differences d_i = positive_i − negative_i. RepE takes differences of randomly ordered pairs, so
   their mean is ~0 and the first component of their covariance is the top right singular vector
@@ -176,15 +180,29 @@ def first_direction(diffs: torch.Tensor) -> torch.Tensor:
     return (direction * projection).float()
 
 
+def feature_vector(dictionary, P: torch.Tensor, N: torch.Tensor, feature: int | None) -> tuple[torch.Tensor, dict]:
+    """``(d,)`` steering vector of one dictionary feature from positive and negative read states ``(n, d)``,
+    and what it is (the feature, its activation difference)."""
+    with torch.no_grad():
+        diff = dictionary.encode(P).mean(0) - dictionary.encode(N).mean(0)
+        f = int(diff.argmax()) if feature is None else feature
+        return (dictionary.W_dec[f] * diff[f]).float().cpu(), {"feature": f, "activation_difference": float(diff[f])}
+
+
 def estimate(model, tokenizer, positive: list[str], negative: list[str], *, layers: list[int],
              site: str = "block_output", read: str = "last", method: str = "mean_diff",
-             model_name: str = "") -> SteeringVector:
-    """Estimate one steering vector per layer (see the module docstring)."""
+             model_name: str = "", dictionary=None, feature: int | None = None) -> SteeringVector:
+    """Estimate one steering vector per layer (see the module docstring); `dictionary` and `feature` for
+    `method: feature`."""
     from interventions.core import __version__
 
     P = read_states(model, tokenizer, positive, layers, site, read)
     N = read_states(model, tokenizer, negative, layers, site, read)
-    if method == "mean_diff":
+    chosen = {}
+    if method == "feature":
+        vector, chosen = feature_vector(dictionary, P[0], N[0], feature)
+        vectors = {layers[0]: vector}
+    elif method == "mean_diff":
         vectors = {l: P[i].mean(0) - N[i].mean(0) for i, l in enumerate(layers)}
     elif method == "pca":
         if len(positive) != len(negative):
@@ -192,13 +210,13 @@ def estimate(model, tokenizer, positive: list[str], negative: list[str], *, laye
                              f"{len(negative)} negative")
         vectors = {l: first_direction(P[i] - N[i]) for i, l in enumerate(layers)}
     else:
-        raise SteerError(f"`method`: {method!r}; expected 'mean_diff' or 'pca'")
+        raise SteerError(f"`method`: {method!r}; expected 'mean_diff', 'pca' or 'feature'")
     meta = {"format_version": FORMAT_VERSION, "model": model_name, "site": site, "layers": sorted(layers),
             "method": method, "read": read, "pairs": len(positive) if len(positive) == len(negative) else None,
             "positive": len(positive), "negative": len(negative),
             "prompts_sha256": prompts_sha256(positive, negative),
             "norms": {str(l): float(v.norm()) for l, v in vectors.items()},
-            "hidden_size": int(next(iter(vectors.values())).shape[0]), "lesion_version": __version__}
+            "hidden_size": int(next(iter(vectors.values())).shape[0]), "lesion_version": __version__, **chosen}
     return SteeringVector(vectors, {k: v for k, v in meta.items() if k not in ("content_sha256", "integrity_sha256")})
 
 

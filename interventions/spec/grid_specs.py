@@ -70,6 +70,16 @@ class FeatureSite(SpecModel):
             "features restored together in one row; or `all` with `method: attribution`, every feature, each "
             "estimated from one backward pass per prompt."))
     name: Name = Field(default="features", description="The grid's name in the result (not a site name).")
+    edit: Literal["restore", "zero", "clamp", "add"] = Field(default="restore", description=(
+        "What a cell does to its features: `restore` the source (clean) run's activation, `zero` (ablate), "
+        "`clamp` to `value`, or `add` `value`; the rest of the base state is kept either way."))
+    value: Float | None = Field(default=None, description="The activation `clamp` sets, or what `add` adds.")
+
+    @model_validator(mode="after")
+    def _value(self):
+        if (self.value is None) != (self.edit in ("restore", "zero")):
+            raise ValueError(f"`value` is given with `edit: clamp` or `add`, and only then (edit: {self.edit})")
+        return self
 
     @field_validator("features")
     @classmethod

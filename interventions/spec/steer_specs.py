@@ -30,9 +30,15 @@ class SteerSpec(LanguageSpec):
     pairs: tuple[SteerPair, ...] = Field(default=(), description="Contrastive pairs (needed by `pca`).")
     positive: tuple[Text, ...] = Field(default=(), description="Or: a positive set ...")
     negative: tuple[Text, ...] = Field(default=(), description="... and a negative set (`mean_diff` only).")
-    method: Literal["mean_diff", "pca"] = Field(default="mean_diff", description=(
+    method: Literal["mean_diff", "pca", "feature"] = Field(default="mean_diff", description=(
         "`mean_diff`: the mean difference of the pairs' states (CAA/ActAdd); `pca`: their first principal"
-        " direction (RepE)."))
+        " direction (RepE); `feature`: one feature of a `dictionary`, its decoder direction times how much more "
+        "it is active on the positive prompts than on the negative ones (AxBench's SAE baseline)."))
+    dictionary: Name | None = Field(default=None, description=(
+        "`method: feature`: a SAELens dictionary folder at the spec's one layer and `site`."))
+    feature: Int | None = Field(default=None, ge=0, description=(
+        "`method: feature`: the feature; default: the one whose activation differs most between the positive "
+        "and negative prompts' read states."))
     layers: tuple[Int, ...] = Field(min_length=1, description="One vector per layer, each added at its layer.")
     site: Literal["block_output", "block_input", "mlp_output", "attention_output"] = Field(
         default="block_output", description=(
@@ -61,6 +67,12 @@ class SteerSpec(LanguageSpec):
         if self.method == "pca" and not self.pairs and len(self.positive) != len(self.negative):
             raise ValueError("`method: pca` needs paired prompts: `pairs`, or `positive` and `negative` "
                              "of equal length")
+        if (self.method == "feature") != (self.dictionary is not None) or (self.feature is not None
+                                                                          and self.method != "feature"):
+            raise ValueError("`method: feature` takes a `dictionary` (and optionally a `feature`); the other methods "
+                             "take neither")
+        if self.method == "feature" and len(self.layers) != 1:
+            raise ValueError(f"`method: feature` steers at the dictionary's one layer; got layers {list(self.layers)}")
         if list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 0:
             raise ValueError(f"`layers` must be increasing non-negative integers, got {list(self.layers)}")
         if not (self.lexicon or self.targets):

@@ -8,7 +8,7 @@ What is checked, by kind:
   tokens; a VLM's images load and pass its vision tower);
 - edit: the layer(s) exist, each request's prompt takes its subject, each answer tokenizes, the
   corpus files exist (as every file a spec names: `recipes.jobs.flag_checks.check_spec_files`);
-- steer: the layers exist, the prompts and the lexicon tokenize;
+- steer: the layers exist, the prompts and the lexicon tokenize; a feature's dictionary fits;
 - apply: each delta loads, passes its integrity checks and fits this base model (the weights are
   read, never written); the steering vector fits the model;
 - VLM edit: the images load, the layer exists, the answers tokenize;
@@ -92,6 +92,9 @@ def check_steer(spec) -> str:
     _check_layers("layers", list(spec.layers), n)
     for i, word in enumerate(spec.lexicon):
         _check_tokens(tokenizer, f"lexicon[{i}]", word)
+    from recipes.jobs.run_steer import steer_dictionary
+
+    steer_dictionary(spec, model)          # `method: feature`: the dictionary fits the model, layer and site
     return f"{len(spec.prompts)} prompt(s), layers {list(spec.layers)} of {n} in {spec.model}"
 
 

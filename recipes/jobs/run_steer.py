@@ -66,12 +66,31 @@ def rises_up_to(coefs: list[float], values: list[float | None]) -> float | None:
     return best
 
 
+def steer_dictionary(spec: SteerSpec, model) -> dict:
+    """`method: feature`'s dictionary, loaded and checked against the model and the spec's layer and site, and
+    its feature: `estimate`'s keyword arguments (none for the other methods)."""
+    if spec.method != "feature":
+        return {}
+    from interventions.core.errors import SpecError
+    from interventions.features.dictionary import load_dictionary
+    from interventions.features.readout import check_dictionary
+
+    d = load_dictionary(spec.dictionary)
+    check_dictionary(d, model)
+    if (d.where.site, d.where.layer) != (spec.site, spec.layers[0]):
+        raise SpecError("layers", list(spec.layers), f"the dictionary's layer and site ([{d.where.layer}], "
+                        f"site: {d.where.site})")
+    if spec.feature is not None and spec.feature >= d.d_sae:
+        raise SpecError("feature", spec.feature, f"a feature of the dictionary, in [0, {d.d_sae - 1}]")
+    return {"dictionary": d, "feature": spec.feature}
+
+
 def run_steer(spec: SteerSpec, model, tokenizer, out: str | Path, *, quiet: bool = False) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     positive, negative = spec.contrast()
     vector = estimate(model, tokenizer, positive, negative, layers=list(spec.layers), site=spec.site,
-                      read=spec.read, method=spec.method, model_name=spec.model)
+                      read=spec.read, method=spec.method, model_name=spec.model, **steer_dictionary(spec, model))
     vector.meta["spec"] = spec_to_dict(spec)
     vector.save(out / "vector.safetensors")
 

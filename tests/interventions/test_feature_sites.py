@@ -157,11 +157,13 @@ def test_batched_feature_rows_equal_one_row_at_a_time(tiny_llama, tmp_path):
     assert torch.allclose(batched, single, atol=1e-5, equal_nan=True)
 
 
-def test_feature_attribution_is_the_derivative_along_the_decoder_row(tokenizer, tmp_path, float64_norms):
+@pytest.mark.parametrize("how", ["restore", "zero"])
+def test_feature_attribution_is_the_derivative_along_the_decoder_row(tokenizer, tmp_path, float64_norms, how):
     model = make_model("llama", len(tokenizer)).double()
     d = random_dictionary("standard").double()
     d.save(tmp_path / "sae")
     spec = patch_spec(str(tmp_path / "sae"), metric="logit_diff", method="attribution")
+    spec = spec.model_copy(update={"features": spec.features.model_copy(update={"edit": how})})
     result = run(spec, model, tokenizer)
     eps = 1e-4
     for i, p in enumerate(PATCHES[:1]):
@@ -172,7 +174,11 @@ def test_feature_attribution_is_the_derivative_along_the_decoder_row(tokenizer, 
         base_states = state(model, base, 1)
         for u, unit in enumerate(FEATURES):
             for pos in range(len(base)):
-                full = restore_by_hand(d, source_states, [pos], unit)(base_states[[pos]][None])   # Δa_u W_dec[u]
+                x = base_states[[pos]][None]
+                if how == "restore":
+                    full = restore_by_hand(d, source_states, [pos], unit)(x)               # Δa_u W_dec[u]
+                else:
+                    full = -((x - d.b_dec) @ d.W_enc + d.b_enc).relu()[..., [unit]] * d.W_dec[unit]   # −a_u W_dec[u]
                 plus = metric(feature_moved(model, base, 1, [pos], lambda x: eps * full), "logit_diff", t, c)
                 minus = metric(feature_moved(model, base, 1, [pos], lambda x: -eps * full), "logit_diff", t, c)
                 derivative = (plus - minus) / (2 * eps)
@@ -253,3 +259,32 @@ def test_a_row_of_several_features_restores_them_together(tiny_llama, tmp_path):
         parse_spec({"kind": "patch", "prompts": PATCHES, "features": {"dictionary": folder, "features": [[3, 7], [7, 3]]}})
     with pytest.raises(SpecError, match="at least one feature"):
         parse_spec({"kind": "patch", "prompts": PATCHES, "features": {"dictionary": folder, "features": [[]]}})
+
+
+@pytest.mark.parametrize("how,value", [("zero", None), ("clamp", 2.5), ("add", -1.5)])
+def test_zeroing_clamping_and_adding_features_equal_the_plain_hook_reference(tiny_llama, tmp_path, how, value):
+    model, tokenizer = tiny_llama
+    folder = saved(tmp_path, "standard")
+    d = random_dictionary("standard")
+    site = {"dictionary": folder, "features": [3, [0, 12]], "edit": how, **({"value": value} if value is not None else {})}
+    spec = parse_spec({"kind": "patch", "model": "tiny", "prompts": PATCHES[:1], "sites": ["block_output"],
+                       "layers": [1], "metric": "logit_diff", "features": site})
+    result = run(spec, model, tokenizer)
+    base = tokenizer(PATCHES[0]["base"])["input_ids"]
+    record = result.prompts[0]
+
+    def acts(x):
+        return ((x.float() - d.b_dec) @ d.W_enc + d.b_enc).relu()
+
+    for r, units in enumerate([[3], [0, 12]]):
+        for pos in range(len(base)):          # every position, those before the runs diverge included
+            def step(x, units=units):
+                a = acts(x)[..., units]
+                target = {"zero": torch.zeros_like(a), "clamp": torch.full_like(a, 2.5 if value else 0),
+                          "add": a + (value or 0)}[how]
+                return (target - a) @ d.W_dec[units]
+            want = metric(feature_moved(model, base, 1, [pos], step), "logit_diff", record["answer_id"],
+                          record["counterfactual_id"])
+            assert float(result.grids["features"].values[0, r, pos]) == pytest.approx(want, abs=1e-5), (units, pos)
+    with pytest.raises(SpecError, match="`value` is given with `edit: clamp` or `add`"):
+        parse_spec({"kind": "patch", "prompts": PATCHES, "features": {**site, "edit": "zero", "value": 1.0}})

@@ -276,3 +276,54 @@ def test_sampling_is_per_row_and_independent_of_the_batch(tiny_llama):
     assert batch[4] == alone[0]
     assert batch[:3] != batch[3:]
     assert steer.generate_ids(PROMPTS[1:2], sample_ids=[1], seed=6, **kw) != alone
+
+
+@pytest.mark.parametrize("read", ["last", "mean"])
+def test_a_feature_vector_is_its_decoder_row_times_its_activation_difference(tiny_llama, read):
+    from support.models import random_dictionary
+
+    model, tokenizer = tiny_llama
+    d = random_dictionary("standard", layer=2)
+    v = estimate(model, tokenizer, POS, NEG, layers=[2], read=read, method="feature", dictionary=d)
+    P, N = (reference_states(model, "llama", tokenizer, texts, 2, "block_output", read) for texts in (POS, NEG))
+    pre = lambda x: ((x - d.b_dec) @ d.W_enc + d.b_enc).relu()          # the dictionary's ReLU encoder, by hand
+    diff = pre(P).mean(0) - pre(N).mean(0)
+    f = int(diff.argmax())
+    assert v.meta["feature"] == f and v.meta["activation_difference"] == pytest.approx(float(diff[f]), abs=1e-5)
+    torch.testing.assert_close(v.vectors[2], (d.W_dec[f] * diff[f]).detach(), atol=1e-5, rtol=1e-5)
+    named = estimate(model, tokenizer, POS, NEG, layers=[2], read=read, method="feature", dictionary=d, feature=5)
+    torch.testing.assert_close(named.vectors[2], (d.W_dec[5] * diff[5]).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_feature_steer_spec_is_checked_against_its_dictionary(tmp_path, tokenizer, capsys):
+    from recipes.cli import main
+    from support.models import random_dictionary
+
+    model = make_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    random_dictionary("standard", layer=2).save(tmp_path / "sae")
+    base = dict(STEER, model=str(tmp_path / "tiny"), coefficients=[0, 1], max_new_tokens=3, method="feature",
+                dictionary=str(tmp_path / "sae"), layers=[2])
+    with pytest.raises(SpecError, match="`method: feature` takes a `dictionary`"):
+        parse_spec(dict(STEER, feature=3))
+    with pytest.raises(SpecError, match="the dictionary's one layer"):
+        parse_spec(dict(base, layers=[1, 2]))
+    for change, field in (({"layers": [1]}, "`layers`"), ({"feature": 64}, "`feature`")):
+        (tmp_path / "bad.yaml").write_text(json.dumps(dict(base, **change)))
+        assert main(["validate", str(tmp_path / "bad.yaml"), "--compile"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {field}")
+    (tmp_path / "steer.yaml").write_text(json.dumps(base))
+    assert main(["run", str(tmp_path / "steer.yaml"), "--out", str(tmp_path / "out")]) == 0
+    vector = load_vector(tmp_path / "out" / "vector.safetensors")
+    assert vector.meta["method"] == "feature" and vector.layers == [2] and "feature" in vector.meta
+
+
+def test_matched_fluency_picks_the_best_lexicon_share_within_the_budget():
+    from recipes.studies.steer_features import best_within
+
+    rows = [{"coef": 0.0, "lexicon_share": 0.0, "unsteered_nll": 2.0, "entropy": 5.0, "example": "a"},
+            {"coef": 1.0, "lexicon_share": 0.2, "unsteered_nll": 2.5, "entropy": 4.8, "example": "b"},
+            {"coef": 2.0, "lexicon_share": 0.5, "unsteered_nll": 3.5, "entropy": 4.9, "example": "c"},   # NLL over
+            {"coef": 4.0, "lexicon_share": 0.6, "unsteered_nll": 2.9, "entropy": 4.0, "example": "d"}]   # entropy under
+    assert best_within(rows, 1.0)["coef"] == 1.0 and best_within(rows, 2.0)["coef"] == 2.0

@@ -98,3 +98,21 @@ def test_training_on_images_reads_each_image_at_its_image_tokens(pair):
                                  k=2, batch_tokens=4, read=read, losses=answer_losses(vlm, tokenizer, PROMPT), log=None)
     assert report["train_tokens"] == 9 * 4 and report["heldout_tokens"] == 3 * 4
     assert 0 <= report["l0"] <= 2 and report["ce_clean"] > 0
+
+
+def test_flag_patch_colours_and_dissection_by_hand():
+    from recipes.studies.flag_iou import dissect, patch_colours
+
+    image = torch.full((3, 32, 32), 0.5)                        # the grey background
+    image[:, :, :16] = torch.tensor([0.85, 0.1, 0.1])[:, None, None]        # left half red
+    image[:, 16:, 16:] = torch.tensor([0.1, 0.2, 0.7])[:, None, None]       # bottom right blue
+    image[:, 14:16, 16:] = torch.tensor([0.95, 0.95, 0.95])[:, None, None]  # a white line: 2 of 16 rows of patch 1
+    masks = patch_colours(image, 2, 0.1)                          # patches 0 1 / 2 3, colours in PALETTE order
+    assert masks[:, 0].tolist() == [True, False, True, False]                 # red
+    assert masks[:, 1].tolist() == [False, True, False, False]                # white: 12.5% of patch 1
+    assert masks[:, 2].tolist() == [False, False, False, True]                # blue
+    assert not masks[:, 3:].any()
+    acts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]] * 2)   # unit 0: red; unit 1: not red
+    red = torch.tensor([[True], [False], [True], [False]] * 2)
+    row = dissect(acts, red, torch.arange(4), torch.arange(4, 8))[0]
+    assert row["unit"] == 0 and row["iou"] == 1.0
