@@ -38,7 +38,7 @@ from interventions.core.tagged import broken_seal, seal
 from interventions.engine.plan import resolve_layers
 from interventions.engine.pv import CollectStates, build_graph
 from interventions.engine.result import Grid, Result
-from interventions.models.sites import site_table
+from interventions.models.sites import layers_through, site_table
 
 
 @dataclass
@@ -98,29 +98,34 @@ def readings(spec, model, tokenizer, processor=None) -> list[Reading]:
 
 @torch.no_grad()
 def collect_states(model, tokenizer, encs: list[Encoded], layers: list[int], *, site: str = "block_output",
-                   max_rows: int = 48) -> tuple[list[torch.Tensor], torch.Tensor]:
+                   max_rows: int = 48, logits: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Every position's state at `site` of each layer, through a pyvene graph of `CollectStates` nodes:
     ``[Float[Tensor, "layer len d"]]`` per prompt (float32, on the CPU), and the model's own
-    ``Float[Tensor, "prompt vocab"]`` logits at each prompt's last position."""
-    from interventions.core.runtime import eval_mode, input_device
+    ``Float[Tensor, "prompt vocab"]`` logits at each prompt's last position; with `logits` False, none,
+    and the layers after the deepest collected one are not computed (`models.sites.layers_through`)."""
+    from contextlib import nullcontext
+
+    from interventions.core.runtime import eval_mode, input_device, keeps_logits
 
     table = site_table(model)
     graph = build_graph(model, [(table.component(site, layer), CollectStates()) for layer in layers])
     device = input_device(model)
     states, last_logits = [], []
-    with eval_mode(model):
+    with eval_mode(model), (nullcontext() if logits else layers_through(model, table, max(layers))):
         for lo in range(0, len(encs), max_rows):
             batch = encs[lo:lo + max_rows]
             inputs = model_inputs(batch, pad_token_id(tokenizer), device)
             width = inputs["attention_mask"].shape[1]
             every = [list(range(width))] * len(batch)
-            (_, collected), out = graph(base={**inputs, "use_cache": False},
+            keep = {} if logits or not keeps_logits(model) else {"logits_to_keep": 1}     # no head over every position
+            (_, collected), out = graph(base={**inputs, "use_cache": False, **keep},
                                         unit_locations={"base": [every] * len(layers)})
             stacked = torch.stack([c.float().cpu() for c in collected], dim=1)     # (batch, layer, width, d)
             for b, enc in enumerate(batch):
                 states.append(stacked[b, :, :len(enc)])
-                last_logits.append(out.logits[b, len(enc) - 1].float().cpu())
-    return states, torch.stack(last_logits)
+                if logits:
+                    last_logits.append(out.logits[b, len(enc) - 1].float().cpu())
+    return states, torch.stack(last_logits) if logits else None
 
 
 # --------------------------------------------------------------------------- tuned lens

@@ -15,6 +15,7 @@ directly into `IntervenableModel` configs.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,21 @@ class SiteTable:
 
 
 _PART = re.compile(r"([A-Za-z_][A-Za-z_0-9]*)((?:\[\d+\])*)")
+
+
+@contextmanager
+def layers_through(model: torch.nn.Module, table: "SiteTable", last: int):
+    """Within the block, `model` runs its decoder layers 0..`last` only (the final norm and head then read
+    layer `last`'s output): what collects states up to `last` need not compute the layers after it. The
+    layer list is restored on exit; the layer modules themselves are the same objects."""
+    parent_path, _, name = table.layers.rpartition(".")
+    parent = get_module(model, parent_path) if parent_path else model
+    full = getattr(parent, name)
+    setattr(parent, name, torch.nn.ModuleList(list(full)[:last + 1]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, full)
 
 
 def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:

@@ -220,3 +220,25 @@ def test_vlm_knockout_of_image_and_constraint_equals_the_mask_edited_by_hand():
         for layer in range(vlm.config.text_config.num_hidden_layers):
             assert float(result.grids[name].values[0, layer, 0]) == pytest.approx(by_hand(keys, layer), abs=2e-6)
     assert result.prompts[0]["image_positions"] == image
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_collecting_without_logits_stops_after_the_deepest_layer_with_the_same_states(tokenizer, family):
+    from interventions.core.prompts import encode
+    from interventions.lenses.lens import collect_states
+    from support.models import make_model
+
+    model = make_model(family, len(tokenizer))
+    encs = [encode(tokenizer, t, field="t") for t in ("the eiffel tower is in paris", "big ben is in london and")]
+    full, logits = collect_states(model, tokenizer, encs, [0, 2])
+    calls = []
+    handle = model.get_submodule("transformer.h.3" if family == "gpt2" else "model.layers.3").register_forward_hook(
+        lambda *a: calls.append(1))
+    try:
+        cut, none = collect_states(model, tokenizer, encs, [0, 2], logits=False)
+    finally:
+        handle.remove()
+    assert none is None and logits.shape[0] == 2 and calls == []          # layer 3 never ran
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full, cut))
+    layers = model.transformer.h if family == "gpt2" else model.model.layers
+    assert len(layers) == 4                                               # the layer list is restored
