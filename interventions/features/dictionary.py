@@ -121,8 +121,8 @@ class Dictionary(nn.Module):
         return x + ((new - f) @ self.W_dec).to(x.dtype)
 
     # ------------------------------------------------------------------ SAELens format
-    def config(self) -> dict:
-        cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
+    def config(self, dtype: str = "float32") -> dict:
+        cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": dtype,
                "device": "cpu", "apply_b_dec_to_input": self.apply_b_dec_to_input, "normalize_activations": "none",
                "reshape_activations": "none",
                "metadata": {"sae_lens_version": "6.0.0", "sae_lens_training_version": "6.0.0",
@@ -132,18 +132,21 @@ class Dictionary(nn.Module):
             cfg.update(k=self.k, rescale_acts_by_decoder_norm=False)
         return cfg
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+    def tensors(self, dtype: str = "float32") -> dict[str, torch.Tensor]:
+        return {k: v.detach().to(getattr(torch, dtype)).contiguous().cpu() for k, v in self.state_dict().items()}
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the SAELens folder atomically (``cfg.json`` and the sealed weights)."""
+    def save(self, folder: str | Path, dtype: str = "float32") -> Path:
+        """Write the SAELens folder atomically (``cfg.json`` and the sealed weights), the weights stored as
+        `dtype` (``float32`` or ``float16``: half the size; Lesion computes in float32 either way)."""
         from safetensors.torch import save_file
 
-        tensors = self.tensors()
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype: {dtype!r}; expected 'float32' or 'float16'")
+        tensors = self.tensors(dtype)
         if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
             raise SpecError("dictionary", str(folder), "finite weights (training diverged: nan or inf)")
         with atomic_folder(folder) as staging:
-            (staging / CONFIG).write_text(json.dumps(self.config(), indent=1))
+            (staging / CONFIG).write_text(json.dumps(self.config(dtype), indent=1))
             save_file(tensors, str(staging / WEIGHTS), {"lesion_dictionary": json.dumps(seal({}, tensors))})
         return Path(folder)
 

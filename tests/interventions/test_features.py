@@ -334,3 +334,16 @@ def test_the_probe_column_finds_a_linearly_separable_concept():
     labels = torch.tensor([[bool(float(s[1:].mean(0) @ direction) > 0)] for s in states])
     (found,) = probe_scores(states, labels, torch.arange(0, 80), torch.arange(80, 120))
     assert found["f1"] >= 0.9 and set(found) == {"precision", "recall", "f1"}
+
+
+def test_a_dictionary_stored_in_float16_loads_in_lesion_and_saelens(tmp_path):
+    import sae_lens
+
+    d = random_dictionary("topk")
+    d.save(tmp_path / "half", dtype="float16")
+    back = load_dictionary(tmp_path / "half")
+    for name, p in d.state_dict().items():
+        assert torch.equal(back.state_dict()[name], p.half().float())
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "half"))
+    assert theirs.cfg.dtype == "float16" and theirs.cfg.d_sae == 64
+    assert (tmp_path / "half" / "sae_weights.safetensors").stat().st_size < 0.6 * (d.d_in * d.d_sae * 2 * 4)
