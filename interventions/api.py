@@ -43,12 +43,13 @@ def unit_axes(spec, model) -> tuple[plan.UnitAxis, ...]:
     d = load_dictionary(site.dictionary, "features.dictionary")
     check_dictionary(d, model, "features.dictionary")
     units = tuple(range(d.d_sae)) if site.features == "all" else site.features
-    for i, row in enumerate(units):
-        for f in row if isinstance(row, tuple) else (row,):
+    axis = plan.UnitAxis(site.name, d.where.site, d.where.layer, units, d.requires_grad_(False).to(input_device(model)),
+                         site.edit, site.value or 0.0)
+    for i, row in enumerate(axis.rows()):
+        for f in row:
             if f >= d.d_sae:
                 raise SpecError(f"features.features[{i}]", f, f"a feature of the dictionary, in [0, {d.d_sae - 1}]")
-    d = d.requires_grad_(False).to(input_device(model))
-    return (plan.UnitAxis(site.name, d.where.site, d.where.layer, units, d, site.edit, site.value or 0.0),)
+    return (axis,)
 
 
 def compile_spec(spec, model, tokenizer, **options) -> plan.Plan:

@@ -36,6 +36,11 @@ class Encoded:
         return len(self.ids)
 
 
+def head(enc: Encoded, n: int) -> Encoded:
+    """`enc` cut to its first `n` tokens (itself when no longer; a text-only prompt without a subject)."""
+    return enc if len(enc) <= n else Encoded(enc.text, enc.ids[:n], enc.tokens[:n])
+
+
 def overlapping(offsets, start: int, end: int) -> list[int]:
     """Indices of the tokens whose characters (``offsets``: the tokenizer's ``(a, b)`` per token)
     overlap the characters ``[start, end)``; empty tokens (specials, pads) never do."""

@@ -203,10 +203,11 @@ def _feature_terms(axis, source: dict, states: dict, grads: dict) -> torch.Tenso
     a_source, a_base = (basis.encode(x.to(weight.dtype))[..., units] for x in (source[node], states[node]))
     target = unit_target(axis.edit, axis.value, a_base, a_source.expand_as(a_base))
     terms = ((target - a_base) * (grads[node].to(weight.dtype) @ weight.T)).mean(0).double().cpu()
-    if all(len(row) == 1 for row in rows) and [row[0] for row in rows] == units:
-        return terms
-    column = {u: i for i, u in enumerate(units)}          # a row of several features: the sum of their terms
-    return torch.stack([terms[:, [column[u] for u in row]].sum(-1) for row in rows], dim=-1)
+    member = torch.zeros(len(units), len(rows), dtype=terms.dtype)      # feature -> the rows holding it
+    column = {u: i for i, u in enumerate(units)}
+    for r, row in enumerate(rows):
+        member[[column[u] for u in row], r] = 1.0
+    return terms @ member
 
 
 def _final_logits(model, embeds: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,7 @@ class UnitRestore(Intervention, LocalistRepresentationIntervention):
         pick = units[:, None, :].expand(-1, x.shape[1], -1)                       # (rows, units, width)
         before = a_base.gather(-1, pick)
         delta = (unit_target(self.mode, self.value, before, a_source.gather(-1, pick)) - before) * used[:, None, :]
-        change = delta[..., None].mul(weight[units][:, None]).sum(-2) if width > 1 else \
-            delta * weight[units[:, 0]][:, None, :]
+        change = delta[..., None].mul(weight[units][:, None]).sum(-2)        # Σ over the row's units
         out = base.clone()
         out[index] = base[index] + change.to(base.device, base.dtype)
         return out

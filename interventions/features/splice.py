@@ -18,11 +18,15 @@ from typing import Callable
 import torch
 from pyvene.models.interventions import Intervention, LocalistRepresentationIntervention
 
-from interventions.core.prompts import Encoded, encode, model_inputs, pad_token_id
+from interventions.core.prompts import encode, head, model_inputs, pad_token_id
 from interventions.core.runtime import eval_mode, input_device
 from interventions.engine.pv import build_graph
 from interventions.features.dictionary import Dictionary
 from interventions.models.sites import site_table
+
+#: A text's tokens read at most when training or scoring a dictionary (the rest is cut): one forward
+#: pass's memory grows with the square of it.
+MAX_TEXT_TOKENS = 256
 
 #: change(f, source_f) -> new f; source_f is None without a source.
 Change = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -125,9 +129,8 @@ def spliced_losses(d: Dictionary, model, tokenizer, texts: list[str], *, scale: 
                    max_texts: int = 64) -> dict[str, float]:
     """Mean next-token cross-entropy over `texts` (each cut to its first 256 tokens): clean, with the
     reconstruction spliced in at every position but the first, and with the site zero-ablated there."""
-    cut = 256          # as the training reader (`training.MAX_TEXT_TOKENS`): a long text's first tokens
-    encs = [e for e in (encode(tokenizer, t, field="texts") for t in texts[:max_texts]) if len(e) > 2]
-    encs = [e if len(e) <= cut else Encoded(e.text, e.ids[:cut], e.tokens[:cut]) for e in encs]
+    encs = [head(e, MAX_TEXT_TOKENS) for e in (encode(tokenizer, t, field="texts") for t in texts[:max_texts])]
+    encs = [e for e in encs if len(e) > 2]
     where = component(model, d)
     sums = {"clean": 0.0, "reconstruct": 0.0, "zero": 0.0}
     count = 0

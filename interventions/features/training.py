@@ -34,9 +34,9 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from interventions.core.prompts import Encoded, encode
+from interventions.core.prompts import Encoded, encode, head
 from interventions.features.dictionary import Dictionary, Where
-from interventions.features.splice import spliced_losses
+from interventions.features.splice import MAX_TEXT_TOKENS, spliced_losses
 from interventions.lenses.lens import collect_states
 
 #: Reads a batch of inputs: each input's encoding and the positions whose states are kept.
@@ -45,16 +45,10 @@ Read = Callable[[list], list[tuple[Encoded, list[int]]]]
 Losses = Callable[[Dictionary, list], dict[str, float]]
 
 
-#: A text's tokens read at most (the rest is cut): one forward pass's memory grows with the square of it.
-MAX_TEXT_TOKENS = 256
-
-
 def text_reader(tokenizer, max_tokens: int = MAX_TEXT_TOKENS) -> Read:
     """Texts, read at every position but the first, each cut to its first `max_tokens` tokens."""
     def read(texts: list[str]) -> list[tuple[Encoded, list[int]]]:
-        encs = [encode(tokenizer, t, field="texts") for t in texts]
-        encs = [e if len(e) <= max_tokens else Encoded(e.text, e.ids[:max_tokens], e.tokens[:max_tokens])
-                for e in encs]
+        encs = [head(encode(tokenizer, t, field="texts"), max_tokens) for t in texts]
         return [(e, list(range(1, len(e)))) for e in encs if len(e) > 1]
     return read
 
