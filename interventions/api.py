@@ -5,7 +5,7 @@ spec (tokens; or images, image-token positions and merged embeddings). This tabl
 for `spec.modality`, so neither the engine nor the model loader names a modality.
 
 >>> sorted(PREPARERS)
-['language', 'vision-language']
+['contrastive', 'language', 'vision-language']
 >>> from interventions import load_spec, load_model
 >>> spec = load_spec("recipes/trace/trace_eiffel.yaml")          # doctest: +SKIP
 >>> model, tokenizer = load_model(spec.model)                   # doctest: +SKIP
@@ -20,10 +20,24 @@ from interventions.core.runtime import input_device
 from interventions.engine import execute, plan
 from interventions.features.dictionary import load_dictionary
 from interventions.features.readout import check_dictionary
-from interventions.modalities.vision_language.llava import vlm_prompts
+from interventions.modalities.contrastive.inputs import contrastive_prompts, load_clip, runnable
+from interventions.modalities.vision_language.llava import load_vlm, vlm_prompts
+from interventions.models.loading import load_model
 
 #: spec.modality -> the function that turns the spec's prompts into the engine's prompts
-PREPARERS = {"language": plan.language_prompts, "vision-language": vlm_prompts}
+PREPARERS = {"language": plan.language_prompts, "vision-language": vlm_prompts, "contrastive": contrastive_prompts}
+#: spec.modality -> ``(spec, model, tokenizer) -> (model, tokenizer)`` the engine runs, where the loaded model is not
+#: itself that (a CLIP model becomes a zero-shot classifier over the spec's classes)
+RUNNABLE = {"contrastive": runnable}
+#: spec.modality -> ``(name, **placement) -> (model, tokenizer, image processor or None)``
+LOADERS = {"language": lambda name, **placement: (*load_model(name, **placement), None),
+           "vision-language": load_vlm, "contrastive": load_clip}
+
+
+def load_for(modality: str, name: str, **placement):
+    """``(model, tokenizer, image processor or None)`` for a spec's `modality` and `model` name; `placement`
+    (device, device_map, offload_folder) as `interventions.models.load_model` takes it."""
+    return LOADERS[modality](name, **placement)
 
 
 def preparer(spec):
@@ -52,12 +66,20 @@ def unit_axes(spec, model) -> tuple[plan.UnitAxis, ...]:
     return (axis,)
 
 
+def engine_model(spec, model, tokenizer):
+    """The model and tokenizer the engine runs for `spec` (`RUNNABLE`; most modalities run the loaded model)."""
+    wrap = RUNNABLE.get(spec.modality)
+    return wrap(spec, model, tokenizer) if wrap else (model, tokenizer)
+
+
 def compile_spec(spec, model, tokenizer, **options) -> plan.Plan:
     """`interventions.engine.plan.compile_spec` with the preparer for the spec's modality and its feature grid."""
+    model, tokenizer = engine_model(spec, model, tokenizer)
     return plan.compile_spec(spec, model, tokenizer, prepare=preparer(spec), units=unit_axes(spec, model), **options)
 
 
 def run(spec, model, tokenizer, **options):
     """`interventions.engine.execute.run` with the preparer for the spec's modality and its feature grid: the
     `Result`."""
+    model, tokenizer = engine_model(spec, model, tokenizer)
     return execute.run(spec, model, tokenizer, prepare=preparer(spec), units=unit_axes(spec, model), **options)

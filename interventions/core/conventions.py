@@ -1,4 +1,4 @@
-"""The conventions every causal trace shares (language models, VLMs, text-to-image text encoders), written once.
+"""The conventions every causal trace shares (language models, VLMs, contrastive image towers, text-to-image text encoders), written once.
 
 >>> window(0, 10, 30), window(15, 10, 30), window(29, 10, 30)
 ((0, 1, 2, 3, 4), (10, 11, 12, 13, 14, 15, 16, 17, 18, 19), (24, 25, 26, 27, 28, 29))
@@ -13,9 +13,11 @@ True
   the spec's `seed` and the prompt's own identity (its text, the positions of its corrupted
   tokens, and its image's pixels if it has one; `interventions.engine.plan.Prompt.identity`): never from
   its index in the spec. A prompt traced alone or among others, in any order, gets the same
-  noise; a text-only prompt gets the same noise through a VLM as through its language model.
+  noise; a text-only prompt gets the same noise through a VLM as through its language model. An image
+  in a contrastive model's trace is keyed by its reference, its noised patches and its pixels.
 - **Noise scale.** σ is the std of the corrupted input embeddings pooled over the spec's prompts
-  (`interventions.engine.plan.subject_sigma`), for language models and VLMs alike.
+  (`interventions.engine.plan.subject_sigma`), for language models and VLMs alike (for a contrastive
+  model: its patch embeddings).
 - **Target tokenization.** A target (an answer whose probability is read) is tokenized as
   written, with no space added or stripped; its first token is scored, as ROME scores
   multi-token answers. Write `" Paris"` for the word after "is".
@@ -40,6 +42,13 @@ def noise_seed(seed: int, *identity) -> int:
     for part in identity:
         digest.update(b"\0" + (part if isinstance(part, bytes) else str(part).encode()))
     return int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
+
+
+def pixels_identity(pixels) -> bytes:
+    """The sha256 of an image's pixels (what its noise is keyed by, with the prompt's text)."""
+    import torch
+
+    return hashlib.sha256(pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
 
 
 def noise_generator(seed: int, *identity):

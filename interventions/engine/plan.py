@@ -258,6 +258,7 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
         raise TypeError(f"compile_spec: the preparer {getattr(prepare, '__name__', prepare)!r} is not for "
                         f"`modality: {spec.modality}`; call interventions.compile_spec, which picks it")
     table = site_table(model)
+    share_prefix = share_prefix and table.causal      # a bidirectional encoder's positions all see each other
     num_layers = table.num_layers(model)
     layers = resolve_layers(spec, num_layers)
     prompts = prepare(spec, model, tokenizer, processor)
@@ -271,7 +272,7 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
     nodes, graphs, collect_nodes, collect_graph = _graphs(model, table, grid_sites, cells, prompts, noise is not None,
                                                           units)
     grid_sites = {**grid_sites, **{u.name: u.name for u in units}}     # grid -> its graph's key
-    diverge = [first_difference(p, noise is not None) for p in prompts]
+    diverge = [first_difference(p, noise is not None) if table.causal else 0 for p in prompts]
     # before the runs diverge a restore copies what is there already; a feature edit (zero, clamp, add) still acts
     same = {name for name in cells} - {u.name for u in units if u.edit != "restore"}
     noop = [c for name in same for c in cells[name] if max(c.positions) < diverge[c.prompt]]
@@ -319,16 +320,16 @@ def _noise(spec, model, table: SiteTable, prompts: list[Prompt]):
     if not (is_trace(spec) and spec.corruption in ("noise", "text")):
         return None, None, 1
     sigma = spec.sigma if spec.sigma is not None else subject_sigma(model, table, prompts)
-    return [draw_noise(spec, p, sigma, _embed_dim(model, table)) for p in prompts], sigma, spec.samples
+    return [draw_noise(spec, p, sigma, _embed_dim(model, table, prompts)) for p in prompts], sigma, spec.samples
 
 
 def _graphs(model, table: SiteTable, grid_sites: dict, cells: dict, prompts: list[Prompt], noised: bool,
             units: tuple[UnitAxis, ...] = ()):
     """Per site (a feature grid: per grid name), the nodes its rows restore (plus the noise node) and their
     pyvene graph; and the graph that collects every needed clean state in one pass."""
-    # prompts run as embeddings (a VLM's image features merged in) have no embedding lookup to corrupt:
-    # their noise is added where the embeddings enter the first layer, which is the same tensor
-    noise_at = (EMBED, None) if prompts[0].source.embeds is None else ("block_input", 0)
+    # prompts run as embeddings (a VLM's image features merged in, an image's patches) have no embedding
+    # lookup to corrupt: their noise is added where the embeddings enter, which is the same tensor
+    noise_at = (EMBED, None) if prompts[0].source.embeds is None else table.noise_at
     noise = [("noise", None)] if noised else []
     nodes, graphs = {}, {}
     for name, site in grid_sites.items():
@@ -542,8 +543,9 @@ def _answer(tokenizer, text: str | None, field: str) -> int | None:
     return None if text is None else answer_id(tokenizer, text, field=field)
 
 
-def _embed_dim(model, table: SiteTable) -> int:
-    return table.module(model, EMBED).weight.shape[1]
+def _embed_dim(model, table: SiteTable, prompts: list[Prompt]) -> int:
+    embeds = prompts[0].source.embeds
+    return embeds.shape[-1] if embeds is not None else table.module(model, EMBED).weight.shape[1]
 
 
 @torch.no_grad()

@@ -78,8 +78,23 @@ def prepare(model, tokenizer, text: str, *, field: str, processor=None, image: s
     return Reading(enc, groups)
 
 
+def image_readings(spec, model, tokenizer, processor=None) -> list[Reading]:
+    """The images of a contrastive lens spec: patch sequences (`ZeroShot`), targets as class indices."""
+    from interventions.modalities.contrastive.inputs import class_index, image_sequence
+
+    out = []
+    for i, p in enumerate(spec.prompts):
+        enc, _ = image_sequence(model, p.image, processor, field=f"prompts[{i}].image")
+        out.append(Reading(enc, {"patches": enc.subject}, p.target,
+                           class_index(tokenizer, p.target, f"prompts[{i}].target"),
+                           {"prompt": p.image, "image": p.image}))
+    return out
+
+
 def readings(spec, model, tokenizer, processor=None) -> list[Reading]:
     """The prompts of a lens or knockout spec, with their targets resolved where given."""
+    if spec.modality == "contrastive":
+        return image_readings(spec, model, tokenizer, processor)
     vision = spec.modality == "vision-language"
     out = []
     for i, p in enumerate(spec.prompts):
@@ -284,7 +299,7 @@ def run_lens(spec, model, tokenizer, *, processor=None, max_batch_rows: int | No
     table = site_table(model)
     n = table.num_layers(model)
     layers = list(resolve_layers(spec, n))
-    tuned = None if spec.tuned is None else load_tuned_lens(spec.tuned, model)
+    tuned = None if getattr(spec, "tuned", None) is None else load_tuned_lens(spec.tuned, model)
     prompts = readings(spec, model, tokenizer, processor)
     cols = [lens_columns(spec, r) for r in prompts]
     states, last_logits = collect_states(model, tokenizer, [r.enc for r in prompts], layers,
@@ -312,7 +327,7 @@ def run_lens(spec, model, tokenizer, *, processor=None, max_batch_rows: int | No
             grids[name][i, :, :len(c)] = target.exp()
             rank = (logp > target[..., None]).sum(-1).float()
             grids[f"{name}_rank"][i, :, :len(c)] = rank
-            top = logp.topk(spec.top_k, dim=-1)
+            top = logp.topk(min(spec.top_k, logp.shape[-1]), dim=-1)     # a classifier may have fewer classes
             record[f"{name}_top_k"] = [[[[tokenizer.decode([int(t)]), round(float(p.exp()), 4)]
                                          for t, p in zip(ids, vals)] for ids, vals in zip(li, lv)]
                                        for li, lv in zip(top.indices, top.values)]

@@ -5,6 +5,9 @@ local folder's modality. Loaders and runners ask here instead of importing each 
 
 >>> model_modality("shapes-diffusion"), model_modality("llava-flags-smollm2"), model_modality("smollm2-135m")
 ('text-to-image', 'vision-language', 'language')
+>>> model_modality("scenes-clip")
+'contrastive'
+
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from pathlib import Path
 SHAPES = "shapes-diffusion"          # the coloured-shapes text-to-image testbed
 SCENES = "scenes-smollm2"            # the scenes text-to-image testbed (SmolLM2 as its text encoder)
 FLAGS_VLM = "llava-flags-smollm2"    # the flags vision-language testbed (LLaVA around SmolLM2)
+SCENES_CLIP = "scenes-clip"          # the contrastive testbed (a small CLIP trained on the scenes world)
 
 #: built-in testbed name -> its modality
-TESTBEDS = {SHAPES: "text-to-image", SCENES: "text-to-image", FLAGS_VLM: "vision-language"}
+TESTBEDS = {SHAPES: "text-to-image", SCENES: "text-to-image", FLAGS_VLM: "vision-language", SCENES_CLIP: "contrastive"}
 
 _DIFFUSION_HUB = re.compile(r"stable-diffusion|(^|/)sd-|sd-turbo|sdxl", re.IGNORECASE)
 
@@ -44,10 +48,21 @@ def is_vision_language(name: str) -> bool:
     return "llava" in name.lower()
 
 
+def is_contrastive(name: str) -> bool:
+    """True for the contrastive testbed, or a local folder holding a CLIP config (`model_type: clip`)."""
+    if TESTBEDS.get(name) == "contrastive":
+        return True
+    path = local_folder(name)
+    cfg = path / "config.json" if path is not None else None
+    return bool(cfg and cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "clip")
+
+
 def model_modality(name: str) -> str:
-    """'text-to-image', 'vision-language' or 'language' for a model name, by the checks above."""
+    """'text-to-image', 'vision-language', 'contrastive' or 'language' for a model name, by the checks above."""
     if is_text_to_image(name):
         return "text-to-image"
+    if is_contrastive(name):
+        return "contrastive"
     return "vision-language" if is_vision_language(name) else "language"
 
 

@@ -28,13 +28,17 @@ class SiteTable:
     """Where each site lives in one model family.
 
     `sites` maps a name to ``(module path template, "input" | "output")``;
-    ``{}`` in a template is the layer index.
+    ``{}`` in a template is the layer index. `causal`: whether a position sees only the positions before
+    it (a decoder; not an image encoder). `noise_at`: the node where prompts that run as embeddings get
+    their noise, which is the tensor they enter with.
     """
 
     family: str
     layers: str
     sites: dict[str, tuple[str, str]] = field(default_factory=dict)
     final_norm: str = "model.norm"     # the norm between the last block and the unembedding
+    causal: bool = True
+    noise_at: tuple[str, int | None] = ("block_input", 0)
 
     def component(self, site: str, layer: int | None = None) -> str:
         """The pyvene component string of `site` at `layer`."""
@@ -128,13 +132,26 @@ LLAVA = SiteTable("llava", f"{_LM}.layers", {
     "projector_output": ("model.multi_modal_projector", "output"),
 }, final_norm=f"{_LM}.norm")
 
-FAMILIES: dict[str, SiteTable] = {t.family: t for t in (GPT2, LLAMA, GEMMA3, LLAVA)}
+# A CLIP image tower inside `interventions.modalities.contrastive.clip.ZeroShot`: its input is the patch
+# embeddings (CLS first), `embed` the identity they pass through; the encoder is bidirectional.
+_VIT = "clip.vision_model.encoder.layers[{}]"
+CLIP = SiteTable("clip", "clip.vision_model.encoder.layers", {
+    "embed": ("patches", "output"),
+    "block_input": (_VIT, "input"),
+    "block_output": (_VIT, "output"),
+    "mlp_output": (_VIT + ".mlp", "output"),
+    "attention_output": (_VIT + ".self_attn", "output"),
+    "mlp_key": (_VIT + ".mlp.fc2", "input"),
+}, final_norm="clip.vision_model.post_layernorm", causal=False, noise_at=("embed", None))
+
+FAMILIES: dict[str, SiteTable] = {t.family: t for t in (GPT2, LLAMA, GEMMA3, LLAVA, CLIP)}
 #: transformers `config.model_type` -> family
 MODEL_TYPES = {
     "gpt2": "gpt2",
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "olmo": "llama",
     "gemma3_text": "gemma3",
     "llava": "llava",
+    "clip_zero_shot": "clip",
 }
 
 

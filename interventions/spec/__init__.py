@@ -2,7 +2,7 @@
 
 One module per family of kinds, lowest first: `base_specs` (value types, limits, site names, the base
 classes per modality), `grid_specs` (trace, patch), `edit_specs`, `steer_specs` (steer, apply),
-`text_to_image_specs`, `vision_language_specs`, `lens_specs` (lens, knockout, probe), `feature_specs`, and the
+`text_to_image_specs`, `vision_language_specs`, `contrastive_specs`, `lens_specs` (lens, knockout, probe), `feature_specs`, and the
 `catalogue` that holds them all in one table (parse, load, dump, schema). `file` reads YAML within
 bounds; `messages` turns validation errors into one line each; `reference` writes the field tables.
 Everything public is importable from here:
@@ -44,6 +44,17 @@ from interventions.spec.catalogue import (
     parse_spec,
     spec_schema,
     spec_to_dict,
+)
+from interventions.spec.contrastive_specs import (
+    CONTRASTIVE_MODEL,
+    SCENE_CLASS_SETS,
+    ContrastiveLensPrompt,
+    ContrastiveLensSpec,
+    ContrastivePatchPrompt,
+    ContrastivePatchSpec,
+    ContrastiveTracePrompt,
+    ContrastiveTraceSpec,
+    DecomposeSpec,
 )
 from interventions.spec.edit_specs import (
     BATCH_METHODS,
@@ -114,5 +125,7 @@ __all__ = [
     "ProbeSpec", "VLMKnockoutSpec", "VLMLensPrompt", "VLMLensSpec", "VLMProbeExample", "VLMProbeSpec",
     "FeatureExample", "FeaturesSpec", "VLMFeatureExample", "VLMFeaturesSpec", "APPLY_TO", "STEER_SITES", "ApplySpec", "SteerPair", "SteerSpec", "AttackSpec", "DaamSpec",
     "DiffusionApplySpec", "DiffusionTraceSpec", "EraseConcept", "EraseSpec", "VLM_PATCH_SITES", "VLMEditSpec",
-    "VLMLocateSpec", "VLMPatchPrompt", "VLMPatchSpec", "VLMTracePrompt", "VLMTraceSpec",
+    "VLMLocateSpec", "VLMPatchPrompt", "VLMPatchSpec", "VLMTracePrompt", "VLMTraceSpec", "CONTRASTIVE_MODEL",
+    "SCENE_CLASS_SETS", "ContrastivePatchPrompt", "ContrastivePatchSpec", "ContrastiveTracePrompt",
+    "ContrastiveTraceSpec", "DecomposeSpec", "ContrastiveLensPrompt", "ContrastiveLensSpec",
 ]

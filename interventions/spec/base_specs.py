@@ -54,7 +54,7 @@ DIFFUSION_MODEL = "shapes-diffusion"
 #: What kind of model a spec is for. It is part of the spec: written as `modality:`, or implied by
 #: the spec's own fields (`image:` means vision-language; `kind: erase` and `kind: daam` mean text-to-image), never
 #: read from the model's name or from files on disk.
-MODALITIES = ("language", "vision-language", "text-to-image")
+MODALITIES = ("language", "vision-language", "text-to-image", "contrastive")
 
 
 class SpecModel(BaseModel):

@@ -16,6 +16,15 @@ from typing import Annotated, Any, Union
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 
 from interventions.core.errors import SpecError, one_of
+from interventions.spec.contrastive_specs import (
+    ContrastiveLensPrompt,
+    ContrastiveLensSpec,
+    ContrastivePatchPrompt,
+    ContrastivePatchSpec,
+    ContrastiveTracePrompt,
+    ContrastiveTraceSpec,
+    DecomposeSpec,
+)
 from interventions.spec.edit_specs import EditRequestSpec, EditSpec, LocateSpec, RequestsFile, SequentialSpec
 from interventions.spec.feature_specs import FeatureExample, FeaturesSpec, VLMFeatureExample, VLMFeaturesSpec
 from interventions.spec.file import load_yaml, read_spec_text
@@ -62,18 +71,24 @@ SPEC_CLASSES = {
     ("probe", "language"): ProbeSpec, ("probe", "vision-language"): VLMProbeSpec,
     ("daam", "text-to-image"): DaamSpec, ("features", "language"): FeaturesSpec,
     ("features", "vision-language"): VLMFeaturesSpec,
+    ("trace", "contrastive"): ContrastiveTraceSpec, ("patch", "contrastive"): ContrastivePatchSpec,
+    ("decompose", "contrastive"): DecomposeSpec, ("lens", "contrastive"): ContrastiveLensSpec,
 }
-KINDS = ("trace", "patch", "edit", "steer", "apply", "erase", "lens", "knockout", "probe", "daam", "features")
+KINDS = ("trace", "patch", "edit", "steer", "apply", "erase", "lens", "knockout", "probe", "daam", "features",
+         "decompose")
 
 
 def modality_of(data: dict) -> Any:
     """A spec's modality from what it says: `modality:` if given; else `kind: erase` or `daam` means text-to-image,
-    and an `image:` (on the edit, or on any trace prompt) means vision-language; else language.
+    `kind: decompose` contrastive, and an `image:` (on the edit, or on any trace prompt) means vision-language;
+    else language.
     Neither the model's name nor any file is consulted."""
     if "modality" in data:
         return data["modality"]
     if data.get("kind") in ("erase", "daam"):
         return "text-to-image"
+    if data.get("kind") == "decompose":
+        return "contrastive"
     has_image = "image" in data or any(
         isinstance(rows, (list, tuple)) and any(isinstance(p, dict) and "image" in p for p in rows)
         for rows in (data.get("prompts"), data.get("examples")))
@@ -93,7 +108,8 @@ _ADAPTER: TypeAdapter = TypeAdapter(Spec)
 _FIELDS = sorted({name for cls in (*SPEC_CLASSES.values(), TracePrompt, PatchPrompt, EditRequestSpec, LocateSpec,
                                    SteerPair, EraseConcept, VLMTracePrompt, VLMPatchPrompt, VLMLocateSpec,
                                    LensPrompt, VLMLensPrompt, VLMProbeExample, RequestsFile, SequentialSpec, AttackSpec,
-                                   FeatureExample, VLMFeatureExample, FeatureSite)
+                                   FeatureExample, VLMFeatureExample, FeatureSite, ContrastiveTracePrompt,
+                                   ContrastivePatchPrompt, ContrastiveLensPrompt)
                   for name in cls.model_fields})
 
 
@@ -154,7 +170,8 @@ def spec_schema() -> dict:
         if branch is None:
             continue
         required = set(branch.get("required", [])) | {"kind"}
-        if modality == "text-to-image" and kind not in ("erase", "daam"):
+        if (modality == "text-to-image" and kind not in ("erase", "daam")) or (modality == "contrastive"
+                                                                                and kind != "decompose"):
             required.add("modality")
         branch["required"] = sorted(required)
         if modality == "vision-language":    # as `modality_of`: said, or implied by an image somewhere

@@ -377,3 +377,104 @@ def kept_prompts(word: str, n: int, seed: int) -> list[str]:
     """`n` prompts in the training phrasing that ask for `word` (its other attributes random)."""
     g, rnd = torch.Generator().manual_seed(seed), random.Random(seed)
     return [Phrasing().caption(with_concept(word, g), rnd) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- contrastive captions
+#: the attributes a contrastive model is asked about, and their classes
+ATTRIBUTES = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "position": POSITIONS, "count": ("one", "two")}
+
+
+def mentions(caption: str) -> dict[str, bool]:
+    """Which optional attributes a training-phrasing caption states: its size words, its position words."""
+    words = f" {caption} "
+    size = any(f" {w} " in words for ws in SIZE_WORDS.values() for w in ws.train + ws.heldout)
+    return {"size": size, "position": any(w in caption for ws in POSITION_WORDS.values() for w in ws.train + ws.heldout)}
+
+
+def consistent(caption: str, described, scene) -> bool:
+    """Whether `caption` (written for the scene `described`) also describes `scene`: the same count, and per
+    object the same colour and shape, the same size where the caption states sizes, and the same position
+    where it states one. A contrastive model trained on random batches treats these pairs as positives."""
+    if len(described) != len(scene):
+        return False
+    said = mentions(caption)
+    for a, b in zip(described, scene):
+        if (a.colour, a.shape) != (b.colour, b.shape) or (said["size"] and a.size != b.size):
+            return False
+        if len(scene) == 1 and said["position"] and a.position != b.position:
+            return False
+    return True
+
+
+def class_prompts(attribute: str) -> dict[str, list[str]]:
+    """Per class of `attribute`, the prompts whose mean text embedding is the zero-shot classifier (prompt
+    ensembling over the attributes it does not ask about, in the training phrasing's first words)."""
+    c = {k: COLOUR_WORDS[k].train[0] for k in COLOURS}
+    h = {k: SHAPE_WORDS[k].train[0] for k in SHAPES}
+    objects = [(col, shp) for col in COLOURS for shp in SHAPES]
+    if attribute == "colour":
+        return {col: [article(f"{c[col]} {h[s]}") for s in SHAPES] for col in COLOURS}
+    if attribute == "shape":
+        return {s: [article(f"{c[col]} {h[s]}") for col in COLOURS] for s in SHAPES}
+    if attribute == "size":
+        return {z: [article(f"{SIZE_WORDS[z].train[0]} {c[col]} {h[s]}") for col, s in objects] for z in SIZES}
+    if attribute == "position":
+        return {p: [article(f"{c[col]} {h[s]}") + " " + POSITION_WORDS[p].train[0] for col, s in objects]
+                for p in POSITIONS}
+    if attribute == "count":
+        pairs = [(objects[i], objects[(7 * i + 3) % len(objects)]) for i in range(len(objects))]
+        return {"one": [article(f"{c[col]} {h[s]}") for col, s in objects],
+                "two": [f"{article(c[a] + ' ' + h[b])} next to {article(c[x] + ' ' + h[y])}" for (a, b), (x, y) in pairs]}
+    raise ValueError(f"`attribute`: got {attribute!r}; expected one of {', '.join(ATTRIBUTES)}")
+
+
+def truth(scene, attribute: str) -> str:
+    """The class of `attribute` a scene shows (for a pair: its left object's, and count 'two')."""
+    if attribute == "count":
+        return ("one", "two")[len(scene) - 1]
+    return getattr(scene[0], attribute)
+
+
+def parse_scene(text: str) -> tuple[Obj, ...]:
+    """``"red circle"``, ``"blue square small left"`` or ``"red circle, blue square"`` (a pair: left, right) as a
+    scene; size defaults to large, a single object's position to the middle. Raises ValueError naming what
+    is allowed."""
+    parts = [p.split() for p in text.split(",")]
+    if not 1 <= len(parts) <= 2:
+        raise ValueError("one object, or two separated by a comma")
+    objects = []
+    for k, words in enumerate(parts):
+        if not 2 <= len(words) <= 4 or words[0] not in COLOURS or words[1] not in SHAPES:
+            raise ValueError(f"`<colour> <shape> [size] [position]`, colour one of {', '.join(COLOURS)}, shape one of "
+                             f"{', '.join(SHAPES)}")
+        rest = words[2:]
+        size = next((w for w in rest if w in SIZES), "large")
+        position = next((w for w in rest if w in POSITIONS), "middle")
+        if any(w not in SIZES + POSITIONS for w in rest) or len(set(rest)) != len(rest):
+            raise ValueError(f"after the shape, a size ({', '.join(SIZES)}) and a position ({', '.join(POSITIONS)})")
+        objects.append(Obj(words[0], words[1], size, ("left", "right")[k] if len(parts) == 2 else position))
+    return tuple(objects)
+
+
+def text_bank() -> list[tuple[str, str]]:
+    """Descriptions that each state one attribute, tagged with it: ``(text, attribute)``. A head that TextSpan
+    explains with colour texts is a colour head. Every word comes from the captions' word lists, training and
+    held-out."""
+    out = []
+    for col in COLOURS:
+        for w in COLOUR_WORDS[col].train + COLOUR_WORDS[col].heldout:
+            out += [(w, "colour"), (f"a shape that is {w}", "colour"), (f"{article(w)} shape", "colour")]
+        for thing in COLOUR_THINGS[col].train + COLOUR_THINGS[col].heldout:
+            out.append((f"the colour of {thing}", "colour"))
+    for shp in SHAPES:
+        for w in SHAPE_WORDS[shp].train + SHAPE_WORDS[shp].heldout:
+            out += [(article(w), "shape"), (w, "shape"), (f"a picture of {article(w)}", "shape")]
+    for size in SIZES:
+        for w in SIZE_WORDS[size].train + SIZE_WORDS[size].heldout:
+            out += [(w, "size"), (f"{article(w)} shape", "size")]
+    for pos in POSITIONS:
+        for w in POSITION_WORDS[pos].train + POSITION_WORDS[pos].heldout:
+            out += [(w, "position"), (f"a shape {w}", "position")]
+    out += [("two shapes", "count"), ("a shape next to a shape", "count"), ("a shape and a shape", "count"),
+            ("a shape to the right of a shape", "count")]
+    return out

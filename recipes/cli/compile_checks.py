@@ -51,9 +51,9 @@ def check_grid(spec) -> str:
     """Trace / patch, on a language model or a VLM: the whole plan compiles. For a VLM that loads its
     images and runs its vision tower (the image features are part of the prompts' embeddings)."""
     from interventions import compile_spec
-    from interventions.modalities.vision_language.llava import load_language_or_vision
+    from interventions.api import load_for
 
-    model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")
+    model, tokenizer, processor = load_for(spec.modality, spec.model)
     plan = compile_spec(spec, model, tokenizer, processor=processor)
     return (f"{len(spec.prompts)} prompt(s), compiles to {len(plan.graphs)} graph(s) and {plan.num_rows} rows in "
             f"{len(plan.chunks)} chunk(s)")
@@ -174,10 +174,10 @@ def check_diffusion_apply(spec) -> str:
 def check_features(spec) -> str:
     """features: the dictionary loads and fits the model; the layer exists; the examples tokenize (and their
     images load)."""
+    from interventions.api import load_for
     from interventions.features.readout import read_examples, spec_units
-    from interventions.modalities.vision_language.llava import load_language_or_vision
 
-    model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")
+    model, tokenizer, processor = load_for(spec.modality, spec.model)
     d, layer = spec_units(spec, model)
     read_examples(spec, model, tokenizer, processor)
     return f"{len(spec.examples)} example(s), layer {layer}" + (f", {d.d_sae} features" if d else ", neurons only")
@@ -185,11 +185,12 @@ def check_features(spec) -> str:
 
 def check_reading(spec) -> str:
     """lens / knockout / probe: layers, prompts (images loaded), targets, named positions."""
+    from interventions.api import engine_model, load_for
     from interventions.engine.plan import resolve_layers
     from interventions.lenses.lens import lens_columns, load_tuned_lens, readings
-    from interventions.modalities.vision_language.llava import load_language_or_vision
 
-    model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")
+    model, tokenizer, processor = load_for(spec.modality, spec.model)
+    model, tokenizer = engine_model(spec, model, tokenizer)
     n = _layer_count(model)
     resolve_layers(spec, n)
     if spec.kind == "probe":
@@ -223,3 +224,14 @@ def check_daam(spec) -> str:
         for word in spec.words or prompt.split():
             word_tokens(pipe, prompt, word, f"words (prompts[{i}])")
     return f"{len(spec.prompts)} prompt(s), {n} cross-attention layers"
+
+
+def check_decompose(spec) -> str:
+    """decompose: the model loads, the images load, the text bank encodes, the questions' classes embed."""
+    from interventions.api import load_for
+    from interventions.modalities.contrastive.heads import bank_of, images_of, questions_of
+
+    clip, tokenizer, processor = load_for(spec.modality, spec.model)
+    pixels, _ = images_of(spec, clip.config.vision_config.image_size, processor)
+    bank = bank_of(spec, tokenizer)
+    return f"{len(pixels)} image(s), {len(bank)} texts, {len(questions_of(spec))} question(s)"

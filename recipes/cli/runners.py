@@ -65,6 +65,10 @@ RUNNERS: dict[tuple[str, str], Runner] = {
     ("daam", "text-to-image"): Runner("run_lenses:daam_job", checks.check_daam),
     ("features", "language"): Runner("run_features:features_job", checks.check_features),
     ("features", "vision-language"): Runner("run_features:features_job", checks.check_features),
+    ("trace", "contrastive"): Runner("run_grid:grid_job", checks.check_grid, _GRID, distributed=True),
+    ("patch", "contrastive"): Runner("run_grid:grid_job", checks.check_grid, _GRID, distributed=True),
+    ("decompose", "contrastive"): Runner("run_contrastive:decompose_job", checks.check_decompose),
+    ("lens", "contrastive"): Runner("run_lenses:lens_job", checks.check_reading, _ROWS),
 }
 #: The optional flags of `lesion run`, as argparse names them, and how the user spells them.
 OPTIONAL_FLAGS = {"device_map": "--device-map", "offload_folder": "--offload-folder", "memory": "--memory",

@@ -9,12 +9,12 @@ from interventions.core.atomic import atomic_write
 
 
 def features_job(spec, args, out: Path) -> None:
+    from interventions.api import load_for
     from interventions.features.readout import concept_table, concept_vectors, run_features, spec_units
-    from interventions.modalities.vision_language.llava import load_language_or_vision
     from interventions.spec import dump_spec
     from interventions.spec.lens_specs import concept_file
 
-    model, tokenizer, processor = load_language_or_vision(spec.model, vision=spec.modality == "vision-language")
+    model, tokenizer, processor = load_for(spec.modality, spec.model)
     d, layer = spec_units(spec, model)
     report = run_features(spec, model, tokenizer, (d, layer), processor)
     written = []

@@ -10,18 +10,18 @@ from pathlib import Path
 def grid_job(spec, args, out: Path | None) -> dict | None:
     """`kind: trace` / `kind: patch` on a language model or a VLM: the one batched engine."""
     from interventions import run
+    from interventions.api import load_for
     from interventions.core.distributed import local_device, world
     from interventions.core.memory import PeakMemory
     from interventions.core.runtime import input_device
     from interventions.core.units import human, parse_bytes
-    from interventions.modalities.vision_language.llava import load_language_or_vision
     from recipes.jobs.flag_checks import parse_device_map
 
     memory = parse_bytes(args.memory, "--memory") if args.memory else None
     placement = dict(device=local_device(args.device), device_map=parse_device_map(args.device_map),
                      offload_folder=args.offload_folder)
-    vision = spec.modality == "vision-language"
-    model, tokenizer, processor = load_language_or_vision(spec.model, vision=vision, **placement)
+    vision = spec.modality in ("vision-language", "contrastive")        # heatmaps over the image
+    model, tokenizer, processor = load_for(spec.modality, spec.model, **placement)
     start = time.perf_counter()
     with PeakMemory(input_device(model), model=model) as peak:
         result = run(spec, model, tokenizer, processor=processor, max_batch_rows=args.max_batch_rows,
@@ -33,9 +33,8 @@ def grid_job(spec, args, out: Path | None) -> dict | None:
     written = result.save(out, heatmap=not vision)
     if vision:
         from interventions.core.plot import vlm_trace_heatmap
-        from recipes.jobs.run_vision_language import images_of
 
-        vlm_trace_heatmap(result, images_of(result, model, processor), out / "heatmap.png")
+        vlm_trace_heatmap(result, _images(spec, result, model, processor), out / "heatmap.png")
         written.append("heatmap.png")
     budget = f" (budget {human(memory)})" if memory else ""
     print(f"{spec.kind} of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['rows']} rows "
@@ -50,3 +49,14 @@ def grid_job(spec, args, out: Path | None) -> dict | None:
         print(line)
     print(f"wrote {', '.join(written)} to {args.out}")
     return None
+
+
+def _images(spec, result, model, processor) -> list:
+    """The base image of each prompt, for the heatmap (None: a text-only VLM prompt)."""
+    if spec.modality == "contrastive":
+        from interventions.modalities.contrastive.inputs import load_image
+
+        return [load_image(p["label"], model.config.vision_config.image_size, processor) for p in result.prompts]
+    from recipes.jobs.run_vision_language import images_of
+
+    return images_of(result, model, processor)

@@ -22,9 +22,11 @@ def _plt():
 
 
 def _load(spec, args):
-    from interventions.modalities.vision_language.llava import load_language_or_vision
+    """The model, tokenizer and processor the spec's reading runs on (a CLIP model as its zero-shot classifier)."""
+    from interventions.api import engine_model, load_for
 
-    return load_language_or_vision(spec.model, vision=spec.modality == "vision-language", device=args.device)
+    model, tokenizer, processor = load_for(spec.modality, spec.model, device=args.device)
+    return (*engine_model(spec, model, tokenizer), processor)
 
 
 def _grid_run(spec, args, out: Path, compute, figure, picture: str):

@@ -57,7 +57,7 @@ def test_cli_schema_and_validate(tmp_path):
     schema = json.loads(out)
     kinds = {schema["$defs"][ref["$ref"].rsplit("/", 1)[1]]["properties"]["kind"]["const"] for ref in schema["oneOf"]}
     assert code == 0 and kinds == {"trace", "patch", "edit", "steer", "apply", "erase", "lens",
-                                  "knockout", "probe", "daam", "features"}
+                                  "knockout", "probe", "daam", "features", "decompose"}
     good = tmp_path / "good.yaml"
     good.write_text("kind: trace\nprompts:\n  - {prompt: The Eiffel Tower is in, subject: Eiffel Tower}\n")
     code, out, _ = cli("validate", str(good))

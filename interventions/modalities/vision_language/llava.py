@@ -290,13 +290,6 @@ def image_columns(tokens: tuple[str, ...], image: list[int], cells: str) -> list
     return out
 
 
-def _pixels_identity(pixels: torch.Tensor) -> bytes:
-    """The sha256 of an image's pixels (what its noise is keyed by, with the prompt's text)."""
-    import hashlib
-
-    return hashlib.sha256(pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).digest()
-
-
 def encode_with_image(vlm, tokenizer, text: str, pixels, *, field: str, subject: str | None = None):
     """A VLM prompt as the engine runs it: ids (``[lead] <image>×n text``), tokens and merged embeddings.
     A text-only prompt is tokenized exactly as a language-model prompt (`prompts.encode`)."""
@@ -333,7 +326,7 @@ def vlm_prompts(spec, vlm, tokenizer, processor=None) -> list:
     subject (image tokens for `noise`, the constraint's tokens for `text`)."""
     from dataclasses import replace
 
-    from interventions.core.conventions import answer_id
+    from interventions.core.conventions import answer_id, pixels_identity
     from interventions.core.prompts import check_aligned
     from interventions.engine.plan import Prompt
     from interventions.models.sites import site_table
@@ -365,7 +358,7 @@ def vlm_prompts(spec, vlm, tokenizer, processor=None) -> list:
                       "image_positions": img, "counterfactual_image": p.counterfactual_image}
             target, counterfactual = answer_id(tokenizer, p.target, field=f"{where}.target"), None
             # a text-only prompt is keyed as a language-model prompt is: the same prompt, the same noise
-            identity = (p.prompt, subject) + ((_pixels_identity(pixels),) if pixels is not None else ())
+            identity = (p.prompt, subject) + ((pixels_identity(pixels),) if pixels is not None else ())
         else:
             base = encode_with_image(vlm, tokenizer, p.base, pixels, field=where)
             source_pixels = image(p.source_image, f"{where}.source_image") if p.source_image else pixels
