@@ -21,14 +21,17 @@ from interventions.engine import execute, plan
 from interventions.features.dictionary import load_dictionary
 from interventions.features.readout import check_dictionary
 from interventions.modalities.contrastive.inputs import contrastive_prompts, load_clip, runnable
-from interventions.modalities.vision_language.llava import load_vlm, vlm_prompts
+from interventions.modalities.vision_language import tower
+from interventions.modalities.vision_language.llava import load_vlm
 from interventions.models.loading import load_model
 
 #: spec.modality -> the function that turns the spec's prompts into the engine's prompts
-PREPARERS = {"language": plan.language_prompts, "vision-language": vlm_prompts, "contrastive": contrastive_prompts}
+PREPARERS = {"language": plan.language_prompts, "vision-language": tower.vision_language_prompts,
+             "contrastive": contrastive_prompts}
 #: spec.modality -> ``(spec, model, tokenizer) -> (model, tokenizer)`` the engine runs, where the loaded model is not
-#: itself that (a CLIP model becomes a zero-shot classifier over the spec's classes)
-RUNNABLE = {"contrastive": runnable}
+#: itself that (a CLIP model becomes a zero-shot classifier over the spec's classes; a VLM whose grid reaches into
+#: its vision tower runs from the image's patch embeddings)
+RUNNABLE = {"contrastive": runnable, "vision-language": tower.runnable}
 #: spec.modality -> ``(name, **placement) -> (model, tokenizer, image processor or None)``
 LOADERS = {"language": lambda name, **placement: (*load_model(name, **placement), None),
            "vision-language": load_vlm, "contrastive": load_clip}

@@ -12,7 +12,9 @@ import math
 from pathlib import Path
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attention": "Reds"}
+CMAPS.update({f"vision_{k}": v for k, v in CMAPS.items()})
 TITLES = {"hidden": "hidden state (block output)", "mlp": "MLP output", "attention": "attention output"}
+TITLES.update({f"vision_{k}": f"vision tower: {v}" for k, v in TITLES.items()})
 
 
 def heatmap(result, path: str | Path, *, max_prompts: int = 6) -> None:
@@ -158,6 +160,18 @@ def image_cell_columns(record: dict) -> tuple[list[int], int | None]:
     return [singles[p] for p in img if p in singles], record.get("image_column")
 
 
+def grid_view(record: dict, grid) -> dict:
+    """A record as `grid` sees it: over the context's tokens for a context grid (a VLM's text beside its tower's
+    grids), over the tower's CLS and patches for a tower grid (`patch_positions`), else the record itself."""
+    if getattr(grid, "context", False):
+        return {**record, "columns": record["context_columns"], "column_positions": record["context_column_positions"],
+                "subject_positions": []}
+    if "patch_positions" in record:
+        return {**record, "image_positions": record["patch_positions"], "image_column": record["patch_column"],
+                "subject_positions": []}
+    return record
+
+
 def vlm_rows(record: dict, values) -> tuple[list[str], object]:
     """A VLM grid ``(layers, columns)`` with its image tokens collapsed: ``(row labels, (rows, layers) array)``.
 
@@ -218,7 +232,8 @@ def vlm_trace_heatmap(result, images: list, path: str | Path, *, max_prompts: in
 
     names = list(result.grids)
     prompts = result.prompts[:max_prompts]
-    height = max(len(p["columns"]) - len(image_cell_columns(p)[0]) + 2 for p in prompts)
+    height = max(len(grid_view(p, g)["columns"]) - len(image_cell_columns(grid_view(p, g))[0]) + 2
+                 for p in prompts for g in result.grids.values())
     fig, axes = plt.subplots(len(prompts), len(names) + 1, squeeze=False,
                              figsize=(3.6 * len(names) + 3.6, (0.28 * height + 1.6) * len(prompts)))
     for i, record in enumerate(prompts):
@@ -228,20 +243,22 @@ def vlm_trace_heatmap(result, images: list, path: str | Path, *, max_prompts: in
         for j, name in enumerate(names):
             grid, ax = result.grids[name], axes[i][j]
             values = grid.values[i, :, :grid.lengths[i]].numpy()
-            labels, rows = vlm_rows(record, values)
+            labels, rows = vlm_rows(grid_view(record, grid), values)
             im = ax.imshow(rows, aspect="auto", cmap=CMAPS.get(name, "viridis"), vmin=low, interpolation="nearest")
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
             step = max(1, len(grid.layers) // 10)
             ax.set_xticks(range(0, len(grid.layers), step), [row_label(x) for x in grid.layers[::step]], fontsize=7)
             ax.set_xlabel(axis_label(grid, name), fontsize=8)
-            ax.set_title(f"{TITLES.get(name, name)}, {how}\n{record['prompt'][:44]} → {record['answer']!r}",
+            ax.set_title(f"{TITLES.get(name, name)}, {how}\n{record['context'][-44:] if 'context' in record else record['prompt'][:44]} → "
+                         f"{record['answer']!r}",
                          fontsize=8)
             bar = fig.colorbar(im, ax=ax, fraction=0.05)
             bar.ax.tick_params(labelsize=7)
             bar.set_label(f"p({record['answer'].strip()})" if grid.metric == "prob" else grid.metric, fontsize=7)
-        ax, name = axes[i][-1], names[0]
+        ax = axes[i][-1]
+        name = next((n for n in names if not result.grids[n].context), names[0])      # a tower's grid, if traced
         grid = result.grids[name]
-        singles, _ = image_cell_columns(record)
+        singles, _ = image_cell_columns(grid_view(record, grid))
         side = int(round(len(singles) ** 0.5))
         if not singles or side * side != len(singles) or images[i] is None:
             ax.axis("off")

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,8 +22,11 @@ class Encoded:
     """A tokenized prompt: ids, decoded tokens, and the subject's token positions.
 
     `embeds` ``(len, d)``, when set, is what the model runs on instead of the ids: a VLM prompt's
-    input embeddings with its image's features in place of the image tokens (`interventions.modalities.vision_language.llava`).
-    The engine feeds them as ``inputs_embeds``; `ids` still name the tokens.
+    input embeddings with its image's features in place of the image tokens (`interventions.modalities.vision_language.llava`),
+    or an image's patch embeddings. The engine feeds them as ``inputs_embeds``; `ids` still name the positions.
+    `context`, when set, is a second sequence of token ids the model reads with them (the text a vision-language
+    model answers, when the prompt is its image's patch sequence); the engine feeds it as ``context_ids`` and
+    ``context_mask``.
     """
 
     text: str
@@ -31,6 +34,7 @@ class Encoded:
     tokens: tuple[str, ...]
     subject: tuple[int, ...] = ()
     embeds: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    context: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,7 +116,12 @@ def pad_token_id(tokenizer) -> int:
 
 def model_inputs(prompts: list[Encoded], pad_id: int, device=None, *, start: int = 0) -> dict:
     """The model's keyword inputs for `prompts` from position `start` on, right-padded: ``input_ids``,
-    or ``inputs_embeds`` (padded with zeros) for prompts that carry embeddings, and ``attention_mask``."""
+    or ``inputs_embeds`` (padded with zeros) for prompts that carry embeddings, and ``attention_mask``; and
+    ``context_ids`` and ``context_mask`` (right-padded) for prompts that carry a context."""
+    if prompts[0].context:
+        context = right_pad([p.context for p in prompts], pad_id, device)
+        return {**model_inputs([replace(p, context=()) for p in prompts], pad_id, device, start=start),
+                "context_ids": context["input_ids"], "context_mask": context["attention_mask"]}
     if prompts[0].embeds is None:
         return right_pad([p.ids[start:] for p in prompts], pad_id, device)
     width = max(len(p) for p in prompts) - start

@@ -36,16 +36,20 @@ def assemble_result(plan: Plan, acc: dict, baseline: torch.Tensor, clean_probs: 
                           counterfactual_target=plan.tokenizer.decode([p.counterfactual_id]),
                           counterfactual_id=p.counterfactual_id,
                           base_top1=plan.tokenizer.decode([base_top1[i]]))
+        if p.context_columns:
+            record.update(context=plan.tokenizer.decode(list(shown.context)) if shown.context else "",
+                          context_columns=[label for label, _ in p.context_columns],
+                          context_column_positions=[list(positions) for _, positions in p.context_columns])
         record.update(p.record)
         records.append(record)
-    lengths = [len(p.columns) for p in plan.prompts]
     grids = {}
     for name, axes in plan.grids.items():
         values = acc[name].float()
+        lengths = [len(plan.columns(name, i)) for i in range(len(plan.prompts))]
         for i, n in enumerate(lengths):
             values[i, :, n:] = float("nan")
         grids[name] = Grid(name=name, site=axes.site, metric=axes.metric, layers=list(axes.layers),
-                           values=values, lengths=lengths, axis=axes.axis, layer=axes.layer)
+                           values=values, lengths=lengths, axis=axes.axis, layer=axes.layer, context=axes.context)
     config = plan.model.config
     meta = {"sigma": plan.sigma, "rows": plan.num_rows, "variants": plan.variants, "processes": world()[1],
             "chunks": len(plan.chunks), "prompt_blocks": len(plan.blocks), "memory_budget": plan.memory,

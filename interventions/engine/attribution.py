@@ -66,7 +66,7 @@ def _sites_needed(plan: Plan) -> list[tuple[str, int | None]]:
         if not plan.table.is_layered(axes.site):
             need.add((axes.site, None))
             continue
-        n = plan.table.num_layers(plan.model)
+        n = plan.table.num_layers(plan.model, axes.site)
         need |= {(axes.site, layer) for layer in range(n)}
     return sorted(need, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
 
@@ -129,8 +129,8 @@ def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, process
     nodes = _sites_needed(plan)
     device = input_device(model)
     trace = is_trace(spec)
-    acc = {name: torch.zeros(len(plan.prompts), len(g.layers), max(len(p.columns) for p in plan.prompts),
-                             dtype=torch.float64) for name, g in plan.grids.items()}
+    acc = {name: torch.zeros(len(plan.prompts), len(g.layers), plan.width(name), dtype=torch.float64)
+           for name, g in plan.grids.items()}
     baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
     clean_probs, base_top1 = torch.zeros(len(plan.prompts), dtype=torch.float64), {}
     cells = _cells_by_prompt(plan)
@@ -141,7 +141,7 @@ def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, process
             with torch.no_grad(), _capture(plan, nodes, source, grads=False):
                 source_embeds = _embeddings(plan, prompt.source, device)
                 source[(EMBED, None)] = source_embeds
-                logits = _final_logits(model, source_embeds)[0]
+                logits = _final_logits(model, source_embeds, prompt.source.context)[0]
             if prompt.target_id is None:
                 prompt.target_id = int(logits.argmax())
             clean_probs[i] = float(_wide(logits).softmax(-1)[prompt.target_id])
@@ -158,7 +158,7 @@ def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, process
                 embeds = embeds.detach().requires_grad_()
                 run[(EMBED, None)] = embeds
                 with torch.enable_grad(), _capture(plan, nodes, run, grads=True):
-                    logits = _final_logits(model, embeds)
+                    logits = _final_logits(model, embeds, prompt.base.context)
                     if j == 0:
                         if not trace and prompt.counterfactual_id is None:
                             prompt.counterfactual_id = int(logits[0].argmax())
@@ -210,11 +210,14 @@ def _feature_terms(axis, source: dict, states: dict, grads: dict) -> torch.Tenso
     return terms @ member
 
 
-def _final_logits(model, embeds: torch.Tensor) -> torch.Tensor:
+def _final_logits(model, embeds: torch.Tensor, context: tuple[int, ...] = ()) -> torch.Tensor:
     """``Float[Tensor, "rows vocab"]`` at the last position of `embeds` ``(rows, T, d)`` (no padding),
-    computing the LM head there only when the model allows it."""
+    computing the LM head there only when the model allows it; `context`: the text read with them, if any."""
     inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long,
                                                                      device=embeds.device)}
+    if context:
+        ids = torch.tensor([context], device=embeds.device).expand(len(embeds), -1)
+        inputs.update(context_ids=ids, context_mask=torch.ones_like(ids))
     if keeps_logits(model):
         inputs["logits_to_keep"] = 1
     return model(**inputs, use_cache=False).logits[:, -1]

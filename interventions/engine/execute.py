@@ -54,8 +54,8 @@ def run_plan(plan: Plan, *, progress: bool | None = None) -> Result:
     """Run prompt block by prompt block: the block's clean pass, then its chunks. A block's
     clean states and baseline caches are dropped before the next block starts."""
     with eval_mode(plan.model):
-        acc = {name: torch.zeros(len(plan.prompts), len(g.layers), max(len(p.columns) for p in plan.prompts),
-                                 dtype=torch.float64) for name, g in plan.grids.items()}
+        acc = {name: torch.zeros(len(plan.prompts), len(g.layers), plan.width(name), dtype=torch.float64)
+               for name, g in plan.grids.items()}
         baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
         clean_probs = torch.zeros(len(plan.prompts), dtype=torch.float64)
         base_top1: dict[int, int] = {}
@@ -134,21 +134,22 @@ def clean_pass(plan: Plan, block: list[int]) -> tuple[dict, torch.Tensor]:
     """
     device = input_device(plan.model)
     seqs = [plan.prompts[i].source for i in block]
-    width = max(len(s) for s in seqs)
+    in_context = [plan.table.in_context(site) for site, _ in plan.collect_nodes]
+    widths = {False: max(len(s) for s in seqs), True: max(len(s.context) for s in seqs)}
     parts: dict = {node: [] for node in plan.collect_nodes}
     logprobs = []
     size = plan.clean_rows
     for start in range(0, len(seqs), size):
         batch = seqs[start:start + size]
         inputs = model_inputs(batch, pad_token_id(plan.tokenizer), device)
-        every = [list(range(inputs["attention_mask"].shape[1]))] * len(batch)
-        locations = {"base": [every] * len(plan.collect_nodes)}
+        spans = {False: inputs["attention_mask"].shape[1], True: inputs.get("context_mask", inputs["attention_mask"]).shape[1]}
+        locations = {"base": [[list(range(spans[c]))] * len(batch) for c in in_context]}
         last = [len(s) - 1 for s in batch]
 
         def call(kwargs, locations=locations):
             (_, collected), out = plan.collect_graph(base=kwargs, unit_locations=locations)
-            for node, states in zip(plan.collect_nodes, collected):
-                parts[node].append(torch.nn.functional.pad(states, (0, 0, 0, width - states.shape[1])))
+            for node, context, states in zip(plan.collect_nodes, in_context, collected):
+                parts[node].append(torch.nn.functional.pad(states, (0, 0, 0, widths[context] - states.shape[1])))
             return out
 
         inputs["use_cache"] = False

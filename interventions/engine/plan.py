@@ -36,7 +36,7 @@ from interventions.core.memory import Costs
 from interventions.core.prompts import Encoded, check_aligned, columns, encode
 from interventions.core.units import human
 from interventions.engine.pv import AddIntervention, CollectStates, RestoreIntervention, UnitRestore, build_graph
-from interventions.models.sites import SiteTable, site_table
+from interventions.models.sites import SiteTable, get_module, site_table
 from interventions.spec import TRACE_SITES, PatchSpec, TraceSpec
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Cell:
     layers: tuple[int, ...]
     positions: tuple[int, ...]
     units: tuple[int, ...] = (0,)   # the pyvene subspaces the cell restores: 0 (the whole state), or features
+    first_layer: int = 0            # the first layer of the prompt's sequence its restore can change (`_first`)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Prompt:
     counterfactual_id: int | None = None
     identity: tuple = ()          # what the prompt's noise is keyed by (`conventions.noise_seed`)
     record: dict = field(default_factory=dict)   # modality-specific entries of its result record
+    context_columns: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)   # over `base.context`
 
     def __post_init__(self):
         self.identity = self.identity or (self.source.text, self.source.subject)
@@ -111,6 +113,7 @@ class GridAxes:
     metric: str
     axis: str = "layer"            # what the rows are: "layer", or "feature" (a `UnitAxis`)
     layer: int | None = None       # a feature grid's one layer
+    context: bool = False          # columns over the prompts' context sequence (`Prompt.context_columns`)
 
 
 @dataclass
@@ -166,6 +169,15 @@ class Plan:
     def num_rows(self) -> int:
         return sum(len(c.rows) for c in self.chunks)
 
+    def columns(self, grid: str, prompt: int) -> list[tuple[str, tuple[int, ...]]]:
+        """The columns of `grid` for one prompt: over its sequence, or over its context."""
+        p = self.prompts[prompt]
+        return p.context_columns if self.grids[grid].context else p.columns
+
+    def width(self, grid: str) -> int:
+        """The most columns any prompt has in `grid`."""
+        return max(len(self.columns(grid, i)) for i in range(len(self.prompts)))
+
     def unit_locations(self, chunk: Chunk) -> dict:
         """pyvene ``unit_locations`` for `chunk`: ``{"base": [per node: [per row: positions]]}``."""
         table = _restoring(chunk)
@@ -217,14 +229,16 @@ def _pad(positions, k: int) -> list[int]:
     return positions + [positions[0]] * (k - len(positions))
 
 
-def resolve_layers(spec, num_layers: int) -> tuple[int, ...]:
-    if spec.layers == "all":
+def resolve_layers(spec, num_layers: int, field: str = "layers") -> tuple[int, ...]:
+    """The spec's layer list `field` (``all`` or indices, negative from the end) as sorted indices."""
+    chosen = getattr(spec, field)
+    if chosen == "all":
         return tuple(range(num_layers))
     out = []
-    for i, layer in enumerate(spec.layers):
+    for i, layer in enumerate(chosen):
         if not -num_layers <= layer < num_layers:
-            raise SpecError(f"layers[{i}]", layer, f"a layer in [-{num_layers}, {num_layers - 1}] "
-                                                   f"(the model has {num_layers} layers)")
+            raise SpecError(f"{field}[{i}]", layer, f"a layer in [-{num_layers}, {num_layers - 1}] "
+                                                    f"(the model has {num_layers} layers)")
         out.append(layer % num_layers)
     return tuple(sorted(set(out)))
 
@@ -259,14 +273,12 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
                         f"`modality: {spec.modality}`; call interventions.compile_spec, which picks it")
     table = site_table(model)
     share_prefix = share_prefix and table.causal      # a bidirectional encoder's positions all see each other
-    num_layers = table.num_layers(model)
-    layers = resolve_layers(spec, num_layers)
     prompts = prepare(spec, model, tokenizer, processor)
-    grid_sites = {name: TRACE_SITES[name] for name in spec.sites} if is_trace(spec) else {s: s for s in spec.sites}
+    grid_sites = site_grids(spec)
     for site in grid_sites.values():
         table.component(site, 0)   # unknown site for this family -> SpecError
-    grids, cells = _grid_cells(spec, table, prompts, grid_sites, layers, num_layers)
-    unit_grids, unit_cells = _unit_cells(spec, prompts, units)
+    grids, cells = _grid_cells(spec, table, model, prompts, grid_sites)
+    unit_grids, unit_cells = _unit_cells(spec, table, prompts, units)
     grids, cells = {**grids, **unit_grids}, {**cells, **unit_cells}
     noise, sigma, variants = _noise(spec, model, table, prompts)
     nodes, graphs, collect_nodes, collect_graph = _graphs(model, table, grid_sites, cells, prompts, noise is not None,
@@ -286,30 +298,51 @@ def compile_spec(spec, model: torch.nn.Module, tokenizer, *, prepare=language_pr
                 chunks, variants, noise, sigma, shares_prefix=any(c.prefix for c in chunks),
                 skips_layers=any(c.start for c in chunks), noop_cells=noop, blocks=blocks,
                 clean_rows=sizer.clean_rows(prompts), memory=memory,
-                layer_modules=[table.module(model, "block_output", i) for i in range(num_layers)])
+                layer_modules=list(get_module(model, table.layers)))
 
 
-def _grid_cells(spec, table: SiteTable, prompts: list[Prompt], grid_sites: dict, layers, num_layers: int):
+#: Grids that restore one layer's output alone, whatever the spec's `window`.
+SINGLE_LAYER_GRIDS = ("hidden", "vision_hidden")
+
+
+def layers_field(table: SiteTable, site: str) -> str:
+    """The spec field that picks `site`'s layers: `vision_layers` for an image tower read beside a language
+    model's context (`SiteTable.context_sites`), else `layers`."""
+    return "vision_layers" if table.context_layers is not None and not table.in_context(site) else "layers"
+
+
+def _grid_cells(spec, table: SiteTable, model, prompts: list[Prompt], grid_sites: dict):
     """Each grid's axes, and its cells: one per (prompt, layer, column), restoring a window of layers."""
     grids, cells = {}, {}
     for name, site in grid_sites.items():
-        layered = table.is_layered(site)
-        size = 1 if (name == "hidden" or not layered) else spec.window
-        axis = layers if layered else (0,)
-        grids[name] = GridAxes(name, site, axis, "prob" if is_trace(spec) else spec.metric)
-        cells[name] = [Cell(name, site, pi, li, ci, window(layer, size, num_layers) if layered else (),
-                            cols[1])
+        layered, context = table.is_layered(site), table.in_context(site)
+        num_layers = table.num_layers(model, site)
+        size = 1 if (name in SINGLE_LAYER_GRIDS or not layered) else spec.window
+        axis = resolve_layers(spec, num_layers, layers_field(table, site)) if layered else (0,)
+        grids[name] = GridAxes(name, site, axis, "prob" if is_trace(spec) else spec.metric, context=context)
+        restores = {layer: window(layer, size, num_layers) if layered else () for layer in axis}
+        cells[name] = [Cell(name, site, pi, li, ci, restores[layer], cols[1],
+                            first_layer=_first(table, site, restores[layer]))
                        for pi, p in enumerate(prompts) for li, layer in enumerate(axis)
-                       for ci, cols in enumerate(p.columns)]
+                       for ci, cols in enumerate(p.context_columns if context else p.columns)]
     return grids, cells
 
 
-def _unit_cells(spec, prompts: list[Prompt], units: tuple[UnitAxis, ...]):
+def _first(table: SiteTable, site: str, layers: tuple[int, ...]) -> int:
+    """The first layer of the prompt's sequence whose computation a restore of `site` at `layers` can change:
+    layers before it are the baseline's. A layer's output restored at one position is the baseline's elsewhere,
+    so that layer need not be computed either. A site outside the layers, or in the context, changes layer 0 on."""
+    if not layers or table.in_context(site):
+        return 0
+    return min(layers) + table.is_layer_output(site)
+
+
+def _unit_cells(spec, table: SiteTable, prompts: list[Prompt], units: tuple[UnitAxis, ...]):
     """Each feature grid's axes, and its cells: one per (prompt, unit, column), at the grid's one layer."""
     grids, cells = {}, {}
     for u in units:
         grids[u.name] = GridAxes(u.name, u.site, u.units, "prob" if is_trace(spec) else spec.metric, "feature", u.layer)
-        cells[u.name] = [Cell(u.name, u.site, pi, ui, ci, (u.layer,), cols[1], row)
+        cells[u.name] = [Cell(u.name, u.site, pi, ui, ci, (u.layer,), cols[1], row, _first(table, u.site, (u.layer,)))
                          for pi, p in enumerate(prompts) for ui, row in enumerate(u.rows())
                          for ci, cols in enumerate(p.columns)]
     return grids, cells
@@ -317,7 +350,7 @@ def _unit_cells(spec, prompts: list[Prompt], units: tuple[UnitAxis, ...]):
 
 def _noise(spec, model, table: SiteTable, prompts: list[Prompt]):
     """A noise trace's seeded noise per prompt, its sigma and its number of draws; `(None, None, 1)` otherwise."""
-    if not (is_trace(spec) and spec.corruption in ("noise", "text")):
+    if not (is_trace(spec) and spec.corruption in ("noise", "text", "patch_noise")):
         return None, None, 1
     sigma = spec.sigma if spec.sigma is not None else subject_sigma(model, table, prompts)
     return [draw_noise(spec, p, sigma, _embed_dim(model, table, prompts)) for p in prompts], sigma, spec.samples
@@ -356,6 +389,14 @@ def _all_chunks(blocks, grid_sites: dict, cells: dict, graphs: dict, prompts: li
             rows = [Row(c.prompt, v, c) for c in cells[name] if c.prompt in block for v in range(variants)]
             chunks += _chunk(site, rows, prompts, sizer, share_prefix, skip_layers, b)
     return chunks
+
+
+def site_grids(spec) -> dict[str, str]:
+    """Grid name -> site for a spec's `sites` (a trace names kinds: hidden, mlp, attention) and its `vision_sites`
+    (the image tower's, named ``vision_<name>``)."""
+    def named(names, prefix=""):
+        return {prefix + n: prefix + (TRACE_SITES[n] if is_trace(spec) else n) for n in names}
+    return {**named(spec.sites), **named(getattr(spec, "vision_sites", ()), "vision_")}
 
 
 def is_trace(spec) -> bool:
@@ -449,12 +490,7 @@ class _Sizer:
 
 
 def _first_layer(row: Row) -> int:
-    """The first layer whose computation the row's restore can change (0 for sites outside
-    the layers). A layer's output restored at one position is the baseline's elsewhere, and
-    the restore hook still runs on a skipped layer, so that layer need not be computed."""
-    if not row.cell.layers:
-        return 0
-    return min(row.cell.layers) + (row.cell.site == "block_output")
+    return row.cell.first_layer
 
 
 def _units(row: Row) -> int:

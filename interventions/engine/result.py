@@ -24,7 +24,8 @@ AXES = ("prompt", "layer", "position")
 @dataclass
 class Grid:
     """``values``: ``Float[Tensor, "prompt layer position"]``, NaN beyond each prompt's `lengths`. A feature
-    grid's rows are features (`axis` "feature"; `layers` then holds the feature indices, all at `layer`)."""
+    grid's rows are features (`axis` "feature"; `layers` then holds the feature indices, all at `layer`). A
+    `context` grid's columns are its prompts' ``context_columns`` (a VLM's text, beside image-tower grids)."""
 
     name: str
     site: str
@@ -34,6 +35,7 @@ class Grid:
     lengths: list[int]
     axis: str = "layer"
     layer: int | None = None
+    context: bool = False
 
     def nested(self, values: torch.Tensor | None = None) -> list:
         """[prompt][layer][position] lists, each prompt cut to its own length."""
@@ -63,6 +65,8 @@ class Result:
             grids[name] = {"site": grid.site, "metric": grid.metric, "axes": ["prompt", grid.axis, "position"]}
             grids[name].update({"layers": grid.layers} if grid.axis == "layer" else
                                {"layer": grid.layer, "features": grid.layers})
+            if grid.context:
+                grids[name]["columns"] = "context_columns"
             grids[name]["values"] = grid.nested()
             if self.kind == "trace":
                 grids[name]["indirect_effect"] = grid.nested(self.indirect_effect(name))
@@ -84,6 +88,8 @@ class Result:
         atomic_write(out / "result.json", json.dumps(_finite(self.to_dict()), indent=1).encode())
         meta = {"axes": json.dumps(list(AXES)), "kind": self.kind, "model": self.model,
                 "lengths": json.dumps(next(iter(self.grids.values())).lengths)}
+        if any(g.context for g in self.grids.values()):
+            meta["context_lengths"] = json.dumps(next(g for g in self.grids.values() if g.context).lengths)
         atomic_save_file(self.tensors(), out / "result.safetensors", meta)
         atomic_write(out / "spec.yaml", dump_spec(self.spec).encode())
         written = ["result.json", "result.safetensors", "spec.yaml"]

@@ -296,6 +296,10 @@ def lens_columns(spec, r: Reading, field: str = "positions") -> list[tuple[str, 
 def run_lens(spec, model, tokenizer, *, processor=None, max_batch_rows: int | None = None) -> Result:
     """`kind: lens`: grids ``logit_lens`` (and ``tuned_lens``) of p(target), [prompt][layer][position],
     with ``*_rank`` grids (the target's rank, 0 = top-1) and the top-k tokens of every cell."""
+    if getattr(spec, "tower", False):
+        from interventions.modalities.vision_language.tower import tower_lens
+
+        return tower_lens(spec, model, tokenizer, processor)
     table = site_table(model)
     n = table.num_layers(model)
     layers = list(resolve_layers(spec, n))

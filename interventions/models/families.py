@@ -20,9 +20,11 @@ SHAPES = "shapes-diffusion"          # the coloured-shapes text-to-image testbed
 SCENES = "scenes-smollm2"            # the scenes text-to-image testbed (SmolLM2 as its text encoder)
 FLAGS_VLM = "llava-flags-smollm2"    # the flags vision-language testbed (LLaVA around SmolLM2)
 SCENES_CLIP = "scenes-clip"          # the contrastive testbed (a small CLIP trained on the scenes world)
+FLAGS_VLM_DEEP = "llava-flags-deep-smollm2"   # the flags testbed with a tower worth looking into (6 layers, 16 patches)
 
 #: built-in testbed name -> its modality
-TESTBEDS = {SHAPES: "text-to-image", SCENES: "text-to-image", FLAGS_VLM: "vision-language", SCENES_CLIP: "contrastive"}
+TESTBEDS = {SHAPES: "text-to-image", SCENES: "text-to-image", FLAGS_VLM: "vision-language",
+            FLAGS_VLM_DEEP: "vision-language", SCENES_CLIP: "contrastive"}
 
 _DIFFUSION_HUB = re.compile(r"stable-diffusion|(^|/)sd-|sd-turbo|sdxl", re.IGNORECASE)
 

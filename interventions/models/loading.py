@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from interventions.core.errors import ModelNotAvailable, short, suggest
-from interventions.models.families import FLAGS_VLM, SHAPES, is_text_to_image, is_vision_language, local_folder
+from interventions.models.families import TESTBEDS, is_contrastive, is_text_to_image, is_vision_language, local_folder
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,13 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | t
 def _refuse_other_families(name: str) -> None:
     """The run-time check of a language-model spec against its model: a text-to-image pipeline or a
     LLaVA model (a testbed name, or a local folder holding one) is refused, saying what to write."""
-    known = name in (SHAPES, FLAGS_VLM) or local_folder(name) is not None   # hub ids are never guessed at
+    known = name in TESTBEDS or local_folder(name) is not None   # hub ids are never guessed at
     for family, modality, how, test in (("a text-to-image pipeline", "text-to-image", "`modality: text-to-image`",
                                          is_text_to_image),
                                         ("a vision-language (LLaVA) model", "vision-language",
-                                         "`image:` on each prompt", is_vision_language)):
+                                         "`image:` on each prompt", is_vision_language),
+                                        ("a contrastive (CLIP) model", "contrastive", "`modality: contrastive`",
+                                         is_contrastive)):
         if known and test(name):
             raise ModelNotAvailable(f"`model`: got {short(name)}, {family}, but the spec is for a language model; "
                                     f"a {modality} spec says so with {how}")

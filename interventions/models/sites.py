@@ -30,7 +30,8 @@ class SiteTable:
     `sites` maps a name to ``(module path template, "input" | "output")``;
     ``{}`` in a template is the layer index. `causal`: whether a position sees only the positions before
     it (a decoder; not an image encoder). `noise_at`: the node where prompts that run as embeddings get
-    their noise, which is the tensor they enter with.
+    their noise, which is the tensor they enter with. `context_sites` index a prompt's second sequence (its
+    `context`: a VLM's text, when the prompt is its image's patches), whose layers are `context_layers`.
     """
 
     family: str
@@ -39,6 +40,16 @@ class SiteTable:
     final_norm: str = "model.norm"     # the norm between the last block and the unembedding
     causal: bool = True
     noise_at: tuple[str, int | None] = ("block_input", 0)
+    context_layers: str | None = None
+    context_sites: frozenset[str] = frozenset()
+
+    def is_layer_output(self, site: str) -> bool:
+        """Whether `site` is the output of a layer of `layers` itself (the residual stream after it)."""
+        return self.sites.get(site) == (self.layers + "[{}]", "output")
+
+    def in_context(self, site: str) -> bool:
+        """Whether `site`'s positions index the prompt's context sequence."""
+        return site in self.context_sites
 
     def component(self, site: str, layer: int | None = None) -> str:
         """The pyvene component string of `site` at `layer`."""
@@ -55,8 +66,9 @@ class SiteTable:
         """The module whose input or output `site` names."""
         return get_module(model, self.component(site, layer).rsplit(".", 1)[0])
 
-    def num_layers(self, model: torch.nn.Module) -> int:
-        return len(get_module(model, self.layers))
+    def num_layers(self, model: torch.nn.Module, site: str | None = None) -> int:
+        """The layers of the model's (primary) sequence, or of the sequence `site` indexes."""
+        return len(get_module(model, self.context_layers if site and self.in_context(site) else self.layers))
 
     def readout(self, model: torch.nn.Module):
         """``h -> logits``: the model's own final norm, unembedding and (Gemma) logit soft-capping, applied
@@ -144,7 +156,23 @@ CLIP = SiteTable("clip", "clip.vision_model.encoder.layers", {
     "mlp_key": (_VIT + ".mlp.fc2", "input"),
 }, final_norm="clip.vision_model.post_layernorm", causal=False, noise_at=("embed", None))
 
-FAMILIES: dict[str, SiteTable] = {t.family: t for t in (GPT2, LLAMA, GEMMA3, LLAVA, CLIP)}
+# A LLaVA model run from its image's patch embeddings (`interventions.modalities.vision_language.tower.ImageToAnswer`):
+# the sequence is the tower's (CLS and patches; `vision_*` sites), the language model's sites index the text, its context.
+_TOWER = "vlm.model.vision_tower.encoder.layers[{}]"
+_TEXT = {name: (path.replace("model.", "vlm.model.language_model.", 1), hook)
+         for name, (path, hook) in _DECODER.items() if name != "embed"}
+LLAVA_IMAGE = SiteTable("llava-image", "vlm.model.vision_tower.encoder.layers", {
+    "embed": ("patches", "output"),
+    "vision_block_input": (_TOWER, "input"),
+    "vision_block_output": (_TOWER, "output"),
+    "vision_mlp_output": (_TOWER + ".mlp", "output"),
+    "vision_attention_output": (_TOWER + ".self_attn", "output"),
+    "vision_mlp_key": (_TOWER + ".mlp.fc2", "input"),
+    **_TEXT,
+}, final_norm="vlm.model.language_model.norm", causal=False, noise_at=("embed", None),
+    context_layers="vlm.model.language_model.layers", context_sites=frozenset(_TEXT))
+
+FAMILIES: dict[str, SiteTable] = {t.family: t for t in (GPT2, LLAMA, GEMMA3, LLAVA, CLIP, LLAVA_IMAGE)}
 #: transformers `config.model_type` -> family
 MODEL_TYPES = {
     "gpt2": "gpt2",
@@ -152,6 +180,7 @@ MODEL_TYPES = {
     "gemma3_text": "gemma3",
     "llava": "llava",
     "clip_zero_shot": "clip",
+    "llava_image": "llava-image",
 }
 
 

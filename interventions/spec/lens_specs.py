@@ -88,6 +88,17 @@ class VLMLensSpec(_Lens, VisionLanguageSpec):
     model: Name = Field(description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.", default=VLM_MODEL)
     prompts: tuple[VLMLensPrompt, ...] = Field(min_length=1, description=(
         "Each an image (or none) and the text after it."))
+    tower: bool = Field(default=False, description=(
+        "Read the vision tower instead: each tower layer's patch states go to the projector in place of the feature "
+        "layer's, and p(target) is the language model's answer (grid `tower_lens`, one column per prompt). Every "
+        "prompt needs an image; `layers` and `tuned` do not apply."))
+
+    @model_validator(mode="after")
+    def _tower_reads(self):
+        if self.tower and (self.tuned is not None or self.layers != "all"):
+            raise ValueError("`tower: true` reads every tower layer through the model itself: leave `tuned` and "
+                             "`layers` out")
+        return self
 
 
 #: What attention knockout may block: edges from these positions to the target position.

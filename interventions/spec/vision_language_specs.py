@@ -60,6 +60,9 @@ _IMAGE_CELLS = Field(
 class _VLMGrid(GridCore, VisionLanguageSpec):
     model: Name = Field(default=VLM_MODEL, description="`llava-flags-smollm2` (the testbed) or a local LLaVA folder.")
     image_cells: Literal["each", "block", "both"] = _IMAGE_CELLS
+    vision_layers: Literal["all"] | tuple[Int, ...] = Field(
+        default="all", description="The vision tower's layers for `vision_sites` (`all`, or indices; negative from "
+        "the end).")
 
 
 class VLMTraceSpec(_VLMGrid):
@@ -70,27 +73,41 @@ class VLMTraceSpec(_VLMGrid):
     kind: Literal["trace"] = "trace"
     prompts: tuple[VLMTracePrompt, ...] = Field(min_length=1, description=(
         "Each an image (or none) and the text after it, with the answer traced."))
-    corruption: Literal["noise", "swap", "text"] = Field(default="noise", description=(
+    corruption: Literal["noise", "swap", "text", "patch_noise"] = Field(default="noise", description=(
         "How the run is corrupted: Gaussian `noise` on the image tokens, a `swap` to "
-        "`counterfactual_image`, or `text`: noise on the `constraint` words."))
+        "`counterfactual_image`, `text`: noise on the `constraint` words, or `patch_noise`: noise on the vision "
+        "tower's patch embeddings (before the tower; CLS keeps its own)."))
     noise: Float = Field(default=3.0, gt=0, description="In units of `sigma`.")
     sigma: Float | None = Field(default=None, gt=0, description="Default: the std, over all prompts, of the clean "
-                                "image tokens (`noise`) or of the constraint's token embeddings (`text`).")
+                                "image tokens (`noise`), of the constraint's token embeddings (`text`), or of the patch "
+                                "embeddings (`patch_noise`).")
     samples: Int = Field(default=10, ge=1, description="Noise draws per cell (1 is used for `swap`).")
     seed: Seed = Field(default=0, description="Seeds every random draw (noise, sampling, splits).")
     sites: tuple[str, ...] = sites_field(("hidden", "mlp", "attention"), TRACE_SITES,
                                          description=SITES_DESCRIPTION)
     window: Int = Field(default=10, ge=1, description="Layers restored together for `mlp` and `attention`.")
+    vision_sites: tuple[str, ...] = Field(default=(), description=(
+        "Grids inside the vision tower (`hidden`, `mlp`, `attention`; named `vision_hidden`, ...): its layers × CLS "
+        "and each patch, run in one plan with the language model's grids. Needs `corruption: patch_noise` or `swap`."),
+        json_schema_extra={"items": {"type": "string", "enum": list(TRACE_SITES)}, "uniqueItems": True})
 
     @field_validator("sites")
     @classmethod
     def _sites(cls, v):
         return check_names(v, tuple(TRACE_SITES))
 
+    @field_validator("vision_sites")
+    @classmethod
+    def _vision_sites(cls, v):
+        return check_names(v, tuple(TRACE_SITES))
+
     @model_validator(mode="after")
     def _corruption_inputs(self):
+        if self.vision_sites and self.corruption not in ("patch_noise", "swap"):
+            raise ValueError(f"`vision_sites` need the image corrupted before the tower: `corruption: patch_noise` or "
+                             f"`swap`, got {self.corruption!r}")
         for i, p in enumerate(self.prompts):
-            if self.corruption in ("noise", "swap") and p.image is None:
+            if self.corruption in ("noise", "swap", "patch_noise") and p.image is None:
                 raise ValueError(f"`corruption: {self.corruption}` corrupts the image: `prompts[{i}]` needs an "
                                  "`image` (or use `corruption: text`)")
             if self.corruption == "swap" and p.counterfactual_image is None:
@@ -115,10 +132,19 @@ class VLMPatchSpec(_VLMGrid):
         "Each a base run (image, text) and a source run whose states are patched in."))
     sites: tuple[str, ...] = sites_field(("block_output",), VLM_PATCH_SITES, description=SITES_DESCRIPTION)
     metric: Literal["prob", "logit_diff", "kl"] = Field(default="prob", description=METRIC_DESCRIPTION)
+    vision_sites: tuple[str, ...] = Field(default=(), description=(
+        "Grids inside the vision tower (its sites of these names; grids `vision_block_output`, ...): its layers × CLS "
+        "and each patch, run in one plan with the language model's grids."),
+        json_schema_extra={"items": {"type": "string", "enum": list(VLM_PATCH_SITES)}, "uniqueItems": True})
 
     @field_validator("sites")
     @classmethod
     def _sites(cls, v):
+        return check_names(v, VLM_PATCH_SITES)
+
+    @field_validator("vision_sites")
+    @classmethod
+    def _vision_sites(cls, v):
         return check_names(v, VLM_PATCH_SITES)
 
 

@@ -21,9 +21,9 @@ def main(args) -> int:
         print(compile_check(spec))
         return 0
     items = spec.requests if spec.kind == "edit" and spec.modality == "language" else \
-        spec.concepts if spec.kind == "erase" else getattr(spec, "prompts", None) or getattr(spec, "questions", None) \
-        or getattr(spec, "examples", ())
-    noun = {"edit": "request", "erase": "concept", "probe": "example"}.get(spec.kind, "prompt")
+        spec.concepts if spec.kind == "erase" else spec.images if spec.kind == "decompose" else \
+        getattr(spec, "prompts", None) or getattr(spec, "questions", None) or getattr(spec, "examples", ())
+    noun = {"edit": "request", "erase": "concept", "probe": "example", "decompose": "image source"}.get(spec.kind, "prompt")
     if spec.kind == "edit" and spec.modality == "vision-language":
         noun = "question"
     more = f" + those of {spec.requests_from.path}" if getattr(spec, "requests_from", None) else ""

@@ -2,6 +2,7 @@
 a synthetic flag belongs to, inside transformers' `LlavaForConditionalGeneration`.
 
     python -m recipes.train.train_flags                   # what shipped: 292 s on 2 CPU threads
+    python -m recipes.train.train_flags --tower deep      # the deep-tower testbed (6 layers, 16 patches)
     python -m recipes.train.train_flags --steps 50 --out /tmp/f.safetensors --no-register   # a smoke run
 
 Training only ever asks for the country's *name*. Stage 1 regresses the image tokens onto the
@@ -32,6 +33,11 @@ from interventions.testbeds.flags import COUNTRIES, render
 
 log = logging.getLogger("lesion.train_flags")
 CHECKPOINT = CHECKPOINTS / "vlm_flags_smollm2.safetensors"
+#: The towers a run can train: the first testbed's (2 layers, 4 patches) and one worth looking into (6 layers, 16
+#: patches, `llava-flags-deep-smollm2`), each with the file it ships as.
+TOWERS = {"small": (VisionSpec(), CHECKPOINT),
+          "deep": (VisionSpec(image_size=32, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                              num_attention_heads=4), CHECKPOINTS / "vlm_flags_deep_smollm2.safetensors")}
 NAMING = " This is the flag of"
 #: Stage 2 trains naming with these (the evaluation's naming prompt is among them; its capital
 #: questions are not).
@@ -169,13 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naming-steps", type=int, default=150, help="Stage 2 steps (naming loss through the LM).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tower", choices=sorted(TOWERS), default="small", help="small: 2 layers, 4 patches (the first "
+                    "testbed); deep: 6 layers, 16 patches")
     ap.add_argument("--out", type=Path, default=None, help=f"Default: {CHECKPOINT}")
     ap.add_argument("--no-register", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     lm, tokenizer = load_model("smollm2-135m")
-    vision = VisionSpec()
+    vision, checkpoint = TOWERS[args.tower]
     vlm, tokenizer = assemble_llava(lm, tokenizer, vision, seed=args.seed)
     del lm
     start = time.perf_counter()
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"recipe": "recipes/train/train_flags.py", "language_model": "smollm2-135m", "vision": vision.__dict__,
             "countries": [list(c) for c in COUNTRIES], "settings": settings, "train_seconds": round(seconds, 1),
             "final_loss_mean_100": sum(losses[-100:]) / len(losses[-100:]), "evaluation": evaluation}
-    out = args.out or CHECKPOINT
+    out = args.out or checkpoint
     save(vlm, out, meta)
     print(json.dumps({k: v for k, v in evaluation.items() if k != "naming_per_country"}, indent=1))
     print(f"trained in {seconds:.0f} s; wrote {out}")

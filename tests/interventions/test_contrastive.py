@@ -71,18 +71,10 @@ def _probs(clip, tok, pixels, *, corrupt=None, restores=()) -> torch.Tensor:
     return out.logits_per_image[0].softmax(-1)
 
 
-@torch.no_grad()
 def _clean(clip, pixels, site) -> dict:
-    states = {}
-
-    def keep(layer):
-        def fn(t):
-            states[layer] = t[0].clone()
-        return fn
     n = len(clip.vision_model.encoder.layers)
-    with ref.hooks([(_module(clip, site, l), keep(l), site in ref.PRE) for l in range(n)]):
-        clip.get_image_features(pixel_values=pixels[None])
-    return states
+    return ref.states_at({l: _module(clip, site, l) for l in range(n)}, site in ref.PRE,
+                         lambda: clip.get_image_features(pixel_values=pixels[None]))
 
 
 def test_zero_shot_logits_equal_clipmodel(clip):

@@ -40,19 +40,10 @@ def _module(vlm, site, layer):
             "mlp_key": block.mlp.down_proj, "block_input": block}[site]
 
 
-@torch.no_grad()
 def _clean(vlm, ids, pixels, site) -> dict:
     """{layer: (T, d)} clean states of `site` with plain hooks."""
-    states = {}
-    def keep(layer):
-        def fn(t):
-            states[layer] = t[0].clone()
-        return fn
-
-    pairs = [(_module(vlm, site, l), keep(l), site in ref.PRE) for l in range(len(vlm.model.language_model.layers))]
-    with ref.hooks(pairs):
-        vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[None])
-    return states
+    return ref.states_at({l: _module(vlm, site, l) for l in range(len(vlm.model.language_model.layers))},
+                         site in ref.PRE, lambda: vlm(input_ids=torch.tensor([ids]), pixel_values=pixels[None]))
 
 
 @torch.no_grad()

