@@ -396,7 +396,7 @@ def site_grids(spec) -> dict[str, str]:
     (the image tower's, named ``vision_<name>``)."""
     def named(names, prefix=""):
         return {prefix + n: prefix + (TRACE_SITES[n] if is_trace(spec) else n) for n in names}
-    return {**named(spec.sites), **named(getattr(spec, "vision_sites", ()), "vision_")}
+    return {**named(getattr(spec, "vision_sites", ()), "vision_"), **named(spec.sites)}     # in the order data flows
 
 
 def is_trace(spec) -> bool:

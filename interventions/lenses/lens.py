@@ -51,6 +51,7 @@ class Reading:
     target: str | None = None
     target_id: int | None = None
     record: dict = field(default_factory=dict)
+    answer: int | None = None        # the position whose reading is the model's answer (default: the last)
 
 
 def prepare(model, tokenizer, text: str, *, field: str, processor=None, image: str | None = None,
@@ -87,7 +88,7 @@ def image_readings(spec, model, tokenizer, processor=None) -> list[Reading]:
         enc, _ = image_sequence(model, p.image, processor, field=f"prompts[{i}].image")
         out.append(Reading(enc, {"patches": enc.subject}, p.target,
                            class_index(tokenizer, p.target, f"prompts[{i}].target"),
-                           {"prompt": p.image, "image": p.image}))
+                           {"prompt": p.image, "image": p.image}, answer=0))        # CLS is what the model reads
     return out
 
 
@@ -335,7 +336,9 @@ def run_lens(spec, model, tokenizer, *, processor=None, max_batch_rows: int | No
             record[f"{name}_top_k"] = [[[[tokenizer.decode([int(t)]), round(float(p.exp()), 4)]
                                          for t, p in zip(ids, vals)] for ids, vals in zip(li, lv)]
                                        for li, lv in zip(top.indices, top.values)]
-            last = rank[:, -1] if c[-1][1] == len(r.enc) - 1 else None
+            answer = len(r.enc) - 1 if r.answer is None else r.answer
+            column = next((k for k, (_, pos) in enumerate(c) if pos == answer), None)
+            last = rank[:, column] if column is not None else None
             if last is not None:
                 top1 = (last == 0).tolist()
                 record[f"{name}_first_top1_layer"] = next((layers[k] for k, t in enumerate(top1) if t), None)

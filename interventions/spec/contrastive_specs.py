@@ -160,8 +160,17 @@ class DecomposeSpec(ContrastiveSpec):
     spans: Int = Field(default=5, ge=1, le=64, description="Texts TextSpan chooses per head.")
     components: Int = Field(default=16, ge=1, le=4096, description=(
         "Principal directions of a head's outputs the texts are projected onto before choosing."))
-    top_heads: Int = Field(default=3, ge=1, le=64, description=(
-        "Heads ablated together per attribute: those whose TextSpan texts carry the most variance of that attribute."))
+    top_heads: Literal["named"] | Int = Field(default="named", description=(
+        "Heads ablated together per attribute: `named`, every head TextSpan names for it (its texts of that attribute "
+        "explain at least half of the head's variance, more than any other attribute's); or the given number of heads "
+        "whose texts of that attribute carry the most variance."))
+
+    @field_validator("top_heads")
+    @classmethod
+    def _top_heads(cls, v):
+        if v != "named" and not 1 <= v <= 4096:
+            raise ValueError(f"`named` or a number of heads in [1, 4096], got {v}")
+        return v
     batch: Int = Field(default=64, ge=1, le=4096, description="Images per forward pass.")
 
     @field_validator("images")

@@ -10,7 +10,7 @@ from pathlib import Path
 def grid_job(spec, args, out: Path | None) -> dict | None:
     """`kind: trace` / `kind: patch` on a language model or a VLM: the one batched engine."""
     from interventions import run
-    from interventions.api import load_for
+    from interventions.api import engine_model, load_for
     from interventions.core.distributed import local_device, world
     from interventions.core.memory import PeakMemory
     from interventions.core.runtime import input_device
@@ -22,6 +22,7 @@ def grid_job(spec, args, out: Path | None) -> dict | None:
                      offload_folder=args.offload_folder)
     vision = spec.modality in ("vision-language", "contrastive")        # heatmaps over the image
     model, tokenizer, processor = load_for(spec.modality, spec.model, **placement)
+    model, tokenizer = engine_model(spec, model, tokenizer)       # what the engine runs (a CLIP: its classifier)
     start = time.perf_counter()
     with PeakMemory(input_device(model), model=model) as peak:
         result = run(spec, model, tokenizer, processor=processor, max_batch_rows=args.max_batch_rows,
@@ -40,7 +41,7 @@ def grid_job(spec, args, out: Path | None) -> dict | None:
     print(f"{spec.kind} of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['rows']} rows "
           f"in {seconds:.1f} s; peak memory beyond the weights {human(peak.bytes)}{budget}")
     for p in result.prompts:
-        label = f"{p['label']} + " if p.get("label") else ""
+        label = f"{p['label']} + " if p.get("label") and p["label"] != p["prompt"] else ""
         line = f"  {label}{p['prompt']!r} -> {p['answer']!r}: clean p={p['clean_prob']:.3f}"
         if "corrupted_prob" in p:
             line += f", corrupted p={p['corrupted_prob']:.3f}"
@@ -56,7 +57,7 @@ def _images(spec, result, model, processor) -> list:
     if spec.modality == "contrastive":
         from interventions.modalities.contrastive.inputs import load_image
 
-        return [load_image(p["label"], model.config.vision_config.image_size, processor) for p in result.prompts]
+        return [load_image(p["label"], model.config.image_size, processor) for p in result.prompts]
     from recipes.jobs.run_vision_language import images_of
 
     return images_of(result, model, processor)

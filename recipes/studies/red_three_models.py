@@ -3,9 +3,9 @@ vision tower, and the scenes text-to-image testbed's text encoder. Each gets its
 
     python -m recipes.studies.red_three_models --out recipes/figures/red_three_models
 
-1. **scenes-clip** (`recipes/contrastive/trace_red_clip.yaml` and `lens_colour_clip.yaml`): where restoring the
-   clean states of red objects' patches brings back the zero-shot "red" (causal), and from which layer CLS reads
-   as red through the model's own post-norm and projection (decodable).
+1. **scenes-clip** (`recipes/contrastive/trace_red_clip.yaml` and `lens_colour_clip.yaml`): in the run on the same
+   scene drawn in blue, where restoring the red scene's states (CLS, the patches) brings back the zero-shot "red"
+   (causal), and from which layer CLS reads as red through the model's own post-norm and projection (decodable).
 2. **llava-flags-deep-smollm2**: a linear probe per tower layer for "this flag has red in it", on the tower's
    patch-mean states of jittered renders, scored on flags (countries) it never saw (grouped cross-validation,
    scikit-learn), next to the same probe for "this flag has blue in it".
@@ -53,10 +53,13 @@ def clip_part(out: Path) -> dict:
         hidden = result.grids["hidden"].values[i]
         block = rec["image_column"]
         low, high = rec["corrupted_prob"], rec["clean_prob"]
-        half = next((layer for layer, v in enumerate(hidden[:, block].tolist()) if v >= low + (high - low) / 2), None)
-        report["trace"].append({"image": rec["label"], "clean": high, "corrupted": low,
-                                "all_patches_by_layer": hidden[:, block].tolist(), "cls_by_layer": hidden[:, 0].tolist(),
-                                "first_layer_restoring_half_from_patches": half})
+        def restores(values):
+            return [layer for layer, v in enumerate(values) if v >= low + (high - low) / 2]
+        report["trace"].append({"image": rec["label"], "corrupted_by": rec["counterfactual_image"], "clean": high,
+                                "corrupted": low, "all_patches_by_layer": hidden[:, block].tolist(),
+                                "cls_by_layer": hidden[:, 0].tolist(),
+                                "layers_where_all_patches_restore_half": restores(hidden[:, block].tolist()),
+                                "layers_where_cls_restores_half": restores(hidden[:, 0].tolist())})
     for i, rec in enumerate(lens.prompts):
         at_cls = lens.grids["logit_lens"].values[i, :, 0].tolist()
         top = [layer[0][0][0] for layer in rec["logit_lens_top_k"]]
@@ -134,13 +137,12 @@ def scenes_part(out: Path, threads: int) -> dict:
                     "--out", str(run_dir), "--quiet"], check=True, cwd=PROJECT)
     result = json.loads((run_dir / "result.json").read_text())
     (out / "scenes.png").write_bytes((run_dir / "heatmap.png").read_bytes())
-    report = {"prompt": result["prompts"][0]["prompt"], "clean": result["prompts"][0]["clean_prob"],
-              "corrupted": result["prompts"][0]["corrupted_prob"], "grids": {}}
+    record = result["prompts"][0]
+    report = {"prompt": record["prompt"], "corrupted_prompt": record.get("corrupted_prompt"),
+              "clean": record["clean_prob"], "corrupted": record["corrupted_prob"], "grids": {}}
     for name, grid in result["grids"].items():
-        values = grid["values"][0]
-        best = max((v, layer, col) for layer, row in enumerate(values) for col, v in enumerate(row) if v is not None)
-        report["grids"][name] = {"best": best[0], "layer": grid["layers"][best[1]],
-                                 "token": result["prompts"][0]["columns"][best[2]]}
+        report["grids"][name] = {"layers": grid["layers"], "by_token": {
+            token: [row[c] for row in grid["values"][0]] for c, token in enumerate(record["columns"])}}
     for f in run_dir.iterdir():
         f.unlink()
     run_dir.rmdir()
@@ -152,13 +154,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RECIPES / "figures/red_three_models")
     ap.add_argument("--renders", type=int, default=20, help="jittered renders per flag for the tower probes")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-scenes", action="store_true", help="leave out the text-to-image trace (minutes)")
+    ap.add_argument("--parts", default="clip,flags,scenes", help="which models to run (comma-separated); the "
+                    "others keep their entries in an existing results.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"scenes-clip": clip_part(args.out), "llava-flags-deep-smollm2": flag_part(args.out, args.renders)}
-    if not args.skip_scenes:
-        report["scenes-smollm2"] = scenes_part(args.out, args.threads)
+    existing = args.out / "results.json"
+    report = json.loads(existing.read_text()) if existing.is_file() else {}
+    parts = {"clip": ("scenes-clip", lambda: clip_part(args.out)),
+             "flags": ("llava-flags-deep-smollm2", lambda: flag_part(args.out, args.renders)),
+             "scenes": ("scenes-smollm2", lambda: scenes_part(args.out, args.threads))}
+    for part in args.parts.split(","):
+        name, compute = parts[part]
+        report[name] = compute()
     atomic_write(args.out / "results.json", (json.dumps(report, indent=1) + "\n").encode())
     print(json.dumps(report, indent=1)[:4000])
     return 0

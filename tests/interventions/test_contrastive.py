@@ -213,7 +213,7 @@ def test_vit_logit_lens_reads_through_post_norm_and_projection(clip):
     for layer in range(3):
         for position in (0, 4):
             e = model.visual_projection(model.vision_model.post_layernorm(states[layer][position]))
-            p = (model.logit_scale.exp() * torch.nn.functional.normalize(e, dim=-1) @ text.T).softmax(-1)
+            p = (model.logit_scale.exp() * torch.nn.functional.normalize(e, dim=-1) @ text.T).softmax(-1).detach()
             assert float(result.grids["logit_lens"].values[0, layer, position]) == pytest.approx(float(p[3]), abs=1e-5)
     assert float(result.grids["logit_lens"].values[0, 2, 0]) == pytest.approx(result.prompts[0]["clean_prob"], abs=1e-6)
     assert result.prompts[0]["columns"][0] == "CLS"

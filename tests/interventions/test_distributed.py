@@ -29,6 +29,13 @@ VLM_TRACE = {"kind": "trace", "samples": 2, "window": 2, "max_batch_rows": 6,
                          {"image": "flag:Japan", "prompt": " its capital is", "target": "tokyo"}]}
 VLM_PATCH = {"kind": "patch", "sites": ["block_output", "mlp_output"], "max_batch_rows": 5,
              "prompts": [{"image": "flag:France", "source_image": "flag:Italy", "base": " the capital of"}]}
+VLM_TOWER = {"kind": "trace", "corruption": "patch_noise", "samples": 2, "sites": ["hidden"],
+             "vision_sites": ["hidden", "mlp"], "max_batch_rows": 6,
+             "prompts": [{"image": "flag:France", "prompt": " the capital of", "target": "paris"}]}
+CLIP_TRACE = {"kind": "trace", "modality": "contrastive", "samples": 2, "max_batch_rows": 6,
+              "classes": ["a red circle", "a blue circle", "a green square"],
+              "prompts": [{"image": "scene:red circle@1", "target": "a red circle"},
+                          {"image": "scene:green square@2", "target": "a green square"}]}
 
 
 def free_port() -> int:
@@ -37,11 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("data", [TRACE, PATCH, VLM_TRACE, VLM_PATCH],
-                         ids=["trace", "patch", "vlm-trace", "vlm-patch"])
+@pytest.mark.parametrize("data", [TRACE, PATCH, VLM_TRACE, VLM_PATCH, VLM_TOWER, CLIP_TRACE],
+                         ids=["trace", "patch", "vlm-trace", "vlm-patch", "vlm-tower", "clip-trace"])
 def test_two_process_torchrun_equals_one_process(tmp_path, tokenizer, data, capsys):
     model = make_model("llama", len(tokenizer))
-    if any("image" in p for p in data["prompts"]):       # a tiny LLaVA around the tiny Llama
+    if data.get("modality") == "contrastive":            # a tiny CLIP with the scenes testbed's word tokenizer
+        from interventions.modalities.contrastive import scenes_clip
+
+        model, tokenizer = scenes_clip.build(seed=0)
+    elif any("image" in p for p in data["prompts"]):       # a tiny LLaVA around the tiny Llama
         from interventions.modalities.vision_language.llava import VisionSpec, assemble_llava
 
         model, tokenizer = assemble_llava(model, make_tokenizer(), VisionSpec(hidden_size=24, intermediate_size=48))

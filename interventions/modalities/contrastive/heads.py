@@ -1,9 +1,10 @@
 """`kind: decompose`: the images, the text bank and the questions of a spec, through `decompose`, into one report.
 
 The report names heads by what TextSpan says they write, and then checks the names by ablation: for each
-attribute of the bank, the `top_heads` heads whose chosen texts carry the most variance of that attribute
-(a head's variance times the shares of its texts tagged with it) are mean-ablated together, and every
-question is scored again. The names come from texts alone; the ablation is the test.
+attribute of the bank, the heads TextSpan names for it (`top_heads: named`: its texts of that attribute explain
+at least half of the head's variance, more than any other attribute's do; or a number of heads ranked by the
+variance their texts of that attribute carry) are mean-ablated together, and every question is scored again. The names come from texts
+alone; the ablation is the test. `ranked_ablation` gives the same scores for the top 1, 2, … heads by rank.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def decompose_report(spec, clip, tokenizer, processor=None) -> tuple[dict, dict[
             "accuracy": accuracy(c.embeddings, rows, truth), "layer_ablation": layer_ablation(c, rows, truth),
             "head_ablation": head_ablation(c, rows, truth).tolist()}
     report["heads"] = _head_spans(spec, c, texts, bank)
-    report["named_heads"], report["named_ablation"] = _named(spec, c, report["heads"], classes)
+    report["named_heads"], report["named_ablation"], report["ranked_ablation"] = _named(spec, c, report["heads"],
+                                                                                         classes)
     tensors = {"heads": c.per_head.contiguous(), "mlps": c.mlps, "rest": c.rest, "embeddings": c.embeddings}
     return report, tensors
 
@@ -113,54 +115,87 @@ def _head_spans(spec, c, texts: torch.Tensor, bank) -> list[dict]:
     return out
 
 
-def _named(spec, c, heads: list[dict], classes: dict) -> tuple[dict, dict]:
-    """Per attribute of the bank: its top heads by attribute variance, and every question with them ablated."""
+#: A head is named for an attribute when texts of it explain at least this share of the head's variance, more
+#: than any other attribute's texts do.
+NAMED_SHARE = 0.5
+
+
+def names_of(head: dict) -> str | None:
+    """The attribute TextSpan names `head` for, or None."""
+    shares = head["attributes"]
+    best = max(shares, key=shares.get, default=None)
+    return best if best is not None and shares[best] >= NAMED_SHARE else None
+
+
+def _named(spec, c, heads: list[dict], classes: dict) -> tuple[dict, dict, dict]:
+    """Per attribute of the bank: the heads named for it (`top_heads`), every question with them ablated together,
+    and every question with the top 1, 2, … heads by that attribute's variance ablated."""
     attributes = sorted({a for h in heads for a in h["attributes"]})
-    named, ablation = {}, {}
+    named, ablation, ranked_ablation = {}, {}, {}
     for a in attributes:
-        ranked = sorted(heads, key=lambda h: -h["variance"] * h["attributes"].get(a, 0.0))
-        chosen = [(h["layer"], h["head"]) for h in ranked[:spec.top_heads] if h["attributes"].get(a, 0.0) > 0]
+        ranked = [(h["layer"], h["head"]) for h in sorted(heads, key=lambda h: -h["variance"] * h["attributes"].get(a, 0))
+                  if h["attributes"].get(a, 0.0) > 0]
+        chosen = ([(h["layer"], h["head"]) for h in heads if names_of(h) == a] if spec.top_heads == "named"
+                  else ranked[:spec.top_heads])
         named[a] = [list(x) for x in chosen]
-        e = mean_ablated(c, chosen)
-        ablation[a] = {q: accuracy(e, rows, truth) for q, (rows, truth) in classes.items()}
-    return named, ablation
+        ablation[a] = _scores(mean_ablated(c, chosen), classes)
+        ranked_ablation[a] = [_scores(mean_ablated(c, ranked[:k]), classes) for k in range(1, len(ranked) + 1)]
+    return named, ablation, ranked_ablation
+
+
+def _scores(embeddings: torch.Tensor, classes: dict) -> dict[str, float]:
+    return {q: accuracy(embeddings, rows, truth) for q, (rows, truth) in classes.items()}
 
 
 def head_table(report: dict) -> str:
     """Markdown: one row per head, largest variance first: its top texts with their shares."""
-    lines = ["| head | share of head variance | top texts (share of the head's variance) | by attribute |",
-             "|---|---|---|---|"]
+    lines = ["| head | named for | share of head variance | top texts (share of the head's variance) | by attribute |",
+             "|---|---|---|---|---|"]
     for h in sorted(report["heads"], key=lambda h: -h["variance"]):
         texts = "; ".join(f"{t['text']} ({t['share']:.2f})" for t in h["texts"])
         attrs = ", ".join(f"{a} {v:.2f}" for a, v in sorted(h["attributes"].items(), key=lambda x: -x[1]))
-        lines.append(f"| L{h['layer']}.H{h['head']} | {h['share_of_heads']:.3f} | {texts} | {attrs} |")
+        lines.append(f"| L{h['layer']}.H{h['head']} | {names_of(h) or ''} | {h['share_of_heads']:.3f} | {texts} | {attrs} |")
     return "\n".join(lines) + "\n"
 
 
 def save_figure(report: dict, path: Path) -> None:
-    """Layer ablation per question, and the named heads' ablation against each question."""
+    """Layer ablation per question; the heads by the attribute TextSpan names them for; the named heads' ablation
+    against each question (accuracy kept, as a share of the unablated accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.2, 0.8, 1.1]})
     for name, q in report["questions"].items():
         left.plot(range(len(q["layer_ablation"])), q["layer_ablation"], marker="o", label=name)
     left.set_xlabel("direct effects of layers 0..L-1 mean-ablated (L)")
     left.set_ylabel("zero-shot accuracy")
     left.set_title("Mean-ablating early layers")
     left.legend(fontsize=8)
-    questions = list(report["questions"])
     attributes = list(report["named_ablation"])
+    layers, per_layer = report["layers"], report["heads_per_layer"]
+    codes = torch.full((layers, per_layer), float("nan"))
+    for h in report["heads"]:
+        name = names_of(h)
+        if name is not None:
+            codes[h["layer"], h["head"]] = attributes.index(name)
+        middle.text(h["head"], h["layer"], name or "-", ha="center", va="center", fontsize=7)
+    middle.imshow(codes, cmap="Pastel1", vmin=0, vmax=8, origin="lower")
+    middle.set_xticks(range(per_layer))
+    middle.set_yticks(range(layers))
+    middle.set_xlabel("head")
+    middle.set_ylabel("layer")
+    middle.set_title("What TextSpan names each head for")
+    questions = list(report["questions"])
     matrix = torch.tensor([[report["named_ablation"][a][q] / max(report["questions"][q]["accuracy"], 1e-9)
                             for q in questions] for a in attributes])
     im = right.imshow(matrix, vmin=0, vmax=1.1, cmap="viridis")
     right.set_xticks(range(len(questions)), questions, rotation=30)
-    right.set_yticks(range(len(attributes)), [f"{a} heads {report['named_heads'][a]}" for a in attributes], fontsize=7)
-    for (i, j), v in zip(torch.cartesian_prod(torch.arange(len(attributes)), torch.arange(len(questions))).tolist(),
-                         matrix.flatten().tolist()):
-        right.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+    right.set_yticks(range(len(attributes)), [f"{a} heads ({len(report['named_heads'][a])})" for a in attributes])
+    for i in range(len(attributes)):
+        for j in range(len(questions)):
+            right.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", color="w", fontsize=8)
     right.set_title("Accuracy kept with the named heads ablated")
     fig.colorbar(im, ax=right, fraction=0.04)
     fig.tight_layout()

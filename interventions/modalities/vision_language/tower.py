@@ -133,7 +133,7 @@ def _tower_prompt(spec, model: ImageToAnswer, tokenizer, processor, i: int, p) -
     def sequence(ref, field, text):
         pixels = load_image(ref, vlm, processor, field=field)
         ids = tuple(image_prompt(tokenizer, vlm, text))
-        return patch_sequence(ref, config, model.patch_embeddings(pixels[None])[0], ids), pixels
+        return patch_sequence(text, config, model.patch_embeddings(pixels[None])[0], ids), pixels
 
     if spec.kind == "trace":
         source, pixels = sequence(p.image, f"{where}.image", p.prompt)
@@ -191,9 +191,13 @@ def tower_lens(spec, vlm, tokenizer, processor=None):
             best = logp.topk(spec.top_k)
             top.append([[[tokenizer.decode([int(t)]), round(float(v.exp()), 4)]          # one column: the answer
                          for t, v in zip(best.indices, best.values)]])
+        top1 = (ranks[i, :, 0] == 0).tolist()
+        settled = next((k for k in range(n) if all(top1[k:])), None)
         records.append({"prompt": p.prompt, "image": p.image, "target": tokenizer.decode([target]), "target_id": target,
                         "answer": tokenizer.decode([int(final.argmax())]), "clean_prob": float(final[target].exp()),
-                        "columns": ["answer"], "positions": [len(ids[0]) - 1], "tower_lens_top_k": top})
+                        "columns": ["answer"], "positions": [len(ids[0]) - 1], "tower_lens_top_k": top,
+                        "tower_lens_first_top1_layer": next((k for k, t in enumerate(top1) if t), None),
+                        "tower_lens_settled_layer": settled})
     grids = {"tower_lens": Grid("tower_lens", "vision_block_output", "prob", list(range(n)), values, [1] * len(records)),
              "tower_lens_rank": Grid("tower_lens_rank", "vision_block_output", "rank", list(range(n)), ranks,
                                      [1] * len(records))}
