@@ -294,3 +294,16 @@ def test_contrastive_refusals(clip):
     with pytest.raises(SpecError, match="classes"):
         parse_spec({"kind": "trace", "modality": "contrastive", "classes": ["only one"],
                     "prompts": [{"image": "scene:red circle", "target": "only one"}]})
+
+
+def test_memory_budget_and_batching_give_the_same_grid(clip):
+    """Under a memory budget the plan packs fewer rows per chunk; the grid is the same."""
+    model, tok = clip
+    spec = parse_spec({"kind": "trace", "modality": "contrastive", "classes": CAPTIONS, "samples": 2,
+                       "prompts": [{"image": "scene:red circle@1", "target": "a red circle"},
+                                   {"image": "scene:blue circle@2", "target": "a blue circle"}]})
+    free = run(spec, model, tok)
+    bounded = run(spec, model, tok, memory=3 * 2**20)
+    assert bounded.meta["chunks"] > free.meta["chunks"]
+    for name in free.grids:
+        assert torch.allclose(free.grids[name].values, bounded.grids[name].values, atol=1e-6, equal_nan=True)
