@@ -26,6 +26,7 @@ from recipes.cli import (
     cmd_bench_dictionary,
     cmd_bench_edit,
     cmd_bench_erase,
+    cmd_bench_overhead,
     cmd_bench_patch,
     cmd_bench_serve,
     cmd_bench_steer,
@@ -48,7 +49,8 @@ from recipes.jobs.flag_checks import positive_int
 #: the subcommands, in the order `lesion --help` lists them
 COMMANDS = (cmd_run, cmd_validate, cmd_export, cmd_import, cmd_apply, cmd_compare, cmd_schema, cmd_docs, cmd_eval_edits,
             cmd_bench_trace, cmd_bench_serve, cmd_bench_patch, cmd_bench_edit, cmd_train_lens, cmd_train_dictionary,
-            cmd_bench_dictionary, cmd_bench_steer, cmd_bench_erase, cmd_attribution_steps, cmd_trace_flags, cmd_edit_flag)
+            cmd_bench_dictionary, cmd_bench_steer, cmd_bench_erase, cmd_bench_overhead, cmd_attribution_steps,
+            cmd_trace_flags, cmd_edit_flag)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,13 +98,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leave_process_group(finished: bool) -> None:
-    """Under torchrun, every process leaves together after a finished run: one that tore its group down
-    while rank 0 was still writing the result aborted once in gloo ("terminate called without an active
-    exception"); after an error nobody waits, so a process that failed alone cannot hang the others."""
+    """Under torchrun, every process leaves together after a finished run, and only then tears its group down;
+    after an error nobody waits, so a process that failed alone cannot hang the others.
+
+    The meeting is on the launcher's key-value store, not a gloo barrier: a process that left right after a gloo
+    collective (the barrier included) while its peer's last message was still queued aborted the peer in gloo
+    ("terminate called without an active exception", seen twice in CI; gloo's open issue 155). Once every process
+    has written its key, every gloo collective has finished on both sides and nothing is left in flight."""
     dist = sys.modules.get("torch.distributed")   # only if this run imported it
     if dist is not None and dist.is_available() and dist.is_initialized():
         if finished:
-            dist.barrier()
+            store, rank = dist.distributed_c10d._get_default_store(), dist.get_rank()
+            store.set(f"lesion/finished/{rank}", "1")
+            store.wait([f"lesion/finished/{r}" for r in range(dist.get_world_size())])
         dist.destroy_process_group()
 
 

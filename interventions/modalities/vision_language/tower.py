@@ -148,7 +148,8 @@ def _tower_prompt(spec, model: ImageToAnswer, tokenizer, processor, i: int, p) -
         base, _ = sequence(p.image, f"{where}.image", p.base)
         source, _ = sequence(p.source_image or p.image, f"{where}.source_image",
                              p.source if p.source is not None else p.base)
-        check_aligned(replace(base, ids=base.context), replace(source, ids=source.context), f"{where}.source")
+        check_aligned(*(replace(e, ids=e.context, tokens=tuple(tokenizer.decode([t]) for t in e.context))
+                        for e in (base, source)), f"{where}.source")
         target = None if p.target is None else answer_id(tokenizer, p.target, field=f"{where}.target")
         counterfactual = None if p.counterfactual_target is None else answer_id(
             tokenizer, p.counterfactual_target, field=f"{where}.counterfactual_target")
