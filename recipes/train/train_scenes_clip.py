@@ -77,7 +77,7 @@ def train(model, tokenizer, steps: int, size: int, lr: float, seed: int) -> list
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f", step, steps, sum(losses[-100:]) / len(losses[-100:]))
     model.eval()
