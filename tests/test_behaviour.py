@@ -1,6 +1,7 @@
 """Rule 4 of the layout: behaviour is unchanged. Each shipped recipe in `support.golden.CASES`, run at small
 settings through the CLI, gives the outputs recorded in tests/golden/ before the restructuring:
-JSON numbers equal to 1e-6, tensors (deltas included) bit for bit."""
+JSON numbers equal to 1e-6, tensors (deltas included) bit for bit. Each run's `lesion report` page must
+show exactly the values its files hold."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 
 import pytest
 
+from interventions.report import write_report
 from support.golden import CASES, GOLDEN, differences, run_case
+from support.report_check import page_differences
 
 pytestmark = pytest.mark.real_model
 
@@ -19,6 +22,9 @@ def test_recipe_outputs_are_unchanged(case, tmp_path):
     got = json.loads(json.dumps(run_case(case, tmp_path)))     # the same JSON round trip as the record
     found = differences(expected, got)
     assert not found, f"{case}: {len(found)} difference(s), first: " + "; ".join(found[:5])
+    page = write_report(tmp_path / case)                       # and its report shows exactly what it wrote
+    shown, checked = page_differences(tmp_path / case, page)
+    assert shown == [] and checked >= 1
 
 
 def test_the_comparison_catches_a_change():

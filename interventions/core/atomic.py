@@ -51,6 +51,7 @@ OUTPUT_NAMES = frozenset({
     "result.json", "result.safetensors", "spec.yaml", "heatmap.png", "delta.safetensors", "metrics.json",
     "report.json", "table.md", "grid.png", "vector.safetensors", "generations.jsonl", "results.json", "steer.png",
     "locate", "compare.png", "lens.png", "knockout.png", "probe.png", "daam.png", "maps.safetensors",
+    "images.safetensors", "images.json", "report.html",
 })
 #: Name patterns of outputs named after a spec's values: a probe's concept vectors, one per label.
 OUTPUT_PATTERNS = ("concept_*.safetensors",)
@@ -78,6 +79,22 @@ def _marked(folder: Path) -> bool:
         return False
     others = [p for p in folder.rglob("*") if p.is_symlink() or not (p.is_file() or p.is_dir())]
     return not others and listed == _listing(folder)
+
+
+def refresh_marker(folder: str | Path, added: str) -> None:
+    """After Lesion added `added` to a folder it had marked (a run's report.html), list it in the marker, so
+    the folder still counts as Lesion's own output. A folder the user changed stays unmarked."""
+    folder, marker = Path(folder), Path(folder) / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return
+    try:
+        listed = json.loads(marker.read_text(encoding="utf-8")).get("files")
+    except (ValueError, AttributeError, RecursionError):
+        return
+    now = _listing(folder)
+    if isinstance(listed, dict) and {k: v for k, v in listed.items() if k != added} == \
+            {k: v for k, v in now.items() if k != added}:
+        atomic_write(marker, json.dumps({"files": now}, indent=1).encode())
 
 
 def replaceable(path: str | Path) -> bool:

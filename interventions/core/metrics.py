@@ -57,3 +57,25 @@ def score(metric: str, logits: torch.Tensor, targets: list[int], counterfactuals
     else:
         raise ValueError(f"`metric`: got {metric!r}; expected one of 'prob', 'logit_diff', 'kl'")
     return out.double().cpu()
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor, grid: str = "") -> float:
+    """Pearson correlation over the cells finite in both (NaN when either is constant there)."""
+    x, y = x.double(), y.double()
+    if x.shape != y.shape:
+        raise ValueError(f"grid {grid!r}: shapes {list(x.shape)} and {list(y.shape)} differ; not the same spec")
+    keep = torch.isfinite(x) & torch.isfinite(y)
+    x, y = x[keep] - x[keep].mean(), y[keep] - y[keep].mean()
+    denominator = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def top_overlap(x: torch.Tensor, y: torch.Tensor, k: int = 10) -> float:
+    """The share of the `k` largest cells of `x` (finite in both) that are among the `k` largest of `y`."""
+    keep = torch.isfinite(x) & torch.isfinite(y)
+    x, y = x[keep].double(), y[keep].double()
+    k = min(k, x.numel())
+    if k == 0:
+        return float("nan")
+    top_x, top_y = set(x.topk(k).indices.tolist()), set(y.topk(k).indices.tolist())
+    return len(top_x & top_y) / k

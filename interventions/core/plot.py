@@ -83,6 +83,27 @@ def axis_label(grid, name: str) -> str:
     return "layer" + (" (window centre)" if name in ("mlp", "attention") else "")
 
 
+def to_uint8(pixels):
+    """An image tensor (``[..., 3, h, w]``) as uint8 for display and saving: floats in [0, 1] scaled by 255; a
+    processor-normalised image (values outside [0, 1]) stretched to its own range first."""
+    import torch
+
+    if pixels.dtype == torch.uint8:
+        return pixels.cpu()
+    img = pixels.detach().float().cpu()
+    lo, hi = float(img.min()), float(img.max())
+    if lo < 0 or hi > 1:
+        img = (img - lo) / max(hi - lo, 1e-8)
+    return (img * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def save_images(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Images (name -> ``[n, 3, h, w]``) into a safetensors file as uint8, what a report shows."""
+    from interventions.core.atomic import atomic_save_file
+
+    atomic_save_file({k: to_uint8(v).contiguous() for k, v in tensors.items()}, path, metadata)
+
+
 def image_grid(panels: list[tuple[str, object]], row_labels: list[str], path: str | Path, *,
                scale: int = 4, per_row: int = 8) -> None:
     """A PNG of image panels side by side (e.g. before | after), one row per label.
@@ -204,9 +225,7 @@ def patch_overlay(ax, pixels, patch_values, title: str) -> None:
     """The image with a (side, side) grid of per-patch values over it, each value printed when legible."""
     import numpy as np
 
-    img = pixels.permute(1, 2, 0).float().cpu().numpy()
-    if img.min() < 0 or img.max() > 1:                  # a processor-normalised image: stretch for display
-        img = (img - img.min()) / max(float(img.max() - img.min()), 1e-8)
+    img = to_uint8(pixels).permute(1, 2, 0).numpy()     # a processor-normalised image is stretched for display
     side = patch_values.shape[0]
     h, w = img.shape[:2]
     ax.imshow(img)

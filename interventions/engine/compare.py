@@ -11,23 +11,13 @@ from pathlib import Path
 import torch
 
 from interventions.core.errors import SpecError
+from interventions.core.metrics import pearson
 from interventions.core.reading import read_json, read_safetensors
 from interventions.engine.result import Result
 
 
 def _values(result: Result, grid: str) -> torch.Tensor:
     return result.indirect_effect(grid) if result.kind == "trace" else result.grids[grid].values
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor, grid: str = "") -> float:
-    """Pearson correlation over the cells finite in both."""
-    x, y = x.double(), y.double()
-    if x.shape != y.shape:
-        raise ValueError(f"grid {grid!r}: shapes {list(x.shape)} and {list(y.shape)} differ; not the same spec")
-    keep = torch.isfinite(x) & torch.isfinite(y)
-    x, y = x[keep] - x[keep].mean(), y[keep] - y[keep].mean()
-    denominator = float(x.norm() * y.norm())
-    return float((x * y).sum()) / denominator if denominator > 0 else float("nan")
 
 
 def correlation(a: Result, b: Result, grid: str) -> float:

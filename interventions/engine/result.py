@@ -57,6 +57,12 @@ class Result:
         corrupted = torch.tensor([p["corrupted_prob"] for p in self.prompts])
         return self.grids[name].values - corrupted[:, None, None]
 
+    def _repr_html_(self) -> str:
+        """In Jupyter: this result's interactive report, inline (the page `lesion report` writes)."""
+        from interventions.report import html_for_result
+
+        return html_for_result(self)
+
     def to_dict(self) -> dict:
         from interventions.core import __version__
 

@@ -37,6 +37,7 @@ from recipes.cli import (
     cmd_eval_edits,
     cmd_export,
     cmd_import,
+    cmd_report,
     cmd_run,
     cmd_schema,
     cmd_trace_flags,
@@ -47,7 +48,7 @@ from recipes.cli import (
 from recipes.jobs.flag_checks import positive_int
 
 #: the subcommands, in the order `lesion --help` lists them
-COMMANDS = (cmd_run, cmd_validate, cmd_export, cmd_import, cmd_apply, cmd_compare, cmd_schema, cmd_docs, cmd_eval_edits,
+COMMANDS = (cmd_run, cmd_validate, cmd_report, cmd_export, cmd_import, cmd_apply, cmd_compare, cmd_schema, cmd_docs, cmd_eval_edits,
             cmd_bench_trace, cmd_bench_serve, cmd_bench_patch, cmd_bench_edit, cmd_train_lens, cmd_train_dictionary,
             cmd_bench_dictionary, cmd_bench_steer, cmd_bench_erase, cmd_bench_overhead, cmd_attribution_steps,
             cmd_trace_flags, cmd_edit_flag)

@@ -33,10 +33,16 @@ def grid_job(spec, args, out: Path | None) -> dict | None:
         return None
     written = result.save(out, heatmap=not vision)
     if vision:
-        from interventions.core.plot import vlm_trace_heatmap
+        import torch
 
-        vlm_trace_heatmap(result, _images(spec, result, model, processor), out / "heatmap.png")
+        from interventions.core.plot import save_images, vlm_trace_heatmap
+
+        images = _images(spec, result, model, processor)
+        vlm_trace_heatmap(result, images, out / "heatmap.png")
         written.append("heatmap.png")
+        if images and all(i is not None and i.shape == images[0].shape for i in images):
+            save_images({"prompt": torch.stack(images)}, out / "images.safetensors")    # for `lesion report`
+            written.append("images.safetensors")
     budget = f" (budget {human(memory)})" if memory else ""
     print(f"{spec.kind} of {len(result.prompts)} prompt(s) on {spec.model}: {result.meta['rows']} rows "
           f"in {seconds:.1f} s; peak memory beyond the weights {human(peak.bytes)}{budget}")

@@ -19,7 +19,7 @@ from editors.delta import applied, load_delta
 from editors.methods.erase import erase
 from interventions.core.atomic import atomic_write
 from interventions.core.errors import SpecError
-from interventions.core.plot import diffusion_trace_heatmap, image_grid
+from interventions.core.plot import diffusion_trace_heatmap, image_grid, save_images
 from interventions.modalities.text_to_image.pipeline import DiffusionPipe, load_pipeline
 from interventions.testbeds.shapes import COLOURS, SHAPES, caption
 
@@ -265,6 +265,8 @@ def run_erase(spec, pipe: DiffusionPipe, out: Path) -> dict:
     judged, images = judge_erasure(spec, pipe, delta)
     report.update(judged, judge_seconds=time.perf_counter() - start)
     evaluator = pipe.meta.get("evaluator")
+    if images and world_of(pipe) is not None:
+        save_judged_images(images, evaluator, world_of(pipe).WORDS, spec.seed, out)
     grid = list(spec.prompts) or (default_prompts() if pipe.name == "shapes-diffusion" else [])
     if not grid and not images:          # no evaluator, so nothing judged: the grid shows the templates
         from editors.methods.erase import fill
@@ -287,6 +289,30 @@ def run_erase(spec, pipe: DiffusionPipe, out: Path) -> dict:
     delta.save(out / "delta.safetensors")
     atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     return report
+
+
+def save_judged_images(images: dict, evaluator, words: list[str], seed: int, out: Path) -> None:
+    """Every judged image (images.safetensors: before, after, adversarial) and what the evaluator says each
+    shows (images.json), for `lesion report`'s gallery."""
+    nt, nh, prompts = images["templates"], images["heldout"], images["prompts"]
+    sets = ["templates"] * nt + ["heldout"] * nh + ["kept"] * (len(prompts) - nt - nh)
+    described, tensors = [], {}
+    for phase in ("before", "after", "adversarial"):
+        stack = images[phase]
+        if not len(stack):
+            continue
+        flat = stack.reshape(-1, *stack.shape[-3:])
+        tensors[phase] = flat
+        shows = {w: evaluator.shows(flat, w) for w in words}
+        n = stack.shape[1]
+        for k in range(len(flat)):
+            row = k // n
+            described.append({"phase": phase, "index": k, "set": "adversarial" if phase == "adversarial" else sets[row],
+                              "prompt": f"adversarial {row}" if phase == "adversarial" else prompts[row],
+                              "seed": seed + k % n, "label": " ".join(w for w in words if bool(shows[w][k]))})
+    save_images(tensors, out / "images.safetensors")
+    atomic_write(out / "images.json", json.dumps({"judge": "the testbed's image evaluator: the words it says an "
+                                                  "image shows", "images": described}, indent=1).encode())
 
 
 def grid_images(spec, pipe: DiffusionPipe, delta, grid: list[str], judged: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,7 +415,9 @@ def erase_job(spec, args, out: Path) -> dict | None:
         print(f"  erased concept shown: {s['erased_before']:.2f} -> {s['erased_after']:.2f}; other colours "
               f"{s['other_colours_before']:.2f} -> {s['other_colours_after']:.2f}; other shapes "
               f"{s['other_shapes_before']:.2f} -> {s['other_shapes_after']:.2f}")
-    print(f"wrote delta.safetensors, grid.png, report.json{', table.md' if 'summary' in report else ''} to {args.out}")
+    images = ", images.safetensors, images.json" if (out / "images.json").is_file() else ""
+    print(f"wrote delta.safetensors, grid.png, report.json{', table.md' if 'summary' in report else ''}{images} "
+          f"to {args.out} (`lesion report {args.out}` for the interactive page)")
     metrics = {**report.get("summary", {}), **{f"erased_{k}": v for k, v in report["erased_rate"].items()},
                "kept_rate": report["kept_rate"]}
     return dict(method=spec.method, edit=spec.edit, edited=report["edited"], metrics=metrics)

@@ -1,5 +1,5 @@
 """The seeded door fuzz (`support.doors`): request files, side files, images, tuned lenses, steering
-vectors, probes, `compare`, seeds and sizes, and `--out` paths, each case through the command line.
+vectors, probes, `compare`, `report`, seeds and sizes, and `--out` paths, each case through the command line.
 
 Every case must be refused cleanly: exit 2, one `error:` line, no traceback, no hang, and every file in
 the workspace (the models' weights included) byte for byte as before. On main 0219d17 the same 188
@@ -32,8 +32,8 @@ def test_every_seeded_bad_input_is_refused_cleanly_and_changes_nothing(workspace
     surfaces = Counter(c.surface for c in cases)
     assert len(cases) >= 180 and set(surfaces) >= {
         "requests_from", "corpus", "sequential.heldout", "sequential.text", "image", "tuned lens",
-        "steering vector", "probe", "compare", "seed", "--memory", "--out"}
-    named = [v.detail for c, v in verdicts if c.surface in ("image", "tuned lens", "compare")]
+        "steering vector", "probe", "compare", "report", "seed", "--memory", "--out"}
+    named = [v.detail for c, v in verdicts if c.surface in ("image", "tuned lens", "compare", "report")]
     assert all(d.startswith("error: `") for d in named)          # each names its field first
 
 

@@ -449,6 +449,43 @@ def compare_cases(ws: Path, rng: random.Random) -> list[Case]:
     return cases
 
 
+def report_cases(ws: Path, rng: random.Random) -> list[Case]:
+    """`lesion report` on damaged run folders: result.json (bytes and structure), spec.yaml, images, and
+    `--compare` / RUN_DIR that are not runs. A refusal writes no report.html."""
+    result = ws / "good" / "result"
+    doc = json.loads((result / "result.json").read_text(encoding="utf-8"))
+    grid = next(iter(doc["grids"]))
+
+    def run_with(change: Callable[[Path], None], *extra: str) -> Callable[[Path], list[str]]:
+        def make(case: Path) -> list[str]:
+            import shutil
+
+            shutil.copytree(result, case / "run")
+            change(case / "run")
+            return ["report", str(case / "run"), *extra]
+        return make
+
+    def write(name, data):
+        return lambda run: (run / name).write_bytes(data)
+
+    required = [("kind",), ("prompts",), ("grids",), ("prompts", 0, "columns"), ("prompts", 0, "prompt"),
+                ("grids", grid, "values"), ("grids", grid, "layers"), ("grids", grid, "site")]
+    damages = [(n, d) for n, d in damaged_bytes(json.dumps(doc).encode(), rng, 3) if not n.startswith("bit flip")]
+    damages += json_damage(doc, rng, 6, required)
+    cases = [Case("report", f"result.json {name}", run_with(write("result.json", data))) for name, data in damages]
+    short_row = json.loads(json.dumps(doc))
+    short_row["grids"][grid]["values"][0][0] = short_row["grids"][grid]["values"][0][0][:-1] + [1.0, 2.0]
+    cases += [Case("report", "a grid row longer than its prompt", run_with(write("result.json", json.dumps(short_row).encode()))),
+              Case("report", "spec.yaml not YAML", run_with(write("spec.yaml", b"kind: [unclosed"))),
+              Case("report", "images.safetensors random bytes", run_with(write("images.safetensors", rng.randbytes(200)))),
+              Case("report", "--compare an empty folder", lambda case: (case.joinpath("other").mkdir(),
+                   ["report", str(result), "--compare", str(case / "other"), "--out", str(case / "r.html")])[1]),
+              Case("report", "RUN_DIR missing", lambda case: ["report", str(case / "nothing")]),
+              Case("report", "RUN_DIR holds no run", lambda case: (case.joinpath("empty").mkdir(),
+                   ["report", str(case / "empty")])[1])]
+    return cases
+
+
 def number_cases(ws: Path, rng: random.Random) -> list[Case]:
     cases = [Case("seed", f"seed {s}", run_spec(trace_spec(ws, seed=s))) for s in (2**64, 2**70, -1, -(2**63) - 1)]
     for memory in ["9" * 40, "1e400", "99999999999 TB", "0.0000001", "-3MB", "nan", "inf"]:
@@ -507,7 +544,7 @@ def out_cases(ws: Path, rng: random.Random) -> list[Case]:
 
 
 SURFACES = [request_cases, side_file_cases, image_cases, lens_cases, vector_cases, probe_cases, compare_cases,
-            number_cases, out_cases]
+            report_cases, number_cases, out_cases]
 
 
 def all_cases(ws: Path, seed: int = 0) -> list[Case]:

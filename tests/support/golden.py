@@ -56,9 +56,9 @@ VOLATILE = ("seconds", "time", "created", "lesion_version", "version", "torch", 
             "memory_peak", "peak", "host", "date", "argv", "command", "path", "out", "integrity")
 
 
-def small_spec(case: str) -> dict:
+def small_spec(case: str, cases: dict | None = None) -> dict:
     """The recipe's YAML with the case's overrides; `"first:N"` keeps the first N items of a list."""
-    recipe, overrides = CASES[case]
+    recipe, overrides = (cases or CASES)[case]
     spec = yaml.safe_load((ROOT / recipe).read_text(encoding="utf-8"))
     for key, value in overrides.items():
         if isinstance(value, str) and value.startswith("first:"):
@@ -69,17 +69,22 @@ def small_spec(case: str) -> dict:
     return spec
 
 
-def run_case(case: str, work: Path) -> dict:
-    """Run one case through the CLI in `work`, and return its fingerprint."""
+def run_small(case: str, work: Path, cases: dict | None = None) -> Path:
+    """Run one case (of `cases`, default `CASES`) through the CLI in `work`; its output folder."""
     from recipes.cli import main
 
     spec_file = work / f"{case}.yaml"
-    spec_file.write_text(yaml.safe_dump(small_spec(case), sort_keys=False), encoding="utf-8")
+    spec_file.write_text(yaml.safe_dump(small_spec(case, cases), sort_keys=False), encoding="utf-8")
     out = work / case
     status = main(["--threads", "1", "run", str(spec_file), "--out", str(out)])
     if status != 0:
         raise RuntimeError(f"{case}: `lesion run` exited {status}")
-    return fingerprint(out)
+    return out
+
+
+def run_case(case: str, work: Path) -> dict:
+    """Run one case through the CLI in `work`, and return its fingerprint."""
+    return fingerprint(run_small(case, work))
 
 
 def _volatile(key: str) -> bool:

@@ -19,7 +19,7 @@ PACKAGES = ("interventions", "editors", "recipes")
 #: module-name prefix -> floor; the longest matching prefix decides
 FLOORS = {
     "interventions.core": 0,
-    "interventions.spec": 1, "interventions.models": 1, "interventions.testbeds": 1,
+    "interventions.spec": 1, "interventions.models": 1, "interventions.testbeds": 1, "interventions.report": 1,
     "interventions.engine": 2,
     "interventions.modalities": 3,
     "interventions.lenses": 4, "interventions.features": 4,
