@@ -20,7 +20,8 @@ if [ "${1:-}" = "test" ]; then
   # apt-get the tests fail and say what to install
   if ! command -v chromium >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-      (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+      { apt-get update -qq || true; } && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+        || echo "note: apt-get could not install chromium; the report's browser tests fail until it is there" >&2
     else
       echo "note: install Debian's chromium (apt-get install chromium) for the report's browser tests" >&2
     fi

@@ -79,7 +79,7 @@
     }, CONFIG));
   }
 
-  function pin(box, s, zT, c, l) {
+  function pinCharts(box, s) {          // the two pinned line plots, made on first use
     if (!box.firstChild) {
       box.appendChild(el("div", { class: "pin-row plot" }));
       box.appendChild(el("div", { class: "pin-col plot" }));
@@ -87,10 +87,27 @@
       lineChart(box.children[1], "pinned columns: across tokens", "token", s.y.map((_, i) => i),
         s.y.map((t) => t.slice(0, 10)));
     }
-    Plotly.addTraces(box.children[0], { x: s.x.map((_, i) => i), y: zT[c], mode: "lines+markers",
+    return box.children;
+  }
+
+  function pinRow(box, s, zT, c) {      // one token across layers
+    Plotly.addTraces(pinCharts(box, s)[0], { x: s.x.map((_, i) => i), y: zT[c], mode: "lines+markers",
       name: `${s.y[c]}`.slice(0, 18), hovertemplate: "%{y}<extra>%{fullData.name}</extra>" });
-    Plotly.addTraces(box.children[1], { x: s.y.map((_, i) => i), y: zT.map((row) => row[l]), mode: "lines+markers",
-      name: `${s.axis} ${s.x[l]}`, hovertemplate: "%{y}<extra>%{fullData.name}</extra>" });
+  }
+
+  function pinColumn(box, s, zT, l) {   // one layer across tokens
+    Plotly.addTraces(pinCharts(box, s)[1], { x: s.y.map((_, i) => i), y: zT.map((row) => row[l]),
+      mode: "lines+markers", name: `${s.axis} ${s.x[l]}`, hovertemplate: "%{y}<extra>%{fullData.name}</extra>" });
+  }
+
+  function clickableTicks(plot, pinned, s, zT) {   // a token's label pins its row, a layer's its column
+    const bind = (selector, act) => plot.querySelectorAll(selector).forEach((tick, i) => {
+      tick.style.pointerEvents = "all";
+      tick.style.cursor = "pointer";
+      tick.onclick = () => act(i);
+    });
+    bind(".yaxislayer-above .ytick text", (c) => pinRow(pinned, s, zT, c));
+    bind(".xaxislayer-above .xtick text", (l) => pinColumn(pinned, s, zT, l));
   }
 
   function overlay(div, s, zT, layer) {
@@ -124,7 +141,8 @@
     const row = el("div", { class: "row" }, plot);
     box.appendChild(el("h2", { text: s.title }));
     box.appendChild(row);
-    const details = el("div", { class: "details", text: "hover a cell for its details; click it to pin its row and column" });
+    const details = el("div", { class: "details",
+      text: "hover a cell for its details; click it to pin its row and column (a token's or a layer's label: that one)" });
     const pinned = el("div", { class: "pinned" });
     const clear = el("button", { class: "clear", text: "clear pins" });
     clear.addEventListener("click", () => { pinned.replaceChildren(); });
@@ -141,7 +159,13 @@
       details.textContent = cellText(s, zT, p.y, p.x).join("\n");
       if (image) overlay(image, s, zT, p.x);
     });
-    plot.on("plotly_click", (ev) => { const p = ev.points[0]; pin(pinned, s, zT, p.y, p.x); });
+    plot.on("plotly_click", (ev) => {
+      const p = ev.points[0];
+      pinRow(pinned, s, zT, p.y);
+      pinColumn(pinned, s, zT, p.x);
+    });
+    plot.on("plotly_afterplot", () => clickableTicks(plot, pinned, s, zT));
+    clickableTicks(plot, pinned, s, zT);
     return box;
   }
 

@@ -73,7 +73,7 @@ def erase_sections(run: Run) -> list[dict]:
     if kept:
         sections.append(table("other concepts kept", "report.json", ["concept", "before", "after", "prompts"], kept))
     gallery = gallery_section(run)
-    return sections + ([gallery] if gallery else [])
+    return sections + judged_sections(run) + ([gallery] if gallery else [])
 
 
 def gallery_section(run: Run) -> dict | None:
@@ -149,6 +149,23 @@ def decompose_sections(run: Run) -> list[dict]:
     return sections
 
 
+def judged_sections(run: Run, file: str = "report.json") -> list[dict]:
+    """A testbed's judged images per prompt before and after an edit: the share of images showing each word."""
+    r = run.json.get(file) or {}
+    before, after = r.get("before"), r.get("after")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return []
+    rows = [[prompt, word, (v, ("before", prompt, word)), (after[prompt][word], ("after", prompt, word))]
+            for prompt, shown in before.items() if isinstance(shown, dict)
+            for word, v in shown.items() if isinstance(v, (int, float)) and word in after.get(prompt, {})]
+    return [table("share of images showing each word, before and after the edit", file,
+                  ["prompt", "word", "before", "after"], rows)] if rows else []
+
+
+def apply_sections(run: Run) -> list[dict]:
+    return judged_sections(run) + scalar_sections(run, "report.json")
+
+
 def scalar_sections(run: Run, file: str) -> list[dict]:
     """The top-level numbers and strings of a JSON file, as a table (any kind without a view of its own)."""
     data = run.json.get(file)
@@ -199,7 +216,7 @@ VIEWS: dict[str, Callable[[Run], list[dict]]] = {
     "trace": grid_sections, "patch": grid_sections, "lens": grid_sections, "knockout": grid_sections,
     "decompose": grids_or_decompose, "edit": edit_sections, "erase": erase_sections, "steer": steer_sections,
     "probe": probe_sections, "daam": daam_sections, "features": features_sections,
-    "apply": lambda run: scalar_sections(run, "report.json"),
+    "apply": apply_sections,
 }
 
 

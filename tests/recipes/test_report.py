@@ -13,7 +13,7 @@ import json
 import pytest
 
 from support import browser
-from support.golden import run_small
+from support.golden import ROOT, run_small
 from support.report_check import page_differences, resolve
 
 pytestmark = pytest.mark.real_model
@@ -36,13 +36,19 @@ REPORT_CASES: dict[str, tuple[str, dict]] = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Each REPORT_CASES run, and the Eiffel trace exactly and by attribution (for the comparison)."""
+    """Each REPORT_CASES run, the Eiffel trace exactly and by attribution (for the comparison), the red
+    erasure and a `lesion apply` of the shipped red erasure."""
+    from recipes.cli import main
     from support.golden import CASES
 
     work = tmp_path_factory.mktemp("report_runs")
     done = {case: run_small(case, work, REPORT_CASES) for case in REPORT_CASES}
     for case in ("trace_eiffel", "trace_eiffel_attribution", "erase_red"):
         done[case] = run_small(case, work, CASES)
+    done["apply_red"] = work / "apply_red"                      # `lesion apply` on the text-to-image testbed
+    assert main(["--threads", "1", "apply", "--model", "shapes-diffusion", "--delta",
+                 str(ROOT / "checkpoints" / "erase_red_uce_shapes.safetensors"), "--prompt", "a red circle", "--out",
+                 str(done["apply_red"])]) == 0
     return done
 
 
@@ -55,7 +61,7 @@ def chromium():
         yield b
 
 
-@pytest.mark.parametrize("case", sorted(REPORT_CASES))
+@pytest.mark.parametrize("case", sorted(REPORT_CASES) + ["apply_red"])
 def test_every_kind_renders_and_the_page_shows_the_files_values(runs, case):
     from interventions.report import write_report
 
@@ -139,6 +145,13 @@ def test_a_trace_reports_hover_value_pin_and_screenshot(runs, chromium):
     section.locator(".pinned .pin-row .scatterlayer .trace").first.wait_for(timeout=5_000)
     assert section.locator(".pinned .pin-row .scatterlayer .trace").count() == 1
     assert section.locator(".pinned .pin-col .scatterlayer .trace").count() == 1
+    section.locator(".yaxislayer-above .ytick text").nth(2).click()       # a token's label: its row alone
+    section.locator(".pinned .pin-row .scatterlayer .trace").nth(1).wait_for(timeout=5_000)
+    assert section.locator(".pinned .pin-col .scatterlayer .trace").count() == 1
+    section.locator(".xaxislayer-above .xtick text").nth(1).click()       # a layer's label: its column alone
+    section.locator(".pinned .pin-col .scatterlayer .trace").nth(1).wait_for(timeout=5_000)
+    legend = section.locator(".pinned .pin-col .legendtext").all_text_contents()
+    assert legend == [f"layer {result['grids']['hidden']['layers'][1]}"] * 2
     assert browser.not_blank(page.screenshot())
 
 
