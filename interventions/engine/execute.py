@@ -119,6 +119,8 @@ def _last_logits(model, inputs: dict, last: list[int], call):
         keep = sorted(set(last))
         inputs = {**inputs, "logits_to_keep": torch.tensor(keep, device=inputs["attention_mask"].device)}
         out = call(inputs)
+        if len(keep) == 1:                 # every row ends at one position: a view, not a (rows, vocab) copy
+            return out.logits[:, 0].float(), out
         index = [keep.index(p) for p in last]
     else:
         out, index = call(inputs), last
