@@ -55,11 +55,11 @@
       colorscale: diverging ? "RdBu" : "Viridis", zmid: diverging ? 0 : undefined,
       x: s.x.map((_, i) => i), y: s.y.map((_, i) => i),
     };
-    const layout = {
-      title: { text: title, font: { size: 13 } }, height, width: Math.max(360, 120 + 26 * s.x.length + 160),
+    const layout = {      // at most 1,200 px wide; at most 40 labels across and 60 down (every cell keeps its hover)
+      title: { text: title, font: { size: 13 } }, height, width: Math.min(1200, Math.max(360, 280 + 26 * s.x.length)),
       margin: { l: 150, r: 20, t: 36, b: 44 },
-      xaxis: { title: s.axis, tickvals: s.x.map((_, i) => i), ticktext: s.x },
-      yaxis: { autorange: "reversed", tickvals: s.y.map((_, i) => i), ticktext: s.y.map((t) => t.slice(0, 24)) },
+      xaxis: { title: s.axis, ...thinned(s.x.map((_, i) => i), s.x, 40) },
+      yaxis: { autorange: "reversed", ...thinned(s.y.map((_, i) => i), s.y.map((t) => t.slice(0, 24)), 60) },
     };
     drawing.push(Plotly.newPlot(div, [trace], layout, CONFIG));
     return zT;
@@ -101,10 +101,12 @@
   }
 
   function clickableTicks(plot, pinned, s, zT) {   // a token's label pins its row, a layer's its column
-    const bind = (selector, act) => plot.querySelectorAll(selector).forEach((tick, i) => {
+    const bind = (selector, act) => plot.querySelectorAll(selector).forEach((tick) => {
+      const index = tick.__data__ ? Math.round(tick.__data__.x) : null;     // the tick's value: a row or column index
+      if (index === null) return;
       tick.style.pointerEvents = "all";
       tick.style.cursor = "pointer";
-      tick.onclick = () => act(i);
+      tick.onclick = () => act(index);
     });
     bind(".yaxislayer-above .ytick text", (c) => pinRow(pinned, s, zT, c));
     bind(".xaxislayer-above .xtick text", (l) => pinColumn(pinned, s, zT, l));

@@ -2,8 +2,8 @@
 browser (Debian's headless Chromium, driven by Playwright) hovering, clicking and screenshotting them.
 
 The golden cases (`support.golden.CASES`, run by tests/test_behaviour.py) are checked there; the kinds they do
-not cover (CLIP trace, lens and decomposition, the VLM's tower trace, sequential editing, features) run here at
-small settings. Without Chromium or Playwright the browser tests fail with what to install; never a skip.
+not cover (CLIP trace, lens and decomposition, the VLM's tower trace, sequential editing, features, a grid of
+2,048 feature rows by attribution, apply on the diffusion testbed) run here at small settings. Without Chromium or Playwright the browser tests fail with what to install; never a skip.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ REPORT_CASES: dict[str, tuple[str, dict]] = {
                          "sequential": {"eval_every": 1, "eval_at": [], "sample": 2, "fluency_prompts": 1},
                          "hyperparameters": {"v_steps": 4, "context_templates": []}}),
     "features_scenes": ("recipes/features/features_scenes.yaml", {"examples": "first:6", "describe": 2}),
+    "patch_colour_features": ("recipes/features/patch_colour_features.yaml", {"prompts": "first:2"}),
 }
 
 
@@ -110,6 +111,27 @@ def test_a_result_in_a_notebook_shows_the_same_page_inline(runs):
     assert shown.startswith("<iframe srcdoc=")
     inner = html.unescape(re.search(r'srcdoc="(.*?)" style', shown, re.S).group(1))
     assert read_data(inner) == read_data(render(runs["trace_eiffel"]))
+
+
+def test_a_result_object_shows_its_grids_inline(tiny_llama):
+    import html
+    import math
+    import re
+
+    from interventions import parse_spec, run
+    from interventions.report import read_data
+
+    model, tokenizer = tiny_llama
+    prompts = [{"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower"},
+               {"prompt": "The Colosseum is in the city of", "subject": "Colosseum"}]
+    result = run(parse_spec({"kind": "trace", "model": "tiny", "prompts": prompts, "samples": 2}), model, tokenizer)
+    shown = result._repr_html_()
+    doc = read_data(html.unescape(re.search(r'srcdoc="(.*?)" style', shown, re.S).group(1)))
+    grids = {(s["prompt"], s["grid"]): s["z"] for s in doc["sections"] if s["type"] == "grid"}
+    assert set(grids) == {(i, g) for i in range(2) for g in result.grids}
+    for (i, name), z in grids.items():
+        expected = result.grids[name].nested()[i]
+        assert [[None if math.isnan(v) else v for v in row] for row in expected] == z
 
 
 def test_an_index_links_every_run_in_a_folder(runs, tmp_path, capsys):
@@ -201,3 +223,18 @@ def test_a_sequential_edit_report_shows_each_measurement_on_hover(runs, chromium
         assert browser.number_after(text, metric) == pytest.approx(rows[-1][metric], rel=1e-5, abs=1e-9)
         assert browser.number_after(text, "edits") == rows[-1]["edits"]
     assert browser.not_blank(page.screenshot())
+
+
+def test_a_grid_of_2048_feature_rows_draws_with_its_labels_thinned(runs, chromium):
+    from interventions.report import write_report
+
+    folder = runs["patch_colour_features"]
+    page, _ = browser.open_report(chromium, write_report(folder))     # drawn (it once took minutes: 53,000 px)
+    result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    grid = result["grids"]["features"]
+    assert len(grid["features"]) == 2048
+    section = page.locator("#grid-0-features")
+    assert section.locator(".xaxislayer-above .xtick text").count() <= 40
+    assert section.locator(".main-svg").first.evaluate("svg => svg.getBoundingClientRect().width") <= 1200
+    text = browser.hover_cell(page, "grid-0-features", 1, 700)
+    assert browser.number_after(text, "value") == pytest.approx(grid["values"][0][700][1], rel=1e-5, abs=1e-9)
