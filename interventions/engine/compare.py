@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from interventions.core.errors import SpecError
-from interventions.core.metrics import pearson
+from interventions.core.metrics import pearson, top_overlap
 from interventions.core.reading import read_json, read_safetensors
 from interventions.engine.result import Result
 
@@ -50,6 +50,6 @@ def compare_saved(a: str | Path, b: str | Path) -> dict[str, dict]:
             raise SpecError("b", str(b), f"a result of the same spec as `a`: grid {grid!r} has shape "
                             f"{list(y[grid].shape)} there and {list(x[grid].shape)} in `a`")
         keep = torch.isfinite(x[grid]) & torch.isfinite(y[grid])
-        out[grid] = {"pearson": pearson(x[grid], y[grid], grid),
+        out[grid] = {"pearson": pearson(x[grid], y[grid], grid), "top10_overlap": top_overlap(x[grid], y[grid], 10),
                      "max_abs_diff": float((x[grid][keep] - y[grid][keep]).abs().max()) if keep.any() else math.nan}
     return out

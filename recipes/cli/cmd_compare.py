@@ -18,7 +18,7 @@ def main(args) -> int:
     rows = compare_saved(args.a, args.b)
     if not rows:
         raise SpecError("results", [args.a, args.b], "two results with at least one grid in common")
-    print("| grid | Pearson r | max abs diff |\n|---|---|---|")
+    print("| grid | Pearson r | top-10 overlap | max abs diff |\n|---|---|---|---|")
     for grid, r in rows.items():
-        print(f"| {grid} | {r['pearson']:.3f} | {r['max_abs_diff']:.2e} |")
+        print(f"| {grid} | {r['pearson']:.3f} | {r['top10_overlap']:.1f} | {r['max_abs_diff']:.2e} |")
     return 0

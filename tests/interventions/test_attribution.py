@@ -154,6 +154,7 @@ def test_attribution_refuses_kl():
 
 
 def test_pearson_by_hand_and_lesion_compare(tiny_llama, tmp_path, capsys):
+    from interventions.core.metrics import top_overlap
     from interventions.engine.compare import pearson
     from recipes.cli import main
 
@@ -162,6 +163,9 @@ def test_pearson_by_hand_and_lesion_compare(tiny_llama, tmp_path, capsys):
     assert pearson(x, -x) == pytest.approx(-1.0)
     # centred [−1.5, −0.5, 0.5, 1.5, ...] against [1, −1, −1, 1]: covariance 0 -> r = 0
     assert pearson(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, -1.0, -1.0, 1.0])) == pytest.approx(0.0)
+    # the 2 largest of [5, 1, 4, 0] are cells 0 and 2; of [5, 4, 0, 1] cells 0 and 1: one shared of 2
+    assert top_overlap(torch.tensor([5.0, 1.0, 4.0, 0.0]), torch.tensor([5.0, 4.0, 0.0, 1.0]), 2) == 0.5
+    assert top_overlap(x, 2 * x + 1, 5) == 1.0
 
     model, tokenizer = tiny_llama
     data = {"kind": "trace", "model": "tiny", "prompts": [EIFFEL], "samples": 2, "window": 1}
@@ -172,7 +176,11 @@ def test_pearson_by_hand_and_lesion_compare(tiny_llama, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "exact"), str(tmp_path / "approx")]) == 0
     out = capsys.readouterr().out
     r = pearson(exact.indirect_effect("hidden"), approx.indirect_effect("hidden"))
-    assert f"| hidden | {r:.3f} |" in out
+    e, a = exact.indirect_effect("hidden").flatten(), approx.indirect_effect("hidden").flatten()
+    keep = ~(e.isnan() | a.isnan())
+    top = lambda v: set(torch.argsort(v[keep], descending=True)[:10].tolist())      # noqa: E731
+    overlap = len(top(e) & top(a)) / 10                          # the 10 largest cells of each, by hand
+    assert f"| hidden | {r:.3f} | {overlap:.1f} |" in out
     assert main(["compare", str(tmp_path / "exact"), str(tmp_path / "nothing")]) == 2
 
 
