@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -34,6 +35,18 @@ def atomic_path(path: str | Path):
 def atomic_write(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
+
+
+def finite_json(value):
+    """A value ready for JSON, which has no NaN or infinity: those floats become null (a grid's cells past a
+    prompt's end, a metric with no value), in dicts, lists and tuples at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def atomic_save_file(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -68,14 +81,21 @@ def _listing(folder: Path) -> dict[str, int]:
             if p.is_file() and not p.is_symlink() and p.name != MARKER}
 
 
-def _marked(folder: Path) -> bool:
-    """Whether `folder` holds exactly what its marker says Lesion wrote there."""
+def _listed(folder: Path):
+    """The file listing `folder`'s marker holds (None: no readable marker)."""
     marker = folder / MARKER
     if not marker.is_file() or marker.is_symlink() or marker.stat().st_size > 10_000_000:
-        return False
+        return None
     try:
-        listed = json.loads(marker.read_text(encoding="utf-8")).get("files")
+        return json.loads(marker.read_text(encoding="utf-8")).get("files")
     except (ValueError, AttributeError, RecursionError):
+        return None
+
+
+def _marked(folder: Path) -> bool:
+    """Whether `folder` holds exactly what its marker says Lesion wrote there."""
+    listed = _listed(folder)
+    if listed is None:
         return False
     others = [p for p in folder.rglob("*") if p.is_symlink() or not (p.is_file() or p.is_dir())]
     return not others and listed == _listing(folder)
@@ -84,17 +104,11 @@ def _marked(folder: Path) -> bool:
 def refresh_marker(folder: str | Path, added: str) -> None:
     """After Lesion added `added` to a folder it had marked (a run's report.html), list it in the marker, so
     the folder still counts as Lesion's own output. A folder the user changed stays unmarked."""
-    folder, marker = Path(folder), Path(folder) / MARKER
-    if not marker.is_file() or marker.is_symlink():
-        return
-    try:
-        listed = json.loads(marker.read_text(encoding="utf-8")).get("files")
-    except (ValueError, AttributeError, RecursionError):
-        return
-    now = _listing(folder)
+    folder = Path(folder)
+    listed, now = _listed(folder), _listing(folder)
     if isinstance(listed, dict) and {k: v for k, v in listed.items() if k != added} == \
             {k: v for k, v in now.items() if k != added}:
-        atomic_write(marker, json.dumps({"files": now}, indent=1).encode())
+        atomic_write(folder / MARKER, json.dumps({"files": now}, indent=1).encode())
 
 
 def replaceable(path: str | Path) -> bool:

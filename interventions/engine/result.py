@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from interventions.core.atomic import atomic_save_file, atomic_write
+from interventions.core.atomic import atomic_save_file, atomic_write, finite_json
 from interventions.spec import dump_spec, spec_to_dict
 
 AXES = ("prompt", "layer", "position")
@@ -91,7 +90,7 @@ class Result:
         """Write result.json, result.safetensors, spec.yaml and heatmap.png into `out_dir`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "result.json", json.dumps(_finite(self.to_dict()), indent=1).encode())
+        atomic_write(out / "result.json", json.dumps(finite_json(self.to_dict()), indent=1).encode())
         meta = {"axes": json.dumps(list(AXES)), "kind": self.kind, "model": self.model,
                 "lengths": json.dumps(next(iter(self.grids.values())).lengths)}
         if any(g.context for g in self.grids.values()):
@@ -105,16 +104,3 @@ class Result:
             draw(self, out / "heatmap.png")
             written.append("heatmap.png")
         return written
-
-
-def _finite(obj):
-    """JSON has no NaN: write null instead."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-

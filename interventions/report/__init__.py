@@ -28,9 +28,8 @@ REPORT = "report.html"
 def build(run: Run, compare: Run | None = None) -> dict:
     """The page's document: a header, the kind's sections, and (with `compare`) the grids of both runs."""
     summary = [["kind", run.kind]] + ([["modality", run.modality]] if run.modality else []) + [["folder", run.name]]
-    result = run.json.get("result.json") or {}
-    if result.get("model") or run.spec.get("model"):
-        summary.insert(1, ["model", result.get("model") or run.spec.get("model")])
+    if model_of(run):
+        summary.insert(1, ["model", model_of(run)])
     sections = sections_of(run)
     if compare is not None:
         sections = compare_sections(run, compare) + sections
@@ -42,16 +41,23 @@ def build(run: Run, compare: Run | None = None) -> dict:
 SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
 
+def model_of(run: Run) -> str | None:
+    """The model a run was made on, as its result.json or spec.yaml names it."""
+    return (run.json.get("result.json") or {}).get("model") or run.spec.get("model")
+
+
 def render(folder: str | Path, compare: str | Path | None = None) -> str:
     """The page of a run folder; a folder whose files are not shaped as Lesion writes them is one `SpecError`."""
-    run = Run.open(folder)
-    other = _open_other(compare) if compare else None
+    return _render(Run.open(folder), _open_other(compare) if compare else None)
+
+
+def _render(run: Run, other: Run | None) -> str:
     try:
         return page_html(build(run, other))
     except SpecError:
         raise
     except SHAPE_ERRORS as err:
-        raise SpecError("RUN_DIR", str(folder), "a run folder whose files are as `lesion run` wrote them "
+        raise SpecError("RUN_DIR", str(run.folder), "a run folder whose files are as `lesion run` wrote them "
                         f"({type(err).__name__}: {str(err)[:80]})") from None
 
 
@@ -64,12 +70,14 @@ def _open_other(compare: str | Path) -> Run:
 
 def write_report(folder: str | Path, out: str | Path | None = None, compare: str | Path | None = None) -> Path:
     """Write the run's page (default ``FOLDER/report.html``); a run folder Lesion marked stays marked."""
-    folder = Path(folder)
-    target = Path(out) if out else folder / REPORT
-    text = render(folder, compare)
-    atomic_write(target, text.encode("utf-8"))
-    if target.parent == folder:
-        refresh_marker(folder, target.name)
+    return _write(Run.open(folder), out, _open_other(compare) if compare else None)
+
+
+def _write(run: Run, out: str | Path | None = None, other: Run | None = None) -> Path:
+    target = Path(out) if out else run.folder / REPORT
+    atomic_write(target, _render(run, other).encode("utf-8"))
+    if target.parent == run.folder:
+        refresh_marker(run.folder, target.name)
     return target
 
 
@@ -83,10 +91,9 @@ def write_index(folder: str | Path) -> tuple[Path, list[Path]]:
     written, entries = [], []
     for run_folder in runs:
         run = Run.open(run_folder)
-        written.append(write_report(run_folder))
-        model = (run.json.get("result.json") or {}).get("model") or run.spec.get("model")
+        written.append(_write(run))
         entries.append({"href": f"{run_folder.name}/{REPORT}", "name": run_folder.name, "kind": run.kind,
-                        "model": model, "summary": ", ".join(f for f in run.json)})
+                        "model": model_of(run), "summary": ", ".join(f for f in run.json)})
     index = folder / "index.html"
     atomic_write(index, index_page(f"Lesion runs in {folder.name}", entries).encode("utf-8"))
     return index, written

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from functools import lru_cache
 from pathlib import Path
+
+from interventions.core.atomic import finite_json
 
 HERE = Path(__file__).resolve().parent
 #: The id of the script element holding the page's data (what the tests read back).
@@ -28,7 +29,7 @@ def plotly_js() -> str:
 
 def page_html(doc: dict) -> str:
     """The HTML of one report: `doc` is ``{"title", "kind", "summary": [[k, v]], "sections": [...]}``."""
-    data = json.dumps(_finite(doc), ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    data = json.dumps(finite_json(doc), ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
     title = html.escape(doc["title"])
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -56,14 +57,3 @@ def read_data(text: str) -> dict:
     """The JSON document a report page holds (the inverse of `page_html`'s embedding)."""
     start = text.index(f'id="{DATA_ID}">') + len(f'id="{DATA_ID}">')
     return json.loads(text[start:text.index("</script>", start)].replace("<\\/", "</"))
-
-
-def _finite(value):
-    """NaN and infinities become null: JSON has no such numbers (a grid's cells beyond a prompt's length)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

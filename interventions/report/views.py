@@ -206,15 +206,10 @@ def features_sections(run: Run) -> list[dict]:
     return sections + scalar_sections(run, "report.json")
 
 
-def grids_or_decompose(run: Run) -> list[dict]:
-    return decompose_sections(run) if "decomposition_max_error" in run.json.get("result.json", {}) \
-        else grid_sections(run)
-
-
 #: kind -> the sections its report shows above the run's files.
 VIEWS: dict[str, Callable[[Run], list[dict]]] = {
     "trace": grid_sections, "patch": grid_sections, "lens": grid_sections, "knockout": grid_sections,
-    "decompose": grids_or_decompose, "edit": edit_sections, "erase": erase_sections, "steer": steer_sections,
+    "decompose": decompose_sections, "edit": edit_sections, "erase": erase_sections, "steer": steer_sections,
     "probe": probe_sections, "daam": daam_sections, "features": features_sections,
     "apply": apply_sections,
 }

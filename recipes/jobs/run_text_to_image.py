@@ -265,8 +265,9 @@ def run_erase(spec, pipe: DiffusionPipe, out: Path) -> dict:
     judged, images = judge_erasure(spec, pipe, delta)
     report.update(judged, judge_seconds=time.perf_counter() - start)
     evaluator = pipe.meta.get("evaluator")
-    if images and world_of(pipe) is not None:
-        save_judged_images(images, evaluator, world_of(pipe).WORDS, spec.seed, out)
+    world = world_of(pipe)
+    if images and world is not None:
+        save_judged_images(images, evaluator, world.WORDS, spec.seed, out)
     grid = list(spec.prompts) or (default_prompts() if pipe.name == "shapes-diffusion" else [])
     if not grid and not images:          # no evaluator, so nothing judged: the grid shows the templates
         from editors.methods.erase import fill
