@@ -37,6 +37,7 @@ refused.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +46,8 @@ from interventions.engine.assemble import assemble_result
 from interventions.engine.plan import EMBED, Plan, compile_spec, is_trace, language_prompts
 from interventions.engine.pv import unit_target
 from interventions.engine.result import Result
+from interventions.engine.rules import RULES, QKFix, check_rule, grad_drop, relp_rules
+from interventions.models.attention import lesion_attention
 
 
 @contextlib.contextmanager
@@ -123,18 +126,20 @@ def _metric_tensor(metric: str, logits: torch.Tensor, target: int, counterfactua
 
 
 def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, processor=None, units: tuple = ()) -> Result:
-    """Every grid of `spec` by attribution patching (see the module docstring); `prepare` and `units` as in
-    `compile_spec`."""
+    """Every grid of `spec` by attribution patching (see the module docstring) under its `rule`
+    (`interventions.engine.rules`); `prepare` and `units` as in `compile_spec`."""
     plan = compile_spec(spec, model, tokenizer, prepare=prepare, processor=processor, units=units)
+    rule = getattr(spec, "rule", "gradient")
+    check_rule(rule, plan)
     nodes = _sites_needed(plan)
     device = input_device(model)
-    trace = is_trace(spec)
     acc = {name: torch.zeros(len(plan.prompts), len(g.layers), plan.width(name), dtype=torch.float64)
            for name, g in plan.grids.items()}
     baseline = torch.zeros(len(plan.prompts), dtype=torch.float64)
     clean_probs, base_top1 = torch.zeros(len(plan.prompts), dtype=torch.float64), {}
     cells = _cells_by_prompt(plan)
-    steps, metric = spec.steps, "prob" if trace else spec.metric
+    metric = "prob" if is_trace(spec) else spec.metric
+    estimate = _qk_estimate if RULES[rule][0] else _gradient_estimate
     with eval_mode(model), _no_param_grads(model):
         for i, prompt in enumerate(plan.prompts):
             source = {}
@@ -145,52 +150,153 @@ def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, process
             if prompt.target_id is None:
                 prompt.target_id = int(logits.argmax())
             clean_probs[i] = float(_wide(logits).softmax(-1)[prompt.target_id])
-            rows = plan.variants
             with torch.no_grad():
-                base_embeds = _embeddings(plan, prompt.base, device).expand(rows, -1, -1).clone()
+                base_embeds = _embeddings(plan, prompt.base, device).expand(plan.variants, -1, -1).clone()
                 if plan.noise is not None:
                     base_embeds[:, list(prompt.base.subject)] += plan.noise[i].to(device, base_embeds.dtype)
-            grads, states = {}, {}
-            for j in range(steps):
-                alpha, run = j / steps, {}
-                # the base run's embeddings, moved α towards the source's
-                embeds = base_embeds if alpha == 0 else (1 - alpha) * base_embeds + alpha * source_embeds
-                embeds = embeds.detach().requires_grad_()
-                run[(EMBED, None)] = embeds
-                with torch.enable_grad(), _capture(plan, nodes, run, grads=True):
-                    logits = _final_logits(model, embeds, prompt.base.context)
-                    if j == 0:
-                        if not trace and prompt.counterfactual_id is None:
-                            prompt.counterfactual_id = int(logits[0].argmax())
-                        base_top1[i] = int(logits[0].argmax())
-                    values = _metric_tensor(metric, logits, prompt.target_id, prompt.counterfactual_id)
-                    values.sum().backward()
-                if j == 0:
-                    baseline[i] = float(values.detach().double().mean())
-                    states = {node: _wide(run[node].detach()) for node in nodes}
-                for node in nodes:
-                    grads[node] = grads.get(node, 0) + _wide(run[node].grad) / steps
-            _fill(acc, i, cells[i], float(baseline[i]), nodes, units, source, states, grads)
+            base = _Base(plan, prompt, nodes, metric, source, source_embeds, base_embeds, units)
+            values = estimate(base, cells[i], spec)
+            baseline[i], base_top1[i] = base.value, base.top1
+            for cell, value in zip(cells[i], values):
+                acc[cell.grid][i, cell.layer_index, cell.column] = base.value + value
     result = assemble_result(plan, acc, baseline, clean_probs, base_top1)
-    result.meta.update(method="attribution", steps=steps, rows=len(plan.prompts) * (steps * plan.variants + 1),
-                       forward_passes=len(plan.prompts) * (steps + 1), backward_passes=len(plan.prompts) * steps)
+    passes = _passes(plan, rule, spec.steps)
+    result.meta.update(method="attribution", rule=rule, steps=spec.steps,
+                       rows=len(plan.prompts) * (passes[0] * plan.variants + 1),
+                       forward_passes=len(plan.prompts) * (passes[0] + 1),
+                       backward_passes=len(plan.prompts) * passes[1])
     result.meta.pop("cells_equal_to_baseline", None)
     return result
 
 
-def _fill(acc: dict, i: int, cells: list, baseline: float, nodes, units, source: dict, states: dict,
-          grads: dict) -> None:
-    """Prompt `i`'s cells: the baseline plus the first-order terms of the states (and features) each restores."""
+def _passes(plan: Plan, rule: str, steps: int) -> tuple[int, int]:
+    """(base forwards, backwards) per prompt: `steps` each; AtP* one forward and one backward per layer
+    dropped plus the undropped one."""
+    if RULES[rule][1]:
+        return 1, plan.table.num_layers(plan.model) + 1
+    return steps, steps
+
+
+#: QK-fix deltas held before their corrections are computed together
+_PENDING = 64
+
+
+@dataclass
+class _Base:
+    """One prompt's base (corrupted) run as the estimators need it: the source states beside it, and what
+    the run found (its metric value, top-1 token, states)."""
+
+    plan: Plan
+    prompt: object
+    nodes: list
+    metric: str
+    source: dict
+    source_embeds: torch.Tensor
+    embeds: torch.Tensor
+    units: tuple = ()
+    value: float = 0.0
+    top1: int = 0
+    states: dict = field(default_factory=dict)
+
+    def forward(self, embeds: torch.Tensor, run: dict) -> torch.Tensor:
+        """The metric of each row run on `embeds` (states captured into `run` with gradients); the first run
+        also sets the counterfactual (patch without one), top-1 token and baseline value."""
+        prompt = self.prompt
+        with _capture(self.plan, self.nodes, run, grads=True):
+            logits = _final_logits(self.plan.model, embeds, prompt.base.context)
+        first = not self.states
+        if first:
+            if not is_trace(self.plan.spec) and prompt.counterfactual_id is None:
+                prompt.counterfactual_id = int(logits[0].argmax())
+            self.top1 = int(logits[0].argmax())
+        values = _metric_tensor(self.metric, logits, prompt.target_id, prompt.counterfactual_id)
+        if first:
+            self.value = float(values.detach().double().mean())
+            self.states = {node: _wide(run[node].detach()) for node in self.nodes}
+        return values
+
+    def grads(self, run: dict) -> dict:
+        """The gradients the last backward left on the captured states, which are then cleared."""
+        out = {node: _wide(run[node].grad) for node in self.nodes}
+        for node in self.nodes:
+            run[node].grad = None
+        return out
+
+
+def _gradient_estimate(base: _Base, cells: list, spec) -> list[float]:
+    """`rule: gradient` or `relp`: the gradients (RelP's modified ones) averaged over `steps` points on the
+    input path, times the state differences."""
+    steps, grads, relp = spec.steps, {}, getattr(spec, "rule", "gradient") == "relp"
+    for j in range(steps):
+        alpha, run = j / steps, {}
+        # the base run's embeddings, moved α towards the source's
+        embeds = base.embeds if alpha == 0 else (1 - alpha) * base.embeds + alpha * base.source_embeds
+        run[(EMBED, None)] = embeds = embeds.detach().requires_grad_()
+        with torch.enable_grad(), relp_rules(base.plan.model, base.plan.table) if relp else contextlib.nullcontext():
+            base.forward(embeds, run).sum().backward()
+        for node, g in base.grads(run).items():
+            grads[node] = grads.get(node, 0) + g / steps
+    return _first_order(base, cells, grads)
+
+
+def _qk_estimate(base: _Base, cells: list, spec) -> list[float]:
+    """`rule: qk-fix` or `atp-star`: the first-order terms with each restored state's next attention
+    pattern taken exactly; for `atp-star` once per layer whose gradient is dropped, as magnitudes."""
+    plan = base.plan
+    qk = QKFix(plan.model, plan.table)
+    n = plan.table.num_layers(plan.model)
+    drops = [None, *range(n)] if RULES[spec.rule][1] else [None]
+    run = {(EMBED, None): base.embeds.detach().requires_grad_()}
+    values = {}
+    with torch.enable_grad(), qk.recording(), grad_drop(plan.model, plan.table) as dropped:
+        total = base.forward(run[(EMBED, None)], run).sum()
+        for drop in drops:
+            dropped[0] = drop
+            total.backward(retain_graph=drop != drops[-1])
+            values[drop] = _first_order(base, cells, base.grads(run))
+            qk.keep_grads(drop)
+    groups: dict[tuple, list[int]] = {}          # cells restoring the same states at other positions
+    for c, cell in enumerate(cells):
+        groups.setdefault((cell.site, cell.layers or (None,)), []).append(c)
+    pending: dict[tuple, list] = {}                # (layer, columns) -> [(cells, delta)]
+
+    def flush():
+        for (layer, columns), items in pending.items():
+            fixes = qk.corrections(layer, torch.stack([d for _, d in items]), list(columns), drops)
+            for (members, _), fix in zip(items, fixes):
+                for d, drop in enumerate(drops):
+                    for j, c in enumerate(members):
+                        values[drop][c] += float(fix[d, j])
+        pending.clear()
+
+    with lesion_attention(plan.model, f"`rule: {spec.rule}`"):
+        for (site, layers), members in groups.items():
+            columns = tuple(cells[c].positions for c in members)
+            for layer, delta in qk.deltas(site, layers, base.source, base.states):
+                pending.setdefault((layer, columns), []).append((members, delta))
+            if sum(len(v) for v in pending.values()) >= _PENDING:
+                flush()
+        flush()
+    qk.forget()
+    if len(drops) == 1:
+        return values[None]
+    return [sum(abs(values[d][c]) for d in drops[1:]) / (n - 1) for c in range(len(cells))]
+
+
+def _first_order(base: _Base, cells: list, grads: dict) -> list[float]:
+    """Each cell's first-order term: the states (and features) it restores, ``(a_source − a_base) · ĝ``."""
+    source, states = base.source, base.states
     # per (site, layer): Σ_d (a_source − a_base)·grad, averaged over the rows: [T]
     terms = {node: ((_wide(source[node]) - states[node]) * grads[node]).sum(-1).mean(0).double().cpu()
-             for node in nodes}
-    features = {u.name: _feature_terms(u, source, states, grads) for u in units}
+             for node in base.nodes}
+    features = {u.name: _feature_terms(u, source, states, grads) for u in base.units}
+    out = []
     for cell in cells:
         if cell.grid in features:
-            value = float(features[cell.grid][list(cell.positions), cell.layer_index].sum())
+            out.append(float(features[cell.grid][list(cell.positions), cell.layer_index].sum()))
         else:
-            value = sum(float(terms[(cell.site, l)][list(cell.positions)].sum()) for l in (cell.layers or (None,)))
-        acc[cell.grid][i, cell.layer_index, cell.column] = baseline + value
+            out.append(sum(float(terms[(cell.site, l)][list(cell.positions)].sum()) for l in (cell.layers or (None,))))
+    return out
 
 
 def _feature_terms(axis, source: dict, states: dict, grads: dict) -> torch.Tensor:

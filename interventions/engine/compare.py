@@ -25,6 +25,11 @@ def correlation(a: Result, b: Result, grid: str) -> float:
     return pearson(_values(a, grid), _values(b, grid), grid)
 
 
+def overlap(a: Result, b: Result, grid: str, k: int = 10) -> float:
+    """The share of `a`'s `k` largest cells (indirect effects for traces) among `b`'s `k` largest."""
+    return top_overlap(_values(a, grid), _values(b, grid), k)
+
+
 def saved_grids(folder: str | Path, field: str = "result") -> tuple[str | None, dict[str, torch.Tensor]]:
     """A saved result's kind (from result.json) and grids (indirect effects for traces, from
     result.safetensors); a folder that is not a whole `lesion run` result is one `SpecError`."""

@@ -8,8 +8,8 @@ only to the other positions, renormalised. Done over a window of layers centred 
 **The scores as a site.** transformers computes attention in one function call, so the scores
 are not any module's output, and pyvene's own ``attention_weight`` site is a silent no-op on
 models that use SDPA. Inside `scores_site` each attention module gets a child module
-``lesion_scores`` (an identity), and the model runs on the attention function registered here
-under ``lesion_scores`` (transformers' `AttentionInterface`, its documented extension point;
+``lesion_scores`` (an identity), and the model runs on the attention function registered in
+`interventions.models.attention` (transformers' `AttentionInterface`, its documented extension point;
 the previous implementation is restored on exit). That function computes eager attention and
 passes the scores through ``lesion_scores`` as ``(batch, query, heads x keys)``, so a pyvene node
 on ``...self_attn.lesion_scores.output`` sees the target query's scores as one unit at its
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
 
 from interventions.core.conventions import window
 from interventions.core.errors import SpecError
@@ -37,79 +36,29 @@ from interventions.engine.plan import resolve_layers
 from interventions.engine.pv import AddIntervention, build_graph
 from interventions.engine.result import Grid, Result
 from interventions.lenses.lens import Reading, readings
-from interventions.models.sites import get_module, site_table
+from interventions.models.attention import SCORES, ScoresSite, lesion_attention
+from interventions.models.sites import site_table
 
-SCORES = "lesion_scores"
 #: Families whose attention modules call transformers' attention interface with `scaling` (the scores site).
 KNOCKOUT_FAMILIES = ("llama", "gemma3", "llava")
 
 
-class ScoresSite(nn.Module):
-    """An identity whose output is an attention's pre-softmax scores, ``(batch, query, heads x keys)``."""
-
-    def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores
-
-
-def scores_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
-                     softcap: float | None = None, **kwargs):
-    """Eager attention whose scores pass through ``module.lesion_scores`` when it has one."""
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, :key.shape[-2]]
-    site = getattr(module, SCORES, None)
-    if site is not None:
-        b, h, q, k = scores.shape
-        scores = site(scores.transpose(1, 2).reshape(b, q, h * k)).reshape(b, q, h, k).transpose(1, 2)
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return out, weights
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(SCORES, scores_attention)
-    AttentionMaskInterface.register(SCORES, eager_mask)
-
-
-def attention_modules(model) -> list[nn.Module]:
-    """The language model's self-attention module of every layer."""
-    table = site_table(model)
-    if table.family not in KNOCKOUT_FAMILIES:
-        raise SpecError("model", table.family, f"a model of the families {', '.join(KNOCKOUT_FAMILIES)} for "
-                        "attention knockout (their attention takes a registered attention function)")
-    path = table.sites["attention_output"][0]
-    return [get_module(model, path.format(layer)) for layer in range(table.num_layers(model))]
-
-
 @contextlib.contextmanager
 def scores_site(model):
-    """Within: every attention module has a ``lesion_scores`` child and runs `scores_attention`;
-    on exit the children are removed and each config's attention implementation is restored."""
-    _register()
-    modules = attention_modules(model)
-    configs = {id(m.config): m.config for m in modules}
-    before = {k: c._attn_implementation for k, c in configs.items()}
-    try:
-        for c in configs.values():
-            c._attn_implementation = SCORES
-        for m in modules:
-            m.add_module(SCORES, ScoresSite())
-        yield [f"{site_table(model).sites['attention_output'][0].format(layer)}.{SCORES}.output"
-               for layer in range(len(modules))]
-    finally:
-        for m in modules:
-            m._modules.pop(SCORES, None)
-        for k, c in configs.items():
-            c._attn_implementation = before[k]
+    """Within: every attention module has a ``lesion_scores`` child and runs Lesion's eager attention
+    (`interventions.models.attention`); on exit the children are removed and the implementation restored."""
+    if site_table(model).family not in KNOCKOUT_FAMILIES:
+        raise SpecError("model", site_table(model).family, f"a model of the families {', '.join(KNOCKOUT_FAMILIES)} "
+                        "for attention knockout (their attention takes a registered attention function)")
+    with lesion_attention(model) as modules:
+        try:
+            for m in modules:
+                m.add_module(SCORES, ScoresSite())
+            yield [f"{site_table(model).sites['attention_output'][0].format(layer)}.{SCORES}.output"
+                   for layer in range(len(modules))]
+        finally:
+            for m in modules:
+                m._modules.pop(SCORES, None)
 
 
 def blocked_positions(r: Reading, source: str, target: int) -> tuple[int, ...]:

@@ -113,6 +113,10 @@ class GridCore(SpecModel):
     steps: Int = Field(default=1, ge=1, le=256, description=(
         "`method: attribution`: average the gradients at this many points on the straight path from the base "
         "(corrupted) input embeddings to the source (clean) ones, as EAP-IG does; 1 is plain attribution patching."))
+    rule: Literal["gradient", "relp", "qk-fix", "atp-star"] = Field(default="gradient", description=(
+        "`method: attribution`: `gradient` (attribution patching); `relp` (RelP: the backward pass carries LRP's "
+        "rules, forward values unchanged); `qk-fix` (AtP*'s QK fix: each restored state's next attention pattern "
+        "taken exactly); `atp-star` (the QK fix and GradDrop, magnitudes; one backward per layer)."))
 
     features: FeatureSite | None = Field(default=None, description=(
         "A grid of a dictionary's features beside the site grids: one row per feature, restored alone "
@@ -134,6 +138,11 @@ class GridCore(SpecModel):
     def _steps_need_attribution(self):
         if self.steps > 1 and self.method != "attribution":
             raise ValueError(f"`steps: {self.steps}` is for `method: attribution` (exact patching has no gradient)")
+        if self.rule != "gradient" and self.method != "attribution":
+            raise ValueError(f"`rule: {self.rule}` is for `method: attribution` (exact patching has no gradient)")
+        if self.steps > 1 and self.rule in ("qk-fix", "atp-star"):
+            raise ValueError(f"`steps: {self.steps}` is for `rule: gradient` or `relp`; `rule: {self.rule}` takes "
+                             "the gradient at the base run only")
         if self.method == "attribution" and getattr(self, "metric", None) == "kl":
             raise ValueError("`method: attribution` cannot estimate `metric: kl` (its gradient at the base run "
                              "is zero); use 'prob' or 'logit_diff'")

@@ -28,7 +28,7 @@ from interventions.core.memory import PeakMemory
 from interventions.core.prompts import model_inputs, pad_token_id
 from interventions.core.runtime import input_device
 from interventions.core.units import parse_bytes
-from interventions.engine.compare import correlation
+from interventions.engine.compare import correlation, overlap
 from interventions.models.sites import site_table
 
 SPEC = {
@@ -45,6 +45,8 @@ VLM_SPEC = {
 SITES = {"hidden": "block_output", "mlp": "mlp_output", "attention": "attention_output"}
 #: Path-integrated attribution is also timed and scored at these numbers of steps.
 STEPS = (2, 4, 8)
+#: ... and under these rules (`interventions.engine.rules`), at one step.
+RULES = ("relp", "qk-fix", "atp-star")
 
 
 @torch.inference_mode()
@@ -129,6 +131,14 @@ def plain_and_attribution(model, tokenizer, spec, plan, rows: int, args) -> tupl
     return plain, attribution, time.perf_counter() - start
 
 
+def timed(spec, model, tokenizer, args) -> tuple[object, float]:
+    """`spec`'s result and the seconds it took (the device synchronised)."""
+    start = time.perf_counter()
+    result = run(spec, model, tokenizer)
+    sync(args.device)
+    return result, time.perf_counter() - start
+
+
 def print_report(report: dict, json_path: str | None, diff: float, tolerance: float) -> int:
     """Print the report as a table, then as one JSON line (and write it to `json_path`);
     1 if Lesion and the reference disagree."""
@@ -179,12 +189,17 @@ def main(args) -> int:
     correlations = {k: round(correlation(result, attribution, k), 3) for k in SITES}
     integrated = {}                 # path-integrated attribution (`steps`): cost and fidelity per k
     for k in STEPS:
-        start = time.perf_counter()
-        estimate = run(spec.model_copy(update={"method": "attribution", "steps": k}), model, tokenizer)
-        sync(args.device)
-        seconds = time.perf_counter() - start
+        estimate, seconds = timed(spec.model_copy(update={"method": "attribution", "steps": k}), model, tokenizer, args)
         integrated[k] = {"s": round(seconds, 2), "speedup": round(ref_s / seconds, 1),
                          "r_hidden": round(correlation(result, estimate, "hidden"), 3)}
+    rules = {}                      # the other attribution rules: cost and fidelity per grid
+    for rule in RULES:
+        estimate, seconds = timed(spec.model_copy(update={"method": "attribution", "rule": rule}), model, tokenizer,
+                                  args)
+        rules[rule] = {"s": round(seconds, 2), "speedup": round(ref_s / seconds, 1),
+                       "speedup_over_lesion_exact": round(lesion_s / seconds, 1),
+                       **{f"r_{k}": round(correlation(result, estimate, k), 3) for k in SITES},
+                       **{f"top10_{k}": round(overlap(result, estimate, k), 2) for k in SITES}}
     report = {
         "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
         "tokens": len(plan.prompts[0].base), "image_tokens": len(plan.prompts[0].record.get("image_positions", [])),
@@ -199,5 +214,6 @@ def main(args) -> int:
         "attribution_r": correlations["hidden"],
         **{f"attribution_correlation_{k}": r for k, r in correlations.items()},
         "attribution_steps": integrated,
+        "attribution_rules": rules,
     }
     return print_report(report, args.json, diff, 1e-4)

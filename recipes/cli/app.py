@@ -22,6 +22,7 @@ import sys
 from interventions.core.errors import LesionError, clip
 from recipes.cli import (
     cmd_apply,
+    cmd_attribution_rules,
     cmd_attribution_steps,
     cmd_bench_dictionary,
     cmd_bench_edit,
@@ -51,6 +52,7 @@ from recipes.jobs.flag_checks import positive_int
 COMMANDS = (cmd_run, cmd_validate, cmd_report, cmd_export, cmd_import, cmd_apply, cmd_compare, cmd_schema, cmd_docs, cmd_eval_edits,
             cmd_bench_trace, cmd_bench_serve, cmd_bench_patch, cmd_bench_edit, cmd_train_lens, cmd_train_dictionary,
             cmd_bench_dictionary, cmd_bench_steer, cmd_bench_erase, cmd_bench_overhead, cmd_attribution_steps,
+            cmd_attribution_rules,
             cmd_trace_flags, cmd_edit_flag)
 
 

@@ -26,6 +26,41 @@ def test_bench_trace_agrees_with_its_reference(folder):
     assert report["memory_budget"] == 64_000_000 and report["lesion_peak_bytes"] is not None
     assert {"speedup", "attribution_speedup", "lesion_over_plain_forward",
             "attribution_correlation_hidden"} <= set(report)
+    for rule in ("relp", "qk-fix", "atp-star"):
+        row = report["attribution_rules"][rule]
+        assert row["s"] > 0 and all(-1 <= row[f"r_{g}"] <= 1 and 0 <= row[f"top10_{g}"] <= 1
+                                    for g in ("hidden", "mlp", "attention"))
+
+
+def test_attribution_rules_study_scores_each_rule_against_exact(folder, monkeypatch, capsys):
+    """The study's r and top-10 overlap for a rule equal Pearson r and the overlap computed here from an
+    exact and an attribution run of the same spec; its last line is one JSON object of the figures."""
+    from interventions import parse_spec, run
+    from interventions.core.metrics import pearson, top_overlap
+    from interventions.models.loading import load_model
+    from recipes.studies import attribution_rules
+
+    tiny = str(folder / "tiny")
+    monkeypatch.setattr(attribution_rules, "CASES", {
+        "tiny": (tiny, {"prompt": "the eiffel tower is located in the city of", "subject": "eiffel tower"})})
+    capsys.readouterr()
+    assert main(["attribution-rules", "--out", str(folder / "rules"), "--cases", "tiny", "--samples", "2"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((folder / "rules" / "report.json").read_text())
+    assert set(report["cases"]["tiny"]["rules"]) == {"gradient", "relp", "qk-fix", "atp-star", "gradient-steps4",
+                                                     "relp-steps4"}
+    model, tokenizer = load_model(tiny)
+    spec = {"kind": "trace", "model": tiny, "prompts": [attribution_rules.CASES["tiny"][1]], "window": 10,
+            "sites": ["hidden", "mlp", "attention"], "samples": 2, "seed": 0}
+    exact = run(parse_spec(spec), model, tokenizer)
+    relp = run(parse_spec({**spec, "method": "attribution", "rule": "relp"}), model, tokenizer)
+    for grid in ("hidden", "mlp", "attention"):
+        e, a = exact.indirect_effect(grid), relp.indirect_effect(grid)
+        assert figures[f"tiny_relp_r_{grid}"] == pytest.approx(pearson(e, a), abs=1e-4)
+        assert figures[f"tiny_relp_top10_{grid}"] == pytest.approx(top_overlap(e, a, 10), abs=1e-4)
+    with pytest.raises(SystemExit) as bad:
+        main(["attribution-rules", "--out", str(folder / "other"), "--cases", "nope"])
+    assert bad.value.code == 2 and "--cases" in capsys.readouterr().err
 
 
 def test_bench_trace_on_a_vlm_agrees_with_its_reference(folder, capsys):

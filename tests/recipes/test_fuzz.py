@@ -77,6 +77,8 @@ def test_resource_bounds_and_strict_values_are_refused_for_their_reason(tmp_path
     ("kind: trace\nmodel: shapes-diffusion\nattn_window: 2\nprompts: [{prompt: a red circle, subject: red}]\n",
      "add that line"),
     ("kind: patch\nmodality: vision-language\nprompts: [{base: a, source: b}]\n", "`prompts[0].image`"),
+    ("kind: trace\nprompts: [{prompt: a b, subject: a}]\nmethod: attribution\nrule: lrp\n", "`rule`"),
+    ("kind: trace\nprompts: [{prompt: a b, subject: a}]\nrule: relp\n", "`method: attribution`"),
 ])
 def test_issue_examples_are_refused_on_one_line(text, needle):
     with pytest.raises(LesionError) as info:
@@ -196,6 +198,8 @@ BAD_COMMAND_LINES = [
     (["trace-flags", "--out", "{out}", "--countries", "Atlantis"], "--countries"),
     (["edit-flag", "--out", "{out}", "--country", "Atlantis"], "--country"),
     (["attribution-steps", "--out", "{file}"], "--out"),
+    (["attribution-rules", "--out", "{file}"], "--out"),
+    (["attribution-rules", "--out", "{out}", "--cases", "eiffel,atlantis"], "--cases"),
     (["nonsense"], "invalid choice"),
 ]
 
