@@ -11,6 +11,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 
@@ -42,4 +43,10 @@ def input_device(model) -> torch.device:
 
 def keeps_logits(model) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (the LM head at chosen positions only)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    forward = model.forward
+    return _takes_logits_to_keep(getattr(forward, "__func__", forward))
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_logits_to_keep(forward) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters

@@ -173,7 +173,7 @@ def source_representations(plan: Plan, chunk: Chunk, cache: dict, locations: dic
     reps = {}
     for key, node, locs in zip(graph.sorted_keys, plan.nodes[chunk.graph], locations["base"]):
         if node[0] == "noise":
-            reps[key] = torch.stack([_noise_row(plan, chunk, r, len(locs[0])) for r in chunk.rows])
+            reps[key] = _noise_rows(plan, chunk, len(locs[0]))
         else:
             positions = torch.tensor(locs) + chunk.prefix
             states = cache[node]
@@ -181,13 +181,22 @@ def source_representations(plan: Plan, chunk: Chunk, cache: dict, locations: dic
     return reps     # the interventions move each to its node's device
 
 
-def _noise_row(plan: Plan, chunk: Chunk, row, k: int) -> torch.Tensor:
-    """The row's noise at the subject positions the chunk computes, padded like its locations."""
-    noise = plan.noise[row.prompt][row.variant]
-    noise = noise[noise.shape[0] - len(plan.noised(chunk, row)):]    # subject positions ascend
-    if noise.shape[0] == 0:
-        return torch.zeros(k, plan.noise[row.prompt].shape[-1])
-    return torch.cat([noise, noise[:1].expand(k - noise.shape[0], -1)])
+def _noise_rows(plan: Plan, chunk: Chunk, k: int) -> torch.Tensor:
+    """``(rows, k, d)``: each row's noise at the subject positions the chunk computes, padded like its
+    locations by repeating the first (a row whose subject lies wholly in the cached prefix: zeros)."""
+    rows: dict[int, tuple[list[int], list[int]]] = {}          # prompt -> (rows in the chunk, their draws)
+    for b, r in enumerate(chunk.rows):
+        rows.setdefault(r.prompt, ([], []))[0].append(b)
+        rows[r.prompt][1].append(r.variant)
+    noise = plan.noise[chunk.rows[0].prompt]
+    out = noise.new_zeros(len(chunk.rows), k, noise.shape[-1])
+    for prompt, (at, draws) in rows.items():
+        noise = plan.noise[prompt]
+        j = len(plan.noised(chunk, chunk.rows[at[0]]))               # subject positions ascend
+        if j:
+            chosen = noise[torch.tensor(draws), noise.shape[1] - j:]
+            out[torch.tensor(at)] = torch.cat([chosen, chosen[:, :1].expand(-1, k - j, -1)], 1)
+    return out
 
 
 def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
@@ -256,27 +265,34 @@ def _record_layers(modules: list[torch.nn.Module]):
             h.remove()
 
 
-def _gather(entries: list[tuple[object, int]], take) -> torch.Tensor:
-    """Stack, in row order, ``take(source, rows)`` over the groups of `entries` that share a
-    source (the baseline chunk that stored them): one indexing op per group, not per row."""
-    groups: dict[int, tuple[object, list[int], list[int]]] = {}
-    for position, (source, b) in enumerate(entries):
-        group = groups.setdefault(id(source), (source, [], []))
-        group[1].append(position)
-        group[2].append(b)
-    parts, order = [], []
-    for source, positions, rows in groups.values():
-        parts.append(take(source, rows))
-        order += positions
-    if len(parts) == 1:
-        return parts[0]
-    width = max(t.shape[-2] for t in parts)
-    out = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[-2])) for t in parts])
-    return out[torch.argsort(torch.tensor(order)).to(out.device)]
+class _Grouped:
+    """Rows of a chunk grouped by the baseline chunk that stored their states, grouped once: each group's
+    rows in one index tensor, and the order that puts the concatenated groups back in row order.
+
+    `entries`: per row, ``(the baseline chunk's stored object, the row's index there)``."""
+
+    def __init__(self, entries: list[tuple[object, int]]):
+        groups: dict[int, tuple[object, list[int], list[int]]] = {}
+        for position, (source, b) in enumerate(entries):
+            group = groups.setdefault(id(source), (source, [], []))
+            group[1].append(position)
+            group[2].append(b)
+        self.groups = [(source, torch.tensor(rows)) for source, _, rows in groups.values()]
+        order = [p for _, positions, _ in groups.values() for p in positions]
+        self.order = None if len(self.groups) == 1 else torch.argsort(torch.tensor(order))
+
+    def gather(self, take) -> torch.Tensor:
+        """Stack, in row order, ``take(source, rows)`` over the groups: one indexing op per group, not per row."""
+        parts = [take(source, rows) for source, rows in self.groups]
+        if self.order is None:
+            return parts[0]
+        width = max(t.shape[-2] for t in parts)
+        out = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[-2])) for t in parts])
+        return out[self.order.to(out.device)]
 
 
-def _index(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    return tensor[torch.tensor(rows, device=tensor.device)]
+def _index(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return tensor[rows.to(tensor.device)]
 
 
 @contextmanager
@@ -289,11 +305,12 @@ def _skip_layers(modules: list[torch.nn.Module], stored: list[tuple[object, int]
     saved = []
     n = len(modules)
 
-    def fit(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def fit(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         t = _index(t[..., prefix:prefix + width, :], rows)      # slice first: copy only what is used
         return torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[-2]))
 
-    outs = [_gather([(s[i], b) for s, b in stored], fit) for i in range(n)]
+    grouped = _Grouped(stored) if n else None
+    outs = [grouped.gather(lambda s, rows, i=i: fit(s[i], rows)) for i in range(n)]
     for i, module in enumerate(modules):
         out = outs[i]
 
@@ -316,9 +333,9 @@ def _stack_kv(states: list[tuple[list, int]], prefix: int) -> DynamicCache:
     """A batch cache of the first `prefix` positions of each row's baseline key/value states.
 
     `states`: per row, ``(the baseline chunk's per-layer (keys, values), the row's index there)``."""
-    cache = DynamicCache()
+    cache, grouped = DynamicCache(), _Grouped(states)
     for layer in range(len(states[0][0])):
-        keys = _gather([(s[layer][0], b) for s, b in states], lambda t, rows: _index(t[:, :, :prefix], rows))
-        values = _gather([(s[layer][1], b) for s, b in states], lambda t, rows: _index(t[:, :, :prefix], rows))
+        keys = grouped.gather(lambda s, rows: _index(s[layer][0][:, :, :prefix], rows))
+        values = grouped.gather(lambda s, rows: _index(s[layer][1][:, :, :prefix], rows))
         cache.update(keys, values, layer)
     return cache

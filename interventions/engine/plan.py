@@ -25,6 +25,7 @@ tower and projector, once per image.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -138,6 +139,23 @@ class Chunk:
     def baseline(self) -> bool:
         return self.rows[0].cell is None
 
+    @functools.cached_property
+    def cell_positions(self) -> list[list[int]]:
+        """Each row's restored positions, counted from `prefix`, padded to the chunk's widest row (`_pad`)."""
+        k = max((len(r.cell.positions) for r in self.rows if r.cell), default=1)
+        return [_pad([p - self.prefix for p in r.cell.positions], k) if r.cell else [0] * k for r in self.rows]
+
+    @functools.cached_property
+    def restoring(self) -> dict[tuple[str, int | None], set[int]]:
+        """``(site, layer) -> the rows that restore it`` (``layer`` None: any layer)."""
+        table: dict = {}
+        for b, r in enumerate(self.rows):
+            if r.cell is not None:
+                table.setdefault((r.cell.site, None), set()).add(b)
+                for layer in r.cell.layers:
+                    table.setdefault((r.cell.site, layer), set()).add(b)
+        return table
+
 
 @dataclass
 class Plan:
@@ -180,13 +198,12 @@ class Plan:
 
     def unit_locations(self, chunk: Chunk) -> dict:
         """pyvene ``unit_locations`` for `chunk`: ``{"base": [per node: [per row: positions]]}``."""
-        table = _restoring(chunk)
-        return {"base": [self._node_locations(chunk, node, table) for node in self.nodes[chunk.graph]]}
+        return {"base": [self._node_locations(chunk, node, chunk.restoring) for node in self.nodes[chunk.graph]]}
 
     def subspaces(self, chunk: Chunk) -> list:
         """Per node, per row: the row's units where its cell restores this node (``[0]``, or its features),
         ``[]`` elsewhere."""
-        out, table = [], _restoring(chunk)
+        out, table = [], chunk.restoring
         for site, layer in self.nodes[chunk.graph]:
             if site == "noise":
                 out.append(None)
@@ -206,21 +223,9 @@ class Plan:
             # a row whose subject lies wholly in the cached prefix gets zero noise at position 0
             k = max(1, max(len(self.noised(chunk, r)) for r in chunk.rows))
             return [_pad([p - shift for p in self.noised(chunk, r)] or [0], k) for r in chunk.rows]
-        k = max((len(r.cell.positions) for r in chunk.rows if r.cell), default=1)
-        on, idle = table.get((site, layer), ()), [0] * k
-        return [_pad([p - shift for p in r.cell.positions], k) if b in on else idle
-                for b, r in enumerate(chunk.rows)]
-
-
-def _restoring(chunk: Chunk) -> dict[tuple[str, int | None], set[int]]:
-    """``(site, layer) -> the rows of `chunk` that restore it`` (``layer`` None: any layer)."""
-    table: dict = {}
-    for b, r in enumerate(chunk.rows):
-        if r.cell is not None:
-            table.setdefault((r.cell.site, None), set()).add(b)
-            for layer in r.cell.layers:
-                table.setdefault((r.cell.site, layer), set()).add(b)
-    return table
+        rows = chunk.cell_positions
+        on, idle = table.get((site, layer), ()), [0] * len(rows[0])
+        return [positions if b in on else idle for b, positions in enumerate(rows)]
 
 
 def _pad(positions, k: int) -> list[int]:
