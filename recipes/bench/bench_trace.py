@@ -107,17 +107,21 @@ def reference_inputs(model, plan, vision: bool) -> tuple[dict, tuple]:
 
 
 @torch.inference_mode()
-def plain_forwards(model, plan, rows: int, size: int) -> float:
+def plain_forwards(model, plan, rows: int, size: int, *, probabilities: bool = False) -> float:
     """Seconds for `rows` plain full-length forwards of the plan's base prompts, in turn, in
-    batches of `size`, answer logits only (the no-intervention bound)."""
+    batches of `size`, answer logits only (the no-intervention bound); with `probabilities`, each
+    row's p(answer) is read as well (the softmax a trace's metric needs)."""
     device = input_device(model)
     pad = pad_token_id(plan.tokenizer)
     start = time.perf_counter()
     done = 0
     while done < rows:
-        batch = [plan.prompts[(done + j) % len(plan.prompts)].base for j in range(min(size, rows - done))]
-        model(**model_inputs(batch, pad, device), logits_to_keep=1)
-        done += len(batch)
+        prompts = [plan.prompts[(done + j) % len(plan.prompts)] for j in range(min(size, rows - done))]
+        out = model(**model_inputs([p.base for p in prompts], pad, device), logits_to_keep=1)
+        if probabilities:
+            answers = torch.tensor([p.target_id for p in prompts], device=out.logits.device)
+            out.logits[:, -1].float().softmax(-1)[torch.arange(len(prompts), device=answers.device), answers].cpu()
+        done += len(prompts)
     return time.perf_counter() - start
 
 

@@ -111,3 +111,4 @@ def test_bench_dictionary_ends_with_its_figures_as_json(folder, capsys):
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["d_sae"] == 64 and figures["train_tokens"] == 512 and figures["overhead"] > 0
     assert figures["threads"] >= 1 and figures["forward_tokens"] > 0
+
