@@ -30,7 +30,7 @@ from interventions.core.prompts import model_inputs, pad_token_id
 from interventions.core.runtime import eval_mode, input_device, keeps_logits
 from interventions.engine.assemble import assemble_result
 from interventions.engine.attribution import run_attribution
-from interventions.engine.plan import Chunk, Plan, compile_spec, is_trace, language_prompts
+from interventions.engine.plan import Chunk, Plan, compile_spec, is_trace, language_prompts, restoring
 from interventions.engine.result import Result
 
 log = logging.getLogger(__name__)
@@ -218,9 +218,10 @@ def run_chunk(plan: Plan, chunk: Chunk, cache: dict, kv: dict) -> torch.Tensor:
     elif keep_kv:
         inputs["past_key_values"] = DynamicCache()   # full layers: sliding ones must keep every position
     inputs["use_cache"] = bool(p or keep_kv)
-    locations = plan.unit_locations(chunk)
+    table = restoring(chunk)                    # one table of restoring rows for both
+    locations = plan.unit_locations(chunk, table)
     reps = source_representations(plan, chunk, cache, locations)
-    subspaces = plan.subspaces(chunk)
+    subspaces = plan.subspaces(chunk, table)
     last = [len(plan.prompts[r.prompt].base) - 1 - p for r in chunk.rows]
 
     def call(kwargs):

@@ -25,7 +25,6 @@ tower and projector, once per image.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -139,24 +138,6 @@ class Chunk:
     def baseline(self) -> bool:
         return self.rows[0].cell is None
 
-    @functools.cached_property
-    def cell_positions(self) -> list[list[int]]:
-        """Each row's restored positions, counted from `prefix`, padded to the chunk's widest row (`_pad`)."""
-        k = max((len(r.cell.positions) for r in self.rows if r.cell), default=1)
-        return [_pad([p - self.prefix for p in r.cell.positions], k) if r.cell else [0] * k for r in self.rows]
-
-    @functools.cached_property
-    def restoring(self) -> dict[tuple[str, int | None], set[int]]:
-        """``(site, layer) -> the rows that restore it`` (``layer`` None: any layer)."""
-        table: dict = {}
-        for b, r in enumerate(self.rows):
-            if r.cell is not None:
-                table.setdefault((r.cell.site, None), set()).add(b)
-                for layer in r.cell.layers:
-                    table.setdefault((r.cell.site, layer), set()).add(b)
-        return table
-
-
 @dataclass
 class Plan:
     """Everything needed to run a spec: graphs, prompts, grids and chunks."""
@@ -196,14 +177,17 @@ class Plan:
         """The most columns any prompt has in `grid`."""
         return max(len(self.columns(grid, i)) for i in range(len(self.prompts)))
 
-    def unit_locations(self, chunk: Chunk) -> dict:
-        """pyvene ``unit_locations`` for `chunk`: ``{"base": [per node: [per row: positions]]}``."""
-        return {"base": [self._node_locations(chunk, node, chunk.restoring) for node in self.nodes[chunk.graph]]}
+    def unit_locations(self, chunk: Chunk, table: dict | None = None) -> dict:
+        """pyvene ``unit_locations`` for `chunk`: ``{"base": [per node: [per row: positions]]}``; `table`:
+        `restoring(chunk)`, if the caller has it."""
+        table = restoring(chunk) if table is None else table
+        positions = _cell_positions(chunk)
+        return {"base": [self._node_locations(chunk, node, table, positions) for node in self.nodes[chunk.graph]]}
 
-    def subspaces(self, chunk: Chunk) -> list:
+    def subspaces(self, chunk: Chunk, table: dict | None = None) -> list:
         """Per node, per row: the row's units where its cell restores this node (``[0]``, or its features),
-        ``[]`` elsewhere."""
-        out, table = [], chunk.restoring
+        ``[]`` elsewhere; `table` as for `unit_locations`."""
+        out, table = [], restoring(chunk) if table is None else table
         for site, layer in self.nodes[chunk.graph]:
             if site == "noise":
                 out.append(None)
@@ -216,16 +200,32 @@ class Plan:
         """Subject positions of `row` that `chunk` computes (absolute positions)."""
         return [p for p in self.prompts[row.prompt].base.subject if p >= chunk.prefix]
 
-    def _node_locations(self, chunk: Chunk, node, table: dict) -> list[list[int]]:
+    def _node_locations(self, chunk: Chunk, node, table: dict, rows: list[list[int]]) -> list[list[int]]:
         site, layer = node
         shift = chunk.prefix
         if site == "noise":
             # a row whose subject lies wholly in the cached prefix gets zero noise at position 0
             k = max(1, max(len(self.noised(chunk, r)) for r in chunk.rows))
             return [_pad([p - shift for p in self.noised(chunk, r)] or [0], k) for r in chunk.rows]
-        rows = chunk.cell_positions
         on, idle = table.get((site, layer), ()), [0] * len(rows[0])
         return [positions if b in on else idle for b, positions in enumerate(rows)]
+
+
+def restoring(chunk: Chunk) -> dict[tuple[str, int | None], set[int]]:
+    """``(site, layer) -> the rows of `chunk` that restore it`` (``layer`` None: any layer)."""
+    table: dict = {}
+    for b, r in enumerate(chunk.rows):
+        if r.cell is not None:
+            table.setdefault((r.cell.site, None), set()).add(b)
+            for layer in r.cell.layers:
+                table.setdefault((r.cell.site, layer), set()).add(b)
+    return table
+
+
+def _cell_positions(chunk: Chunk) -> list[list[int]]:
+    """Each row's restored positions, counted from the chunk's prefix, padded to its widest row (`_pad`)."""
+    k = max((len(r.cell.positions) for r in chunk.rows if r.cell), default=1)
+    return [_pad([p - chunk.prefix for p in r.cell.positions], k) if r.cell else [0] * k for r in chunk.rows]
 
 
 def _pad(positions, k: int) -> list[int]:
