@@ -60,6 +60,18 @@ def test_edited_layer_maps_its_key_to_v_star(edit):
         assert not torch.allclose(at_k_star, details["v_star"], rtol=1e-2, atol=1e-2)
 
 
+def test_key_agreement_by_hand(edit):
+    """`key_agreement` = (C⁻¹k*)ᵀk_plain / (C⁻¹k*)ᵀk*, computed here with C's ridge as `rank_one_update`
+    adds it; the Delta records it; 1 when the plain prompt is the only template (k* is its key)."""
+    family, model, delta, details, _, _, C = edit
+    C = C.double()
+    C = C + HP.mom2_ridge * torch.trace(C) / C.shape[0] * torch.eye(C.shape[0], dtype=C.dtype)
+    left = torch.linalg.solve(C, details["k_star"].double())
+    want = float(left @ details["k_plain"].double() / (left @ details["k_star"].double()))
+    assert details["key_agreement"] == pytest.approx(want, rel=1e-4)
+    assert delta.meta["metrics"]["key_agreement"] == details["key_agreement"] != pytest.approx(1.0, abs=1e-3)
+
+
 def test_r_rome_uses_the_optimisations_key(tokenizer):
     """The key in r-ROME's update is the mean of the keys at exactly the positions where v*'s
     optimisation added δ: each template's row at its subject-last token (read by a plain hook on the
