@@ -129,7 +129,7 @@ def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, process
     """Every grid of `spec` by attribution patching (see the module docstring) under its `rule`
     (`interventions.engine.rules`); `prepare` and `units` as in `compile_spec`."""
     plan = compile_spec(spec, model, tokenizer, prepare=prepare, processor=processor, units=units)
-    rule = getattr(spec, "rule", "gradient")
+    rule = spec.rule
     check_rule(rule, plan)
     nodes = _sites_needed(plan)
     device = input_device(model)
@@ -139,7 +139,7 @@ def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, process
     clean_probs, base_top1 = torch.zeros(len(plan.prompts), dtype=torch.float64), {}
     cells = _cells_by_prompt(plan)
     metric = "prob" if is_trace(spec) else spec.metric
-    estimate = _qk_estimate if RULES[rule][0] else _gradient_estimate
+    estimate = _qk_estimate if RULES[rule].qk_fix else _gradient_estimate
     with eval_mode(model), _no_param_grads(model):
         for i, prompt in enumerate(plan.prompts):
             source = {}
@@ -172,7 +172,7 @@ def run_attribution(spec, model, tokenizer, *, prepare=language_prompts, process
 def _passes(plan: Plan, rule: str, steps: int) -> tuple[int, int]:
     """(base forwards, backwards) per prompt: `steps` each; AtP* one forward and one backward per layer
     dropped plus the undropped one."""
-    if RULES[rule][1]:
+    if RULES[rule].grad_drop:
         return 1, plan.table.num_layers(plan.model) + 1
     return steps, steps
 
@@ -226,7 +226,7 @@ class _Base:
 def _gradient_estimate(base: _Base, cells: list, spec) -> list[float]:
     """`rule: gradient` or `relp`: the gradients (RelP's modified ones) averaged over `steps` points on the
     input path, times the state differences."""
-    steps, grads, relp = spec.steps, {}, getattr(spec, "rule", "gradient") == "relp"
+    steps, grads, relp = spec.steps, {}, spec.rule == "relp"
     for j in range(steps):
         alpha, run = j / steps, {}
         # the base run's embeddings, moved α towards the source's
@@ -245,7 +245,7 @@ def _qk_estimate(base: _Base, cells: list, spec) -> list[float]:
     plan = base.plan
     qk = QKFix(plan.model, plan.table)
     n = plan.table.num_layers(plan.model)
-    drops = [None, *range(n)] if RULES[spec.rule][1] else [None]
+    drops = [None, *range(n)] if RULES[spec.rule].grad_drop else [None]
     run = {(EMBED, None): base.embeds.detach().requires_grad_()}
     values = {}
     with torch.enable_grad(), qk.recording(), grad_drop(plan.model, plan.table) as dropped:
@@ -277,7 +277,6 @@ def _qk_estimate(base: _Base, cells: list, spec) -> list[float]:
             if sum(len(v) for v in pending.values()) >= _PENDING:
                 flush()
         flush()
-    qk.forget()
     if len(drops) == 1:
         return values[None]
     return [sum(abs(values[d][c]) for d in drops[1:]) / (n - 1) for c in range(len(cells))]

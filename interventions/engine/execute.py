@@ -188,8 +188,8 @@ def _noise_rows(plan: Plan, chunk: Chunk, k: int) -> torch.Tensor:
     for b, r in enumerate(chunk.rows):
         rows.setdefault(r.prompt, ([], []))[0].append(b)
         rows[r.prompt][1].append(r.variant)
-    noise = plan.noise[chunk.rows[0].prompt]
-    out = noise.new_zeros(len(chunk.rows), k, noise.shape[-1])
+    first = plan.noise[chunk.rows[0].prompt]
+    out = first.new_zeros(len(chunk.rows), k, first.shape[-1])
     for prompt, (at, draws) in rows.items():
         noise = plan.noise[prompt]
         j = len(plan.noised(chunk, chunk.rows[at[0]]))               # subject positions ascend

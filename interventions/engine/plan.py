@@ -138,6 +138,7 @@ class Chunk:
     def baseline(self) -> bool:
         return self.rows[0].cell is None
 
+
 @dataclass
 class Plan:
     """Everything needed to run a spec: graphs, prompts, grids and chunks."""

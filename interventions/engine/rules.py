@@ -40,7 +40,8 @@ attention (`interventions.models.attention`); so does `relp`, which holds them c
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -50,8 +51,16 @@ from interventions.core.errors import SpecError
 from interventions.models.attention import WEIGHTS, ScoreArgs, attention_modules, attention_scores, lesion_attention
 from interventions.models.sites import get_module
 
-#: rule -> (whether it needs the attention records, whether it drops gradients layer by layer)
-RULES = {"gradient": (False, False), "relp": (False, False), "qk-fix": (True, False), "atp-star": (True, True)}
+
+class Rule(NamedTuple):
+    """What a rule needs beyond one backward pass."""
+
+    qk_fix: bool        # the attention layers' records, and the QK fix's corrections
+    grad_drop: bool     # one backward per layer, that layer's gradient dropped
+
+
+RULES = {"gradient": Rule(False, False), "relp": Rule(False, False), "qk-fix": Rule(True, False),
+         "atp-star": Rule(True, True)}
 #: Sites whose state replaces the residual stream (the others add to it), and the layer offset of the
 #: attention that next reads them.
 REPLACES = {"embed": 0, "block_input": 0, "block_output": 1}
@@ -68,10 +77,10 @@ def check_rule(rule: str, plan) -> None:
     if rule == "gradient":
         return
     attention_modules(plan.model, f"`rule: {rule}`")
-    if RULES[rule][0] and any(g.axis != "layer" for g in plan.grids.values()):
+    if RULES[rule].qk_fix and any(g.axis != "layer" for g in plan.grids.values()):
         raise SpecError("rule", rule, "'gradient' or 'relp' for a `features:` grid (the QK fix needs a "
                         "state on the residual stream's path)")
-    if RULES[rule][0] and any(plan.table.in_context(g.site) for g in plan.grids.values()):
+    if RULES[rule].qk_fix and any(plan.table.in_context(g.site) for g in plan.grids.values()):
         raise SpecError("rule", rule, "'gradient' or 'relp' for grids over a prompt's context sequence")
 
 
@@ -216,7 +225,8 @@ class QKFix:
         return call
 
     def keep_grads(self, drop: int | None) -> None:
-        """Store the gradients the last backward left at every layer (as `drop`'s), and clear them."""
+        """Store the gradients the last backward left at every layer (as `drop`'s), and clear them. Dropping
+        layer ℓ changes no gradient at a later layer, so those keep only the undropped ones."""
         for i, rec in self.layers.items():
             if drop is None or i <= drop:
                 rec.grads[drop] = tuple(t.grad.detach().clone() for t in (rec.query, rec.key, rec.weights))
@@ -287,21 +297,19 @@ class QKFix:
         q = torch.where(where, query[:, None], rec.query.detach())
         k = torch.where(where, key_states[:, None], rec.key.detach())
         many, rows = q.shape[0] * q.shape[1], q.shape[2]
-        scores = attention_scores(q.flatten(0, 2), k.flatten(0, 2), _repeat_mask(rec.args, many))
+        mask = _repeat_rows(rec.args.attention_mask, rows, many)
+        scores = attention_scores(q.flatten(0, 2), k.flatten(0, 2), replace(rec.args, attention_mask=mask))
         wide = torch.promote_types(query.dtype, torch.float32)
         change = scores.softmax(-1, dtype=wide).unflatten(0, q.shape[:3]) - rec.weights.detach().to(wide)
         dq, dk = ((moved[:, None] - base.detach()).to(wide) * where for moved, base in
                   ((query, rec.query), (key_states, rec.key)))
         out = []
         for drop in drops:
-            gq, gk, ga = (g.to(wide) for g in rec.grads[drop if drop is None or layer <= drop else None])
+            gq, gk, ga = (g.to(wide) for g in rec.grads.get(drop, rec.grads[None]))
             value = torch.einsum("ncrhqk,rhqk->nc", change, ga) - torch.einsum("ncrhtd,rhtd->nc", dq, gq) \
                 - torch.einsum("ncrhtd,rhtd->nc", dk, gk)
             out.append(value / rows)
         return torch.stack(out, 1).double().cpu()
-
-    def forget(self) -> None:
-        self.layers.clear()
 
 
 def _repeat_rows(value, rows: int, times: int):
@@ -314,14 +322,6 @@ def _repeat_rows(value, rows: int, times: int):
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows and rows > 1:
         return value.repeat(times, *(1,) * (value.dim() - 1))
     return value
-
-
-def _repeat_mask(args: ScoreArgs, times: int) -> ScoreArgs:
-    """`args` for a batch of `times` copies of the rows it was made for."""
-    mask = args.attention_mask
-    if mask is not None and mask.shape[0] > 1:
-        mask = mask.repeat(times, *(1,) * (mask.dim() - 1))
-    return ScoreArgs(mask, args.scaling, args.softcap)
 
 
 def _stop(module, query, key, weights, args):

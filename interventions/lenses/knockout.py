@@ -39,7 +39,7 @@ from interventions.lenses.lens import Reading, readings
 from interventions.models.attention import SCORES, ScoresSite, lesion_attention
 from interventions.models.sites import site_table
 
-#: Families whose attention modules call transformers' attention interface with `scaling` (the scores site).
+#: Families attention knockout is tested on (a subset of `models.attention.ATTENTION_FAMILIES`); others are refused.
 KNOCKOUT_FAMILIES = ("llama", "gemma3", "llava")
 
 
@@ -47,10 +47,7 @@ KNOCKOUT_FAMILIES = ("llama", "gemma3", "llava")
 def scores_site(model):
     """Within: every attention module has a ``lesion_scores`` child and runs Lesion's eager attention
     (`interventions.models.attention`); on exit the children are removed and the implementation restored."""
-    if site_table(model).family not in KNOCKOUT_FAMILIES:
-        raise SpecError("model", site_table(model).family, f"a model of the families {', '.join(KNOCKOUT_FAMILIES)} "
-                        "for attention knockout (their attention takes a registered attention function)")
-    with lesion_attention(model) as modules:
+    with lesion_attention(model, "attention knockout", KNOCKOUT_FAMILIES) as modules:
         try:
             for m in modules:
                 m.add_module(SCORES, ScoresSite())

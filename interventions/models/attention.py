@@ -94,23 +94,24 @@ def _register() -> None:
     AttentionMaskInterface.register(SCORES, eager_mask)
 
 
-def attention_modules(model, use: str = "attention knockout") -> list[nn.Module]:
-    """The language model's self-attention module of every layer; `use` names what needs them in the
-    refusal of another family."""
+def attention_modules(model, use: str, families: tuple[str, ...] = ATTENTION_FAMILIES) -> list[nn.Module]:
+    """The language model's self-attention module of every layer; a model outside `families` is refused,
+    `use` naming what needed them."""
     table = site_table(model)
-    if table.family not in ATTENTION_FAMILIES:
-        raise SpecError("model", table.family, f"a model of the families {', '.join(ATTENTION_FAMILIES)} for "
+    if table.family not in families:
+        raise SpecError("model", table.family, f"a model of the families {', '.join(families)} for "
                         f"{use} (their attention takes a registered attention function)")
     path = table.sites["attention_output"][0]
     return [get_module(model, path.format(layer)) for layer in range(table.num_layers(model))]
 
 
 @contextlib.contextmanager
-def lesion_attention(model, use: str = "attention knockout"):
+def lesion_attention(model, use: str = "Lesion's eager attention", families: tuple[str, ...] = ATTENTION_FAMILIES):
     """Within: every attention module of the language model runs `eager_attention`; yields the modules.
-    On exit each config's attention implementation is restored."""
+    On exit each config's attention implementation is restored. `use`, `families`: as for
+    `attention_modules`."""
     _register()
-    modules = attention_modules(model, use)
+    modules = attention_modules(model, use, families)
     configs = {id(m.config): m.config for m in modules if hasattr(m, "config")}
     if getattr(model, "config", None) is not None:
         configs.setdefault(id(model.config), model.config)
