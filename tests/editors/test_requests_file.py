@@ -61,10 +61,12 @@ def test_bad_requests_files_name_the_field(tmp_path):
         resolve_requests(_spec(tmp_path / "empty.json"))
 
 
-@pytest.mark.parametrize("name, at_least", [("smollm2-135m", 1000), ("gemma3-270m", 100)])
-def test_the_shipped_fact_sets(name, at_least):
+@pytest.mark.parametrize("name, at_least, known", [("smollm2-135m", 1000, 50), ("gemma3-270m", 100, 10),
+                                                   ("smollm2-135m-10k", 10_000, 500)])
+def test_the_shipped_fact_sets(name, at_least, known):
     """Made by recipes/train/make_facts.py: tune and eval disjoint by subject, held-out known facts about subjects
-    no request uses, every request with paraphrases and neighbours; SmolLM2's eval split holds 1,000+."""
+    no request uses, every request with paraphrases and neighbours; SmolLM2's eval splits hold 1,000+ and
+    10,000+ requests, the larger set 500+ held-out known facts."""
     data = json.loads((ROOT / "recipes" / "facts" / f"{name}.json").read_text())
     requests = data["requests"]
     tune = {r["requested_rewrite"]["subject"] for r in requests if r["split"] == "tune"}
@@ -78,6 +80,7 @@ def test_the_shipped_fact_sets(name, at_least):
         assert prompt.startswith(before) and prompt.endswith(after)
         return prompt[len(before):len(prompt) - len(after)]
 
+    assert len(data["heldout_known"]) >= known
     held = {subject_of(k["prompt"], k["relation"]) for k in data["heldout_known"]}
     assert held and not held & (tune | evals)
     assert all(k["answer"].strip() == k["truth"].split()[0] for k in data["heldout_known"])
