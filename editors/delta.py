@@ -124,10 +124,12 @@ class Delta:
         return atomic_save_file(tensors, path, {META_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def stack(model: torch.nn.Module, deltas: list[Delta], **meta) -> Delta:
+def stack(model: torch.nn.Module, deltas: list[Delta], *, compact: bool = False, **meta) -> Delta:
     """One Delta whose change is the sum of `deltas`' (all made against `model`'s base): factors are
-    concatenated along the rank (``[u₁ u₂ …] @ [v₁; v₂; …] = Σ uᵢ vᵢ``), dense changes added. `meta`:
-    `Delta.from_factors`'s keywords (method, base_model, …)."""
+    concatenated along the rank (``[u₁ u₂ …] @ [v₁; v₂; …] = Σ uᵢ vᵢ``), dense changes added. `compact`:
+    a parameter whose changes together reach full rank (rank ≥ min(out, in), where factors take more room
+    than the matrix) is kept dense instead, so that thousands of sequential edits stay the size of the
+    matrices they change. `meta`: `Delta.from_factors`'s keywords (method, base_model, …)."""
     names = sorted({n for d in deltas for n in d.factors})
     factors = {n: (torch.cat([d.factors[n][0] for d in deltas if n in d.factors], 1),
                    torch.cat([d.factors[n][1] for d in deltas if n in d.factors], 0)) for n in names}
@@ -135,6 +137,10 @@ def stack(model: torch.nn.Module, deltas: list[Delta], **meta) -> Delta:
     for d in deltas:
         for n, change in d.dense.items():
             dense[n] = dense[n] + change if n in dense else change
+    for n, (u, v) in list(factors.items()):
+        if compact and (n in dense or u.shape[1] >= min(u.shape[0], v.shape[1])):
+            del factors[n]
+            dense[n] = dense[n] + u.float() @ v.float() if n in dense else u.float() @ v.float()
     return Delta.from_factors(model, factors, dense, **meta)
 
 
@@ -336,6 +342,17 @@ def revert(model: torch.nn.Module, *deltas: Delta) -> None:
             del state.base[name]
     if not state.stack:
         del _STATE[model]
+
+
+@contextmanager
+def unapplied(model: torch.nn.Module, delta: Delta):
+    """Within the block, `model` without `delta` (which must be applied now); applied again afterwards,
+    also on error. Both steps are bit-exact (`revert`, `apply`)."""
+    revert(model, delta)
+    try:
+        yield model
+    finally:
+        apply(model, delta)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from editors.delta import Delta, applied, apply, load_delta, revert, stack
+from editors.delta import Delta, applied, apply, load_delta, relative_norms, revert, stack
 from editors.evaluate import evaluate
 from editors.locate import Located, locate_layers
 from editors.methods import STEPS
@@ -22,7 +22,7 @@ from editors.stats import second_moments
 from interventions.core.errors import SpecError
 from interventions.core.prompts import pad_token_id
 from interventions.core.reading import read_text
-from interventions.spec import HYPERPARAMETERS, ONE_LAYER_METHODS, ApplySpec, EditSpec, spec_to_dict
+from interventions.spec import EDIT_METHODS, HYPERPARAMETERS, ONE_LAYER_METHODS, ApplySpec, EditSpec, spec_to_dict
 
 
 def hyperparameters(spec: EditSpec):
@@ -93,8 +93,9 @@ class Editor:
                             f"layers in [0, {n_layers - 1}] (the model has {n_layers})")
         self.spec, self.model, self.tokenizer = spec, model, tokenizer
         self.hp = hyperparameters(spec)
-        self.C = key_statistics(spec, model, tokenizer, layers)
-        self.templates = context_templates(model, tokenizer, self.hp.context_templates, self.hp.seed)
+        needs = EDIT_METHODS[spec.method].statistics          # UltraEdit keeps neither statistics nor templates
+        self.C = key_statistics(spec, model, tokenizer, layers) if needs else {}
+        self.templates = context_templates(model, tokenizer, self.hp.context_templates, self.hp.seed) if needs else []
         self.previous: dict[int, torch.Tensor] = {}
         self.projectors: dict = {}                   # AlphaEdit's null-space projectors, one per layer
         self.stacked: Delta | None = None
@@ -104,6 +105,8 @@ class Editor:
     def batch(self, requests: list[EditRequest]) -> Delta:
         """One batch's Delta, computed on the model as it is now (not applied), by the method's step."""
         delta, detail = STEPS[self.spec.method](self, requests)
+        if self.hp.max_update_norm > 0:
+            delta, detail["bounded"] = bound_update(self.model, delta, self.hp.max_update_norm)
         self.details.append(detail)
         return delta
 
@@ -111,7 +114,7 @@ class Editor:
         """Compute one batch and add it to the model; returns the batch's own Delta."""
         delta = self.batch(requests)
         parts = [d for d in (self.stacked, delta) if d is not None]
-        stacked = stack(self.model, parts, method=self.spec.method, base_model=self.spec.model,
+        stacked = stack(self.model, parts, compact=True, method=self.spec.method, base_model=self.spec.model,
                         hyperparameters=delta.meta["hyperparameters"], spec=self.spec_dict)
         if self.stacked is not None:
             revert(self.model, self.stacked)
@@ -127,6 +130,20 @@ class Editor:
     def close(self) -> None:
         if self.stacked is not None:
             revert(self.model, self.stacked)
+
+
+def bound_update(model, delta: Delta, bound: float) -> tuple[Delta, dict[str, float]]:
+    """`delta` with each matrix's change scaled down, where needed, so that ‖ΔW‖_F ≤ `bound` · ‖W₀‖_F
+    (W₀ the base weight); and ``{name: the scale}`` of those it scaled. The direction is kept."""
+    scales = {name: bound / rel for name, rel in relative_norms(model, delta).items() if rel > bound}
+    if not scales:
+        return delta, {}
+    factors = {n: (u * scales.get(n, 1.0), v) for n, (u, v) in delta.factors.items()}
+    dense = {n: d * scales.get(n, 1.0) for n, d in delta.dense.items()}
+    meta = delta.meta
+    bounded = Delta.from_factors(model, factors, dense, method=meta["method"], base_model=meta["base_model"],
+                                 hyperparameters=meta["hyperparameters"], spec=meta["spec"], metrics=meta["metrics"])
+    return bounded, scales
 
 
 def batches(requests: list, size: int) -> list[list]:

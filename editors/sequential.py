@@ -30,13 +30,23 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from editors.delta import DeltaError, content_hash, integrity_hash, load_delta, relative_norms, verify
-from editors.evaluate import fluency, perplexity, prefers_each, top1_accuracy
+from editors.delta import DeltaError, content_hash, integrity_hash, load_delta, relative_norms, unapplied, verify
+from editors.evaluate import (
+    fluency,
+    greedy_continuations,
+    ngram_entropy,
+    perplexity,
+    prefers_each,
+    share_stating,
+    text_perplexity,
+    top1_accuracy,
+)
 from interventions.core.atomic import atomic_save_file, atomic_write
 from interventions.core.errors import SpecError, short
 from interventions.core.paths import RECIPES
@@ -47,6 +57,19 @@ from interventions.spec import BATCH_METHODS, spec_to_dict
 DEFAULT_TEXT = RECIPES / "facts" / "heldout_text.txt"
 #: What each measurement row holds, in the order of the figure's panels.
 CURVE_METRICS = ("efficacy", "paraphrase", "neighbourhood", "fluency", "heldout_accuracy", "perplexity")
+#: What it also holds with ``sequential.generation`` (`ScaleProbe.generation_row`): the same questions judged
+#: on greedy continuations, and the continuations' fluency.
+GENERATION_METRICS = ("gen_efficacy", "gen_paraphrase", "gen_neighbourhood", "gen_heldout", "gen_perplexity",
+                      "gen_entropy")
+#: The figure's panels: a title, the teacher-forced metric (solid) and its generation-based twin (dashed).
+PANELS = (("efficacy", "efficacy", "gen_efficacy"), ("paraphrase", "paraphrase", "gen_paraphrase"),
+          ("neighbourhood", "neighbourhood", "gen_neighbourhood"), ("held-out known facts", "heldout_accuracy",
+                                                                    "gen_heldout"),
+          ("fluency: n-gram entropy", "fluency", "gen_entropy"), ("perplexity of the held-out text", "perplexity", None),
+          ("perplexity of generations (unedited model)", None, "gen_perplexity"),
+          ("update norm |dW|/|W0|", "delta_norm", None))
+#: Tokens of each greedy continuation judged for an answer, and of those judged for fluency.
+ANSWER_TOKENS, FLUENCY_TOKENS = 12, 40
 
 
 def batch_size(spec) -> int:
@@ -93,6 +116,7 @@ class ScaleProbe:
     text: str
     fluency_prompts: list[str]
     sample: int
+    generation: bool = False
 
     @classmethod
     def from_spec(cls, spec) -> "ScaleProbe":
@@ -101,9 +125,34 @@ class ScaleProbe:
         if not text.strip():
             raise SpecError("sequential.text", str(path), "a held-out text file with text in it (this one is empty)")
         return cls(read_heldout(spec.sequential.heldout), text,
-                   [r.subject for r in spec.requests[: spec.sequential.fluency_prompts]], spec.sequential.sample)
+                   [r.subject for r in spec.requests[: spec.sequential.fluency_prompts]], spec.sequential.sample,
+                   spec.sequential.generation)
 
-    def measure(self, model, tokenizer, edited: list) -> dict:
+    def generation_row(self, model, tokenizer, some: list, unedited) -> dict:
+        """The generation-based metrics (`editors.evaluate.states` judges each greedy continuation): over
+        `some` edits, the shares of edit prompts and paraphrases stating ``target_new`` before
+        ``target_true``, of neighbour prompts stating ``target_true`` before ``target_new``; the share of
+        held-out facts (at most `sample`, evenly spaced) stating their answer; and, for greedy continuations of the fluency prompts, their
+        n-gram entropy and their perplexity under the unedited model (`unedited()`: a context in which
+        the model is the base model)."""
+        asks = [(r.prompt.replace("{}", r.subject), r.target_new, r.target_true) for r in some]
+        asks += [(p, r.target_new, r.target_true) for r in some for p in r.paraphrases]
+        asks += [(p, r.target_true, r.target_new) for r in some for p in r.neighbours]
+        asks += [(p, a, None) for p, a in evenly_spaced(self.heldout, self.sample)]
+        texts = greedy_continuations(model, tokenizer, [a[0] for a in asks], max_new_tokens=ANSWER_TOKENS)
+        bounds, row = [len(some), sum(len(r.paraphrases) for r in some), sum(len(r.neighbours) for r in some),
+                       len(evenly_spaced(self.heldout, self.sample))], {}
+        start = 0
+        for key, n in zip(GENERATION_METRICS, bounds):
+            row[key] = share_stating(texts[start:start + n], [(a, b) for _, a, b in asks[start:start + n]])
+            start += n
+        long = greedy_continuations(model, tokenizer, self.fluency_prompts, max_new_tokens=FLUENCY_TOKENS)
+        row["gen_entropy"] = sum(ngram_entropy(t) for t in long) / len(long)
+        with unedited():
+            row["gen_perplexity"] = text_perplexity(model, tokenizer, self.fluency_prompts, long)
+        return row
+
+    def measure(self, model, tokenizer, edited: list, unedited=None) -> dict:
         row = {"efficacy": share_preferring(model, tokenizer, [(r.prompt.replace("{}", r.subject), r.target_new,
                                                                 r.target_true) for r in edited])}
         some = evenly_spaced(edited, self.sample)
@@ -114,6 +163,8 @@ class ScaleProbe:
         row["fluency"] = fluency(model, tokenizer, self.fluency_prompts)
         row["heldout_accuracy"] = top1_accuracy(model, tokenizer, self.heldout)
         row["perplexity"] = perplexity(model, tokenizer, self.text)
+        if self.generation:
+            row.update(self.generation_row(model, tokenizer, some, unedited or nullcontext))
         return row
 
 
@@ -226,14 +277,15 @@ def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
 
     def record(done: int, seconds: float, editor=None) -> None:
         start = time.perf_counter()
-        row = {"edits": done, "edit_seconds": seconds,
-               **probe.measure(model, tokenizer, list(spec.requests[:done]) or list(spec.requests))}
-        row["measure_seconds"] = time.perf_counter() - start
         stacked = editor.stacked if editor is not None else None
+        row = {"edits": done, "edit_seconds": seconds,
+               **probe.measure(model, tokenizer, list(spec.requests[:done]) or list(spec.requests),
+                               unedited=lambda: unapplied(model, stacked) if stacked is not None else nullcontext())}
+        row["measure_seconds"] = time.perf_counter() - start
         row["delta_norm"] = max(relative_norms(model, stacked).values()) if stacked is not None else 0.0
         rows.append(row)
         print(f"[{done}/{total} edits] " + ", ".join(
-            f"{k} {row[k]:.3f}" for k in CURVE_METRICS if row[k] is not None)
+            f"{k} {row[k]:.3f}" for k in (*CURVE_METRICS, *GENERATION_METRICS) if row.get(k) is not None)
             + f", delta_norm {row['delta_norm']:.3f} ({seconds:.0f} s editing)",
             flush=True)
         (out / "curves.json").write_text(json.dumps({"method": spec.method, "rows": rows}, indent=1))
@@ -252,7 +304,7 @@ def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
     clock["since"] = time.perf_counter()
     delta, details = compute_edit(spec, model, tokenizer, on_batch=on_batch, resume=resume)
     final = rows[-1]
-    delta = delta.with_metrics({k: final[k] for k in CURVE_METRICS})
+    delta = delta.with_metrics({k: final[k] for k in (*CURVE_METRICS, *GENERATION_METRICS) if k in final})
     path = delta.save(out / "delta.safetensors")
     plot_curves({spec.method: rows}, out / "curves.png",
                 title=f"{spec.method}, batches of {spec.sequential.batch_size}, {spec.model}")
@@ -263,22 +315,25 @@ def run_sequential(spec, model, tokenizer, out: Path, compute_edit) -> dict:
 
 
 def plot_curves(curves: dict[str, list[dict]], path: str | Path, *, title: str = "") -> None:
-    """One panel per metric against the number of edits, one line per method (log-scaled x)."""
+    """One panel per metric against the number of edits (log-scaled x), one colour per method: teacher-forced
+    metrics solid, their generation-based twins dashed (`PANELS`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, metric in zip(axes.flat, CURVE_METRICS):
-        for method, rows in curves.items():
-            points = [(max(r["edits"], 1), r[metric]) for r in rows if r[metric] is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=method)
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    for ax, (title, solid, dashed) in zip(axes.flat, PANELS):
+        for i, (method, rows) in enumerate(curves.items()):
+            for metric, style in ((solid, "-"), (dashed, "--")):
+                points = [(max(r["edits"], 1), r[metric]) for r in rows if metric and r.get(metric) is not None]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{i}", marker="o", markersize=3,
+                            label=method + (" (generated)" if style == "--" else ""))
         ax.set_xscale("log")
-        if metric == "perplexity":
+        if "perplexity" in title:
             ax.set_yscale("log")
-        ax.set_title(metric.replace("_", " ") + (" (log scale)" if metric == "perplexity" else ""))
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("edits (0 drawn at 1)")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)

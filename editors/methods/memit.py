@@ -8,6 +8,11 @@
    - ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹, the minimiser of ‖ΔW K − R‖² + λ tr(ΔW C_l ΔWᵀ).
 3. The updates are reverted; the result is one Delta with rank ≤ n factors per layer.
 
+ENCORE (Gupta et al. 2025) is MEMIT with two regularisers: the target optimisation stops as soon as the
+target is the top-1 prediction at every prompt row (most-probable early stopping, `early_stop: mpes`),
+and each layer's objective gains μ‖ΔW‖²_F (`norm_penalty`), which bounds the update's Frobenius norm.
+Either can be set on MEMIT and AlphaEdit too (AlphaEdit's ridge l2 already is such a term; μ adds to it).
+
 AlphaEdit (Fang et al. 2025) is the same loop with step 2's update replaced by one projected onto
 the null space of the layer's preserved keys (`projected_update`), and, in sequential editing, the
 keys of earlier batches kept as constraints too.
@@ -36,7 +41,7 @@ from editors.methods.rome import (
 from editors.stats import second_moments
 from interventions.core.prompts import pad_token_id, right_pad
 from interventions.models.sites import site_table
-from interventions.spec import AlphaEditHyperparameters, MemitHyperparameters
+from interventions.spec import AlphaEditHyperparameters, EncoreHyperparameters, MemitHyperparameters
 
 
 @torch.no_grad()
@@ -51,9 +56,13 @@ def block_outputs(model, tokenizer, layer: int, requests: list[EditRequest]) -> 
     return keep["h"][torch.arange(len(encoded)), torch.tensor([i for _, i in encoded])].float()
 
 
-def layer_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (R [out, n], Kᵀ(λC + KKᵀ)⁻¹ [n, in]) of ΔW = R Kᵀ (λC + KKᵀ)⁻¹; K: [in, n], R: [out, n]."""
+def layer_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, weight: float,
+                 norm_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (R [out, n], Kᵀ(λC + KKᵀ + μI)⁻¹ [n, in]) of ΔW = R Kᵀ (λC + KKᵀ + μI)⁻¹, the minimiser of
+    ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) + μ‖ΔW‖²_F; K: [in, n], R: [out, n]. μ (`norm_penalty`) is ENCORE's
+    Frobenius norm constraint; MEMIT has μ = 0."""
     A = weight * C.double() + K.double() @ K.double().T
+    A = A + norm_penalty * torch.eye(A.shape[0], dtype=A.dtype)
     right = torch.linalg.solve(A, K.double()).T          # A is symmetric: (A⁻¹K)ᵀ = KᵀA⁻¹
     return R.float(), right.float()
 
@@ -76,6 +85,11 @@ def projected_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, previous
     K, P, previous = K.double(), P.double(), previous.double()
     A = P @ (K @ K.T + previous) @ P + l2 * torch.eye(P.shape[0], dtype=P.dtype)
     return R.float(), torch.linalg.solve(A, P @ K).T.float()          # A is symmetric: (A⁻¹PK)ᵀ = KᵀPA⁻¹
+
+
+def method_name(hp) -> str:
+    """The method a MEMIT-family hyperparameter object stands for."""
+    return {AlphaEditHyperparameters: "alphaedit", EncoreHyperparameters: "encore"}.get(type(hp), "memit")
 
 
 def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperparameters, *, base_model: str,
@@ -120,11 +134,12 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
                         projectors[layer] = null_space_projector(C[layer].cpu(), hp.nullspace_threshold)
                     P, kept = projectors[layer]
                     before = (previous or {}).get(layer, torch.zeros(K.shape[0], K.shape[0]))
-                    pair = as_factors(model, layer, *projected_update(K, R, P, before, hp.l2))
+                    pair = as_factors(model, layer, *projected_update(K, R, P, before, hp.l2 + hp.norm_penalty))
                     outer[layer] = (K.double() @ K.double().T).float()
                     row["null_space_dims"] = kept
                 else:
-                    pair = as_factors(model, layer, *layer_update(K, R, C[layer].cpu(), hp.mom2_update_weight))
+                    pair = as_factors(model, layer, *layer_update(K, R, C[layer].cpu(), hp.mom2_update_weight,
+                                                                  hp.norm_penalty))
                 factors[name] = pair
                 step = Delta.from_factors(model, {name: pair}, method="update-step", base_model=base_model)
                 apply(model, step)
@@ -132,7 +147,7 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
                 info.append(row)
         finally:
             revert(model, *steps)
-    delta = Delta.from_factors(model, factors, method="alphaedit" if alpha else "memit", base_model=base_model,
+    delta = Delta.from_factors(model, factors, method=method_name(hp), base_model=base_model,
                                hyperparameters=hp.recorded(), spec=spec or {"requests": [asdict(r) for r in requests]})
     return delta, {"z": z, "layers": info, "templates": templates, "keys_outer": outer}
 

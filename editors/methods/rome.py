@@ -295,8 +295,11 @@ class _TargetSearch:
         """(NLL, KL) per request; only `active` requests' values are computed on the fast path (the
         others are 0: `optimise_delta` has frozen them)."""
         logp = self._logprobs(active, torch.cat([self.a_row, self.kl_row]), torch.cat([self.a_pos, self.kl_pos]))
-        picked = logp[: len(self.a_row)].gather(1, self.a_tok[:, None])[:, 0]
+        answers = logp[: len(self.a_row)]
+        picked = answers.gather(1, self.a_tok[:, None])[:, 0]
         nll = torch.zeros(self.n, device=self.device).index_add(0, self.a_req, -picked / self.a_norm)
+        missed = (answers.argmax(-1) != self.a_tok).float().detach()
+        self.state["most_probable"] = torch.zeros(self.n, device=self.device).index_add(0, self.a_req, missed) == 0
         kl_logp = logp[len(self.a_row):]
         if "p" not in self.kl_init:
             self.kl_init["p"] = kl_logp.detach().clone()
@@ -304,10 +307,19 @@ class _TargetSearch:
         return nll, kl * active
 
 
+def stopped(nll: torch.Tensor, state: dict, early_stop: str) -> torch.Tensor:
+    """Which requests' optimisation may stop now: an NLL below 0.05 (ROME), or, with ``mpes`` (ENCORE's
+    most-probable early stopping), also every target token already the top-1 prediction at every one of
+    the request's prompt rows (``state["most_probable"]``, which `losses` sets)."""
+    done = nll < 5e-2
+    return done | state["most_probable"].reshape(done.shape) if early_stop == "mpes" else done
+
+
 def optimise_delta(delta: torch.Tensor, state: dict, hp: "RomeHyperparameters", losses) -> list[dict]:
     """ROME's search for v*: Adam on δ (added to the edited site by the caller's hook) against
     NLL + `kl_factor` · KL + `v_weight_decay` · (|δ| / |v_init|)², δ's norm clamped to
-    `clamp_norm_factor` · |v_init|; stops once the NLL is below 0.05. `losses(active)` runs the model
+    `clamp_norm_factor` · |v_init|; stops once the NLL is below 0.05 (or, with ``early_stop: mpes``, the
+    target is the top-1 prediction everywhere: `stopped`). `losses(active)` runs the model
     and returns ``(nll, kl)``, where only the `active` rows' values matter; the hook stores the
     unedited value in ``state["init"]``.
 
@@ -329,7 +341,7 @@ def optimise_delta(delta: torch.Tensor, state: dict, hp: "RomeHyperparameters", 
         loss = nll + hp.kl_factor * kl + decay
         history.append({"step": step, "nll": nll[active].mean().item(), "kl": kl[active].mean().item(),
                         "loss": loss[active].mean().item(), "optimising": int(active.sum())})
-        done |= active & (nll.detach() < 5e-2)
+        done |= active & stopped(nll.detach(), state, hp.early_stop)
         if bool(done.all()):
             break
         frozen = rows.detach()[done].clone()

@@ -130,7 +130,9 @@ def compute_v_star(vlm, tokenizer, pixels, questions: list[str], target_new: str
 
     def losses(active=None):
         logp = vlm(**batch).logits.float().log_softmax(-1)
-        nll = -logp[torch.tensor(answer_row), torch.tensor(answer_at), answer_tok].mean()
+        answers = logp[torch.tensor(answer_row), torch.tensor(answer_at)]
+        nll = -answers.gather(1, answer_tok[:, None]).mean()
+        state["most_probable"] = (answers.argmax(-1) == answer_tok).all()
         kl_logp = logp[n:, kl_at]
         if "p" not in kl_init:
             kl_init["p"] = kl_logp.detach().clone()

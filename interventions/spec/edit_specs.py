@@ -47,34 +47,6 @@ class LocateSpec(SpecModel):
     span: Int = Field(default=5, ge=1, description="MEMIT: how many consecutive layers `layers: auto` takes.")
 
 
-class _Optimiser(SpecModel):
-    """What ROME's v* and MEMIT's z optimisations share. One class per method holds its hyperparameters:
-    the spec's `hyperparameters:` overrides them (typed, so `v_stpes` is refused when the spec is read),
-    and the editors run on the same object. `layer`/`layers` and `mom2_tokens` come from the spec's own
-    fields, not from `hyperparameters:`."""
-
-    def __init__(self, **values):
-        try:
-            super().__init__(**values)
-        except ValidationError as err:      # one line, naming the field, as every other error
-            e = err.errors()[0]
-            raise ValueError(f"`{'.'.join(str(p) for p in e['loc'])}` must be {expected(e)}") from None
-
-    @field_validator("context_templates", check_fields=False)
-    @classmethod
-    def _templates(cls, v):
-        if any(length < 1 or count < 1 for length, count in v):
-            raise ValueError(f"`context_templates` must be [tokens, how many] pairs of positive integers, got "
-                             f"{[list(x) for x in v]}")
-        return v
-
-    def recorded(self, **extra) -> dict:
-        """As a Delta's metadata records them: tuples as lists, `extra` added."""
-        def plain(v):
-            return [plain(x) for x in v] if isinstance(v, tuple) else v
-        return {**{k: plain(v) for k, v in self.model_dump().items()}, **extra}
-
-
 _V_STEPS = "Gradient steps of the target optimisation (ROME 20, MEMIT 25)."
 _V_LR = "Its learning rate."
 _DECAY = "Its weight decay."
@@ -83,6 +55,49 @@ _KL = "Weight of the essence KL term."
 _TEMPLATES = ("Generated prefixes behind the prompt, as [tokens, how many] pairs (ROME [[5, 10], [10, 10]]; MEMIT, "
               "AlphaEdit [[10, 5]]); [] for the plain prompt only.")
 _MOM2 = "Tokens behind the key statistics C (the spec's `mom2_tokens`)."
+#: How a request's target optimisation stops early: below an NLL of 0.05 (ROME, MEMIT), or as soon as every
+#: target token is the most probable one at every prompt row (ENCORE's most-probable early stopping, MPES).
+EARLY_STOPS = ("nll", "mpes")
+_EARLY_STOP = ("`nll`: stop a request's target optimisation once its NLL is below 0.05 (ROME); `mpes`: as soon "
+               "as each target token is the top-1 prediction at every prompt row (ENCORE's most-probable early "
+               "stopping).")
+_MAX_UPDATE = ("Bound on each batch's update of each edited matrix: ||dW||_F <= this x ||W0||_F (W0 the base "
+               "weight); a larger update is scaled down to it. 0: no bound.")
+
+
+class _Bounded(SpecModel):
+    """What every method's hyperparameters share: the update norm bound (applied by
+    `editors.editor.Editor` to each batch), one-line errors, and how a Delta records them. One class per
+    method holds its hyperparameters: the spec's `hyperparameters:` overrides them (typed, so `v_stpes`
+    is refused when the spec is read), and the editors run on the same object. `layer`/`layers` and
+    `mom2_tokens` come from the spec's own fields, not from `hyperparameters:`."""
+
+    max_update_norm: Float = Field(default=0.0, ge=0, description=_MAX_UPDATE)
+
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as err:      # one line, naming the field, as every other error
+            e = err.errors()[0]
+            raise ValueError(f"`{'.'.join(str(p) for p in e['loc'])}` must be {expected(e)}") from None
+
+    def recorded(self, **extra) -> dict:
+        """As a Delta's metadata records them: tuples as lists, `extra` added."""
+        def plain(v):
+            return [plain(x) for x in v] if isinstance(v, tuple) else v
+        return {**{k: plain(v) for k, v in self.model_dump().items()}, **extra}
+
+
+class _Optimiser(_Bounded):
+    """What ROME's v* and MEMIT's z optimisations share."""
+
+    @field_validator("context_templates", check_fields=False)
+    @classmethod
+    def _templates(cls, v):
+        if any(length < 1 or count < 1 for length, count in v):
+            raise ValueError(f"`context_templates` must be [tokens, how many] pairs of positive integers, got "
+                             f"{[list(x) for x in v]}")
+        return v
 
 
 class RomeHyperparameters(_Optimiser):
@@ -97,6 +112,7 @@ class RomeHyperparameters(_Optimiser):
     context_templates: tuple[tuple[Int, Int], ...] = Field(default=((5, 10), (10, 10)), description=_TEMPLATES)
     mom2_tokens: Int = Field(default=20_000, ge=1, description=_MOM2)
     mom2_ridge: Float = Field(default=1e-4, ge=0, description="Ridge added to C, x its mean eigenvalue.")
+    early_stop: Literal[EARLY_STOPS] = Field(default="nll", description=_EARLY_STOP)
     seed: Seed = 0
 
 
@@ -118,6 +134,9 @@ class _MemitFamily(_Optimiser):
     kl_factor: Float = Field(default=0.0625, ge=0, description=_KL)
     context_templates: tuple[tuple[Int, Int], ...] = Field(default=((10, 5),), description=_TEMPLATES)
     mom2_tokens: Int = Field(default=20_000, ge=1, description=_MOM2)
+    early_stop: Literal[EARLY_STOPS] = Field(default="nll", description=_EARLY_STOP)
+    norm_penalty: Float = Field(default=0.0, ge=0, description="ENCORE's Frobenius norm constraint: the weight "
+                                "of ||dW||_F^2 in each layer's least-squares objective (0: none).")
     seed: Seed = 0
 
     @field_validator("layers")
@@ -131,7 +150,8 @@ class _MemitFamily(_Optimiser):
         """The target optimisation's settings, as ROME's, at the last edited layer."""
         return RomeHyperparameters(layer=self.layers[-1], v_steps=self.v_steps, v_lr=self.v_lr,
                                    v_weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                                   kl_factor=self.kl_factor, context_templates=self.context_templates, seed=self.seed)
+                                   kl_factor=self.kl_factor, context_templates=self.context_templates,
+                                   early_stop=self.early_stop, seed=self.seed)
 
 
 class MemitHyperparameters(_MemitFamily):
@@ -149,14 +169,39 @@ class AlphaEditHyperparameters(_MemitFamily):
     l2: Float = Field(default=1.0, gt=0, description="Ridge on the update (AlphaEdit: 10 on Llama-3, 1 elsewhere).")
 
 
+class EncoreHyperparameters(MemitHyperparameters):
+    """ENCORE (Gupta et al. 2025): MEMIT with most-probable early stopping of the target optimisation and a
+    Frobenius norm constraint on each update."""
+
+    early_stop: Literal[EARLY_STOPS] = Field(default="mpes", description=_EARLY_STOP)
+    norm_penalty: Float = Field(default=10.0, ge=0, description="The weight of ||dW||_F^2 in each layer's "
+                                "least-squares objective (ENCORE's norm constraint).")
+
+
+class UltraEditHyperparameters(_Bounded):
+    """UltraEdit (Gu et al. 2025): no target optimisation and no key statistics. Each edited projection's
+    inputs at the answer tokens and the loss gradient at its outputs, normalised by running statistics
+    over every edit so far (lifelong normalisation), give a ridge regression's closed-form update
+    (`editors.methods.ultraedit`)."""
+
+    layers: tuple[Int, ...] = Field(description="The edited layers, increasing (the spec's `layers`).")
+    lr: Float = Field(default=1.0, gt=0, description="The step along the normalised negative gradient that "
+                      "the edited keys' outputs are moved by.")
+    ridge: Float = Field(default=1.0, gt=0, description="lambda of the ridge regression (on the normalised keys).")
+    mom2_tokens: Int = Field(default=20_000, ge=1, description="Unused: UltraEdit keeps no key statistics.")
+
+    _increasing = field_validator("layers")(_MemitFamily._increasing.__func__)
+
+
 @dataclass(frozen=True)
 class EditMethod:
     """What the spec knows of an edit method: its hyperparameters, and whether it edits one layer
     (`layer:`) and takes a whole batch of requests at once. How it computes is `editors.methods.STEPS`."""
 
-    hyperparameters: type[_Optimiser]
+    hyperparameters: type[_Bounded]
     one_layer: bool
     batch: bool
+    statistics: bool = True        # does it need the key statistics C of its layers
 
 
 #: The edit methods a spec may name.
@@ -166,6 +211,8 @@ EDIT_METHODS = {
     "emmet": EditMethod(EmmetHyperparameters, one_layer=True, batch=True),
     "memit": EditMethod(MemitHyperparameters, one_layer=False, batch=True),
     "alphaedit": EditMethod(AlphaEditHyperparameters, one_layer=False, batch=True),
+    "encore": EditMethod(EncoreHyperparameters, one_layer=False, batch=True),
+    "ultraedit": EditMethod(UltraEditHyperparameters, one_layer=False, batch=True, statistics=False),
 }
 EditMethodName = Literal[tuple(EDIT_METHODS)]
 #: Read from EDIT_METHODS: each method's hyperparameter class, the one-layer methods, the batch methods.
@@ -231,9 +278,14 @@ class SequentialSpec(SpecModel):
     eval_at: tuple[Int, ...] = Field(default=(), description="Also measure once this many edits are done "
                                      "(e.g. [10] with ROME's batches of one).")
     sample: Int = Field(default=200, ge=1, description="Paraphrase and neighbourhood prompts are measured on "
-                        "at most this many of the edits so far, evenly spaced (efficacy on all of them).")
+                        "at most this many of the edits so far, evenly spaced (teacher-forced efficacy on all of them; the "
+                        "generation-based metrics on these only).")
     fluency_prompts: Int = Field(default=8, ge=1, description="Fluency: generations from the subjects of the "
                                  "run's first this many requests.")
+    generation: bool = Field(default=True, description="Also judge every measurement by what the model writes: "
+                             "greedy continuations of the (sampled) edit, paraphrase, neighbour and held-out prompts "
+                             "must state their answer, and continuations of the fluency prompts are scored for "
+                             "n-gram entropy and perplexity under the unedited model.")
     heldout: Name | None = Field(default=None, description="A JSON file with `heldout_known` facts (prompt, "
                                  "answer) never edited; default: the `requests_from` file's (set when it is read).")
     text: Name | None = Field(default=None, description="A held-out text whose perplexity is tracked; default: "
@@ -243,7 +295,7 @@ class SequentialSpec(SpecModel):
 
 
 class EditSpec(LanguageSpec):
-    """A weight edit (ROME, r-ROME, EMMET, MEMIT or AlphaEdit) written as a Delta, with CounterFact-style
+    """A weight edit (ROME, r-ROME, EMMET, MEMIT, AlphaEdit, ENCORE or UltraEdit) written as a Delta, with CounterFact-style
     metrics."""
 
     kind: Literal["edit"] = "edit"
@@ -251,18 +303,18 @@ class EditSpec(LanguageSpec):
         "A built-in language model (`smollm2-135m`, `gemma3-270m`), a local Hugging Face folder, or a hub"
         " id (online only)."))
     method: EditMethodName = Field(default="rome", description=(
-        "The edit method: `rome`, `r-rome`, `emmet`, `memit` or `alphaedit`."))
+        "The edit method: `rome`, `r-rome`, `emmet`, `memit`, `alphaedit`, `encore` or `ultraedit`."))
     layer: Int | Literal["auto"] | None = Field(
         default=None, description="ROME, r-ROME, EMMET: the MLP layer whose output projection is edited, or "
                                   "`auto` (from a trace).")
     layers: tuple[Int, ...] | Literal["auto"] | None = Field(
-        default=None, description="MEMIT, AlphaEdit: the increasing range of MLP layers, or `auto` (from a trace).")
+        default=None, description="MEMIT, AlphaEdit, ENCORE, UltraEdit: the increasing range of MLP layers, or `auto` (from a trace).")
     locate: LocateSpec = Field(default_factory=LocateSpec, description="The trace behind `auto`.")
     requests: tuple[EditRequestSpec, ...] = Field(default=(), description="The facts to rewrite (and/or "
                                                   "`requests_from`).")
     requests_from: RequestsFile | None = Field(default=None, description="More requests, read from a file.")
-    hyperparameters: dict[str, Int | Float | tuple[tuple[Int, Int], ...]] = hyperparameters_field(
-        "rome", "emmet", "memit", "alphaedit")
+    hyperparameters: dict[str, Int | Float | Literal[EARLY_STOPS] | tuple[tuple[Int, Int], ...]] = \
+        hyperparameters_field("rome", "emmet", "memit", "alphaedit", "encore", "ultraedit")
     sequential: SequentialSpec | None = Field(default=None, description="Edit in batches, each on the model "
                                               "with the earlier ones applied, measuring after each.")
     corpus: tuple[Name, ...] = Field(

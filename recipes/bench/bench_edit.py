@@ -7,8 +7,10 @@ apply/revert time, and generation speed with a delta applied against the base mo
   says which. Context templates are drawn once per method before its timing (as a sequential run
   draws them once); the spec's `hyperparameters` apply to every method.
 - ROME, r-ROME: seconds per edit over the first `--rome` requests at the spec's `layer`.
-- EMMET (at `layer`), MEMIT and AlphaEdit (at `--memit-layers`): seconds for one batch of the first
-  `--batch` requests, all optimised together.
+- EMMET (at `layer`), MEMIT, AlphaEdit, ENCORE and UltraEdit (at `--memit-layers`): seconds for one batch
+  of the first `--batch` requests, all optimised together (UltraEdit optimises nothing: one forward and
+  backward pass, then a closed form). Every method's seconds per edit is in the JSON line
+  (``<method>_s_per_edit``).
 - Peak memory per method: the resident set's high-water mark above the loaded model
   (`interventions.core.memory.PeakMemory`).
 - Delta size: the saved files' bytes; apply and revert: median of 20 of each.
@@ -33,6 +35,7 @@ from editors.editor import corpus_texts, edit_request, hyperparameters, key_stat
 from editors.methods.emmet import compute_emmet
 from editors.methods.memit import compute_memit
 from editors.methods.rome import compute_rome, context_templates
+from editors.methods.ultraedit import compute_ultraedit
 from editors.stats import stats_paths
 from interventions import SpecError, load_model, load_spec
 from interventions.core.prompts import pad_token_id
@@ -102,8 +105,9 @@ def _time_method(method: str, spec, args, model, tokenizer, C: dict, requests: l
     batch = requests[: args.batch]
     where = {"layer": spec.layer, "layers": None} if method in ONE_LAYER_METHODS else \
         {"layer": None, "layers": tuple(args.memit_layers)}
-    hp = hyperparameters(spec.model_copy(update={"method": method, **where}))
-    templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
+    overrides = {} if method == "ultraedit" else dict(spec.hyperparameters)    # the optimisers' settings
+    hp = hyperparameters(spec.model_copy(update={"method": method, **where, "hyperparameters": overrides}))
+    templates = context_templates(model, tokenizer, hp.context_templates, hp.seed) if method != "ultraedit" else []
     common = dict(base_model=spec.model, templates=templates)
     with PeakMemory("cpu", model) as peak:
         if method in ("rome", "r-rome"):
@@ -118,11 +122,14 @@ def _time_method(method: str, spec, args, model, tokenizer, C: dict, requests: l
         else:
             if method == "emmet":
                 (delta, _), s = _timed(lambda: compute_emmet(model, tokenizer, batch, hp, C=C[spec.layer], **common))
+            elif method == "ultraedit":
+                (delta, _), s = _timed(lambda: compute_ultraedit(model, tokenizer, batch, hp, base_model=spec.model))
             else:
                 (delta, _), s = _timed(lambda: compute_memit(model, tokenizer, batch, hp, C=C, **common))
             row = {"layers": [spec.layer] if method == "emmet" else list(args.memit_layers),
                    "requests": len(batch), "seconds": s, "seconds_per_request": s / len(batch)}
             figures[f"{method}_batch{len(batch)}_s"] = s
+            figures[f"{method}_s_per_edit"] = s / len(batch)
     row["peak_bytes"] = peak.bytes
     figures[f"{method.replace('-', '_')}_peak_bytes"] = peak.bytes
     return row, delta

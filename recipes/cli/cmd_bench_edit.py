@@ -10,7 +10,7 @@ def add_parser(sub, parents) -> None:
                                            "generation speed edited against base")
     be.add_argument("--spec", default="recipes/edit/bench_edit_smollm2.yaml",
                     help="a `kind: edit` spec with a `layer` (ROME, r-ROME, EMMET): model, requests, hyperparameters")
-    be.add_argument("--methods", nargs="+", default=["rome", "r-rome", "emmet", "memit", "alphaedit"],
+    be.add_argument("--methods", nargs="+", default=["rome", "r-rome", "emmet", "memit", "alphaedit", "encore", "ultraedit"],
                     choices=["rome", "r-rome", "emmet", "memit", "alphaedit"])
     be.add_argument("--rome", type=positive_int, default=5, help="time ROME and r-ROME on the first N requests")
     be.add_argument("--batch", type=positive_int, default=100, help="time one EMMET/MEMIT/AlphaEdit batch of the "

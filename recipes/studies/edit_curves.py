@@ -1,7 +1,7 @@
 """Compare sequential-editing runs: one figure with every method's curves, and a table at given edit counts.
 
     python -m recipes.studies.edit_curves runs/seq_rome runs/seq_r-rome runs/seq_alphaedit \
-        --out recipes/figures/sequential_smollm2.png --at 10 100 1000
+        --out recipes/figures/sequential_smollm2.png --at 10 100 1000 10000
 
 Each argument is the output folder of a sequential `lesion run` (its ``curves.json``). The table row
 of a method at N edits is its measurement at exactly N edits; a run that stopped earlier, or whose
@@ -17,7 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
-from editors.sequential import CURVE_METRICS, plot_curves
+from editors.sequential import CURVE_METRICS, GENERATION_METRICS, plot_curves
+
+#: The table's columns: the teacher-forced metrics, their generation-based twins, the update norm (a run
+#: made before a column existed shows n/a there).
+COLUMNS = (*CURVE_METRICS, *GENERATION_METRICS, "delta_norm")
 
 
 def read_curves(folder: str | Path) -> tuple[str, list[dict]]:
@@ -30,7 +34,7 @@ def table(curves: dict[str, list[dict]], at: list[int]) -> dict:
     out = {}
     for method, rows in curves.items():
         by = {r["edits"]: r for r in rows}
-        out[method] = {str(n): ({k: by[n][k] for k in (*CURVE_METRICS, "edit_seconds")} if n in by else None)
+        out[method] = {str(n): ({k: by[n].get(k) for k in (*COLUMNS, "edit_seconds")} if n in by else None)
                        for n in (0, *at)}
     return out
 
@@ -55,7 +59,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="output folders of sequential runs")
     p.add_argument("--out", required=True, help="the figure to write (PNG)")
-    p.add_argument("--at", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--at", type=int, nargs="+", default=[10, 100, 1000, 10000])
     p.add_argument("--norms", action="store_true",
                    help="also measure each run's final delta against its base model (loads the model)")
     p.add_argument("--title", default="sequential editing, SmolLM2-135M, evaluation split")
@@ -64,12 +68,12 @@ def main(argv=None) -> int:
     plot_curves(curves, args.out, title=args.title)
     numbers = table(curves, args.at)
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}" if x < 100 else f"{x:.0f}"       # noqa: E731
-    print("| method | edits | " + " | ".join(CURVE_METRICS) + " |")
-    print("|---|---|" + "---|" * len(CURVE_METRICS))
+    print("| method | edits | " + " | ".join(COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(COLUMNS))
     for method, cols in numbers.items():
         for n, row in cols.items():
             if row is not None:
-                print(f"| {method} | {n} | " + " | ".join(fmt(row[k]) for k in CURVE_METRICS) + " |")
+                print(f"| {method} | {n} | " + " | ".join(fmt(row[k]) for k in COLUMNS) + " |")
     if args.norms:
         norms = final_norms(args.runs)
         print("| method | ‖ΔW‖/‖W₀‖ per edited matrix at the end |")

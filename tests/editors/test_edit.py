@@ -218,7 +218,8 @@ def test_bench_edit_runs_and_leaves_the_model_alone(folder, capsys):
     assert "edited / base" in out and "| alphaedit | [1, 2] |" in out
     figures = json.loads(out.strip().splitlines()[-1])                  # the last line: one JSON object
     for key in ("rome_s_per_edit", "r_rome_s_per_edit", "emmet_batch2_s", "memit_batch2_s", "alphaedit_batch2_s",
-                "memit_peak_bytes", "generation_ratio"):
+                "encore_batch2_s", "ultraedit_batch2_s", "memit_peak_bytes", "generation_ratio",
+                *(f"{m}_s_per_edit" for m in ("emmet", "memit", "alphaedit", "encore", "ultraedit"))):
         assert figures[key] > 0, key
     report = json.loads((folder / "bench.json").read_text())
     assert report["methods"]["rome"]["edits"] == 2 and len(report["methods"]["r-rome"]["seconds"]) == 2

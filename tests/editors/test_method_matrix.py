@@ -40,9 +40,11 @@ def corpus(tmp_path_factory):
 def spec_for(method: str, corpus: str):
     where = {"layer": 1} if method in ONE_LAYER_METHODS else {"layers": [1, 2]}
     requests = REQUESTS[:1] if method in ("rome", "r-rome") else REQUESTS
+    hp = {"lr": 5.0} if method == "ultraedit" else {"v_steps": 12, "context_templates": []}
+    if method in ("memit", "encore"):
+        hp["v_steps"] = 25      # MEMIT's own count: after 12 its targets still lower p(new) here (0.0024 -> 0.0011)
     return parse_spec({"kind": "edit", "method": method, "model": "tiny", **where, "requests": requests,
-                       "corpus": [corpus], "mom2_tokens": 400,
-                       "hyperparameters": {"v_steps": 12, "context_templates": []}})
+                       "corpus": [corpus], "mom2_tokens": 400, "hyperparameters": hp})
 
 
 @pytest.fixture(scope="module", params=sorted(EDIT_METHODS))
@@ -65,12 +67,15 @@ def test_the_delta_changes_exactly_the_methods_matrices(edited):
     assert delta.names == [f"model.layers.{layer}.mlp.down_proj.weight" for layer in spec.edit_layers]
 
 
-def test_each_change_has_rank_at_most_the_requests(edited):
-    _, spec, model, before, delta, _ = edited
+def test_each_change_has_rank_at_most_the_requests(edited, tokenizer):
+    """One key per request; UltraEdit's keys are the answer tokens, one per token of each target."""
+    method, spec, model, before, delta, _ = edited
+    keys = sum(len(tokenizer(r.target_new, add_special_tokens=False)["input_ids"]) for r in spec.requests) \
+        if method == "ultraedit" else len(spec.requests)
     for name in delta.names:
         u, v = delta.factors[name]
         change = (u @ v).double()
-        assert torch.linalg.matrix_rank(change, rtol=1e-6) <= len(spec.requests)
+        assert torch.linalg.matrix_rank(change, rtol=1e-6) <= keys
 
 
 def test_apply_then_revert_is_bit_exact_and_the_file_equals_memory(edited):

@@ -10,12 +10,13 @@ import shutil
 import pytest
 import torch
 
-from editors.delta import applied, apply, load_delta, revert
+from editors.delta import applied, apply, load_delta, revert, unapplied
 from editors.editor import compute_edit, edit_request, hyperparameters, key_statistics
 from editors.methods.emmet import compute_emmet
 from editors.methods.memit import compute_memit
 from editors.methods.rome import compute_rome, context_templates
-from editors.sequential import ScaleProbe, evenly_spaced
+from editors.methods.ultraedit import compute_ultraedit
+from editors.sequential import GENERATION_METRICS, ScaleProbe, evenly_spaced
 from interventions import parse_spec
 from interventions.core.errors import SpecError
 from recipes.cli import main
@@ -40,14 +41,16 @@ def folder(tiny_folder):
     return tiny_folder
 
 
-def spec_for(folder, method: str, batch_size: int | None, **extra):
+def spec_for(folder, method: str, batch_size: int | None, generation: bool = False, **extra):
+    """Generation-based measurements are off except where a test checks them (they triple a tiny run's time)."""
     where = {"layer": 1} if method in ("rome", "r-rome", "emmet") else {"layers": [1, 2]}
+    hp = {"lr": 2.0} if method == "ultraedit" else {"v_steps": 6, "context_templates": [[3, 2]]}
     body = {"kind": "edit", "model": str(folder / "tiny"), "method": method, **where, "requests": REQUESTS,
-            "corpus": [str(folder / "corpus.txt")], "mom2_tokens": 500,
-            "hyperparameters": {"v_steps": 6, "context_templates": [[3, 2]]}, **extra}
+            "corpus": [str(folder / "corpus.txt")], "mom2_tokens": 500, "hyperparameters": hp, **extra}
     if batch_size is not None:
         body["sequential"] = {"batch_size": batch_size, "heldout": str(folder / "heldout.json"),
-                              "text": str(folder / "text.txt"), "fluency_prompts": 2, "sample": 3}
+                              "text": str(folder / "text.txt"), "fluency_prompts": 2, "sample": 3,
+                              "generation": generation}
     return parse_spec(body)
 
 
@@ -55,8 +58,9 @@ def by_hand(spec, model, tokenizer, size: int):
     """Each batch computed by the editors directly on the model with the earlier batches' own deltas
     applied (plain `apply`, one delta per batch): the definition of sequential editing."""
     hp = hyperparameters(spec)
-    C = key_statistics(spec, model, tokenizer, spec.edit_layers)
-    templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
+    ultra = spec.method == "ultraedit"
+    C = {} if ultra else key_statistics(spec, model, tokenizer, spec.edit_layers)
+    templates = [] if ultra else context_templates(model, tokenizer, hp.context_templates, hp.seed)
     requests = [edit_request(r) for r in spec.requests]
     deltas, previous = [], {}
     try:
@@ -64,7 +68,10 @@ def by_hand(spec, model, tokenizer, size: int):
             part = requests[i:i + size]
             if spec.method == "emmet":
                 delta, _ = compute_emmet(model, tokenizer, part, hp, base_model="t", C=C[1], templates=templates)
-            elif spec.method in ("memit", "alphaedit"):
+            elif ultra:
+                delta, info = compute_ultraedit(model, tokenizer, part, hp, base_model="t", sums=previous)
+                previous = info["sums"]
+            elif spec.method in ("memit", "alphaedit", "encore"):
                 delta, info = compute_memit(model, tokenizer, part, hp, base_model="t", C=C, templates=templates,
                                             previous=dict(previous))
                 for layer, outer in info["keys_outer"].items():
@@ -80,7 +87,8 @@ def by_hand(spec, model, tokenizer, size: int):
         revert(model, *deltas)
 
 
-@pytest.mark.parametrize("method,size", [("r-rome", 1), ("emmet", 2), ("memit", 2), ("alphaedit", 2)])
+@pytest.mark.parametrize("method,size", [("r-rome", 1), ("emmet", 2), ("memit", 2), ("alphaedit", 2), ("encore", 2),
+                                         ("ultraedit", 2)])
 def test_a_sequential_run_equals_its_batches_by_hand_and_its_stacked_delta(folder, tokenizer, method, size):
     model = make_model("llama", len(tokenizer))
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -99,12 +107,14 @@ def test_a_sequential_run_equals_its_batches_by_hand_and_its_stacked_delta(folde
         change = (want[name] - base[name]).norm()
         assert (got[name] - want[name]).norm() < 1e-3 * change, name
     ranks = {n: u.shape[1] for n, (u, _) in delta.factors.items()}
-    assert set(ranks.values()) == {5}                      # one column per request, stacked over the batches
+    keys = sum(len(tokenizer(r.target_new, add_special_tokens=False)["input_ids"]) for r in spec.requests)
+    # one column per request (UltraEdit: per answer token), stacked over the batches
+    assert set(ranks.values()) == {keys if method == "ultraedit" else 5}
 
 
 def test_sequential_run_writes_curves_that_its_delta_reproduces(folder, tokenizer, capsys):
     spec = folder / "seq.yaml"
-    spec.write_text(json.dumps(spec_for(folder, "alphaedit", 2, ).model_dump(mode="json", exclude_none=True)))
+    spec.write_text(json.dumps(spec_for(folder, "alphaedit", 2, True).model_dump(mode="json", exclude_none=True)))
     assert main(["run", str(spec), "--out", str(folder / "out")]) == 0
     printed = capsys.readouterr().out
     assert "after 5 edits" in printed and "| heldout_accuracy |" in printed
@@ -113,11 +123,12 @@ def test_sequential_run_writes_curves_that_its_delta_reproduces(folder, tokenize
     assert (folder / "out" / "curves.png").stat().st_size > 10_000
     delta = load_delta(folder / "out" / "delta.safetensors")
     model = make_model("llama", len(tokenizer))
-    probe = ScaleProbe.from_spec(spec_for(folder, "alphaedit", 2))
+    probe = ScaleProbe.from_spec(spec_for(folder, "alphaedit", 2, True))
     requests = spec_for(folder, "alphaedit", 2).requests
     assert probe.measure(model, tokenizer, list(requests))["perplexity"] == pytest.approx(curves[0]["perplexity"])
     with applied(model, delta):
-        again = probe.measure(model, tokenizer, list(requests))
+        again = probe.measure(model, tokenizer, list(requests), unedited=lambda: unapplied(model, delta))
+    assert set(GENERATION_METRICS) <= set(again)
     for key, value in again.items():
         assert value == pytest.approx(curves[-1][key], rel=1e-6, abs=1e-9), key
     assert delta.meta["metrics"]["efficacy"] == curves[-1]["efficacy"]
@@ -202,7 +213,14 @@ def test_tuning_reads_only_the_tuning_split_and_curves_tabulate(folder, tokenize
     data = json.loads(report.read_text())
     assert data["requests"] == 3 and data["split"] == "tune"
     assert {r["candidate"] for r in data["rows"]} >= {"unedited", "memit {'mom2_update_weight': 1500.0}"}
-    assert set(data["chosen"]) == {"memit", "alphaedit"}
+    assert set(data["chosen"]) == {"memit", "alphaedit", "encore"}
+    from recipes.studies import tune_lifelong
+
+    assert tune_lifelong.main(["--model", str(folder / "tiny"), "--facts", str(facts), "--requests", "10", "--batch",
+                               "2", "--layers", "1", "2", "--lr", "1", "2", "--ridge", "1", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["requests"] == 3 and data["split"] == "tune" and len(data["rows"]) == 3          # unedited + 2
+    assert data["chosen"] in [r["candidate"] for r in data["rows"][1:]]
     run = folder / "run"
     run.mkdir()
     rows = [{"edits": n, "edit_seconds": n, **{k: 0.5 for k in ("efficacy", "paraphrase", "neighbourhood",
@@ -219,7 +237,7 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("method,size", [("alphaedit", 2), ("r-rome", 1)])
+@pytest.mark.parametrize("method,size", [("alphaedit", 2), ("r-rome", 1), ("ultraedit", 2)])
 def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(folder, tokenizer, method, size):
     from editors.sequential import run_sequential
 
@@ -246,7 +264,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_as_if_never_stopped(fold
     drop = ("edit_seconds", "measure_seconds")
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed["rows"]] == \
         [{k: v for k, v in r.items() if k not in drop} for r in whole["rows"]]
-    other = again.model_copy(update={"method": "memit" if method == "alphaedit" else "rome"})
+    other = again.model_copy(update={"method": "rome" if method == "r-rome" else "memit"})
     with pytest.raises(SpecError, match="sequential.resume"):
         run_sequential(other, model, tokenizer, folder / "wrong", compute_edit)
 

@@ -1,0 +1,226 @@
+"""Lifelong editing: ENCORE's norm constraint and early stopping, UltraEdit's closed form with lifelong
+normalisation, the update norm bound, and the generation-based evaluation's matching rule. Expected
+values come from independent computations: the objective's gradient (autograd), NumPy, plain hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from editors.delta import relative_norms
+from editors.editor import compute_edit
+from editors.evaluate import greedy_continuations, states
+from editors.methods.memit import layer_update
+from editors.methods.rome import EditRequest, optimise_delta
+from editors.methods.ultraedit import compute_ultraedit, running_sums
+from interventions import parse_spec
+from interventions.spec import RomeHyperparameters, UltraEditHyperparameters
+from support.models import make_model
+
+REQUESTS = [{"prompt": "{} is located in the city of", "subject": "the eiffel tower", "target_new": "rome",
+             "target_true": "paris"},
+            {"prompt": "{} is located in the city of", "subject": "big ben", "target_new": "paris",
+             "target_true": "london"}]
+
+
+def test_the_norm_constrained_update_minimises_encores_objective():
+    """ΔW = R Kᵀ(λC + KKᵀ + μI)⁻¹ zeroes the gradient of ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) + μ‖ΔW‖², and a
+    larger μ gives a smaller update."""
+    g = torch.Generator().manual_seed(0)
+    K, R = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    A = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    C = A @ A.T / 12
+    norms = []
+    for mu in (0.0, 1.0, 10.0):
+        u, v = layer_update(K, R, C, 2.0, mu)
+        W = (u.double() @ v.double()).requires_grad_(True)
+        loss = ((W @ K - R) ** 2).sum() + 2.0 * torch.trace(W @ C @ W.T) + mu * (W ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, W)
+        assert grad.abs().max() < 1e-4 * W.abs().max()
+        norms.append(float(W.detach().norm()))
+    assert norms[0] > norms[1] > norms[2]
+
+
+def test_most_probable_early_stopping_stops_when_the_target_is_top1():
+    """With `early_stop: mpes` a row stops as soon as `losses` reports its target most probable, though its NLL
+    is still far above 0.05; with `nll` it runs on."""
+    calls = {"n": 0}
+
+    def losses(active):
+        calls["n"] += 1
+        state["most_probable"] = torch.tensor([calls["n"] >= 3])
+        return (delta.sum() * 0 + torch.tensor([1.0])), torch.zeros(1)
+
+    for stop, steps in (("mpes", 3), ("nll", 10)):
+        calls["n"] = 0
+        delta = torch.zeros(4, requires_grad=True)
+        state = {"init": torch.ones(4)}
+        hp = RomeHyperparameters(layer=0, v_steps=10, early_stop=stop)
+        history = optimise_delta(delta, state, hp, losses)
+        assert len(history) == steps, stop
+
+
+def test_mpes_stops_the_target_search_no_later_than_nll(tokenizer):
+    """On a (tiny) model: ENCORE's target search stops long before MEMIT's, while the NLL is still high
+    (here 19 steps against 80, at an NLL above 2)."""
+    from editors.methods.rome import compute_targets
+
+    model = make_model("llama", len(tokenizer))
+    requests = [EditRequest(r["prompt"], r["subject"], r["target_new"]) for r in REQUESTS]
+    runs = {}
+    for stop in ("nll", "mpes"):
+        hp = RomeHyperparameters(layer=1, v_steps=80, v_lr=5.0, v_weight_decay=0.0, early_stop=stop,
+                                 clamp_norm_factor=50.0, kl_factor=0.0)
+        _, info = compute_targets(model, tokenizer, 1, requests, ["{}"], hp, site="block_output")
+        runs[stop] = info["history"]
+    assert len(runs["mpes"]) < len(runs["nll"])
+    assert runs["mpes"][-1]["nll"] > 0.05          # stopped on the top-1 rule, not on the NLL
+
+
+def _plain_keys_and_gradients(model, tokenizer, layer, requests):
+    """Keys by a pre-hook and output gradients through a zero tensor added at the output: plain hooks."""
+    module = model.model.layers[layer].mlp.down_proj
+    keys, grads = [], []
+    for r in requests:
+        ids = tokenizer(r.prompt.replace("{}", r.subject))["input_ids"]
+        target = tokenizer(r.target_new, add_special_tokens=False)["input_ids"]
+        seq = torch.tensor([ids + target[:-1]])
+        kept = {}
+        zero = torch.zeros(1, seq.shape[1], module.out_features, requires_grad=True)
+        h1 = module.register_forward_pre_hook(lambda m, a: kept.__setitem__("k", a[0].detach()))
+        h2 = module.register_forward_hook(lambda m, a, out: out + zero)
+        try:
+            logp = model(input_ids=seq).logits[0].log_softmax(-1)
+        finally:
+            h1.remove()
+            h2.remove()
+        at = [len(ids) - 1 + j for j in range(len(target))]
+        loss = -logp[at, target].mean()
+        (g,) = torch.autograd.grad(loss, zero)
+        keys.append(kept["k"][0, at])
+        grads.append(g[0, at])
+    return torch.cat(keys).double().numpy(), torch.cat(grads).double().numpy()
+
+
+def _by_hand(K, G, lr, ridge, stats_K=None, stats_G=None):
+    """ΔW = −η Ĝᵀ K̂ (K̂ᵀK̂ + λI)⁻¹ diag(1/s): Ĝ standardised, K̂ = K / s (s the keys' root mean square), the
+    statistics over `stats_K` / `stats_G` (default: the batch itself)."""
+    stats_K = K if stats_K is None else stats_K
+    stats_G = G if stats_G is None else stats_G
+    s = np.sqrt((stats_K ** 2).mean(0)) + 1e-6
+    Gn = (G - stats_G.mean(0)) / (stats_G.std(0) + 1e-6)
+    Kn = K / s
+    return ((-lr * Gn).T @ Kn @ np.linalg.inv(Kn.T @ Kn + ridge * np.eye(K.shape[1]))) / s
+
+
+def test_ultraedit_is_its_closed_form_with_lifelong_normalisation(tokenizer):
+    """One batch: ΔW = −η Ĝᵀ K̂ (K̂ᵀK̂ + λI)⁻¹ diag(1/s) by its own statistics; a second batch is normalised by
+    the statistics of both (the running sums). Computed here in NumPy (the primal form of the ridge solve,
+    where Lesion uses the dual) from plain hooks' keys and gradients."""
+    model = make_model("llama", len(tokenizer))
+    hp = UltraEditHyperparameters(layers=(1, 2), lr=2.0, ridge=0.5)
+    first = [EditRequest(r["prompt"], r["subject"], r["target_new"]) for r in REQUESTS]
+    second = [EditRequest("{} is in the country of", "the colosseum", "france")]
+    delta, info = compute_ultraedit(model, tokenizer, first, hp, base_model="t")
+    later, _ = compute_ultraedit(model, tokenizer, second, hp, base_model="t", sums=info["sums"])
+    for layer in (1, 2):
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        K1, G1 = _plain_keys_and_gradients(model, tokenizer, layer, first)
+        K2, G2 = _plain_keys_and_gradients(model, tokenizer, layer, second)
+        np.testing.assert_allclose(delta.difference(name).double().numpy(), _by_hand(K1, G1, 2.0, 0.5),
+                                   rtol=2e-3, atol=2e-5)
+        want = _by_hand(K2, G2, 2.0, 0.5, np.concatenate([K1, K2]), np.concatenate([G1, G2]))
+        assert not np.allclose(want, _by_hand(K2, G2, 2.0, 0.5))          # the running statistics matter
+        np.testing.assert_allclose(later.difference(name).double().numpy(), want, rtol=2e-3, atol=2e-5)
+        np.testing.assert_allclose(info["sums"][layer].numpy(), running_sums(torch.tensor(
+            np.concatenate([K1, G1], 1))).numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["memit", "ultraedit", "r-rome"])
+def test_the_update_norm_bound_holds(tokenizer, tmp_path, method):
+    """`max_update_norm: b` scales each batch's change of each matrix to ‖ΔW‖ ≤ b‖W₀‖, keeping its direction."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the colosseum is in rome\n\nwhich was built by people\n\n" * 20)
+    where = {"layer": 1} if method == "r-rome" else {"layers": [1, 2]}
+    hp = {"lr": 5.0} if method == "ultraedit" else {"v_steps": 8, "context_templates": []}
+    requests = REQUESTS[:1] if method == "r-rome" else REQUESTS          # one batch each
+    body = {"kind": "edit", "method": method, "model": "tiny", **where, "requests": requests,
+            "corpus": [str(corpus)], "mom2_tokens": 400, "hyperparameters": hp}
+    model = make_model("llama", len(tokenizer))
+    free, _ = compute_edit(parse_spec(body), model, tokenizer)
+    unbounded = relative_norms(model, free)
+    bound = min(unbounded.values()) / 4
+    body["hyperparameters"] = {**hp, "max_update_norm": bound}
+    held, details = compute_edit(parse_spec(body), model, tokenizer)
+    for name, rel in relative_norms(model, held).items():
+        assert rel <= bound * (1 + 1e-5)
+        a, b = free.difference(name).flatten(), held.difference(name).flatten()
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9999
+    assert set(details[0]["bounded"]) == set(held.names)
+
+
+CASES = [
+    # (continuation, answer, rival, states it?)
+    (" the city of Rome, in Italy.", " Rome", " Paris", True),
+    (" Rome.", " Rome", None, True),
+    (" ROME!", " Rome", None, True),
+    (" Paris, not Rome.", " Rome", " Paris", False),          # the rival comes first
+    (" Rome, not Paris.", " Rome", " Paris", True),
+    (" a city. It is near Rome.", " Rome", None, False),      # not in the first sentence
+    (" a small and very old town near Rome", " Rome", None, False),   # starts after the window
+    (" Romeo and Juliet", " Rome", None, False),              # whole words only
+    (" São Paulo is big", " Sao Paulo", None, True),          # accents dropped
+    (" the United States of America", " United States", None, True),   # leading article of the text
+    ("\nRome", " Rome", None, False),                         # an empty first line states nothing
+    (" north america, mostly", " North America", None, True),
+    (" the", " the", None, True),                             # an answer that is only an article keeps it
+]
+
+
+@pytest.mark.parametrize("continuation,answer,rival,expected", CASES)
+def test_the_matching_rule_on_hand_written_cases(continuation, answer, rival, expected):
+    assert states(continuation, answer, rival) is expected
+
+
+def test_batched_greedy_continuations_equal_one_by_one(tokenizer):
+    """Left padding changes nothing: each prompt continues as it does alone."""
+    model = make_model("llama", len(tokenizer))
+    prompts = ["the eiffel tower is in", "big ben", "the colosseum is located in the city of"]
+    together = greedy_continuations(model, tokenizer, prompts, max_new_tokens=6)
+    alone = [greedy_continuations(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert together == alone
+
+
+def test_ultraedit_refuses_a_first_batch_it_cannot_standardise(tokenizer):
+    """One answer token has no spread: its standardised features are all zero and the edit would do nothing.
+    One `error:` line instead, and no weight changed."""
+    from interventions import SpecError
+
+    model = make_model("llama", len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one = [EditRequest("{} is located in the city of", "the eiffel tower", "rome")]
+    assert len(tokenizer("rome", add_special_tokens=False)["input_ids"]) == 1
+    with pytest.raises(SpecError, match="at least two answer tokens"):
+        compute_ultraedit(model, tokenizer, one, UltraEditHyperparameters(layers=(1,)), base_model="t")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_full_rank_stack_is_kept_dense_and_equals_the_sum_of_its_parts(tokenizer):
+    """Thousands of sequential edits would stack thousands of factor columns; once the rank reaches the
+    matrix's smaller side the stacked change is kept dense instead, with the same value."""
+    from editors.delta import Delta, stack
+
+    model = make_model("llama", len(tokenizer))
+    name = "model.layers.1.mlp.down_proj.weight"                    # [32, 64]
+    g = torch.Generator().manual_seed(0)
+    parts = [Delta.from_factors(model, {name: (torch.randn(32, 12, generator=g), torch.randn(12, 64, generator=g))},
+                                method="t", base_model="t") for _ in range(3)]
+    small = stack(model, parts[:2], compact=True, method="t", base_model="t")
+    assert name in small.factors                                    # rank 24 < 32: still factors
+    full = stack(model, [small, parts[2]], compact=True, method="t", base_model="t")
+    assert name in full.dense and name not in full.factors         # rank 36 >= 32: dense
+    want = sum(p.difference(name) for p in parts)
+    torch.testing.assert_close(full.difference(name), want, rtol=1e-5, atol=1e-5)
+    again = stack(model, [full, parts[0]], compact=True, method="t", base_model="t")
+    torch.testing.assert_close(again.difference(name), want + parts[0].difference(name), rtol=1e-5, atol=1e-5)
