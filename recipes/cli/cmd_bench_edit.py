@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from interventions.spec import EDIT_METHODS
 from recipes.jobs.flag_checks import natural_int, positive_int
 
 
@@ -10,8 +11,7 @@ def add_parser(sub, parents) -> None:
                                            "generation speed edited against base")
     be.add_argument("--spec", default="recipes/edit/bench_edit_smollm2.yaml",
                     help="a `kind: edit` spec with a `layer` (ROME, r-ROME, EMMET): model, requests, hyperparameters")
-    be.add_argument("--methods", nargs="+", default=["rome", "r-rome", "emmet", "memit", "alphaedit", "encore", "ultraedit"],
-                    choices=["rome", "r-rome", "emmet", "memit", "alphaedit"])
+    be.add_argument("--methods", nargs="+", default=list(EDIT_METHODS), choices=list(EDIT_METHODS))
     be.add_argument("--rome", type=positive_int, default=5, help="time ROME and r-ROME on the first N requests")
     be.add_argument("--batch", type=positive_int, default=100, help="time one EMMET/MEMIT/AlphaEdit batch of the "
                                                                    "first N requests")

@@ -228,7 +228,7 @@ def test_bench_edit_runs_and_leaves_the_model_alone(folder, capsys):
     assert report["delta_bytes"]["rome_rank1"] < report["delta_bytes"]["memit_2_requests"]
     assert report["generation"]["ratio"] > 0
     assert all(torch.equal(v, before[k]) for k, v in make_model("llama", 37).state_dict().items())
-    assert main(argv[:3] + ["--methods", "memit", "--batch", "1", "--memit-layers", "1", "--repeats", "1",
+    assert main(argv[:3] + ["--methods", "memit", "ultraedit", "--batch", "2", "--memit-layers", "1", "--repeats", "1",
                             "--new-tokens", "2", "--json", str(folder / "bench.json")]) == 0
     assert json.loads((folder / "bench.json").read_text())["statistics_cached"] == {"1": True}
     spec.write_text(json.dumps({"kind": "edit", "model": str(folder / "tiny"), "method": "memit", "layers": [1],
