@@ -60,12 +60,6 @@ def moments(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return mean, (squares / n - mean * mean).clamp_min(0).sqrt(), (squares / n).sqrt()
 
 
-def standardise(z: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """`z` [m, d] standardised, (z − μ) / (σ + ε), by the mean and standard deviation `sums` describes."""
-    mean, std, _ = moments(sums)
-    return ((z.double() - mean) / (std + EPSILON)).float()
-
-
 def ultraedit_update(K: torch.Tensor, G: torch.Tensor, *, lr: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (Vᵀ [out, m], (K̂K̂ᵀ + λI)⁻¹K̂ [m, in]) of ΔŴ = Vᵀ (K̂K̂ᵀ + λI)⁻¹ K̂, V = −lr · Ĝ, for
     normalised keys K̂ = `K` [m, in] and gradients Ĝ = `G` [m, out]: the minimiser of
@@ -138,10 +132,10 @@ def compute_ultraedit(model, tokenizer, requests: list[EditRequest], hp, *, base
     for layer, (K, G) in found.items():
         d = K.shape[1]
         after[layer] = (sums or {}).get(layer, 0) + running_sums(torch.cat([K, G], 1))
-        key_sums = torch.cat([after[layer][:1], after[layer][1:1 + d], after[layer][1 + d + G.shape[1]:-G.shape[1]]])
-        grad_sums = torch.cat([after[layer][:1], after[layer][1 + d:1 + d + G.shape[1]], after[layer][-G.shape[1]:]])
-        rms = moments(key_sums)[2] + EPSILON
-        u, v = ultraedit_update((K.double() / rms).float(), standardise(G, grad_sums), lr=hp.lr, ridge=hp.ridge)
+        mean, std, rms = moments(after[layer])           # per feature of z = [k ‖ g]
+        rms = rms[:d] + EPSILON                           # keys: divided by their RMS, not centred
+        G_hat = ((G.double() - mean[d:]) / (std[d:] + EPSILON)).float()      # gradients: standardised
+        u, v = ultraedit_update((K.double() / rms).float(), G_hat, lr=hp.lr, ridge=hp.ridge)
         factors[weight_name(model, layer)] = as_factors(model, layer, u, (v.double() / rms).float())
         rows.append({"layer": layer, "answer_tokens": len(K), "gradient_norm": float(G.norm(dim=1).mean())})
     delta = Delta.from_factors(model, factors, method="ultraedit", base_model=base_model,
