@@ -11,21 +11,21 @@ teacher-forced; the loss is each request's mean answer-token cross-entropy, summ
 **Lifelong normalisation.** Running statistics of every key and gradient the run has seen, this
 batch's included (the sums are updated first, so the first batch is normalised by its own), live in
 ``editor.previous`` (one vector per layer: count, Σz, Σz² of z = [k ‖ g]), so a checkpoint carries them
-and a resumed run continues exactly. The gradients are standardised, ĝ = (g − μ_g) / (σ_g + ε), as in
-the paper. The keys are divided by their running root mean square, k̂ = k / s_k, without centring.
+and a resumed run continues exactly. Both halves are standardised, k̂ = (k − μ_k) / (σ_k + ε) and
+ĝ = (g − μ_g) / (σ_g + ε).
 
-**Update.** With K̂ [m, in], Ĝ [m, out] and V = −η Ĝ, the ridge regression ‖K̂ ΔŴᵀ − V‖² + λ‖ΔŴ‖²_F has
-the closed form ΔŴ = Vᵀ (K̂K̂ᵀ + λI)⁻¹ K̂; the layer gets ΔW = ΔŴ diag(1/s_k), so that ΔW k = ΔŴ k̂ on
-the raw keys it actually sees. It is kept as rank-≤m factors (m: the batch's answer tokens). Every
-layer's update comes from the one pass; they are applied together. η is `lr`, λ is `ridge`.
+**Update.** Each answer token's pseudo-value is the normalised descent step v = −η ‖k̂‖² ĝ. The layer's
+change is the ridge regression from the *raw* keys K [m, in] to V [m, out], ‖K ΔWᵀ − V‖² + λ‖ΔW‖²_F,
+whose closed form ΔW = Vᵀ (KKᵀ + λI)⁻¹ K is kept as rank-≤m factors (m: the batch's answer tokens; the
+primal form (KᵀK + λI)⁻¹KᵀV is the same matrix). The normalisation sets only the size and direction of
+the steps; the keys the layer is fitted on are the ones it sees. Every layer's update comes from the one
+pass; they are applied together. η is `lr`, λ is `ridge` (1 in the paper's code).
 
-**Where we depart from the paper, and why.** The paper standardises the keys too, (k − μ_k)/σ_k, and
-applies the update solved in those coordinates to the raw weights. Implemented that way, 500 tuning
-edits of SmolLM2-135M (lr 1, ridge 1) left efficacy 0.32, held-out accuracy 0.04 and perplexity 1,320:
-an update fitted to centred keys, applied to uncentred ones, moves every input along the keys' common
-mean. Scaling without centring, and mapping the update back to raw keys, keeps ΔW k = ΔŴ k̂ exact.
+This is the published method as its authors' released implementation computes it. An earlier version of Lesion fitted the
+regression on normalised keys and mapped it back to raw ones; on SmolLM2 it either collapsed the model
+or barely edited (editors/README.md, "Lifelong editing").
 
->>> ultraedit_update(K, G, lr=1.0, ridge=1.0)             # doctest: +SKIP
+>>> ultraedit_update(K, pseudo_values(K, G, running_sums(torch.cat([K, G], 1)), lr=1e-3), ridge=1.0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -52,21 +52,30 @@ def running_sums(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.tensor([float(len(z))], dtype=torch.float64), z.sum(0), (z * z).sum(0)])
 
 
-def moments(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, standard deviation, root mean square) per feature, from `sums` (`running_sums` added up)."""
+def moments(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, standard deviation) per feature, from `sums` (`running_sums` added up)."""
     d = (len(sums) - 1) // 2
     n, total, squares = sums[0], sums[1:1 + d], sums[1 + d:]
     mean = total / n
-    return mean, (squares / n - mean * mean).clamp_min(0).sqrt(), (squares / n).sqrt()
+    return mean, (squares / n - mean * mean).clamp_min(0).sqrt()
 
 
-def ultraedit_update(K: torch.Tensor, G: torch.Tensor, *, lr: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (Vᵀ [out, m], (K̂K̂ᵀ + λI)⁻¹K̂ [m, in]) of ΔŴ = Vᵀ (K̂K̂ᵀ + λI)⁻¹ K̂, V = −lr · Ĝ, for
-    normalised keys K̂ = `K` [m, in] and gradients Ĝ = `G` [m, out]: the minimiser of
-    ‖K̂ ΔŴᵀ − V‖² + λ‖ΔŴ‖²_F."""
+def pseudo_values(K: torch.Tensor, G: torch.Tensor, sums: torch.Tensor, *, lr: float) -> torch.Tensor:
+    """V [m, out]: rows −lr ‖k̂‖² ĝ, for keys `K` [m, in] and gradients `G` [m, out] standardised by the
+    running statistics `sums` of z = [k ‖ g] (`running_sums`, added up)."""
+    mean, std = moments(sums)
+    d = K.shape[1]
+    K_hat = (K.double() - mean[:d]) / (std[:d] + EPSILON)
+    G_hat = (G.double() - mean[d:]) / (std[d:] + EPSILON)
+    return -lr * (K_hat * K_hat).sum(1, keepdim=True) * G_hat
+
+
+def ultraedit_update(K: torch.Tensor, V: torch.Tensor, *, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (Vᵀ [out, m], (KKᵀ + λI)⁻¹K [m, in]) of ΔW = Vᵀ (KKᵀ + λI)⁻¹ K, the minimiser of
+    ‖K ΔWᵀ − V‖² + λ‖ΔW‖²_F for raw keys `K` [m, in] and pseudo-values `V` [m, out]."""
     K = K.double()
     A = K @ K.T + ridge * torch.eye(K.shape[0], dtype=K.dtype)
-    return (-lr * G.double()).T.float(), torch.linalg.solve(A, K).float()
+    return V.double().T.float(), torch.linalg.solve(A, K).float()
 
 
 def answer_rows(tokenizer, requests: list[EditRequest]) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
@@ -130,13 +139,9 @@ def compute_ultraedit(model, tokenizer, requests: list[EditRequest], hp, *, base
                         "by the statistics of the edits so far, and one row has no spread (it would edit nothing)")
     factors, rows, after = {}, [], {}
     for layer, (K, G) in found.items():
-        d = K.shape[1]
         after[layer] = (sums or {}).get(layer, 0) + running_sums(torch.cat([K, G], 1))
-        mean, std, rms = moments(after[layer])           # per feature of z = [k ‖ g]
-        rms = rms[:d] + EPSILON                           # keys: divided by their RMS, not centred
-        G_hat = ((G.double() - mean[d:]) / (std[d:] + EPSILON)).float()      # gradients: standardised
-        u, v = ultraedit_update((K.double() / rms).float(), G_hat, lr=hp.lr, ridge=hp.ridge)
-        factors[weight_name(model, layer)] = as_factors(model, layer, u, (v.double() / rms).float())
+        u, v = ultraedit_update(K, pseudo_values(K, G, after[layer], lr=hp.lr), ridge=hp.ridge)
+        factors[weight_name(model, layer)] = as_factors(model, layer, u, v)
         rows.append({"layer": layer, "answer_tokens": len(K), "gradient_norm": float(G.norm(dim=1).mean())})
     delta = Delta.from_factors(model, factors, method="ultraedit", base_model=base_model,
                                hyperparameters=hp.recorded(), spec=spec or {"requests": [asdict(r) for r in requests]})

@@ -180,14 +180,15 @@ class EncoreHyperparameters(MemitHyperparameters):
 
 class UltraEditHyperparameters(_Bounded):
     """UltraEdit (Gu et al. 2025): no target optimisation and no key statistics. Each edited projection's
-    inputs at the answer tokens and the loss gradient at its outputs, normalised by running statistics
-    over every edit so far (lifelong normalisation), give a ridge regression's closed-form update
-    (`editors.methods.ultraedit`)."""
+    inputs (keys) at the answer tokens and the loss gradient at its outputs, normalised by running statistics
+    over every edit so far (lifelong normalisation), give pseudo-values −lr ‖k̂‖² ĝ; a ridge regression from
+    the raw keys to them is the closed-form update (`editors.methods.ultraedit`)."""
 
     layers: tuple[Int, ...] = Field(description="The edited layers, increasing (the spec's `layers`).")
-    lr: Float = Field(default=1.0, gt=0, description="The step along the normalised negative gradient that "
-                      "the edited keys' outputs are moved by.")
-    ridge: Float = Field(default=1.0, gt=0, description="lambda of the ridge regression (on the normalised keys).")
+    lr: Float = Field(default=1e-4, gt=0, description="η of the pseudo-values −η ‖k̂‖² ĝ: the step along the "
+                      "normalised negative gradient (1e-4 is the smallest tried that edits SmolLM2 at all; the "
+                      "authors use 1e-6 on 27B models).")
+    ridge: Float = Field(default=1.0, gt=0, description="λ of the ridge regression from the raw keys (the authors' 1).")
     mom2_tokens: Int = Field(default=20_000, ge=1, description="Unused: UltraEdit keeps no key statistics.")
 
     _increasing = field_validator("layers")(_MemitFamily._increasing.__func__)

@@ -104,19 +104,19 @@ def _plain_keys_and_gradients(model, tokenizer, layer, requests):
 
 
 def _by_hand(K, G, lr, ridge, stats_K=None, stats_G=None):
-    """ΔW = −η Ĝᵀ K̂ (K̂ᵀK̂ + λI)⁻¹ diag(1/s): Ĝ standardised, K̂ = K / s (s the keys' root mean square), the
-    statistics over `stats_K` / `stats_G` (default: the batch itself)."""
+    """ΔW = Vᵀ K (KᵀK + λI)⁻¹ with V = −η ‖k̂‖² ĝ per row, k̂ and ĝ standardised by the statistics of `stats_K`
+    / `stats_G` (default: the batch itself) and the regression on the raw keys K."""
     stats_K = K if stats_K is None else stats_K
     stats_G = G if stats_G is None else stats_G
-    s = np.sqrt((stats_K ** 2).mean(0)) + 1e-6
+    Kn = (K - stats_K.mean(0)) / (stats_K.std(0) + 1e-6)
     Gn = (G - stats_G.mean(0)) / (stats_G.std(0) + 1e-6)
-    Kn = K / s
-    return ((-lr * Gn).T @ Kn @ np.linalg.inv(Kn.T @ Kn + ridge * np.eye(K.shape[1]))) / s
+    V = -lr * (Kn ** 2).sum(1, keepdims=True) * Gn
+    return V.T @ K @ np.linalg.inv(K.T @ K + ridge * np.eye(K.shape[1]))
 
 
 def test_ultraedit_is_its_closed_form_with_lifelong_normalisation(tokenizer):
-    """One batch: ΔW = −η Ĝᵀ K̂ (K̂ᵀK̂ + λI)⁻¹ diag(1/s) by its own statistics; a second batch is normalised by
-    the statistics of both (the running sums). Computed here in NumPy (the primal form of the ridge solve,
+    """One batch: ΔW = Vᵀ K (KᵀK + λI)⁻¹, V = −η ‖k̂‖² ĝ, by its own statistics; a second batch is normalised
+    by the statistics of both (the running sums). Computed here in NumPy (the primal form of the ridge solve,
     where Lesion uses the dual) from plain hooks' keys and gradients."""
     model = make_model("llama", len(tokenizer))
     hp = UltraEditHyperparameters(layers=(1, 2), lr=2.0, ridge=0.5)
