@@ -323,7 +323,7 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, *, title: str =
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(17, 7))
-    for ax, (title, solid, dashed) in zip(axes.flat, PANELS):
+    for ax, (name, solid, dashed) in zip(axes.flat, PANELS):
         for i, (method, rows) in enumerate(curves.items()):
             for metric, style in ((solid, "-"), (dashed, "--")):
                 points = [(max(r["edits"], 1), r[metric]) for r in rows if metric and r.get(metric) is not None]
@@ -331,9 +331,9 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, *, title: str =
                     ax.plot(*zip(*points), style, color=f"C{i}", marker="o", markersize=3,
                             label=method + (" (generated)" if style == "--" else ""))
         ax.set_xscale("log")
-        if "perplexity" in title:
+        if "perplexity" in name:
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("edits (0 drawn at 1)")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
