@@ -268,9 +268,10 @@ def share_stating(continuations: list[str], asks: list[tuple[str, str | None]]) 
 def text_perplexity(model, tokenizer, prompts: list[str], texts: list[str]) -> float:
     """exp(mean NLL) of each text's tokens after its prompt, over all of them: how likely `model` finds
     what was generated (`model` being the unedited one, this is the generations' perplexity under it)."""
-    pairs = [(p, t) for p, t in zip(prompts, texts) if tokenizer(t, add_special_tokens=False)["input_ids"]]
-    if not pairs:
+    counted = [(p, t, len(tokenizer(t, add_special_tokens=False)["input_ids"])) for p, t in zip(prompts, texts)]
+    counted = [c for c in counted if c[2]]
+    if not counted:
         return float("nan")
-    scores = score_pairs(model, tokenizer, pairs)
-    counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in pairs]
+    scores = score_pairs(model, tokenizer, [(p, t) for p, t, _ in counted])
+    counts = [n for _, _, n in counted]
     return math.exp(-sum(s * n for s, n in zip(scores, counts)) / sum(counts))

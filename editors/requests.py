@@ -79,9 +79,9 @@ def read_requests(source, *, field: str = "requests_from") -> list:
     from interventions.spec import EditRequestSpec, load_yaml
 
     path = Path(source.path).expanduser()
-    what = "a JSON or YAML file of edit requests"
+    what = "a JSON or YAML file of edit requests (gzip-compressed if its name ends in .gz)"
     text = read_text(path, f"{field}.path", what, "json")
-    if path.suffix == ".json":
+    if Path(path.name.removesuffix(".gz")).suffix == ".json":
         data = parse_json(text, f"{field}.path", source.path, what)
     else:
         data = load_yaml(text, source=f"{field}.path: {source.path}")

@@ -10,6 +10,10 @@ Traceback (most recent call last):
 ...
 interventions.core.errors.SpecError: `sequential.heldout`: got '/no/such/file.json'; expected an existing file, a JSON fact set
 
+A file whose name ends in ``.gz`` is read as gzip (one stream): the limit then holds for the bytes it
+decompresses to, read no further than one byte past it (an archive that would inflate beyond it is refused
+before it is), and a cut or damaged archive is refused like any unreadable file.
+
 The bounds, one table (`LIMITS`, bytes by kind of file), plus:
 - JSON nests at most `MAX_DEPTH` levels (the spec file's bound) and holds no NaN or Infinity;
 - an image decodes to at most `MAX_PIXELS` pixels, and must decode whole (a truncated file is refused).
@@ -21,6 +25,7 @@ import io
 import json
 import os
 import stat
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +77,26 @@ def read_bytes(path: str | Path, field: str, what: str, kind: str = "json") -> b
         raise SpecError(field, str(path), f"a file you may read, {what} ({err.strerror or err})") from None
     if len(data) > limit:
         raise SpecError(field, str(path), f"{what} of at most {limit:,} bytes (this one is larger)")
-    return data
+    return gunzip(data, limit, field, str(path), what) if str(path).endswith(".gz") else data
+
+
+def gunzip(data: bytes, limit: int, field: str, shown: str, what: str) -> bytes:
+    """The bytes one gzip stream `data` decompresses to, at most `limit` of them; anything else (a larger
+    content, a cut or damaged stream, bytes after its end) is one `SpecError`."""
+    allowed = f"{what}, gzip-compressed (the name ends in .gz)"
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)          # 16+: a gzip header and trailer
+    try:
+        out = inflate.decompress(data, limit + 1)
+    except zlib.error as err:
+        raise SpecError(field, shown, f"{allowed}, intact ({err})") from None
+    if len(out) > limit:
+        raise SpecError(field, shown, f"{allowed}, of at most {limit:,} bytes once decompressed (this one is larger)")
+    if not inflate.eof:
+        raise SpecError(field, shown, f"{allowed}, complete (the stream is cut short)")
+    if inflate.unused_data:
+        raise SpecError(field, shown, f"{allowed}, one stream with nothing after it "
+                        f"({len(inflate.unused_data):,} bytes follow it)")
+    return out
 
 
 def read_text(path: str | Path, field: str, what: str, kind: str = "text") -> str:

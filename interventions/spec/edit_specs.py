@@ -262,7 +262,7 @@ class RequestsFile(SpecModel):
     ``subject``, ``alt``, ``answers``, ``rephrase``; no neighbourhood prompts), or YAML/JSON lists of
     `requests` entries. Read by `editors.editor.resolve_requests`."""
 
-    path: Name
+    path: Name = Field(description="The file; a name ending in .gz is read gzip-compressed.")
     split: Literal["all", "tune", "eval"] = Field(default="all", description="Only the records of this `split` "
                                                   "(records without one count as `eval`).")
     offset: Int = Field(default=0, ge=0, description="Skip this many records (after the split).")
@@ -287,8 +287,8 @@ class SequentialSpec(SpecModel):
                              "greedy continuations of the (sampled) edit, paraphrase, neighbour and held-out prompts "
                              "must state their answer, and continuations of the fluency prompts are scored for "
                              "n-gram entropy and perplexity under the unedited model.")
-    heldout: Name | None = Field(default=None, description="A JSON file with `heldout_known` facts (prompt, "
-                                 "answer) never edited; default: the `requests_from` file's (set when it is read).")
+    heldout: Name | None = Field(default=None, description="A JSON file (gzip-compressed if its name ends in "
+                                 ".gz) with `heldout_known` facts (prompt, answer) never edited; default: the `requests_from` file's (set when it is read).")
     text: Name | None = Field(default=None, description="A held-out text whose perplexity is tracked; default: "
                               "the one shipped with the fact sets.")
     resume: Name | None = Field(default=None, description="The folder of an interrupted run of this same spec "

@@ -1,6 +1,6 @@
 """Choose UltraEdit's step and ridge on the tuning split of a fact set, over a sequential stream.
 
-    python -m recipes.studies.tune_lifelong --facts recipes/facts/smollm2-135m-10k.json --requests 1000 \
+    python -m recipes.studies.tune_lifelong --facts recipes/facts/smollm2-135m-10k.json.gz --requests 1000 \
         --json recipes/figures/tune_lifelong_smollm2.json
 
 UltraEdit's lifelong normalisation only shows what it does over many batches, so each candidate
@@ -46,7 +46,7 @@ def candidate_row(spec, model, tokenizer, probe, over: dict, base: float) -> dic
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--facts", default="recipes/facts/smollm2-135m-10k.json")
+    p.add_argument("--facts", default="recipes/facts/smollm2-135m-10k.json.gz")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--layers", type=int, nargs="+", default=[2, 3, 4, 5, 6])

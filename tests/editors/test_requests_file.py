@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -61,13 +62,14 @@ def test_bad_requests_files_name_the_field(tmp_path):
         resolve_requests(_spec(tmp_path / "empty.json"))
 
 
-@pytest.mark.parametrize("name, at_least, known", [("smollm2-135m", 1000, 50), ("gemma3-270m", 100, 10),
-                                                   ("smollm2-135m-10k", 10_000, 500)])
+@pytest.mark.parametrize("name, at_least, known", [("smollm2-135m.json", 1000, 50), ("gemma3-270m.json", 100, 10),
+                                                   ("smollm2-135m-10k.json.gz", 10_000, 500)])
 def test_the_shipped_fact_sets(name, at_least, known):
     """Made by recipes/train/make_facts.py: tune and eval disjoint by subject, held-out known facts about subjects
     no request uses, every request with paraphrases and neighbours; SmolLM2's eval splits hold 1,000+ and
     10,000+ requests, the larger set 500+ held-out known facts."""
-    data = json.loads((ROOT / "recipes" / "facts" / f"{name}.json").read_text())
+    raw = (ROOT / "recipes" / "facts" / name).read_bytes()
+    data = json.loads(gzip.decompress(raw) if name.endswith(".gz") else raw)
     requests = data["requests"]
     tune = {r["requested_rewrite"]["subject"] for r in requests if r["split"] == "tune"}
     evals = {r["requested_rewrite"]["subject"] for r in requests if r["split"] == "eval"}
@@ -91,5 +93,39 @@ def test_the_shipped_fact_sets(name, at_least, known):
         assert all(rw["subject"] in p for p in r["paraphrase_prompts"])
         assert rw["subject"] not in {subject_of(p, r["relation"]) for p in r["neighborhood_prompts"]}
     spec = resolve_requests(parse_spec({"kind": "edit", "layer": 5, "requests_from": {
-        "path": str(ROOT / "recipes" / "facts" / f"{name}.json"), "split": "tune", "limit": 3}}))
+        "path": str(ROOT / "recipes" / "facts" / name), "split": "tune", "limit": 3}}))
     assert len(spec.requests) == 3
+
+
+def test_a_gzip_fact_file_reads_as_its_content_and_a_bad_archive_is_one_error(tmp_path, monkeypatch):
+    """A name ending in .gz is read gzip-compressed, by the request reader and the held-out reader alike: the
+    archive gives what the plain file gives. A stream that is not gzip, cut short, damaged, followed by more
+    bytes, or that inflates past the size limit is one error naming `requests_from.path`."""
+    from editors.sequential import read_heldout
+    from interventions.core.reading import LIMITS
+
+    plain = json.dumps({"requests": [COUNTERFACT, ZSRE],
+                        "heldout_known": [{"prompt": "Paris is the capital of", "answer": " France"}]}).encode()
+    whole = gzip.compress(plain, mtime=0)
+    (tmp_path / "f.json").write_bytes(plain)
+    (tmp_path / "f.json.gz").write_bytes(whole)
+    assert resolve_requests(_spec(tmp_path / "f.json.gz")).requests == resolve_requests(_spec(tmp_path / "f.json")).requests
+    assert read_heldout(tmp_path / "f.json.gz") == read_heldout(tmp_path / "f.json") == [("Paris is the capital of",
+                                                                                           " France")]
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF
+    bad = {"not gzip": (plain, "intact"), "empty": (b"", "cut short"), "cut short": (whole[:-12], "cut short"),
+           "damaged": (bytes(flipped), "intact"), "two streams": (whole + whole, "nothing after it"),
+           "trailing bytes": (whole + b"junk", "nothing after it")}
+    for name, (data, reason) in bad.items():
+        (tmp_path / f"{name}.json.gz").write_bytes(data)
+        with pytest.raises(SpecError) as err:
+            resolve_requests(_spec(tmp_path / f"{name}.json.gz"))
+        message = str(err.value)
+        assert message.startswith("`requests_from.path`") and "gzip" in message and reason in message, (name, message)
+        assert "\n" not in message
+    monkeypatch.setitem(LIMITS, "json", len(plain) - 1)          # inflates one byte past the limit: refused
+    with pytest.raises(SpecError, match=f"at most {len(plain) - 1:,} bytes once decompressed"):
+        resolve_requests(_spec(tmp_path / "f.json.gz"))
+    with pytest.raises(SpecError, match="sequential.heldout.*once decompressed"):
+        read_heldout(tmp_path / "f.json.gz")
