@@ -16,7 +16,9 @@ from editors.delta import Delta, applied, apply, load_delta, relative_norms, rev
 from editors.evaluate import evaluate
 from editors.locate import Located, locate_layers
 from editors.methods import STEPS
+from editors.methods.memit import preserved_keys
 from editors.methods.rome import EditRequest, context_templates
+from editors.requests import read_requests
 from editors.sequential import batch_size, run_sequential
 from editors.stats import second_moments
 from interventions.core.errors import SpecError
@@ -59,6 +61,21 @@ def corpus_texts(spec: EditSpec) -> list[str] | None:
     return texts
 
 
+def preservation(spec: EditSpec, model, tokenizer, templates: list[str], hp) -> dict[int, torch.Tensor]:
+    """Per edited layer, w K_s K_sᵀ (w: `hp.preserve_scale`) over the keys of `preserve_from`'s distinct
+    (prompt, subject) pairs, on the model as it is (`preserved_keys`); empty without `preserve_from`. Its
+    subjects must not be edited ones."""
+    if spec.preserve_from is None:
+        return {}
+    pairs = {(r.prompt, r.subject): r for r in read_requests(spec.preserve_from, field="preserve_from")}
+    both = sorted({subject for _, subject in pairs} & {r.subject for r in spec.requests})
+    if both:
+        raise SpecError("preserve_from", spec.preserve_from.path, f"requests about subjects that are not edited "
+                        f"({len(both)} are, e.g. {both[0]!r})")
+    kept = [edit_request(r) for r in pairs.values()]
+    return preserved_keys(model, tokenizer, spec.edit_layers, kept, templates, hp.preserve_scale)
+
+
 def key_statistics(spec: EditSpec, model, tokenizer, layers) -> dict[int, torch.Tensor]:
     return second_moments(model, tokenizer, layers, corpus_texts(spec), max_tokens=spec.mom2_tokens,
                           corpus_name="files" if spec.corpus else "model-samples")
@@ -97,6 +114,7 @@ class Editor:
         self.C = key_statistics(spec, model, tokenizer, layers) if needs else {}
         self.templates = context_templates(model, tokenizer, self.hp.context_templates, self.hp.seed) if needs else []
         self.previous: dict[int, torch.Tensor] = {}
+        self.preserved = preservation(spec, model, tokenizer, self.templates, self.hp)
         self.projectors: dict = {}                   # AlphaEdit's null-space projectors, one per layer
         self.stacked: Delta | None = None
         self.details: list[dict] = []

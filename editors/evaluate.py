@@ -84,17 +84,26 @@ def prefers_each(model, tokenizer, asks: list[tuple[str, str, str]]) -> list[boo
 
 
 @torch.no_grad()
+def top1_tokens(model, tokenizer, prompts: list[str], *, batch: int = 64) -> list[int]:
+    """The greedy next token after each prompt, `batch` prompts at a time, right-padded."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch):
+        seqs = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch]]
+        logits = model(**right_pad(seqs, pad_token_id(tokenizer), device), use_cache=False).logits
+        out += [int(logits[i, len(s) - 1].argmax()) for i, s in enumerate(seqs)]
+    return out
+
+
+def first_token(tokenizer, text: str) -> int:
+    """The first token of `text` as a continuation (no special tokens): the token an answer is judged by."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+
 def top1_accuracy(model, tokenizer, facts: list[tuple[str, str]], *, batch: int = 64) -> float:
     """The share of ``(prompt, answer)`` facts whose answer's first token is the greedy next token."""
-    device = next(model.parameters()).device
-    hits = 0
-    for start in range(0, len(facts), batch):
-        part = facts[start:start + batch]
-        seqs = [tokenizer(p)["input_ids"] for p, _ in part]
-        logits = model(**right_pad(seqs, pad_token_id(tokenizer), device), use_cache=False).logits
-        for i, (s, (_, answer)) in enumerate(zip(seqs, part)):
-            hits += int(logits[i, len(s) - 1].argmax()) == tokenizer(answer, add_special_tokens=False)["input_ids"][0]
-    return hits / len(facts)
+    tops = top1_tokens(model, tokenizer, [p for p, _ in facts], batch=batch)
+    return sum(t == first_token(tokenizer, a) for t, (_, a) in zip(tops, facts)) / len(facts)
 
 
 @torch.no_grad()

@@ -17,6 +17,12 @@ AlphaEdit (Fang et al. 2025) is the same loop with step 2's update replaced by o
 the null space of the layer's preserved keys (`projected_update`), and, in sequential editing, the
 keys of earlier batches kept as constraints too.
 
+Preserved keys (`preserve_from`, Lesion's own option for all three): the keys of subjects that are not
+edited, at their subjects' last tokens, enter every layer's objective as w‖ΔW K_s‖² (w: `preserve_scale`).
+A batch of counterfactual "city X is in Asia" edits otherwise moves the answers of unedited cities too,
+mostly to the batch's new targets: the shared direction of the subjects' keys carries the relation's
+rewrite (editors/README.md, "Lifelong editing").
+
 >>> delta, details = compute_memit(model, tokenizer, requests, MemitHyperparameters(layers=(2, 3, 4, 5, 6)),
 ...                                base_model="smollm2-135m")                                 # doctest: +SKIP
 """
@@ -40,6 +46,7 @@ from editors.methods.rome import (
 )
 from editors.stats import second_moments
 from interventions.core.prompts import pad_token_id, right_pad
+from interventions.core.runtime import eval_mode
 from interventions.models.sites import site_table
 from interventions.spec import AlphaEditHyperparameters, EncoreHyperparameters, MemitHyperparameters
 
@@ -57,12 +64,15 @@ def block_outputs(model, tokenizer, layer: int, requests: list[EditRequest]) -> 
 
 
 def layer_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, weight: float,
-                 norm_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (R [out, n], Kᵀ(λC + KKᵀ + μI)⁻¹ [n, in]) of ΔW = R Kᵀ (λC + KKᵀ + μI)⁻¹, the minimiser of
-    ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) + μ‖ΔW‖²_F; K: [in, n], R: [out, n]. μ (`norm_penalty`) is ENCORE's
-    Frobenius norm constraint; MEMIT has μ = 0."""
+                 norm_penalty: float = 0.0, preserved: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (R [out, n], Kᵀ(λC + KKᵀ + S + μI)⁻¹ [n, in]) of ΔW = R Kᵀ (λC + KKᵀ + S + μI)⁻¹, the minimiser
+    of ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) + tr(ΔW S ΔWᵀ) + μ‖ΔW‖²_F; K: [in, n], R: [out, n]. μ (`norm_penalty`) is
+    ENCORE's Frobenius norm constraint (MEMIT has μ = 0); S (`preserved`, default 0) is w K_s K_sᵀ of keys
+    the update must leave alone (`preserve_from`), so the term is w‖ΔW K_s‖²."""
     A = weight * C.double() + K.double() @ K.double().T
     A = A + norm_penalty * torch.eye(A.shape[0], dtype=A.dtype)
+    if preserved is not None:
+        A = A + preserved.double()
     right = torch.linalg.solve(A, K.double()).T          # A is symmetric: (A⁻¹K)ᵀ = KᵀA⁻¹
     return R.float(), right.float()
 
@@ -96,15 +106,16 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
                   C: dict[int, torch.Tensor] | None = None, corpus: list[str] | None = None,
                   spec: dict | None = None, z: torch.Tensor | None = None, templates: list[str] | None = None,
                   previous: dict[int, torch.Tensor] | None = None,
-                  projectors: dict[int, tuple[torch.Tensor, int]] | None = None) -> tuple[Delta, dict]:
+                  projectors: dict[int, tuple[torch.Tensor, int]] | None = None,
+                  preserved: dict[int, torch.Tensor] | None = None) -> tuple[Delta, dict]:
     """All `requests` in one Delta (MEMIT, or AlphaEdit when `hp` is `AlphaEditHyperparameters`); the model
     is unchanged afterwards. `z` (``[n, d]``): targets from an earlier call's details, to try other
     layer hyperparameters without re-optimising them. `templates`: context templates drawn earlier.
     AlphaEdit's `previous`: per layer, K_p K_pᵀ of the keys edited by earlier batches (details'
     ``keys_outer`` gives this batch's, to add for the next); `projectors`: a dict the null-space
-    projectors are kept in per layer, so that a sequential run computes each once (C is fixed)."""
-    from interventions.core.runtime import eval_mode
-
+    projectors are kept in per layer, so that a sequential run computes each once (C is fixed). `preserved`:
+    per layer, w K_s K_sᵀ of keys every update must leave alone (`preserved_keys`), a term w‖ΔW K_s‖² in each
+    layer's objective (AlphaEdit: beside K_p K_pᵀ)."""
     table = site_table(model)
     n_layers = table.num_layers(model)
     if hp.layers[0] < 0 or hp.layers[-1] >= n_layers:
@@ -115,7 +126,7 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
     if missing:
         C.update(second_moments(model, tokenizer, missing, corpus, max_tokens=hp.mom2_tokens))
     steps, factors, info, outer = [], {}, [], {}
-    projectors = {} if projectors is None else projectors
+    projectors, preserved = ({} if projectors is None else projectors), preserved or {}
     with eval_mode(model):
         try:
             if templates is None:
@@ -133,13 +144,13 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
                     if layer not in projectors:
                         projectors[layer] = null_space_projector(C[layer].cpu(), hp.nullspace_threshold)
                     P, kept = projectors[layer]
-                    before = (previous or {}).get(layer, torch.zeros(K.shape[0], K.shape[0]))
+                    before = (previous or {}).get(layer, torch.zeros(K.shape[0], K.shape[0])) + preserved.get(layer, 0)
                     pair = as_factors(model, layer, *projected_update(K, R, P, before, hp.l2 + hp.norm_penalty))
                     outer[layer] = (K.double() @ K.double().T).float()
                     row["null_space_dims"] = kept
                 else:
                     pair = as_factors(model, layer, *layer_update(K, R, C[layer].cpu(), hp.mom2_update_weight,
-                                                                  hp.norm_penalty))
+                                                                  hp.norm_penalty, preserved.get(layer)))
                 factors[name] = pair
                 step = Delta.from_factors(model, {name: pair}, method="update-step", base_model=base_model)
                 apply(model, step)
@@ -152,11 +163,23 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
     return delta, {"z": z, "layers": info, "templates": templates, "keys_outer": outer}
 
 
+@torch.no_grad()
+def preserved_keys(model, tokenizer, layers: list[int], requests: list[EditRequest], templates: list[str],
+                   weight: float) -> dict[int, torch.Tensor]:
+    """Per layer, w K_s K_sᵀ over the keys of `requests`' subjects (each at its subject's last token, averaged
+    over `templates`, as an edit's own keys are): the `preserved` term of `compute_memit`."""
+    out = {}
+    for layer in layers:
+        K = compute_keys(model, tokenizer, layer, requests, templates).double()
+        out[layer] = (weight * K.T @ K).float().cpu()
+    return out
+
+
 def memit_step(editor, requests: list[EditRequest]):
     """The `Editor`'s step for MEMIT and AlphaEdit: the whole batch over `spec.layers`; the batch's keys are
     added to the earlier ones (AlphaEdit's K_p K_pᵀ), and the null-space projectors are kept."""
     delta, info = compute_memit(editor.model, editor.tokenizer, requests, editor.hp, C=editor.C,
-                                previous=editor.previous, projectors=editor.projectors,
+                                previous=editor.previous, projectors=editor.projectors, preserved=editor.preserved,
                                 base_model=editor.spec.model, templates=editor.templates)
     for layer, outer in info["keys_outer"].items():
         editor.previous[layer] = editor.previous.get(layer, 0) + outer

@@ -137,6 +137,8 @@ class _MemitFamily(_Optimiser):
     early_stop: Literal[EARLY_STOPS] = Field(default="nll", description=_EARLY_STOP)
     norm_penalty: Float = Field(default=0.0, ge=0, description="ENCORE's Frobenius norm constraint: the weight "
                                 "of ||dW||_F^2 in each layer's least-squares objective (0: none).")
+    preserve_scale: Float = Field(default=1.0, ge=0, description="w of the term w||dW K_s||^2 over the keys of "
+                                   "`preserve_from`'s subjects (unused without it).")
     seed: Seed = 0
 
     @field_validator("layers")
@@ -220,6 +222,8 @@ EditMethodName = Literal[tuple(EDIT_METHODS)]
 HYPERPARAMETERS = {name: m.hyperparameters for name, m in EDIT_METHODS.items()}
 ONE_LAYER_METHODS = tuple(name for name, m in EDIT_METHODS.items() if m.one_layer)
 BATCH_METHODS = tuple(name for name, m in EDIT_METHODS.items() if m.batch)
+#: The methods that take `preserve_from`: MEMIT's family, whose layer objectives it adds a term to.
+PRESERVING_METHODS = tuple(name for name, m in EDIT_METHODS.items() if issubclass(m.hyperparameters, _MemitFamily))
 #: Hyperparameters set by the spec's own fields, never by `hyperparameters:`.
 FROM_SPEC = ("layer", "layers", "mom2_tokens")
 
@@ -314,6 +318,10 @@ class EditSpec(LanguageSpec):
     requests: tuple[EditRequestSpec, ...] = Field(default=(), description="The facts to rewrite (and/or "
                                                   "`requests_from`).")
     requests_from: RequestsFile | None = Field(default=None, description="More requests, read from a file.")
+    preserve_from: RequestsFile | None = Field(default=None, description=(
+        "MEMIT, AlphaEdit, ENCORE: requests (only their prompts and subjects are used) about subjects that are not "
+        "edited, whose keys every update must leave alone: a term w||dW K_s||^2 in each layer's objective "
+        "(w: `hyperparameters.preserve_scale`). Lesion's own option; e.g. the tuning split's subjects."))
     hyperparameters: dict[str, Int | Float | Literal[EARLY_STOPS] | tuple[tuple[Int, Int], ...]] = \
         hyperparameters_field("rome", "emmet", "memit", "alphaedit", "encore", "ultraedit")
     sequential: SequentialSpec | None = Field(default=None, description="Edit in batches, each on the model "
@@ -337,6 +345,9 @@ class EditSpec(LanguageSpec):
         if self.method in ("rome", "r-rome") and self.sequential is not None and self.sequential.batch_size != 1:
             raise ValueError(f"`sequential.batch_size`: got {self.sequential.batch_size}; `method: {self.method}` edits "
                              "one request at a time, so it takes 1 (`eval_every` sets how often it is measured)")
+        if self.preserve_from is not None and self.method not in PRESERVING_METHODS:
+            raise ValueError(f"`preserve_from` works with `method:` {', '.join(PRESERVING_METHODS)}; "
+                             f"`method: {self.method}` does not take it")
         if self.method in ONE_LAYER_METHODS:
             if self.layer is None or self.layers is not None:
                 raise ValueError(f"`method: {self.method}` takes `layer: <int>` (and no `layers`)")

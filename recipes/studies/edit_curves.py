@@ -3,7 +3,8 @@
     python -m recipes.studies.edit_curves runs/seq_rome runs/seq_r-rome runs/seq_alphaedit \
         --out recipes/figures/sequential_smollm2.png --at 10 100 1000 10000
 
-Each argument is the output folder of a sequential `lesion run` (its ``curves.json``). The table row
+Each argument is the output folder of a sequential `lesion run` (its ``curves.json``), or that file itself;
+``--labels`` names the runs (default: each run's method, so two runs of one method need labels). The table row
 of a method at N edits is its measurement at exactly N edits; a run that stopped earlier, or whose
 batches skip N, shows n/a there. With ``--norms``, each run's final ``delta.safetensors`` is measured
 against the base model it names: ‖ΔW‖_F / ‖W₀‖_F per edited matrix (runs made before the curves'
@@ -25,7 +26,8 @@ COLUMNS = (*CURVE_METRICS, *GENERATION_METRICS, "delta_norm")
 
 
 def read_curves(folder: str | Path) -> tuple[str, list[dict]]:
-    data = json.loads((Path(folder) / "curves.json").read_text())
+    path = Path(folder)
+    data = json.loads((path if path.is_file() else path / "curves.json").read_text())
     return data["method"], data["rows"]
 
 
@@ -63,8 +65,17 @@ def main(argv=None) -> int:
     p.add_argument("--norms", action="store_true",
                    help="also measure each run's final delta against its base model (loads the model)")
     p.add_argument("--title", default="sequential editing, SmolLM2-135M, evaluation split")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="one name per run for the figure and table (default: each run's method)")
     args = p.parse_args(argv)
-    curves = dict(read_curves(folder) for folder in args.runs)
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        p.error(f"--labels: got {len(args.labels)} names for {len(args.runs)} runs; give one per run")
+    read = [read_curves(folder) for folder in args.runs]
+    names = args.labels or [method for method, _ in read]
+    if len(set(names)) < len(names):
+        p.error(f"runs: two runs would share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
+                "give --labels, one distinct name per run")
+    curves = {label: rows for label, (_, rows) in zip(names, read)}
     plot_curves(curves, args.out, title=args.title)
     numbers = table(curves, args.at)
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}" if x < 100 else f"{x:.0f}"       # noqa: E731

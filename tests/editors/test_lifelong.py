@@ -4,6 +4,8 @@ values come from independent computations: the objective's gradient (autograd), 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,77 @@ def test_the_norm_constrained_update_minimises_encores_objective():
         assert grad.abs().max() < 1e-4 * W.abs().max()
         norms.append(float(W.detach().norm()))
     assert norms[0] > norms[1] > norms[2]
+
+
+def test_preserved_keys_add_their_term_to_memits_objective():
+    """With S = w K_s K_sᵀ, ΔW = R Kᵀ(λC + KKᵀ + S + μI)⁻¹ zeroes the gradient of ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ)
+    + w‖ΔW K_s‖² + μ‖ΔW‖², and a larger w moves the preserved keys less."""
+    g = torch.Generator().manual_seed(1)
+    K, R = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    Ks = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    A = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    C = A @ A.T / 12
+    moved = []
+    for w in (0.0, 1.0, 100.0):
+        u, v = layer_update(K, R, C, 2.0, 0.5, w * Ks @ Ks.T)
+        W = (u.double() @ v.double()).requires_grad_(True)
+        loss = ((W @ K - R) ** 2).sum() + 2.0 * torch.trace(W @ C @ W.T) + w * ((W @ Ks) ** 2).sum() + \
+            0.5 * (W ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, W)
+        assert grad.abs().max() < 1e-4 * W.abs().max()
+        moved.append(float((W.detach() @ Ks).norm()))
+    assert moved[0] > moved[1] > moved[2]
+
+
+def _preserving(tokenizer, tmp_path, method: str, weight: float | None, **extra) -> dict:
+    """A two-request edit of the tiny Llama with `preserve_from` (two other subjects) at `weight`."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the colosseum is in rome\n\nwhich was built by people\n\n" * 20)
+    kept = [{"prompt": "{} is located in the city of", "subject": s, "target_new": "x", "target_true": "y"} for s in ("the louvre",
+                                                                                                 "the colosseum")]
+    (tmp_path / "keep.json").write_text(json.dumps(kept))
+    hp = {"v_steps": 4, "context_templates": []} | ({} if weight is None else {"preserve_scale": weight})
+    return {"kind": "edit", "method": method, "model": "tiny", "layers": [1, 2], "requests": REQUESTS,
+            "corpus": [str(corpus)], "mom2_tokens": 400, "hyperparameters": hp,
+            **({} if weight is None else {"preserve_from": {"path": str(tmp_path / "keep.json")}}), **extra}
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "encore"])
+def test_preserve_from_leaves_its_keys_alone_and_weight_zero_changes_nothing(tokenizer, tmp_path, method):
+    """With `preserve_from`, the preserved subjects' keys (read by plain hooks) move less under the update as w
+    grows; w = 0 gives the delta of no `preserve_from`, bit for bit; the model is unchanged afterwards."""
+    from editors.methods.rome import EditRequest, compute_keys
+
+    model = make_model("llama", len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain, _ = compute_edit(parse_spec(_preserving(tokenizer, tmp_path, method, None)), model, tokenizer)
+    zero, _ = compute_edit(parse_spec(_preserving(tokenizer, tmp_path, method, 0.0)), model, tokenizer)
+    assert all(torch.equal(plain.difference(n), zero.difference(n)) for n in plain.names)
+    kept = [EditRequest("{} is located in the city of", s, "x") for s in ("the louvre", "the colosseum")]
+    moved = []
+    for w in (0.0, 10.0, 1000.0):
+        delta, _ = compute_edit(parse_spec(_preserving(tokenizer, tmp_path, method, w)), model, tokenizer)
+        moved.append(sum(float((delta.difference(n).double() @ compute_keys(model, tokenizer, layer, kept, ["{}"])
+                                .double().T).norm()) for layer, n in zip((1, 2), delta.names)))
+    assert moved[0] > moved[1] > moved[2]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_preserve_from_refuses_edited_subjects_and_other_methods(tokenizer, tmp_path):
+    """A preserved subject that is also edited, and `preserve_from` on a method without layer objectives, are
+    each one error naming `preserve_from`."""
+    from interventions import SpecError
+
+    body = _preserving(tokenizer, tmp_path, "memit", 1.0)
+    (tmp_path / "keep.json").write_text(json.dumps([{"prompt": "{} is in", "subject": "big ben", "target_new": "x",
+                                                         "target_true": "y"}]))
+    with pytest.raises(SpecError, match="`preserve_from`.*not edited \\(1 are, e.g. 'big ben'\\)"):
+        compute_edit(parse_spec(body), make_model("llama", len(tokenizer)), tokenizer)
+    for method, where in (("ultraedit", {"layers": [1, 2]}), ("rome", {"layer": 1})):
+        bad = {**body, "method": method, "hyperparameters": {}, **where}
+        bad.pop("layers" if method == "rome" else "layer", None)
+        with pytest.raises(SpecError, match="preserve_from"):
+            parse_spec(bad)
 
 
 def test_most_probable_early_stopping_stops_when_the_target_is_top1():
@@ -224,3 +297,31 @@ def test_a_full_rank_stack_is_kept_dense_and_equals_the_sum_of_its_parts(tokeniz
     torch.testing.assert_close(full.difference(name), want, rtol=1e-5, atol=1e-5)
     again = stack(model, [full, parts[0]], compact=True, method="t", base_model="t")
     torch.testing.assert_close(again.difference(name), want + parts[0].difference(name), rtol=1e-5, atol=1e-5)
+
+
+def test_top1_tokens_batched_and_padded_equal_each_prompt_alone_and_the_plain_argmax(tokenizer):
+    """Right padding in batches of 2 gives each prompt's own greedy token, the argmax of a plain forward."""
+    from editors.evaluate import top1_accuracy, top1_tokens
+
+    model = make_model("llama", len(tokenizer))
+    prompts = ["the eiffel tower is in", "big ben", "the colosseum is located in the city of"]
+    with torch.no_grad():
+        plain = [int(model(**tokenizer(p, return_tensors="pt")).logits[0, -1].argmax()) for p in prompts]
+    assert top1_tokens(model, tokenizer, prompts, batch=2) == plain
+    first = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("paris", "rome")]
+    answers = [tokenizer.decode([plain[0]]), tokenizer.decode([plain[1]]), "paris" if first[0] != plain[2] else "rome"]
+    assert [tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in answers[:2]] == plain[:2]
+    assert top1_accuracy(model, tokenizer, list(zip(prompts, answers)), batch=2) == pytest.approx(2 / 3)
+
+
+def test_heldout_damage_counts_by_hand():
+    """Of the facts answered before, the share kept, and of those lost the share now giving a new target."""
+    from recipes.studies.heldout_damage import damage_by_relation
+
+    relations = ["country", "country", "country", "country", "continent", "continent"]
+    gold = [1, 2, 3, 4, 5, 6]
+    before = [1, 2, 3, 9, 5, 6]            # the fourth fact was not known: it is left out
+    after = [1, 7, 8, 4, 5, 6]             # two country facts lost, one to the new target 7
+    assert damage_by_relation(relations, gold, before, after, {7}) == {
+        "continent": {"known": 2, "kept": 1.0, "to_new_target": None},
+        "country": {"known": 3, "kept": 1 / 3, "to_new_target": 0.5}}
