@@ -100,6 +100,11 @@ def read_heldout(path, field: str = "sequential.heldout") -> list[tuple[str, str
     return [(f["prompt"], f["answer"]) for f in facts]
 
 
+def edit_asks(requests: list) -> list[tuple[str, str, str]]:
+    """``(edit prompt, target_new, target_true)`` of each request: what efficacy asks."""
+    return [(r.prompt.replace("{}", r.subject), r.target_new, r.target_true) for r in requests]
+
+
 def share_preferring(model, tokenizer, asks: list[tuple[str, str, str]]) -> float | None:
     """The share of ``(prompt, first, second)`` where `first` is more probable than `second` after the
     prompt (all scored in one batched pass); None when there is nothing to ask."""
@@ -135,7 +140,7 @@ class ScaleProbe:
         held-out facts (at most `sample`, evenly spaced) stating their answer; and, for greedy continuations of the fluency prompts, their
         n-gram entropy and their perplexity under the unedited model (`unedited()`: a context in which
         the model is the base model)."""
-        asks = [(r.prompt.replace("{}", r.subject), r.target_new, r.target_true) for r in some]
+        asks = edit_asks(some)
         asks += [(p, r.target_new, r.target_true) for r in some for p in r.paraphrases]
         asks += [(p, r.target_true, r.target_new) for r in some for p in r.neighbours]
         asks += [(p, a, None) for p, a in evenly_spaced(self.heldout, self.sample)]
@@ -153,8 +158,7 @@ class ScaleProbe:
         return row
 
     def measure(self, model, tokenizer, edited: list, unedited=None) -> dict:
-        row = {"efficacy": share_preferring(model, tokenizer, [(r.prompt.replace("{}", r.subject), r.target_new,
-                                                                r.target_true) for r in edited])}
+        row = {"efficacy": share_preferring(model, tokenizer, edit_asks(edited))}
         some = evenly_spaced(edited, self.sample)
         row["paraphrase"] = share_preferring(model, tokenizer, [(p, r.target_new, r.target_true) for r in some
                                                                 for p in r.paraphrases])

@@ -28,7 +28,7 @@ from editors.delta import applied
 from editors.editor import compute_edit
 from editors.evaluate import first_token, top1_tokens
 from editors.requests import resolve_requests
-from editors.sequential import share_preferring
+from editors.sequential import edit_asks, share_preferring
 from interventions import load_model, parse_spec
 from interventions.core.reading import read_json
 from interventions.spec import spec_to_dict
@@ -76,13 +76,12 @@ def group_row(model, tokenizer, spec, held: list[dict], gold: list[int], before:
     delta, _ = compute_edit(spec, model, tokenizer)
     with applied(model, delta):
         after = top1_tokens(model, tokenizer, [f["prompt"] for f in held])
-        efficacy = share_preferring(model, tokenizer, [(r.prompt.replace("{}", r.subject), r.target_new,
-                                                        r.target_true) for r in spec.requests])
+        efficacy = share_preferring(model, tokenizer, edit_asks(spec.requests))
     targets = {first_token(tokenizer, r.target_new) for r in spec.requests}
-    kept = sum(a == g for a, g, b in zip(after, gold, before) if b == g) / sum(b == g for b, g in zip(before, gold))
+    by = damage_by_relation([f["relation"] for f in held], gold, before, after, targets)
+    kept = sum(r["known"] * r["kept"] for r in by.values()) / sum(r["known"] for r in by.values())
     return {"requests": len(spec.requests), "seconds": time.perf_counter() - start, "efficacy": efficacy,
-            "heldout_kept": kept,
-            "by_relation": damage_by_relation([f["relation"] for f in held], gold, before, after, targets)}
+            "heldout_kept": kept, "by_relation": by}
 
 
 def main(argv=None) -> int:
