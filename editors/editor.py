@@ -16,7 +16,7 @@ from editors.delta import Delta, applied, apply, load_delta, relative_norms, rev
 from editors.evaluate import evaluate
 from editors.locate import Located, locate_layers
 from editors.methods import STEPS
-from editors.methods.memit import preserved_keys
+from editors.methods.memit import preserved_keys, value_anchor
 from editors.methods.rome import EditRequest, context_templates
 from editors.requests import read_requests
 from editors.sequential import batch_size, run_sequential
@@ -24,6 +24,7 @@ from editors.stats import second_moments
 from interventions.core.errors import SpecError
 from interventions.core.prompts import pad_token_id
 from interventions.core.reading import read_text
+from interventions.models.sites import site_table
 from interventions.spec import EDIT_METHODS, HYPERPARAMETERS, ONE_LAYER_METHODS, ApplySpec, EditSpec, spec_to_dict
 
 
@@ -76,6 +77,21 @@ def preservation(spec: EditSpec, model, tokenizer, templates: list[str], hp) -> 
     return preserved_keys(model, tokenizer, spec.edit_layers, kept, templates, hp.preserve_scale)
 
 
+def anchoring(spec: EditSpec, model, tokenizer, templates: list[str], hp) -> float | None:
+    """NAS's anchor (`value_anchor`) over `hp.norm_anchor` of the spec's requests, evenly spaced, on the model as
+    it is; None where the method has no such option or it is 0."""
+    count = getattr(hp, "norm_anchor", 0)
+    if not count:
+        return None
+    table = site_table(model)
+    if not table.mlp_in_residual:
+        raise SpecError("hyperparameters.norm_anchor", count, f"0 on {table.family} models, whose MLP output passes "
+                        "a norm before it joins the residual stream (NAS rescales the MLP's value there)")
+    n = len(spec.requests)
+    chosen = [edit_request(spec.requests[i * n // min(count, n)]) for i in range(min(count, n))]
+    return value_anchor(model, tokenizer, chosen, hp, templates)
+
+
 def key_statistics(spec: EditSpec, model, tokenizer, layers) -> dict[int, torch.Tensor]:
     return second_moments(model, tokenizer, layers, corpus_texts(spec), max_tokens=spec.mom2_tokens,
                           corpus_name="files" if spec.corpus else "model-samples")
@@ -115,6 +131,7 @@ class Editor:
         self.templates = context_templates(model, tokenizer, self.hp.context_templates, self.hp.seed) if needs else []
         self.previous: dict[int, torch.Tensor] = {}
         self.preserved = preservation(spec, model, tokenizer, self.templates, self.hp)
+        self.anchor = anchoring(spec, model, tokenizer, self.templates, self.hp)
         self.projectors: dict = {}                   # AlphaEdit's null-space projectors, one per layer
         self.stacked: Delta | None = None
         self.details: list[dict] = []

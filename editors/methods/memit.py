@@ -23,12 +23,18 @@ A batch of counterfactual "city X is in Asia" edits otherwise moves the answers 
 mostly to the batch's new targets: the shared direction of the subjects' keys carries the relation's
 rewrite (editors/README.md, "Lifelong editing").
 
+Norm-anchor scaling (NAS, Liu et al. 2026; `norm_anchor`, for all three): sequential edits feed back through
+the MLP's value at the subject (a grown weight gives larger values, whose targets grow the weight further).
+NAS breaks the loop by rescaling every solved value v* = v0 + δ to one norm taken on the unedited model, and
+by leaving unedited a request whose v* is over twice that norm.
+
 >>> delta, details = compute_memit(model, tokenizer, requests, MemitHyperparameters(layers=(2, 3, 4, 5, 6)),
 ...                                base_model="smollm2-135m")                                 # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import torch
@@ -50,17 +56,66 @@ from interventions.core.runtime import eval_mode
 from interventions.models.sites import site_table
 from interventions.spec import AlphaEditHyperparameters, EncoreHyperparameters, MemitHyperparameters
 
+#: NAS's constants (Liu et al. 2026): the anchor drops the largest 5% of the solved values' norms, and a value
+#: over twice the anchor is not applied.
+ANCHOR_TRIM, ANCHOR_SKIP = 0.05, 2.0
+
 
 @torch.no_grad()
-def block_outputs(model, tokenizer, layer: int, requests: list[EditRequest]) -> torch.Tensor:
-    """Residual (block output) at each request's subject-last token on the plain prompt: [n, d]."""
-    module = site_table(model).module(model, "block_output", layer)
+def outputs_at(model, tokenizer, layer: int, requests: list[EditRequest], site: str = "block_output") -> torch.Tensor:
+    """`site`'s output (default: the residual after block `layer`) at each request's subject-last token on the
+    plain prompt: [n, d]."""
+    module = site_table(model).module(model, site, layer)
     encoded = [encode_at(tokenizer, *r.text(), len(r.subject)) for r in requests]
     inputs = right_pad([ids for ids, _ in encoded], pad_token_id(tokenizer), next(model.parameters()).device)
     keep = {}
     with hooked(module, lambda m, a, out: keep.__setitem__("h", out[0] if isinstance(out, tuple) else out)):
         model(**inputs, use_cache=False)
     return keep["h"][torch.arange(len(encoded)), torch.tensor([i for _, i in encoded])].float()
+
+
+def trimmed_mean(values: torch.Tensor, trim: float = ANCHOR_TRIM) -> float:
+    """The mean of `values` without its largest ⌊trim · n⌋ (NAS's anchor statistic)."""
+    kept = values.double().sort().values[: len(values) - math.floor(trim * len(values))]
+    return float(kept.mean())
+
+
+def anchored(z: torch.Tensor, init: torch.Tensor, v0: torch.Tensor, anchor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NAS's rescaling of solved targets: ``(z', skipped)``. A target z (block output) moves the MLP's value at
+    the subject from v0 to v* = v0 + (z − init); v* is rescaled to norm `anchor`, or, where ‖v*‖ is over
+    `ANCHOR_SKIP` times the anchor, left at v0 (that request is not edited: z' = init)."""
+    value = v0 + (z - init)
+    norm = value.norm(dim=1, keepdim=True)
+    skipped = norm[:, 0] > ANCHOR_SKIP * anchor
+    value = torch.where(skipped[:, None], v0, value * (anchor / norm))
+    return init - v0 + value, skipped
+
+
+def values(model, tokenizer, requests: list[EditRequest], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(init, v0): the residual after block `layer` and the MLP's output there, at each request's subject."""
+    return outputs_at(model, tokenizer, layer, requests), outputs_at(model, tokenizer, layer, requests, "mlp_output")
+
+
+def batch_targets(model, tokenizer, requests: list[EditRequest], templates: list[str], hp: MemitHyperparameters,
+                  anchor: float | None) -> tuple[torch.Tensor, int]:
+    """The targets z at the last edited layer's block output (`compute_targets`), rescaled to NAS's `anchor`
+    when one is given (`anchored`); and how many requests the anchor leaves unedited."""
+    z, _ = compute_targets(model, tokenizer, hp.layers[-1], requests, templates, hp.z_hyperparameters(),
+                           site="block_output")
+    if anchor is None:
+        return z, 0
+    z, skipped = anchored(z, *values(model, tokenizer, requests, hp.layers[-1]), anchor)
+    return z, int(skipped.sum())
+
+
+def value_anchor(model, tokenizer, requests: list[EditRequest], hp: MemitHyperparameters,
+                 templates: list[str]) -> float:
+    """NAS's anchor on the model as it is (the unedited one): the trimmed mean of ‖v*‖ = ‖v0 + (z − init)‖ over
+    the targets z solved for `requests` (`trimmed_mean`)."""
+    with eval_mode(model):
+        z, _ = batch_targets(model, tokenizer, requests, templates, hp, None)
+        init, v0 = values(model, tokenizer, requests, hp.layers[-1])
+    return trimmed_mean((v0 + z - init).norm(dim=1))
 
 
 def layer_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, weight: float,
@@ -107,7 +162,7 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
                   spec: dict | None = None, z: torch.Tensor | None = None, templates: list[str] | None = None,
                   previous: dict[int, torch.Tensor] | None = None,
                   projectors: dict[int, tuple[torch.Tensor, int]] | None = None,
-                  preserved: dict[int, torch.Tensor] | None = None) -> tuple[Delta, dict]:
+                  preserved: dict[int, torch.Tensor] | None = None, anchor: float | None = None) -> tuple[Delta, dict]:
     """All `requests` in one Delta (MEMIT, or AlphaEdit when `hp` is `AlphaEditHyperparameters`); the model
     is unchanged afterwards. `z` (``[n, d]``): targets from an earlier call's details, to try other
     layer hyperparameters without re-optimising them. `templates`: context templates drawn earlier.
@@ -115,7 +170,8 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
     ``keys_outer`` gives this batch's, to add for the next); `projectors`: a dict the null-space
     projectors are kept in per layer, so that a sequential run computes each once (C is fixed). `preserved`:
     per layer, w K_s K_sᵀ of keys every update must leave alone (`preserved_keys`), a term w‖ΔW K_s‖² in each
-    layer's objective (AlphaEdit: beside K_p K_pᵀ)."""
+    layer's objective (AlphaEdit: beside K_p K_pᵀ). `anchor`: NAS's norm (`value_anchor`) the targets are
+    rescaled to; details' ``anchor_skipped`` counts the requests it leaves unedited."""
     table = site_table(model)
     n_layers = table.num_layers(model)
     if hp.layers[0] < 0 or hp.layers[-1] >= n_layers:
@@ -125,18 +181,17 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
     missing = [layer for layer in hp.layers if layer not in C]
     if missing:
         C.update(second_moments(model, tokenizer, missing, corpus, max_tokens=hp.mom2_tokens))
-    steps, factors, info, outer = [], {}, [], {}
+    steps, factors, info, outer, skipped = [], {}, [], {}, 0
     projectors, preserved = ({} if projectors is None else projectors), preserved or {}
     with eval_mode(model):
         try:
             if templates is None:
                 templates = context_templates(model, tokenizer, hp.context_templates, hp.seed)
             if z is None:
-                z, _ = compute_targets(model, tokenizer, hp.layers[-1], requests, templates, hp.z_hyperparameters(),
-                                       site="block_output")
+                z, skipped = batch_targets(model, tokenizer, requests, templates, hp, anchor)
             for i, layer in enumerate(hp.layers):
                 K = compute_keys(model, tokenizer, layer, requests, templates).T.cpu()
-                current = block_outputs(model, tokenizer, hp.layers[-1], requests)
+                current = outputs_at(model, tokenizer, hp.layers[-1], requests)
                 R = (z - current).T.cpu() / (len(hp.layers) - i)
                 name = weight_name(model, layer)
                 row = {"layer": layer, "residual_norm": float(R.norm(dim=0).mean() * (len(hp.layers) - i))}
@@ -160,7 +215,7 @@ def compute_memit(model, tokenizer, requests: list[EditRequest], hp: MemitHyperp
             revert(model, *steps)
     delta = Delta.from_factors(model, factors, method=method_name(hp), base_model=base_model,
                                hyperparameters=hp.recorded(), spec=spec or {"requests": [asdict(r) for r in requests]})
-    return delta, {"z": z, "layers": info, "templates": templates, "keys_outer": outer}
+    return delta, {"z": z, "layers": info, "templates": templates, "keys_outer": outer, "anchor_skipped": skipped}
 
 
 @torch.no_grad()
@@ -177,10 +232,14 @@ def preserved_keys(model, tokenizer, layers: list[int], requests: list[EditReque
 
 def memit_step(editor, requests: list[EditRequest]):
     """The `Editor`'s step for MEMIT and AlphaEdit: the whole batch over `spec.layers`; the batch's keys are
-    added to the earlier ones (AlphaEdit's K_p K_pᵀ), and the null-space projectors are kept."""
+    added to the earlier ones (AlphaEdit's K_p K_pᵀ), and the null-space projectors are kept. With NAS's anchor,
+    the details give it and how many of the batch's requests it left unedited."""
     delta, info = compute_memit(editor.model, editor.tokenizer, requests, editor.hp, C=editor.C,
                                 previous=editor.previous, projectors=editor.projectors, preserved=editor.preserved,
-                                base_model=editor.spec.model, templates=editor.templates)
+                                anchor=editor.anchor, base_model=editor.spec.model, templates=editor.templates)
     for layer, outer in info["keys_outer"].items():
         editor.previous[layer] = editor.previous.get(layer, 0) + outer
-    return delta, {"requests": len(requests), "layers": info["layers"]}
+    detail = {"requests": len(requests), "layers": info["layers"]}
+    if editor.anchor is not None:
+        detail.update(anchor=editor.anchor, anchor_skipped=info["anchor_skipped"])
+    return delta, detail

@@ -32,6 +32,7 @@ class SiteTable:
     it (a decoder; not an image encoder). `noise_at`: the node where prompts that run as embeddings get
     their noise, which is the tensor they enter with. `context_sites` index a prompt's second sequence (its
     `context`: a VLM's text, when the prompt is its image's patches), whose layers are `context_layers`.
+    `mlp_in_residual`: whether `mlp_output` is added to the residual stream as it is (not behind a norm).
     """
 
     family: str
@@ -42,6 +43,7 @@ class SiteTable:
     noise_at: tuple[str, int | None] = ("block_input", 0)
     context_layers: str | None = None
     context_sites: frozenset[str] = frozenset()
+    mlp_in_residual: bool = True     # `mlp_output` is what the block adds to the residual stream (no norm between)
 
     def is_layer_output(self, site: str) -> bool:
         """Whether `site` is the output of a layer of `layers` itself (the residual stream after it)."""
@@ -134,7 +136,7 @@ GPT2 = SiteTable("gpt2", "transformer.h", {
 LLAMA = SiteTable("llama", "model.layers", dict(_DECODER))
 # Gemma 3 scales its embeddings inside the embedding module, so `embed` is the scaled value;
 # `mlp_output` is the MLP before the post-feed-forward norm.
-GEMMA3 = SiteTable("gemma3", "model.layers", dict(_DECODER))
+GEMMA3 = SiteTable("gemma3", "model.layers", dict(_DECODER), mlp_in_residual=False)
 
 # LLaVA (transformers 5 paths): the language model's decoder sites, the vision tower and the projector.
 _LM = "model.language_model"

@@ -139,6 +139,11 @@ class _MemitFamily(_Optimiser):
                                 "of ||dW||_F^2 in each layer's least-squares objective (0: none).")
     preserve_scale: Float = Field(default=1.0, ge=0, description="w of the term w||dW K_s||^2 over the keys of "
                                    "`preserve_from`'s subjects (unused without it).")
+    norm_anchor: Int = Field(default=0, ge=0, description="NAS (Liu et al. 2026), norm-anchor scaling: the "
+                             "targets of this many of the spec's requests (evenly spaced) are solved on the unedited "
+                             "model, and the mean norm of their MLP values v* = v0 + delta (the largest 5% dropped) "
+                             "is the anchor; every batch's solved v* is rescaled to it, and a request whose v* is "
+                             "over twice the anchor is not edited (0: off).")
     seed: Seed = 0
 
     @field_validator("layers")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from editors.delta import relative_norms
+from editors.delta import applied, relative_norms
 from editors.editor import compute_edit
 from editors.evaluate import greedy_continuations, states
-from editors.methods.memit import layer_update
+from editors.methods.memit import anchored, layer_update, trimmed_mean
 from editors.methods.rome import EditRequest, optimise_delta
 from editors.methods.ultraedit import compute_ultraedit, running_sums
 from interventions import parse_spec
@@ -325,3 +325,79 @@ def test_heldout_damage_counts_by_hand():
     assert damage_by_relation(relations, gold, before, after, {7}) == {
         "continent": {"known": 2, "kept": 1.0, "to_new_target": None},
         "country": {"known": 3, "kept": 1 / 3, "to_new_target": 0.5}}
+
+
+def test_nas_rescales_each_value_to_the_anchor_and_leaves_outliers_unedited():
+    """`anchored` against a hand computation: v* = v0 + (z - init) rescaled to the anchor's norm, or v0 (no
+    edit: z' = init) where |v*| is over twice the anchor; `trimmed_mean` drops the largest 5%."""
+    init = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    v0 = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    z = torch.tensor([[4.0, 3.0], [0.0, 2.0], [2.0, 12.0]])
+    # v* = [3, 4] (norm 5), [1, 1] (norm √2), [0, 10] (norm 10 > 2 · 4.5: left at v0)
+    out, skipped = anchored(z, init, v0, 4.5)
+    expected = torch.tensor([[1.0 + 3 * 0.9, -1.0 + 4 * 0.9],
+                             [-1.0 + 4.5 / 2 ** 0.5, 1.0 + 4.5 / 2 ** 0.5],
+                             [2.0, 2.0]])
+    assert skipped.tolist() == [False, False, True]
+    torch.testing.assert_close(out, expected)
+    assert trimmed_mean(torch.tensor([*range(1, 21), 100.0])) == 10.5          # ⌊0.05 · 21⌋ = 1 dropped
+    assert trimmed_mean(torch.tensor([3.0, 5.0])) == 4.0                       # ⌊0.1⌋ = 0 dropped
+
+
+def _mlp_values(model, tokenizer, layer, requests):
+    """The MLP's output at each request's subject-last token on its plain prompt, by a plain forward hook."""
+    seen = []
+    handle = model.model.layers[layer].mlp.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    try:
+        for r in requests:
+            ids = tokenizer(r.prompt.split("{}")[0] + r.subject, add_special_tokens=False)["input_ids"]
+            full = tokenizer(r.text()[0], add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                model(input_ids=torch.tensor([full]))
+            seen[-1] = seen[-1][len(ids) - 1]
+    finally:
+        handle.remove()
+    return torch.stack(seen)
+
+
+def test_nas_edits_land_on_values_of_the_anchors_norm(tokenizer):
+    """MEMIT with λ → 0 and C = I on one layer maps its targets exactly, so after the edit the MLP's value at
+    each subject (read by a plain hook) is v*. Without NAS those values' mean norm is the anchor NAS takes from
+    the same requests on the unedited model; with NAS each value keeps its direction and has the anchor's norm."""
+    from editors.methods.memit import compute_memit, value_anchor
+    from interventions.spec import MemitHyperparameters
+
+    requests = [EditRequest(r["prompt"], r["subject"], r["target_new"], r["target_true"]) for r in REQUESTS]
+    model = make_model("llama", len(tokenizer))
+    hp = MemitHyperparameters(layers=(2,), v_steps=15, context_templates=(), mom2_update_weight=1e-6)
+    C = {2: torch.eye(64)}
+    plain, _ = compute_memit(model, tokenizer, requests, hp, base_model="tiny", C=C)
+    with applied(model, plain):
+        free = _mlp_values(model, tokenizer, 2, requests)
+    anchor = value_anchor(model, tokenizer, requests, hp, ["{}"])
+    torch.testing.assert_close(anchor, float(free.norm(dim=1).mean()), rtol=1e-3, atol=0)
+    held, details = compute_memit(model, tokenizer, requests, hp, base_model="tiny", C=C, anchor=anchor)
+    with applied(model, held):
+        scaled = _mlp_values(model, tokenizer, 2, requests)
+    assert details["anchor_skipped"] == 0
+    torch.testing.assert_close(scaled.norm(dim=1), torch.full((2,), anchor), rtol=1e-3, atol=0)
+    torch.testing.assert_close(scaled, free * (anchor / free.norm(dim=1, keepdim=True)), rtol=1e-3, atol=1e-3)
+
+
+def test_norm_anchor_is_recorded_and_refused_where_it_cannot_work(tokenizer, tmp_path):
+    """A spec with `norm_anchor` records the anchor and the requests it left unedited in each batch's details;
+    on a model whose MLP output passes a norm (Gemma 3), and on a method without targets, it is one error."""
+    from interventions import SpecError
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the colosseum is in rome\n\nwhich was built by people\n\n" * 20)
+    body = {"kind": "edit", "method": "alphaedit", "model": "tiny", "layers": [1, 2], "requests": REQUESTS,
+            "corpus": [str(corpus)], "mom2_tokens": 400, "sequential": {"batch_size": 1},
+            "hyperparameters": {"v_steps": 8, "context_templates": [], "norm_anchor": 2}}
+    _, details = compute_edit(parse_spec(body), make_model("llama", len(tokenizer)), tokenizer)
+    assert len(details) == 2 and all(d["anchor"] == details[0]["anchor"] > 0 for d in details)
+    assert all(d["anchor_skipped"] in (0, 1) for d in details)
+    with pytest.raises(SpecError, match="hyperparameters.norm_anchor.*gemma3"):
+        compute_edit(parse_spec(body), make_model("gemma3", len(tokenizer)), tokenizer)
+    with pytest.raises(SpecError, match="norm_anchor"):
+        parse_spec({**body, "method": "ultraedit", "hyperparameters": {"norm_anchor": 2}})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editors.delta import applied
-from editors.methods.memit import MemitHyperparameters, block_outputs, compute_memit, layer_update
+from editors.methods.memit import MemitHyperparameters, compute_memit, layer_update, outputs_at
 from editors.methods.rome import EditRequest
 from support.models import make_model
 
@@ -40,9 +40,9 @@ def test_memit_reaches_its_targets_and_leaves_the_model_unchanged(tokenizer, fam
     assert len(delta.names) == 2
     for name in delta.names:
         assert torch.linalg.matrix_rank(delta.difference(name)) <= len(REQUESTS)
-    before = block_outputs(model, tokenizer, 2, REQUESTS)
+    before = outputs_at(model, tokenizer, 2, REQUESTS)
     with applied(model, delta):
-        after = block_outputs(model, tokenizer, 2, REQUESTS)
+        after = outputs_at(model, tokenizer, 2, REQUESTS)
     assert not torch.allclose(before, details["z"], atol=1e-2)
     assert torch.allclose(after, details["z"], atol=1e-3)
 
