@@ -3,7 +3,8 @@
     python -m recipes.studies.edit_curves runs/seq_rome runs/seq_r-rome runs/seq_alphaedit \
         --out recipes/figures/sequential_smollm2.png --at 10 100 1000 10000
 
-Each argument is the output folder of a sequential `lesion run` (its ``curves.json``), or that file itself;
+Without ``--out`` no figure is drawn (e.g. a table of one-batch runs, one point each). Each argument is the
+output folder of a sequential `lesion run` (its ``curves.json``), or that file itself;
 ``--labels`` names the runs (default: each run's method, so two runs of one method need labels). The table row
 of a method at N edits is its measurement at exactly N edits; a run that stopped earlier, or whose
 batches skip N, shows n/a there. With ``--norms``, each run's final ``delta.safetensors`` is measured
@@ -60,7 +61,7 @@ def final_norms(folders: list[str | Path]) -> dict[str, dict[str, float]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="output folders of sequential runs")
-    p.add_argument("--out", required=True, help="the figure to write (PNG)")
+    p.add_argument("--out", default=None, help="the figure to write (PNG); without it, the table only")
     p.add_argument("--at", type=int, nargs="+", default=[10, 100, 1000, 10000])
     p.add_argument("--norms", action="store_true",
                    help="also measure each run's final delta against its base model (loads the model)")
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
         p.error(f"runs: two runs would share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}; "
                 "give --labels, one distinct name per run")
     curves = {label: rows for label, (_, rows) in zip(names, read)}
-    plot_curves(curves, args.out, title=args.title)
+    if args.out is not None:
+        plot_curves(curves, args.out, title=args.title)
     numbers = table(curves, args.at)
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}" if x < 100 else f"{x:.0f}"       # noqa: E731
     print("| method | edits | " + " | ".join(COLUMNS) + " |")

@@ -139,8 +139,13 @@ def test_sequential_run_writes_curves_that_its_delta_reproduces(folder, tokenize
 
     capsys.readouterr()
     assert edit_curves.main([str(folder / "out"), "--out", str(folder / "c.png"), "--norms"]) == 0
-    norms = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["delta_norms"]["alphaedit"]
+    table = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    norms = table["delta_norms"]["alphaedit"]
     assert sorted(norms) == delta.names and max(norms.values()) == pytest.approx(by_hand, rel=1e-5)
+    assert (folder / "c.png").is_file()
+    assert edit_curves.main([str(folder / "out"), "--norms"]) == 0          # no --out: the table, no figure
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == table
+    assert sorted(p.name for p in folder.glob("*.png")) == ["c.png"]
 
 
 def test_measurements_match_a_plain_computation(folder, tokenizer):
